@@ -1,0 +1,230 @@
+"""Typed configuration: frozen dataclasses filled from a TOML file, then ``STITCHWORK_*`` environment.
+
+Precedence (last wins): defaults < TOML file < environment. The file is ``$STITCHWORK_CONFIG`` or
+``<state_dir>/stitchwork.toml``. Environment keys are ``STITCHWORK_<SECTION>__<KEY>``, e.g.
+``STITCHWORK_SECURITY__TOKEN_TTL_S=60``; top-level keys are ``STITCHWORK_<KEY>``
+(``STITCHWORK_STATE_DIR``).
+
+Adapters are chosen by URI (``bwrap://``, ``duckdb:///path``, ``scripted://file.jsonl``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stitchwork.errors import ConfigError
+
+ENV_PREFIX = "STITCHWORK_"
+
+
+def default_state_dir() -> Path:
+    """``$STITCHWORK_STATE_DIR``, else ``$XDG_STATE_HOME/stitchwork``, else ``~/.local/state/stitchwork``."""
+    if env := os.environ.get("STITCHWORK_STATE_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "stitchwork"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Identity, policy, secrets and approvals."""
+
+    trust_domain: str = "stitchwork.local"
+    """SPIFFE trust domain: agents are ``spiffe://<trust_domain>/agent/<name>``."""
+    token_ttl_s: int = 300
+    """Lifetime of a run token (JWT-SVID)."""
+    audience: str = "stitchwork-gateway"
+    """Audience every run token must carry."""
+    policy_dirs: tuple[str, ...] = ()
+    """Extra directories of ``*.cedar`` files, loaded after the built-in pack."""
+    builtin_policies: bool = True
+    """Load the default policy pack shipped with Stitchwork."""
+    vault: str = ""
+    """Vault URI; empty means ``vault+file://<state_dir>/vault.enc``."""
+    approval_timeout_s: int = 3600
+    """An approval not answered within this time expires to deny."""
+    trusted_sources: tuple[str, ...] = ()
+    """Content sources the operator marks trusted (e.g. ``tool:read_calendar``)."""
+
+
+@dataclass(frozen=True)
+class IsolationConfig:
+    """Default sandbox and limits for tools that do not set their own."""
+
+    default: str = "bwrap://"
+    mem_mb: int = 512
+    cpu_s: float = 10.0
+    timeout_s: float = 20.0
+    max_output_bytes: int = 1_000_000
+    max_pids: int = 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where audit, runs and approvals live."""
+
+    store: str = ""
+    """Store URI; empty means ``duckdb:///<state_dir>/stitchwork.duckdb``."""
+    audit_flush_ms: float = 50.0
+    """Maximum time a durable audit event waits in the journal before it is copied into the store."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The control plane (`stitchwork up`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8470
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """Run loop budgets."""
+
+    max_steps: int = 20
+    max_seconds: float = 300.0
+    max_arg_bytes: int = 65_536
+    """Largest JSON encoding of one tool call's arguments."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the platform reads at start-up."""
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    tool_dirs: tuple[str, ...] = ()
+    agent_dirs: tuple[str, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+
+    @property
+    def store_uri(self) -> str:
+        return self.data.store or f"duckdb://{self.state_dir / 'stitchwork.duckdb'}"
+
+    @property
+    def vault_uri(self) -> str:
+        return self.security.vault or f"vault+file://{self.state_dir / 'vault.enc'}"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Converts TOML or environment values to the annotated field type."""
+    origin = typing.get_origin(annotation)
+    if annotation is Path:
+        return Path(str(value)).expanduser()
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return annotation(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from exc
+    if annotation is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(annotation, types.UnionType):  # pragma: no cover - not used yet
+        return value
+    return value
+
+
+def _build(cls: Any, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{name}: expected a table")
+            kwargs[name] = _build(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type) or
+                f.name in {"security", "isolation", "data", "server", "agents"}}
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in {"STITCHWORK_CONFIG", "STITCHWORK_VAULT_KEY",
+                                                      "STITCHWORK_TOKEN", "STITCHWORK_URL"}:
+            continue
+        rest = key[len(ENV_PREFIX):].lower()
+        if "__" in rest:
+            section, _, name = rest.partition("__")
+            if section not in sections:
+                raise ConfigError(f"environment {key}: unknown section {section!r}")
+            out.setdefault(section, {})[name] = value
+        else:
+            out[rest] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Loads configuration from ``path`` (or the default file if it exists) and the environment.
+
+    Raises:
+        ConfigError: the file does not parse, or a key or value is unknown or of the wrong type.
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    explicit = path or env.get("STITCHWORK_CONFIG")
+    candidate = Path(explicit) if explicit else None
+    if candidate is None:
+        state = Path(env["STITCHWORK_STATE_DIR"]).expanduser() if env.get("STITCHWORK_STATE_DIR") else \
+            default_state_dir()
+        default_file = state / "stitchwork.toml"
+        candidate = default_file if default_file.exists() else None
+    if candidate is not None:
+        try:
+            data = tomllib.loads(candidate.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {candidate} does not exist") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {candidate}: {exc}") from exc
+    data = _merge(data, _env_overrides(env))
+    config: Config = _build(Config, data, "config")
+    return config

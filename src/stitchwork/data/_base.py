@@ -1,0 +1,58 @@
+"""Store port: SQL tables for audit, runs, approvals and identity state.
+
+The platform process is the single writer. Implementations are synchronous and thread-safe (they serialise
+access internally); async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from stitchwork._registry import Registry
+
+
+class Store(ABC):
+    """A SQL store. SQL is DuckDB's dialect (standard SQL with ``CREATE TABLE IF NOT EXISTS``)."""
+
+    uri: str
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Runs one statement that returns nothing (DDL, UPDATE, DELETE), committed on return."""
+
+    @abstractmethod
+    def append(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Inserts ``rows`` (same keys each) into ``table`` in one transaction, committed on return."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Runs a query and returns rows as dicts."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases the database."""
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+STORES = Registry(
+    "store",
+    {
+        "duckdb": ("stitchwork.data.duckdb:DuckDBStore", None),
+        "memory": ("stitchwork.data.duckdb:DuckDBStore", None),
+    },
+)
+
+
+def open_store(uri: str, **options: Any) -> Store:
+    """Opens the store named by ``uri`` (``duckdb:///path``, ``memory://``)."""
+    store: Store = STORES.load(uri)(uri, **options)
+    return store

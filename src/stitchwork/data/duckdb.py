@@ -1,0 +1,86 @@
+"""DuckDB store: the embedded default. ``duckdb:///path/file.duckdb``; ``memory://`` is the same engine in RAM."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import duckdb
+
+from stitchwork.data._base import Store
+from stitchwork.errors import StoreCorrupt, StoreError
+
+
+def _path_from_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.scheme == "memory":
+        return ":memory:"
+    path = parts.netloc + parts.path
+    if not path or path == ":memory:":
+        return ":memory:"
+    return path
+
+
+class DuckDBStore(Store):
+    """One DuckDB connection, serialised by a lock; this process is the only writer of the file."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.path = _path_from_uri(uri)
+        self._lock = threading.RLock()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(self.path)
+        except duckdb.IOException as exc:
+            text = str(exc)
+            if "lock" in text.lower():
+                raise StoreError(
+                    f"database {self.path} is open in another process (is `stitchwork up` running? "
+                    f"use its API or stop it first): {text}"
+                ) from exc
+            raise StoreCorrupt(f"cannot open database {self.path}: {text}; the file was left untouched") from exc
+        except duckdb.Error as exc:
+            raise StoreCorrupt(f"cannot open database {self.path}: {exc}; the file was left untouched") from exc
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self._lock:
+            try:
+                self._conn.execute(sql, list(params))
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    def append(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = list(rows[0])
+        placeholders = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})"
+        values = [[row[c] for c in columns] for row in rows]
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN TRANSACTION")
+                try:
+                    self._conn.executemany(sql, values)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.path}: insert into {table} failed: {exc}") from exc
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            try:
+                cursor = self._conn.execute(sql, list(params))
+                names = [d[0] for d in cursor.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

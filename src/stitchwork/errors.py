@@ -1,0 +1,198 @@
+"""One error tree for the whole platform.
+
+Every error a user or an agent can see derives from :class:`StitchworkError`::
+
+    StitchworkError
+    ├── ConfigError                 bad configuration, unknown adapter URI, missing extra
+    │   └── PolicyLoadError         a Cedar policy or schema that does not parse or validate (file, line)
+    ├── AuthError                   a run token was refused
+    │   ├── TokenMissing
+    │   ├── TokenInvalid            bad signature, malformed, tampered
+    │   ├── TokenExpired
+    │   ├── TokenWrongAudience
+    │   └── TokenRevoked
+    ├── UnknownAgent
+    ├── ToolError
+    │   ├── UnknownTool
+    │   └── InvalidArguments        JSON schema, size, encoding or path-traversal problems
+    ├── PolicyDenied                Cedar said no (carries the deciding policy ids)
+    ├── ApprovalRequired            Cedar asks for a human (carries the approval id)
+    ├── ApprovalError               unknown approval, already decided
+    ├── SecretError
+    │   ├── SecretNotFound
+    │   ├── SecretNotGranted        a tool asked for a secret its manifest does not name
+    │   ├── VaultCorrupt
+    │   └── VaultKeyError           wrong or missing vault key
+    ├── SandboxError                a sandbox could not start (not: the program inside failed)
+    │   └── BackendUnavailable      the backend cannot run on this host (the message says why)
+    ├── StoreError
+    │   └── StoreCorrupt            the database file is damaged; it is left untouched
+    ├── AuditError
+    │   └── AuditTampered           `audit verify` found a bad event (carries its sequence number)
+    ├── ModelError
+    ├── RunError
+    └── BusError
+
+Adapters translate backend exceptions into this tree with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class StitchworkError(Exception):
+    """Base of every error Stitchwork raises on purpose."""
+
+    code: str = "error"
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-safe description for API responses and agent-visible tool results."""
+        return {"error": self.code, "message": str(self)}
+
+
+class ConfigError(StitchworkError):
+    code = "config_error"
+
+
+class PolicyLoadError(ConfigError):
+    """A policy file that does not parse or validate: names the file and line."""
+
+    code = "policy_load_error"
+
+    def __init__(self, message: str, *, path: str = "", line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}" if path and line else path
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class AuthError(StitchworkError):
+    code = "unauthenticated"
+
+
+class TokenMissing(AuthError):
+    code = "token_missing"
+
+
+class TokenInvalid(AuthError):
+    code = "token_invalid"
+
+
+class TokenExpired(AuthError):
+    code = "token_expired"
+
+
+class TokenWrongAudience(AuthError):
+    code = "token_wrong_audience"
+
+
+class TokenRevoked(AuthError):
+    code = "token_revoked"
+
+
+class UnknownAgent(StitchworkError):
+    code = "unknown_agent"
+
+
+class ToolError(StitchworkError):
+    code = "tool_error"
+
+
+class UnknownTool(ToolError):
+    code = "unknown_tool"
+
+
+class InvalidArguments(ToolError):
+    code = "invalid_arguments"
+
+
+class PolicyDenied(StitchworkError):
+    """Cedar denied the call."""
+
+    code = "policy_denied"
+
+    def __init__(self, message: str, *, policy_ids: tuple[str, ...] = ()) -> None:
+        self.policy_ids = policy_ids
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "policy_ids": list(self.policy_ids)}
+
+
+class ApprovalRequired(StitchworkError):
+    """Policy asks a human; the call waits for approval ``approval_id``."""
+
+    code = "approval_required"
+
+    def __init__(self, message: str, *, approval_id: str, policy_ids: tuple[str, ...] = ()) -> None:
+        self.approval_id = approval_id
+        self.policy_ids = policy_ids
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "approval_id": self.approval_id, "policy_ids": list(self.policy_ids)}
+
+
+class ApprovalError(StitchworkError):
+    code = "approval_error"
+
+
+class SecretError(StitchworkError):
+    code = "secret_error"
+
+
+class SecretNotFound(SecretError):
+    code = "secret_not_found"
+
+
+class SecretNotGranted(SecretError):
+    code = "secret_not_granted"
+
+
+class VaultCorrupt(SecretError):
+    code = "vault_corrupt"
+
+
+class VaultKeyError(SecretError):
+    code = "vault_key_error"
+
+
+class SandboxError(StitchworkError):
+    code = "sandbox_error"
+
+
+class BackendUnavailable(SandboxError):
+    code = "backend_unavailable"
+
+
+class StoreError(StitchworkError):
+    code = "store_error"
+
+
+class StoreCorrupt(StoreError):
+    code = "store_corrupt"
+
+
+class AuditError(StitchworkError):
+    code = "audit_error"
+
+
+class AuditTampered(AuditError):
+    """The audit chain is broken at event ``seq``."""
+
+    code = "audit_tampered"
+
+    def __init__(self, message: str, *, seq: int | None) -> None:
+        self.seq = seq
+        super().__init__(message)
+
+
+class ModelError(StitchworkError):
+    code = "model_error"
+
+
+class RunError(StitchworkError):
+    code = "run_error"
+
+
+class BusError(StitchworkError):
+    code = "bus_error"
