@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One command: install the test dependencies and run lint, types and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-system.sh
+python3 -m pip install -q -e '.[test]'
+ruff check src tests bench
+mypy
+python3 -m pytest "$@"

@@ -1,0 +1,192 @@
+"""How the CLI reaches the platform: over HTTP when ``stitchwork up`` is running (DuckDB has one writer: the
+server), otherwise by opening the platform in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from stitchwork.config import Config
+from stitchwork.errors import AuthError, StitchworkError
+from stitchwork.platform import Platform
+from stitchwork.service import Service
+
+T = TypeVar("T")
+
+
+def server_file(config: Config) -> Path:
+    return config.state_dir / "server.json"
+
+
+def token_file(config: Config) -> Path:
+    return config.state_dir / "operator.token"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_server(config: Config) -> str | None:
+    """The URL of a live `stitchwork up` for this state dir, if any."""
+    if url := os.environ.get("STITCHWORK_URL"):
+        return url
+    path = server_file(config)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _pid_alive(int(info.get("pid", 0))):
+        return None
+    return str(info.get("url")) or None
+
+
+class RemoteError(StitchworkError):
+    """An error the server reported."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        self.status = status
+        self.body = body
+        message = body.get("message") if isinstance(body, dict) else str(body)
+        self.code = body.get("error", "error") if isinstance(body, dict) else "error"
+        super().__init__(f"{message} (HTTP {status})")
+
+
+class HttpClient:
+    """Talks to a running control plane."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise StitchworkError(f"cannot reach the platform at {self.http.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            if response.status_code == 401:
+                raise AuthError(body.get("message", "unauthenticated") if isinstance(body, dict) else str(body))
+            raise RemoteError(response.status_code, body)
+        return response.json() if response.content else None
+
+    def run(self, agent: str, task: str, model: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/runs", json={"agent": agent, "task": task, "model": model,
+                                                                      "wait": True})
+        return result
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/runs/{run_id}")
+        return result
+
+    def approvals(self, status: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/approvals", params={"status": status})
+        return result
+
+    def decide(self, approval_id: str, approve: bool, note: str) -> dict[str, Any]:
+        verb = "approve" if approve else "deny"
+        result: dict[str, Any] = self._call("POST", f"/v1/approvals/{approval_id}/{verb}", json={"note": note})
+        return result
+
+    def audit_tail(self, n: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/audit/tail", params={"n": n})
+        return result
+
+    def audit_query(self, sql: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("POST", "/v1/audit/query", json={"sql": sql})
+        return result
+
+    def audit_verify(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/v1/audit/verify")
+        return result
+
+    def secret_set(self, name: str, value: str) -> None:
+        self._call("PUT", f"/v1/secrets/{name}", json={"value": value})
+
+    def secret_names(self) -> list[str]:
+        result: list[str] = self._call("GET", "/v1/secrets")
+        return result
+
+    def secret_delete(self, name: str) -> None:
+        self._call("DELETE", f"/v1/secrets/{name}")
+
+
+class LocalClient:
+    """Opens the platform in this process for each operation."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def _with(self, fn: Callable[[Service], Awaitable[T]]) -> T:
+        async def go() -> T:
+            platform = Platform.open(self.config)
+            try:
+                return await fn(Service(platform))
+            finally:
+                await platform.aclose()
+
+        return asyncio.run(go())
+
+    def run(self, agent: str, task: str, model: str | None) -> dict[str, Any]:
+        return self._with(lambda s: s.run(agent, task, model=model))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.get_run(run_id)))
+
+    def approvals(self, status: str) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.approvals(status)))
+
+    def decide(self, approval_id: str, approve: bool, note: str) -> dict[str, Any]:
+        return self._with(lambda s: s.decide(approval_id, approve=approve, by="operator:cli", note=note))
+
+    def audit_tail(self, n: int) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.audit_tail(n)))
+
+    def audit_query(self, sql: str) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.audit_query(sql)))
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.audit_verify()))
+
+    def secret_set(self, name: str, value: str) -> None:
+        self._with(lambda s: s.secret_set(name, value, by="operator:cli"))
+
+    def secret_names(self) -> list[str]:
+        return self._with(lambda s: _now(s.secret_names()))
+
+    def secret_delete(self, name: str) -> None:
+        self._with(lambda s: s.secret_delete(name, by="operator:cli"))
+
+
+async def _now(value: T) -> T:
+    return value
+
+
+def connect(config: Config) -> HttpClient | LocalClient:
+    """An HTTP client if a server runs for this state dir, else a local one."""
+    url = running_server(config)
+    if url is None:
+        return LocalClient(config)
+    token = os.environ.get("STITCHWORK_TOKEN")
+    if not token:
+        try:
+            token = token_file(config).read_text().strip()
+        except OSError as exc:
+            raise AuthError(
+                f"the platform runs at {url}; set STITCHWORK_TOKEN to the operator token printed by `stitchwork up`"
+            ) from exc
+    return HttpClient(url, token)

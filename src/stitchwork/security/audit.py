@@ -1,0 +1,1288 @@
+"""Tamper-evident, durable, group-committed audit log.
+
+Every audited action becomes one :class:`AuditEvent` in a SHA-256 hash chain::
+
+    hash(n) = sha256(prev_hash(n) + canonical({seq, ts, kind, agent, run_id, tool, decision, data}))
+    prev_hash(1) = "0" * 64,  prev_hash(n) = hash(n - 1)
+
+Write path (``journal_path`` set). One writer thread owns sequence numbers and hashing, so the chain is
+linear however many threads and asyncio tasks append at once. It takes every pending append, writes the
+batch (one JSON line per event plus one signed-head line) to the journal with a single ``os.write``, calls
+``os.fdatasync`` once and then wakes every caller of the batch: ``append``/``aappend`` return only once
+their event is on disk. A second thread copies journaled events into the store's ``audit_events`` table,
+one transaction per copy, every ``flush_ms`` (sooner once 5,000 events wait), and then upserts the signed
+head into ``audit_heads``.
+
+The journal is two files, ``journal_path`` and ``journal_path + ".1"``, used in turn: a copy seals the
+active file, the writer carries on in the other (empty) one, and the sealed file is truncated once the
+store holds its events. The writer never waits for the store and nothing is renamed or created on the
+hot path. On open, events found in either file beyond the store's last event are inserted into the store,
+so a crash between ``fdatasync`` and the store insert loses nothing.
+
+Without a journal (``journal_path=None``) each batch is committed straight to the store.
+
+Signed head: after every batch the writer signs ``canonical({"seq", "hash", "key_id"})`` of the newest
+event. The head is written to the journal after the batch's events and upserted into the store after each
+copy, so it covers deletion of the newest events, which the chain alone cannot reveal.
+
+If the log is opened on a store whose head does not match its events (unsigned events after the head,
+missing events, a bad signature), it keeps working but first appends an event of kind ``"audit"``
+(decision ``"error"``) recording the damage; :meth:`AuditLog.verify` reports that event, so later heads
+can never make earlier tampering look clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple, Protocol
+
+from stitchwork.data._base import Store
+from stitchwork.errors import AuditError, StoreError
+
+__all__ = [
+    "EVENTS_TABLE",
+    "GENESIS_HASH",
+    "SIGNED_HEAD_TABLE",
+    "AuditEvent",
+    "AuditLog",
+    "Signer",
+    "VerifyReport",
+    "canonical",
+]
+
+log = logging.getLogger(__name__)
+
+EVENTS_TABLE = "audit_events"
+SIGNED_HEAD_TABLE = "audit_heads"
+GENESIS_HASH = "0" * 64
+
+#: Copy journaled events into the store as soon as this many are waiting.
+FLUSH_THRESHOLD = 5_000
+#: Rows per query while verifying (the chain is streamed, never loaded whole).
+VERIFY_CHUNK = 20_000
+#: ``data`` of the event that records damage found on open.
+DAMAGE_KEY = "audit_damage"
+
+_MAX_DEPTH = 64
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_EVENT_COLUMNS = ("seq", "ts", "kind", "agent", "run_id", "tool", "decision", "data", "prev_hash", "hash")
+_SELECT_EVENTS = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM {EVENTS_TABLE}"
+_EVENTS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {EVENTS_TABLE} (
+    seq BIGINT NOT NULL, ts DOUBLE NOT NULL, kind VARCHAR NOT NULL, agent VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL, tool VARCHAR NOT NULL, decision VARCHAR NOT NULL, data VARCHAR NOT NULL,
+    prev_hash VARCHAR NOT NULL, hash VARCHAR NOT NULL
+)
+"""
+_HEADS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SIGNED_HEAD_TABLE} (
+    key_id VARCHAR PRIMARY KEY, seq BIGINT NOT NULL, hash VARCHAR NOT NULL, signature VARCHAR NOT NULL,
+    ts DOUBLE NOT NULL
+)
+"""
+_UPSERT_HEAD = (
+    f"INSERT INTO {SIGNED_HEAD_TABLE} (key_id, seq, hash, signature, ts) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (key_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+    "signature = excluded.signature, ts = excluded.ts"
+)
+
+
+def canonical(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8, no NaN or infinities.
+
+    Args:
+        obj: JSON-compatible value (dict, list, str, int, float, bool, None).
+
+    Returns:
+        The UTF-8 encoding; equal values always give equal bytes.
+
+    Raises:
+        AuditError: ``obj`` holds NaN, an infinity, a non-JSON type or a string that is not valid Unicode.
+    """
+    try:
+        return _ENCODER.encode(obj).encode("utf-8")
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise AuditError(f"cannot encode audit value as canonical JSON: {exc}") from exc
+
+
+class Signer(Protocol):
+    """Signs audit heads. ``verify`` returns False for a bad signature; it never raises."""
+
+    @property
+    def key_id(self) -> str:
+        """A stable id of the signing key, stored with each signed head."""
+        ...
+
+    def sign(self, data: bytes) -> bytes:
+        """Signs ``data``."""
+        ...
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        """True if ``signature`` is this key's signature of ``data``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One event of the chain, as recorded.
+
+    Attributes:
+        seq: Position in the chain: 1, 2, 3, … without gaps.
+        ts: Unix time the writer recorded it.
+        kind: "auth", "decision", "approval", "tool", "model", "secret", "run", "sandbox" (and "audit" for
+            damage the log found in itself).
+        agent: Agent name, or "".
+        run_id: Run id, or "".
+        tool: Tool or action name, or "".
+        decision: "allow", "deny", "ask", "ok", "error", ….
+        data: Details, JSON-safe (bytes and sets were converted when appended).
+        prev_hash: Hex SHA-256 of the previous event ("0" * 64 for event 1).
+        hash: Hex SHA-256 of ``prev_hash`` followed by the canonical JSON of the fields above.
+    """
+
+    seq: int
+    ts: float
+    kind: str
+    agent: str
+    run_id: str
+    tool: str
+    decision: str
+    data: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Result of :meth:`AuditLog.verify`.
+
+    Attributes:
+        ok: True if every event and the signed head check out.
+        events: Events whose hash and link were checked before the first problem (all of them if ok).
+        first_bad_seq: Sequence number of the first bad event, or None.
+        reason: One sentence: what was checked, or what is wrong and where.
+        head_seq: Sequence number named by the signed head (0 if there is none).
+        head_signed: True if the head's signature is valid for this signer.
+    """
+
+    ok: bool
+    events: int
+    first_bad_seq: int | None
+    reason: str
+    head_seq: int
+    head_signed: bool
+
+
+# --------------------------------------------------------------------------------------------------------
+# encoding helpers
+
+
+class _Record(NamedTuple):
+    """An event as stored: ``data`` is its canonical JSON text."""
+
+    seq: int
+    ts: float
+    kind: str
+    agent: str
+    run_id: str
+    tool: str
+    decision: str
+    data: str
+    prev_hash: str
+    hash: str
+
+
+class _Head(NamedTuple):
+    seq: int
+    hash: str
+    key_id: str
+    signature: str
+    ts: float
+
+
+class _Problem(NamedTuple):
+    seq: int | None
+    reason: str
+
+
+class _DecodeError(Exception):
+    """A stored row or journal line does not have the shape of an event."""
+
+
+def _body(
+    seq: int, ts: float, kind: str, agent: str, run_id: str, tool: str, decision: str, data: str
+) -> str:
+    """``canonical({...})`` of an event's hashed fields, built from ``data`` already in canonical JSON."""
+    enc = _ENCODER.encode
+    return (
+        f'{{"agent":{enc(agent)},"data":{data},"decision":{enc(decision)},"kind":{enc(kind)},'
+        f'"run_id":{enc(run_id)},"seq":{seq},"tool":{enc(tool)},"ts":{enc(ts)}}}'
+    )
+
+
+def _chain_hash(prev_hash: str, body: str) -> str:
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def _head_message(seq: int, hash_: str, key_id: str) -> bytes:
+    return canonical({"seq": seq, "hash": hash_, "key_id": key_id})
+
+
+def _is_hash(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and _HEX_DIGITS.issuperset(value)
+
+
+def _clean_str(value: str) -> str:
+    """Strings that cannot be encoded as UTF-8 (lone surrogates) get them backslash-escaped."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _clean_key(key: object, where: str) -> str:
+    if isinstance(key, str):
+        return _clean_str(str(key))
+    if isinstance(key, bool) or key is None:
+        return _ENCODER.encode(key)  # what json.dumps would do: "true", "false", "null"
+    if isinstance(key, int):
+        return str(int(key))
+    if isinstance(key, float) and math.isfinite(key):
+        return repr(float(key))
+    raise AuditError(f"audit {where} has a key of type {type(key).__name__} ({key!r}); keys must be strings")
+
+
+def _sanitise(value: object, where: str, depth: int = 0, active: frozenset[int] = frozenset()) -> Any:
+    """A JSON-safe copy of ``value``: bytes become their repr, sets sorted lists, tuples lists.
+
+    Raises:
+        AuditError: NaN or infinity, a type with no JSON form, a reference cycle or excessive nesting;
+            the message names where in ``data`` it is.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _clean_str(str(value))
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise AuditError(f"audit {where} is {value!r}: NaN and infinities are not valid JSON")
+        return float(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return repr(bytes(value))
+    if depth >= _MAX_DEPTH:
+        raise AuditError(f"audit {where} is nested more than {_MAX_DEPTH} levels deep")
+    if id(value) in active:
+        raise AuditError(f"audit {where} contains itself (a reference cycle)")
+    inner = active | {id(value)}
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = _clean_key(key, where)
+            if name in out:
+                raise AuditError(f"audit {where} has two keys that both become {name!r} in JSON")
+            out[name] = _sanitise(item, f"{where}[{name!r}]", depth + 1, inner)
+        return out
+    if isinstance(value, list | tuple):
+        return [_sanitise(item, f"{where}[{i}]", depth + 1, inner) for i, item in enumerate(value)]
+    if isinstance(value, set | frozenset):
+        items = [_sanitise(item, f"{where}{{…}}", depth + 1, inner) for item in value]
+        return sorted(items, key=_ENCODER.encode)
+    raise AuditError(
+        f"audit {where} is a {type(value).__name__}, which has no JSON form; "
+        "convert it to str, int, float, bool, None, list or dict first"
+    )
+
+
+def _decode_row(row: Mapping[str, Any]) -> _Record:
+    """Checks the types of one stored row.
+
+    Raises:
+        _DecodeError: a column is NULL or of the wrong type.
+    """
+    values: list[Any] = []
+    for name in _EVENT_COLUMNS:
+        value = row.get(name)
+        if name == "seq":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif name == "ts":
+            ok = isinstance(value, float) and math.isfinite(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise _DecodeError(f"column {name} holds {value!r}")
+        values.append(value)
+    return _Record(*values)
+
+
+def _record_hash(rec: _Record) -> str:
+    """The hash ``rec`` should have; its ``data`` text is re-canonicalised only if the fast path fails."""
+    body = _body(rec.seq, rec.ts, rec.kind, rec.agent, rec.run_id, rec.tool, rec.decision, rec.data)
+    digest = _chain_hash(rec.prev_hash, body)
+    if digest == rec.hash:
+        return digest
+    try:
+        data = json.loads(rec.data)
+    except ValueError as exc:
+        raise _DecodeError(f"data is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _DecodeError("data is not a JSON object")
+    try:
+        data_json = canonical(data).decode("utf-8")
+    except AuditError as exc:
+        raise _DecodeError(str(exc)) from exc
+    body = _body(rec.seq, rec.ts, rec.kind, rec.agent, rec.run_id, rec.tool, rec.decision, data_json)
+    return _chain_hash(rec.prev_hash, body)
+
+
+def _to_event(rec: _Record) -> AuditEvent:
+    try:
+        data = json.loads(rec.data)
+    except ValueError as exc:
+        raise _DecodeError(f"data is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _DecodeError("data is not a JSON object")
+    return AuditEvent(
+        rec.seq,
+        rec.ts,
+        rec.kind,
+        rec.agent,
+        rec.run_id,
+        rec.tool,
+        rec.decision,
+        data,
+        rec.prev_hash,
+        rec.hash,
+    )
+
+
+def _decode_head(row: Mapping[str, Any]) -> _Head:
+    seq, hash_, key_id, signature, ts = (row.get(k) for k in ("seq", "hash", "key_id", "signature", "ts"))
+    if not (isinstance(seq, int) and isinstance(hash_, str) and isinstance(key_id, str)):
+        raise _DecodeError(f"seq/hash/key_id hold {seq!r}/{hash_!r}/{key_id!r}")
+    if not isinstance(signature, str):
+        raise _DecodeError(f"signature holds {signature!r}")
+    try:
+        bytes.fromhex(signature)
+    except ValueError as exc:
+        raise _DecodeError("signature is not hex") from exc
+    return _Head(seq, hash_, key_id, signature, float(ts) if isinstance(ts, int | float) else 0.0)
+
+
+def _check_head(
+    head: _Head | None, signed: bool, max_seq: int, hash_at: Callable[[int], str | None]
+) -> _Problem | None:
+    """What is wrong with the signed head of a log whose events end at ``max_seq``, if anything."""
+    if head is None:
+        if max_seq == 0:
+            return None
+        return _Problem(
+            None, f"the log has events up to {max_seq} but no signed head in {SIGNED_HEAD_TABLE} (deleted?)"
+        )
+    if not signed:
+        return _Problem(
+            head.seq,
+            f"the signed head (seq {head.seq}, key {head.key_id}) has an invalid signature "
+            "(forged or altered)",
+        )
+    if head.seq > max_seq:
+        return _Problem(
+            max_seq + 1,
+            f"events after {max_seq} are missing: the signed head is at seq {head.seq} "
+            f"but the log ends at seq {max_seq} (truncated)",
+        )
+    if head.seq > 0 and hash_at(head.seq) != head.hash:
+        return _Problem(
+            head.seq, f"event {head.seq}: hash does not match the signed head (the chain was rewritten)"
+        )
+    if max_seq > head.seq:
+        return _Problem(
+            head.seq + 1,
+            f"events {head.seq + 1}..{max_seq} are not covered by the signed head at seq {head.seq} "
+            "(added to the store after the last signature)",
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# write path
+
+
+class _Item:
+    """One pending append: prepared (sanitised, partly encoded) by the caller, completed by the writer."""
+
+    __slots__ = (
+        "agent", "data", "data_json", "decision", "hash", "kind", "mid", "pre", "prev_hash", "run_id", "seq",
+        "tool", "ts",
+    )  # fmt: skip
+
+    def __init__(
+        self, kind: str, agent: str, run_id: str, tool: str, decision: str, data: dict[str, Any]
+    ) -> None:
+        self.kind, self.agent, self.run_id, self.tool, self.decision = kind, agent, run_id, tool, decision
+        self.data = data
+        self.data_json = _ENCODER.encode(data)
+        enc = _ENCODER.encode
+        self.pre = (
+            f'{{"agent":{enc(agent)},"data":{self.data_json},"decision":{enc(decision)},"kind":{enc(kind)},'
+            f'"run_id":{enc(run_id)},"seq":'
+        )
+        self.mid = f',"tool":{enc(tool)},"ts":'
+        self.seq = 0
+        self.ts = 0.0
+        self.prev_hash = ""
+        self.hash = ""
+
+    def event(self) -> AuditEvent:
+        return AuditEvent(
+            self.seq, self.ts, self.kind, self.agent, self.run_id, self.tool, self.decision, self.data,
+            self.prev_hash, self.hash,
+        )  # fmt: skip
+
+    def record(self) -> _Record:
+        return _Record(
+            self.seq, self.ts, self.kind, self.agent, self.run_id, self.tool, self.decision, self.data_json,
+            self.prev_hash, self.hash,
+        )  # fmt: skip
+
+
+_Waiter = tuple["asyncio.Future[AuditEvent]", _Item]
+
+
+class _Group:
+    """The appends that one journal write (or one store transaction) makes durable together."""
+
+    __slots__ = ("done", "error", "items", "waiters")
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self.done = threading.Event()
+        self.error: AuditError | None = None
+        self.waiters: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
+
+
+class _Sealed:
+    """Journaled events being copied into the store, and the journal file that holds them."""
+
+    __slots__ = ("file", "head", "head_done", "inserted", "records")
+
+    def __init__(self, records: list[_Record], head: _Head, file: int) -> None:
+        self.records = records
+        self.head = head
+        self.file = file
+        self.inserted = False
+        self.head_done = False
+
+
+def _settle(waiters: list[_Waiter], error: AuditError | None) -> None:
+    """Runs in the caller's event loop: completes the futures of one group."""
+    for future, item in waiters:
+        if future.done():  # the awaiting task was cancelled; the event is recorded all the same
+            continue
+        if error is None:
+            future.set_result(item.event())
+        else:
+            future.set_exception(AuditError(str(error)))
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------
+# journal recovery
+
+
+class _Recovered(NamedTuple):
+    records: list[_Record]  # covered by a signed head line, in seq order
+    head: _Head | None  # the last head line
+    dropped: int  # events after the last head line (their batch was never acknowledged)
+
+
+def _parse_event_line(obj: dict[str, Any]) -> _Record:
+    if set(obj) != {"event", "hash", "prev_hash"}:
+        raise _DecodeError(f"unexpected keys {sorted(obj)}")
+    body = obj["event"]
+    if not isinstance(body, dict) or set(body) != {
+        "agent", "data", "decision", "kind", "run_id", "seq", "tool", "ts"
+    }:  # fmt: skip
+        raise _DecodeError("the event has missing or unexpected fields")
+    if not isinstance(body["data"], dict):
+        raise _DecodeError("data is not a JSON object")
+    try:
+        data_json = canonical(body["data"]).decode("utf-8")
+    except AuditError as exc:
+        raise _DecodeError(str(exc)) from exc
+    row = {**body, "data": data_json, "prev_hash": obj["prev_hash"], "hash": obj["hash"]}
+    rec = _decode_row(row)
+    if not (_is_hash(rec.prev_hash) and _is_hash(rec.hash)):
+        raise _DecodeError("hash or prev_hash is not a SHA-256 hex digest")
+    if _record_hash(rec) != rec.hash:
+        raise _DecodeError(f"event {rec.seq}: hash does not match its contents")
+    return rec
+
+
+def _parse_head_line(obj: dict[str, Any]) -> _Head:
+    head = obj["head"]
+    if set(obj) != {"head"} or not isinstance(head, dict):
+        raise _DecodeError("malformed head line")
+    return _decode_head(head)
+
+
+def _recover_journal(files: list[tuple[Path, bytes]], signer: Signer) -> _Recovered:
+    """Parses and checks both journal files as one stream.
+
+    Raises:
+        AuditError: a line other than the very last one is damaged; names the file and line.
+    """
+    parsed: list[tuple[Path, list[tuple[int, dict[str, Any]]], bool]] = []
+    for path, content in files:
+        if not content:
+            continue
+        lines = content.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        entries: list[tuple[int, dict[str, Any]]] = []
+        for number, raw in enumerate(lines, start=1):
+            try:
+                obj = json.loads(raw)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                raise AuditError(
+                    f"audit journal {path}, line {number}: not valid JSON ({exc}); the journal is corrupt "
+                    "and was left untouched"
+                ) from exc
+            entries.append((number, obj))
+        torn = False
+        if tail:
+            try:
+                obj = json.loads(tail)
+                torn = not isinstance(obj, dict)
+            except ValueError:
+                torn = True
+            if not torn:
+                entries.append((len(lines) + 1, obj))
+            else:
+                log.warning(
+                    "audit journal %s, line %d: ignoring a torn final line (%d bytes of a write that never "
+                    "completed)", path, len(lines) + 1, len(tail),
+                )  # fmt: skip
+        parsed.append((path, entries, torn))
+
+    def first_seq(item: tuple[Path, list[tuple[int, dict[str, Any]]], bool]) -> float:
+        for _, obj in item[1]:
+            event = obj.get("event")
+            if isinstance(event, dict) and isinstance(event.get("seq"), int):
+                return float(event["seq"])
+        return math.inf
+
+    parsed.sort(key=first_seq)
+    for path, entries, torn in parsed[:-1]:
+        if torn:
+            raise AuditError(
+                f"audit journal {path}, line {len(entries) + 1}: damaged line before the end of the journal; "
+                "the journal is corrupt and was left untouched"
+            )
+
+    covered: list[_Record] = []
+    pending: list[_Record] = []
+    head: _Head | None = None
+    last: _Record | None = None
+    for path, entries, _ in parsed:
+        for number, obj in entries:
+            where = f"audit journal {path}, line {number}"
+            try:
+                if "head" in obj:
+                    line_head = _parse_head_line(obj)
+                    if last is None or (line_head.seq, line_head.hash) != (last.seq, last.hash):
+                        raise _DecodeError("the signed head does not name the event before it")
+                    message = _head_message(line_head.seq, line_head.hash, line_head.key_id)
+                    if not signer.verify(message, bytes.fromhex(line_head.signature)):
+                        key = line_head.key_id
+                        raise _DecodeError(f"the signed head has an invalid signature (key {key})")
+                    head = line_head
+                    covered.extend(pending)
+                    pending = []
+                else:
+                    rec = _parse_event_line(obj)
+                    if last is not None and rec.seq != last.seq + 1:
+                        raise _DecodeError(f"event {rec.seq} follows event {last.seq}")
+                    if last is not None and rec.prev_hash != last.hash:
+                        raise _DecodeError(f"event {rec.seq}: prev_hash does not match event {last.seq}")
+                    pending.append(rec)
+                    last = rec
+            except (_DecodeError, KeyError) as exc:
+                raise AuditError(f"{where}: {exc}; the journal is corrupt and was left untouched") from exc
+    if pending:
+        log.warning(
+            "audit journal: dropping %d event(s) (seq %d..%d) whose batch has no signed head line; "
+            "their write never completed, so no caller was told they were recorded",
+            len(pending), pending[0].seq, pending[-1].seq,
+        )  # fmt: skip
+    return _Recovered(covered, head, len(pending))
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+class AuditLog:
+    """The audit log: append events, read the newest, verify the chain.
+
+    Args:
+        store: Where events end up (tables ``audit_events`` and ``audit_heads`` are created if missing).
+        signer: Signs the head of the chain after every batch.
+        journal_path: The write-ahead journal (a second file ``<journal_path>.1`` is used in turn). None
+            commits every batch straight to the store, which is slower.
+        flush_ms: How often journaled events are copied into the store.
+
+    Raises:
+        AuditError: The journal is corrupt (names the file and line; nothing is changed), or in use by
+            another audit log.
+        StoreError: The store cannot be read or written.
+    """
+
+    def __init__(
+        self, store: Store, *, signer: Signer, journal_path: Path | None, flush_ms: float = 50.0
+    ) -> None:
+        if not flush_ms > 0:
+            raise AuditError(f"flush_ms must be positive, got {flush_ms!r}")
+        self._store = store
+        self._signer = signer
+        self._flush_s = flush_ms / 1000.0
+        self._paths: list[Path] = []
+        if journal_path is not None:
+            journal_path = Path(journal_path)
+            self._paths = [journal_path, journal_path.with_name(journal_path.name + ".1")]
+
+        self._cond = threading.Condition()  # guards _group, _closed, _failed
+        self._group = _Group()
+        self._closed = False
+        self._failed: AuditError | None = None
+
+        self._journal_lock = threading.Lock()  # guards _fds, _active, _unstored, _latest_head, _journaled_seq
+        self._fds: list[int] = []
+        self._active = 0
+        self._unstored: list[_Record] = []
+        self._latest_head: _Head | None = None
+        self._journaled_seq = 0
+
+        self._copy_lock = threading.Lock()  # serialises store writes; guards _sealed, _stored_seq
+        self._sealed: _Sealed | None = None
+        self._stored_seq = 0
+        self._flush_now = threading.Event()
+        self._stop_flusher = threading.Event()
+        self._last_copy_error = 0.0
+
+        # writer-thread state
+        self._next_seq = 1
+        self._last_hash = GENESIS_HASH
+        self._last_ts = 0.0
+        self._damage: _Problem | None = None
+
+        self._store.execute(_EVENTS_DDL)
+        self._store.execute(_HEADS_DDL)
+        if self._paths:
+            self._open_journal()
+        try:
+            self._recover()
+        except BaseException:
+            self._close_fds()
+            raise
+
+        self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
+        self._writer.start()
+        self._flusher: threading.Thread | None = None
+        if self._paths:
+            self._flusher = threading.Thread(target=self._flush_loop, name="audit-flusher", daemon=True)
+            self._flusher.start()
+
+    # ---------------------------------------------------------------------------------------- public API
+    def append(
+        self,
+        kind: str,
+        *,
+        agent: str = "",
+        run_id: str = "",
+        tool: str = "",
+        decision: str = "",
+        data: Mapping[str, Any] | None = None,
+    ) -> AuditEvent:
+        """Records one event and returns it once it is durable (journaled and fsynced, or in the store).
+
+        Args:
+            kind: What happened: "auth", "decision", "approval", "tool", "model", "secret", "run", "sandbox".
+            agent: Agent name.
+            run_id: Run id.
+            tool: Tool or action name.
+            decision: "allow", "deny", "ask", "ok", "error", ….
+            data: Details. Bytes are recorded as their repr and sets as sorted lists.
+
+        Raises:
+            AuditError: ``data`` holds NaN, an infinity or a value with no JSON form; the log is closed; or
+                the event could not be made durable.
+        """
+        item = self._prepare(kind, agent, run_id, tool, decision, data)
+        group = self._enqueue(item, None)
+        group.done.wait()
+        if group.error is not None:
+            raise AuditError(str(group.error)) from group.error
+        return item.event()
+
+    async def aappend(
+        self,
+        kind: str,
+        *,
+        agent: str = "",
+        run_id: str = "",
+        tool: str = "",
+        decision: str = "",
+        data: Mapping[str, Any] | None = None,
+    ) -> AuditEvent:
+        """Like :meth:`append`, but awaits durability without blocking the event loop.
+
+        Concurrent callers share one journal write and fsync. If the awaiting task is cancelled, the event
+        is still recorded.
+        """
+        item = self._prepare(kind, agent, run_id, tool, decision, data)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AuditEvent] = loop.create_future()
+        self._enqueue(item, (loop, future))
+        return await future
+
+    def flush(self) -> None:
+        """Copies every event journaled so far into the store, and upserts its signed head.
+
+        Raises:
+            AuditError: The store refused the copy (the events stay in the journal).
+        """
+        if not self._paths:
+            return
+        with self._journal_lock:
+            target = self._journaled_seq
+        try:
+            while True:
+                with self._copy_lock:
+                    if self._stored_seq >= target and self._sealed is None:
+                        return
+                    if not self._copy_once():
+                        return
+        except (StoreError, OSError) as exc:
+            raise AuditError(
+                f"cannot copy audit events into the store: {exc}; "
+                f"they are safe in the journal {self._paths[0]}"
+            ) from exc
+
+    def tail(self, n: int = 20) -> list[AuditEvent]:
+        """The newest ``n`` events, oldest first (including events not yet copied into the store).
+
+        Raises:
+            AuditError: A stored event cannot be decoded (run :meth:`verify`).
+            StoreError: The store cannot be read.
+        """
+        if n <= 0:
+            return []
+        with self._copy_lock:
+            with self._journal_lock:
+                memory = list(self._unstored)
+            if self._sealed is not None and not self._sealed.inserted:
+                memory = self._sealed.records + memory
+            memory = memory[-n:]
+            need = n - len(memory)
+            stored: list[dict[str, Any]] = []
+            if need > 0:
+                if memory:
+                    upper = memory[0].seq
+                else:
+                    rows = self._store.query(f"SELECT max(seq) AS m FROM {EVENTS_TABLE}")
+                    upper = (rows[0]["m"] or 0) + 1
+                stored = self._store.query(
+                    f"{_SELECT_EVENTS} WHERE seq >= ? AND seq < ? ORDER BY seq", [upper - need, upper]
+                )
+        events = []
+        for row in stored:
+            try:
+                events.append(_to_event(_decode_row(row)))
+            except _DecodeError as exc:
+                raise AuditError(
+                    f"audit event {row.get('seq')!r} in the store cannot be decoded ({exc}); run verify"
+                ) from exc
+        events.extend(_to_event(rec) for rec in memory)
+        return events
+
+    def verify(self) -> VerifyReport:
+        """Recomputes the whole chain from the store and checks the signed head.
+
+        Journaled events are copied into the store first. Rows are read in chunks of ``VERIFY_CHUNK``.
+        Finds, and names by sequence number, the first event that was edited, deleted, inserted or
+        reordered; a tail that was cut off or appended to; a forged head; and rows that cannot be decoded.
+        Problems are reported, never raised.
+        """
+        try:
+            self.flush()
+        except AuditError as exc:
+            return VerifyReport(False, 0, None, str(exc), 0, False)
+        try:
+            with self._copy_lock:  # a consistent head and end of chain; later events are not examined
+                stats = self._store.query(
+                    "SELECT count(*) AS n, count(seq) AS n_seq, min(seq) AS lo, max(seq) AS hi "
+                    f"FROM {EVENTS_TABLE}"
+                )[0]
+                head_rows = self._store.query(f"SELECT * FROM {SIGNED_HEAD_TABLE}")
+            head, head_signed, head_problem = self._pick_head(head_rows)
+            return self._verify_chain(stats, head, head_signed, head_problem)
+        except StoreError as exc:
+            return VerifyReport(False, 0, None, f"cannot read the audit store: {exc}", 0, False)
+
+    def close(self) -> None:
+        """Writes every pending event, copies the journal into the store and stops the log's threads.
+
+        Raises:
+            AuditError: The final copy into the store failed (the events stay in the journal and are copied
+                when the log is next opened).
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join()
+        if self._flusher is not None:
+            self._stop_flusher.set()
+            self._flush_now.set()
+            self._flusher.join()
+        if not self._paths:
+            return
+        try:
+            self.flush()
+            for fd in self._fds:
+                os.ftruncate(fd, 0)
+        except OSError as exc:
+            raise AuditError(f"cannot truncate the audit journal {self._paths[0]}: {exc}") from exc
+        finally:
+            self._close_fds()
+
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------- append path
+    def _prepare(
+        self, kind: str, agent: str, run_id: str, tool: str, decision: str, data: Mapping[str, Any] | None
+    ) -> _Item:
+        fields = {"kind": kind, "agent": agent, "run_id": run_id, "tool": tool, "decision": decision}
+        for name, value in fields.items():
+            if not isinstance(value, str):
+                raise AuditError(f"audit {name} must be a string, got {type(value).__name__}")
+        if not kind:
+            raise AuditError("audit kind must not be empty")
+        if kind == "audit":
+            raise AuditError('audit kind "audit" is reserved for records the audit log writes about itself')
+        if data is None:
+            clean: dict[str, Any] = {}
+        elif isinstance(data, Mapping):
+            clean = _sanitise(data, "data")
+        else:
+            raise AuditError(f"audit data must be a mapping, got {type(data).__name__}")
+        kind, agent, run_id, tool, decision = (_clean_str(v) for v in (kind, agent, run_id, tool, decision))
+        return _Item(kind, agent, run_id, tool, decision, clean)
+
+    def _enqueue(
+        self, item: _Item, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[AuditEvent]] | None
+    ) -> _Group:
+        with self._cond:
+            if self._closed:
+                raise AuditError("the audit log is closed")
+            if self._failed is not None:
+                raise AuditError(str(self._failed))
+            group = self._group
+            group.items.append(item)
+            if waiter is not None:
+                group.waiters.setdefault(waiter[0], []).append((waiter[1], item))
+            if len(group.items) == 1:
+                self._cond.notify()
+        return group
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._group.items and not self._closed:
+                    self._cond.wait()
+                group = self._group
+                if not group.items:
+                    return  # closed and drained
+                self._group = _Group()
+            try:
+                self._commit(group)
+            except AuditError as exc:
+                group.error = exc
+            except (StoreError, OSError) as exc:
+                group.error = AuditError(f"audit events could not be recorded: {exc}")
+            except BaseException as exc:  # a bug or a failing signer: fail this batch, keep the writer alive
+                log.exception("audit writer: batch failed")
+                group.error = AuditError(f"audit events could not be recorded: {exc!r}")
+            group.done.set()
+            for loop, waiters in group.waiters.items():
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                    loop.call_soon_threadsafe(_settle, waiters, group.error)
+
+    def _commit(self, group: _Group) -> None:
+        """Assigns seq and hashes, makes the batch durable, then advances the chain (writer thread only)."""
+        items = group.items
+        marker = self._damage_marker()
+        if marker is not None:
+            items = [marker, *items]
+        ts = max(time.time(), self._last_ts)
+        ts_text = _ENCODER.encode(ts)
+        seq = self._next_seq
+        prev = self._last_hash
+        lines: list[str] = []
+        journal = bool(self._paths)
+        for item in items:
+            body = f"{item.pre}{seq}{item.mid}{ts_text}}}"
+            digest = hashlib.sha256((prev + body).encode("utf-8")).hexdigest()
+            item.seq, item.ts, item.prev_hash, item.hash = seq, ts, prev, digest
+            if journal:
+                lines.append(f'{{"event":{body},"hash":"{digest}","prev_hash":"{prev}"}}\n')
+            prev = digest
+            seq += 1
+        head = self._sign_head(seq - 1, prev, ts)
+        records = [item.record() for item in items]
+        if journal:
+            lines.append(_ENCODER.encode({"head": head._asdict()}) + "\n")
+            payload = "".join(lines).encode("utf-8")
+            with self._journal_lock:
+                try:
+                    _write_all(self._fds[self._active], payload)
+                    os.fdatasync(self._fds[self._active])
+                except OSError as exc:
+                    failed = AuditError(
+                        f"writing the audit journal {self._paths[self._active]} failed ({exc}); "
+                        "the audit log refuses further events until it is reopened"
+                    )
+                    with self._cond:
+                        self._failed = failed
+                    raise failed from exc
+                self._unstored.extend(records)
+                self._latest_head = head
+                self._journaled_seq = seq - 1
+                backlog = len(self._unstored)
+            if backlog >= FLUSH_THRESHOLD:
+                self._flush_now.set()
+        else:
+            with self._copy_lock:
+                self._store.append(EVENTS_TABLE, [rec._asdict() for rec in records])
+                self._stored_seq = seq - 1
+                try:
+                    self._upsert_head(head)
+                except StoreError:  # the events are durable; the next batch signs a newer head
+                    log.exception("audit: could not store the signed head at seq %d", head.seq)
+        self._next_seq, self._last_hash, self._last_ts = seq, prev, ts
+        if marker is not None:
+            self._damage = None
+
+    def _damage_marker(self) -> _Item | None:
+        if self._damage is None:
+            return None
+        data = {DAMAGE_KEY: {"first_bad_seq": self._damage.seq, "reason": self._damage.reason}}
+        return _Item("audit", "stitchwork", "", "audit.open", "error", data)
+
+    def _sign_head(self, seq: int, hash_: str, ts: float) -> _Head:
+        key_id = self._signer.key_id
+        signature = self._signer.sign(_head_message(seq, hash_, key_id))
+        return _Head(seq, hash_, key_id, signature.hex(), ts)
+
+    def _upsert_head(self, head: _Head) -> None:
+        self._store.execute(_UPSERT_HEAD, [head.key_id, head.seq, head.hash, head.signature, head.ts])
+
+    # ---------------------------------------------------------------------------------------- store copy
+    def _flush_loop(self) -> None:
+        while not self._stop_flusher.is_set():
+            self._flush_now.wait(self._flush_s)
+            self._flush_now.clear()
+            if self._stop_flusher.is_set():
+                return
+            try:
+                with self._copy_lock:
+                    self._copy_once()
+            except (StoreError, OSError) as exc:
+                now = time.monotonic()
+                if now - self._last_copy_error > 10.0:
+                    self._last_copy_error = now
+                    log.error("audit: copying journaled events into the store failed (will retry): %s", exc)
+
+    def _copy_once(self) -> bool:
+        """Copies one sealed journal file into the store (caller holds ``_copy_lock``).
+
+        If no file is sealed, seals the active one first: under the journal lock, between two batches, the
+        writer is switched to the other (empty) file.
+
+        Returns:
+            False if there was nothing to copy.
+        """
+        if self._sealed is None:
+            with self._journal_lock:
+                if not self._unstored or self._latest_head is None:
+                    return False
+                self._sealed = _Sealed(self._unstored, self._latest_head, self._active)
+                self._unstored = []
+                self._active ^= 1
+        sealed = self._sealed
+        if not sealed.inserted:
+            self._store.append(EVENTS_TABLE, [rec._asdict() for rec in sealed.records])
+            sealed.inserted = True
+            self._stored_seq = sealed.records[-1].seq
+        if not sealed.head_done:
+            self._upsert_head(sealed.head)
+            sealed.head_done = True
+        os.ftruncate(self._fds[sealed.file], 0)
+        self._sealed = None
+        return True
+
+    # ---------------------------------------------------------------------------------------- open
+    def _open_journal(self) -> None:
+        directory = self._paths[0].parent
+        directory.mkdir(parents=True, exist_ok=True)
+        created = False
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            for path in self._paths:
+                created = created or not path.exists()
+                fd = os.open(path, flags, 0o600)
+                self._fds.append(fd)
+                if os.fstat(fd).st_mode & 0o077:
+                    os.fchmod(fd, 0o600)
+            try:
+                fcntl.flock(self._fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise AuditError(
+                    f"the audit journal {self._paths[0]} is in use by another audit log (another process, or "
+                    "an AuditLog in this process that was not closed)"
+                ) from exc
+            if created:
+                _fsync_dir(directory)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def _store_end(self) -> tuple[int, str, float]:
+        rows = self._store.query(
+            f"SELECT seq, hash, ts FROM {EVENTS_TABLE} "
+            f"WHERE seq = (SELECT max(seq) FROM {EVENTS_TABLE}) LIMIT 1"
+        )
+        if not rows:
+            return 0, GENESIS_HASH, 0.0
+        row = rows[0]
+        ts = row["ts"] if isinstance(row["ts"], float) and math.isfinite(row["ts"]) else 0.0
+        return int(row["seq"]), str(row["hash"]), ts
+
+    def _hash_at(self, seq: int) -> str | None:
+        rows = self._store.query(f"SELECT hash FROM {EVENTS_TABLE} WHERE seq = ? LIMIT 2", [seq])
+        return rows[0]["hash"] if len(rows) == 1 else None
+
+    def _pick_head(self, rows: list[dict[str, Any]]) -> tuple[_Head | None, bool, _Problem | None]:
+        """The head to check: this signer's, else the newest. Returns it, whether it is signed, and a
+        problem if the row cannot be decoded."""
+        if not rows:
+            return None, False, None
+        mine = [r for r in rows if r.get("key_id") == self._signer.key_id]
+        row = mine[0] if mine else max(rows, key=lambda r: r["seq"] if isinstance(r.get("seq"), int) else -1)
+        try:
+            head = _decode_head(row)
+        except _DecodeError as exc:
+            problem = _Problem(None, f"the signed head in {SIGNED_HEAD_TABLE} cannot be decoded ({exc})")
+            return None, False, problem
+        message = _head_message(head.seq, head.hash, head.key_id)
+        signed = self._signer.verify(message, bytes.fromhex(head.signature))
+        return head, signed, None
+
+    def _recover(self) -> None:
+        """Brings the store up to date with the journal and checks the head; sets the writer's state."""
+        store_seq, store_hash, _ = self._store_end()
+        if self._paths:
+            files = [(path, _read_all(fd)) for path, fd in zip(self._paths, self._fds, strict=True)]
+            recovered = _recover_journal(files, self._signer)
+            new = [rec for rec in recovered.records if rec.seq > store_seq]
+            if new:
+                first = new[0]
+                if first.seq != store_seq + 1 or first.prev_hash != store_hash:
+                    log.warning(
+                        "audit: the journal continues at event %d but the store ends at event %d with a "
+                        "different hash; the store was changed (verify will say where)", first.seq, store_seq,
+                    )  # fmt: skip
+                self._store.append(EVENTS_TABLE, [rec._asdict() for rec in new])
+                log.info("audit: recovered %d event(s) from the journal", len(new))
+            if recovered.head is not None:
+                rows = self._store.query(f"SELECT * FROM {SIGNED_HEAD_TABLE}")
+                current, _, _ = self._pick_head(rows)
+                if (current is None or current.seq < recovered.head.seq) and self._hash_at(
+                    recovered.head.seq
+                ) == recovered.head.hash:
+                    self._upsert_head(recovered.head)
+            for fd in self._fds:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
+        store_seq, store_hash, store_ts = self._store_end()
+        head, signed, problem = self._pick_head(self._store.query(f"SELECT * FROM {SIGNED_HEAD_TABLE}"))
+        if problem is None:
+            problem = _check_head(head, signed, store_seq, self._hash_at)
+        if problem is not None:
+            log.warning("audit: the log is damaged (%s); its next event records this", problem.reason)
+        self._damage = problem
+        self._next_seq, self._last_hash, self._last_ts = store_seq + 1, store_hash, store_ts
+        self._stored_seq = self._journaled_seq = store_seq
+
+    # ---------------------------------------------------------------------------------------- verify
+    def _verify_chain(
+        self, stats: dict[str, Any], head: _Head | None, head_signed: bool, head_problem: _Problem | None
+    ) -> VerifyReport:
+        head_seq = head.seq if head is not None else 0
+        checked = 0
+
+        def bad(seq: int | None, reason: str) -> VerifyReport:
+            return VerifyReport(False, checked, seq, reason, head_seq, head_signed)
+
+        total, with_seq, lo, hi = stats["n"], stats["n_seq"], stats["lo"], stats["hi"] or 0
+        if with_seq < total:
+            missing = total - with_seq
+            return bad(None, f"{missing} stored row(s) have no sequence number (corrupt or inserted)")
+        if lo is not None and lo < 1:
+            return bad(lo, f"event {lo}: sequence numbers start at 1; this row was inserted")
+
+        expected, prev = 1, GENESIS_HASH
+        head_hash_seen: str | None = None
+        damage: _Problem | None = None
+        chain_problem: _Problem | None = None
+        while expected <= hi and chain_problem is None:
+            rows = self._store.query(
+                f"{_SELECT_EVENTS} WHERE seq >= ? AND seq < ? ORDER BY seq, hash",
+                [expected, min(expected + VERIFY_CHUNK, hi + 1)],  # rows appended since are not examined
+            )
+            if not rows:
+                after = f"SELECT min(seq) AS s FROM {EVENTS_TABLE} WHERE seq > ? AND seq <= ?"
+                nxt = self._store.query(after, [expected, hi])[0]["s"]
+                chain_problem = _Problem(expected, self._gap_reason(expected, nxt))
+                break
+            for row in rows:
+                rec, chain_problem = self._check_row(row, expected, prev)
+                if rec is None:
+                    break
+                if rec.kind == "audit" and damage is None:
+                    damage = self._damage_recorded(rec)
+                if rec.seq == head_seq:
+                    head_hash_seen = rec.hash
+                prev = rec.hash
+                expected += 1
+                checked += 1
+
+        if damage is not None:
+            return bad(damage.seq, damage.reason)
+        if chain_problem is not None:
+            return bad(chain_problem.seq, chain_problem.reason)
+        if head_problem is not None:
+            return bad(head_problem.seq, head_problem.reason)
+        problem = _check_head(head, head_signed, checked, lambda _seq: head_hash_seen)
+        if problem is not None:
+            return bad(problem.seq, problem.reason)
+        if head is None:
+            return VerifyReport(True, 0, None, "the audit log is empty", 0, False)
+        return VerifyReport(
+            True, checked, None,
+            f"{checked} events verified: the hash chain is intact and the head at seq {head.seq} is signed "
+            f"by key {head.key_id}",
+            head_seq, head_signed,
+        )  # fmt: skip
+
+    def _check_row(
+        self, row: dict[str, Any], expected: int, prev: str
+    ) -> tuple[_Record | None, _Problem | None]:
+        """The decoded row if it is event ``expected`` and links to ``prev``; else what is wrong."""
+        seq = row["seq"]
+        if seq < expected:
+            return None, _Problem(seq, f"event {seq} appears more than once (an event was inserted)")
+        if seq > expected:
+            return None, _Problem(expected, self._gap_reason(expected, seq))
+        try:
+            rec = _decode_row(row)
+            if rec.prev_hash != prev:
+                return None, _Problem(
+                    seq,
+                    f"event {seq}: prev_hash does not match the hash of event {seq - 1} "
+                    "(events were inserted, deleted or reordered)",
+                )
+            if _record_hash(rec) != rec.hash:
+                return None, _Problem(seq, f"event {seq}: hash does not match its contents (edited)")
+        except _DecodeError as exc:
+            return None, _Problem(seq, f"event {seq}: the stored row cannot be decoded ({exc})")
+        return rec, None
+
+    @staticmethod
+    def _gap_reason(expected: int, found: int | None) -> str:
+        if found is None:
+            return f"event {expected} is missing (deleted): the log ends at event {expected - 1}"
+        return (
+            f"event {expected} is missing (deleted): the log jumps from event {expected - 1} to event {found}"
+        )
+
+    @staticmethod
+    def _damage_recorded(rec: _Record) -> _Problem | None:
+        try:
+            data = json.loads(rec.data)
+        except ValueError:
+            return None
+        damage = data.get(DAMAGE_KEY) if isinstance(data, dict) else None
+        if not isinstance(damage, dict):
+            return None
+        seq = damage.get("first_bad_seq")
+        return _Problem(
+            seq if isinstance(seq, int) else rec.seq,
+            f"{damage.get('reason')} (found when the log was reopened; recorded in event {rec.seq})",
+        )

@@ -1,0 +1,298 @@
+"""One behaviour suite for every sandbox backend: what a caller of ``Sandbox.run`` can rely on everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stitchwork.errors import ConfigError, SandboxError
+from stitchwork.isolation._base import Command, Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
+from stitchwork.isolation.inline import InlineSandbox, current_env
+
+ToolFactory = Callable[[str], Path]  # the make_tool fixture (tests/ is not a package)
+
+TOOL = """
+import asyncio
+import os
+import time
+
+
+def add(a, b):
+    return a + b
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def chatty():
+    print("chatter from the tool")
+    os.write(1, b"raw fd-1 write\\n")
+    return "clean"
+
+
+def read_env(name):
+    return os.environ.get(name)
+
+
+def whole_env():
+    return dict(os.environ)
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+    return "woke up"
+
+
+def big(size):
+    return "x" * size
+
+
+def odd_value():
+    return {"set": {1}, "tuple": (1, 2)}
+
+
+async def twice(x):
+    await asyncio.sleep(0)
+    return 2 * x
+"""
+
+ALLOWED_DEFAULT_ENV = {"PATH", "HOME", "LANG", "PWD"}  # bwrap sets PWD for --chdir
+
+
+def call(tool: Path, function: str, **args: object) -> PythonCall:
+    return PythonCall(tool, function, {"args": args})
+
+
+async def test_python_call_returns_value(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "add", a=2, b=3)))
+
+    assert result.ok, result
+    assert result.value == 5
+    assert result.error is None and result.killed is None and result.exit_code == 0
+
+
+async def test_async_tool_function_is_awaited(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "twice", x=21)))
+
+    assert result.value == 42, result
+
+
+async def test_exception_becomes_error_not_raise(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "fail", message="bad input")))
+
+    assert not result.ok
+    assert result.error == "ValueError: bad input"
+    assert result.value is None and result.killed is None
+
+
+async def test_unknown_function_is_an_error(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "no_such_function")))
+
+    assert result.error is not None and result.error.startswith("AttributeError"), result
+    assert "no_such_function" in result.error
+
+
+async def test_unserialisable_values_become_repr_and_json_types(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "odd_value")))
+
+    assert result.value == {"set": "{1}", "tuple": [1, 2]}, result
+
+
+async def test_prints_go_to_stderr_not_into_the_value(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "chatty")))
+
+    assert result.value == "clean", result
+    assert b"chatter from the tool" in result.stderr
+    assert b"chatter" not in result.stdout
+    if not isinstance(sandbox, InlineSandbox):  # a raw write to fd 1 cannot be captured in-process
+        assert b"raw fd-1 write" in result.stderr and b"raw" not in result.stdout
+
+
+async def test_command_stdout_stderr_and_exit_code(sandbox: Sandbox, workdir: Path) -> None:
+    spec = SandboxSpec(Command(("/bin/sh", "-c", "echo out; echo err >&2; exit 7")), workdir=workdir)
+
+    result = await sandbox.run(spec)
+
+    assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+    assert not result.ok and result.killed is None
+
+
+async def test_command_reads_stdin_and_runs_in_workdir(sandbox: Sandbox, workdir: Path) -> None:
+    spec = SandboxSpec(Command(("/bin/sh", "-c", "cat > in.txt; cat in.txt"), stdin=b"hello\n"), workdir=workdir)
+
+    result = await sandbox.run(spec)
+
+    assert result.ok, result
+    assert result.stdout == b"hello\n"
+    assert (workdir / "in.txt").read_bytes() == b"hello\n"
+
+
+async def test_env_is_visible_inside(sandbox: Sandbox, make_tool: ToolFactory, workdir: Path) -> None:
+    env = {"STITCHWORK_SECRET_DEMO": "s3cr3t-value"}
+    python = await sandbox.run(
+        SandboxSpec(call(make_tool(TOOL), "read_env", name="STITCHWORK_SECRET_DEMO"), env=env)
+    )
+    command = await sandbox.run(
+        SandboxSpec(Command(("/bin/sh", "-c", 'printf %s "$STITCHWORK_SECRET_DEMO"')), workdir=workdir, env=env)
+    )
+
+    assert python.value == "s3cr3t-value", python
+    assert command.stdout == b"s3cr3t-value", command
+
+
+async def test_nothing_else_of_the_host_env_is_visible(
+    sandbox: Sandbox, make_tool: ToolFactory, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if isinstance(sandbox, InlineSandbox):
+        pytest.skip("inline:// runs in the host process: no environment isolation to test")
+    monkeypatch.setenv("STITCHWORK_HOST_ONLY", "host-value-must-not-leak")
+    env = {"GRANTED": "yes"}
+
+    python = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "whole_env"), env=env))
+    command = await sandbox.run(SandboxSpec(Command(("/usr/bin/env",)), workdir=workdir, env=env))
+
+    assert python.value["GRANTED"] == "yes"
+    assert set(python.value) <= {"GRANTED"} | ALLOWED_DEFAULT_ENV, python.value
+    lines = command.stdout.decode().splitlines()
+    assert "GRANTED=yes" in lines
+    assert {line.split("=", 1)[0] for line in lines} <= {"GRANTED"} | ALLOWED_DEFAULT_ENV, lines
+    assert b"host-value-must-not-leak" not in python.stdout + command.stdout
+
+
+async def test_python_timeout_is_reported(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    spec = SandboxSpec(call(make_tool(TOOL), "sleep", seconds=30), limits=Limits(timeout_s=0.5))
+
+    started = time.perf_counter()
+    result = await sandbox.run(spec)
+
+    assert result.killed == "timeout", result
+    assert result.value is None and result.error is not None and "timed out" in result.error
+    assert time.perf_counter() - started < 5
+    assert not result.ok
+
+
+async def test_command_timeout_kills_the_whole_sandbox(sandbox: Sandbox, workdir: Path) -> None:
+    # A background child and the shell both append to a file: after the timeout, nothing may write any more.
+    script = "(while true; do echo child >> ticks; sleep 0.05; done) & while true; do echo parent >> ticks; sleep 0.05; done"
+    spec = SandboxSpec(Command(("/bin/sh", "-c", script)), workdir=workdir, limits=Limits(timeout_s=0.5))
+
+    result = await sandbox.run(spec)
+    await asyncio.sleep(0.3)
+    size = (workdir / "ticks").stat().st_size
+    await asyncio.sleep(0.5)
+
+    assert result.killed == "timeout", result
+    assert size > 0
+    assert (workdir / "ticks").stat().st_size == size, "a process of the sandbox outlived the timeout"
+
+
+async def test_python_output_cap_truncates(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    spec = SandboxSpec(call(make_tool(TOOL), "big", size=50_000), limits=Limits(max_output_bytes=1_000))
+
+    result = await sandbox.run(spec)
+
+    assert result.killed == "output", result
+    assert result.truncated
+    assert result.value is None
+    assert len(result.stdout) + len(result.stderr) <= 1_000
+
+
+async def test_command_output_cap_truncates(sandbox: Sandbox, workdir: Path) -> None:
+    spec = SandboxSpec(Command(("/usr/bin/yes",)), workdir=workdir, limits=Limits(max_output_bytes=10_000))
+
+    started = time.perf_counter()
+    result = await sandbox.run(spec)
+
+    assert result.killed == "output", result
+    assert result.truncated
+    assert len(result.stdout) == 10_000 and result.stdout.startswith(b"y\ny\n")
+    assert time.perf_counter() - started < 5
+
+
+async def test_output_below_the_cap_is_not_truncated(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    spec = SandboxSpec(call(make_tool(TOOL), "big", size=500), limits=Limits(max_output_bytes=1_000))
+
+    result = await sandbox.run(spec)
+
+    assert result.value == "x" * 500 and not result.truncated and result.killed is None
+
+
+async def test_payload_that_is_not_json_cannot_start(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    with pytest.raises(SandboxError, match="not JSON"):
+        await sandbox.run(SandboxSpec(PythonCall(make_tool(TOOL), "add", {"args": {"a": object()}})))
+
+
+async def test_concurrent_runs_do_not_mix(sandbox: Sandbox, make_tool: ToolFactory) -> None:
+    tool = make_tool(TOOL)
+    specs = [SandboxSpec(call(tool, "read_env", name="N"), env={"N": str(i)}) for i in range(8)]
+
+    results = await asyncio.gather(*(sandbox.run(spec) for spec in specs))
+
+    assert [r.value for r in results] == [str(i) for i in range(8)]
+
+
+# -- inline:// specifics (the double's documented emulation, not isolation) -----------------------------
+
+
+async def test_inline_exposes_the_call_env_and_keeps_os_environ_of_the_host(make_tool: ToolFactory) -> None:
+    tool = make_tool(
+        """
+        import os
+        from stitchwork.isolation.inline import current_env
+
+        def probe():
+            os.environ["WRITTEN_BY_TOOL"] = "1"
+            return {"current": current_env().get("K"), "environ": os.environ.get("K"), "home": "HOME" in os.environ}
+        """
+    )
+    sandbox = InlineSandbox("inline://")
+
+    result = await sandbox.run(SandboxSpec(call(tool, "probe"), env={"K": "v"}))
+
+    assert result.value == {"current": "v", "environ": "v", "home": True}, result
+    assert "WRITTEN_BY_TOOL" not in os.environ and "K" not in os.environ
+    assert current_env() == {}
+
+
+async def test_inline_reloads_a_tool_file_that_changed(make_tool: ToolFactory) -> None:
+    tool = make_tool("def version():\n    return 1\n")
+    sandbox = InlineSandbox("inline://?mode=direct")
+    first = await sandbox.run(SandboxSpec(call(tool, "version")))
+    tool.write_text("def version():\n    return 2  # changed\n")
+
+    second = await sandbox.run(SandboxSpec(call(tool, "version")))
+
+    assert (first.value, second.value) == (1, 2)
+
+
+async def test_inline_auto_mode_moves_cheap_functions_into_the_loop(make_tool: ToolFactory) -> None:
+    tool = make_tool("import threading\n\ndef where():\n    return threading.current_thread().name\n")
+    sandbox = InlineSandbox("inline://")
+    main = __import__("threading").current_thread().name
+
+    names = [(await sandbox.run(SandboxSpec(call(tool, "where")))).value for _ in range(6)]
+
+    assert names[0] != main  # first calls run in a worker thread
+    assert names[-1] == main  # proven cheap: now directly in the event loop
+
+
+async def test_inline_direct_mode_reports_a_slow_call_as_timeout(make_tool: ToolFactory) -> None:
+    sandbox = InlineSandbox("inline://", mode="direct")
+    spec = SandboxSpec(call(make_tool(TOOL), "sleep", seconds=0.3), limits=Limits(timeout_s=0.1))
+
+    result = await sandbox.run(spec)
+
+    assert result.killed == "timeout" and result.value is None
+
+
+def test_unknown_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="mode"):
+        open_sandbox("inline://?mode=fast")
+    with pytest.raises(ConfigError, match="unknown option"):
+        open_sandbox("inline://?colour=blue")
