@@ -288,7 +288,7 @@ async def test_infinite_loop_is_stopped_by_the_cpu_limit(bwrap_sandbox: Sandbox,
 
     assert result.killed == "cpu", result
     assert result.error is not None and "CPU time limit" in result.error
-    assert 0.9 <= result.cpu_s < 3 and result.duration_s < 5
+    assert 0.7 <= result.cpu_s < 3 and result.duration_s < 5  # rusage lags the kernel's tick-based check
 
 
 async def test_infinite_loop_below_the_cpu_limit_hits_the_timeout(bwrap_sandbox: Sandbox, hostile: Path) -> None:

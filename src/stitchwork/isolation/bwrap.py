@@ -594,7 +594,7 @@ class BwrapSandbox(Sandbox):
                 os.close(seccomp_write)
 
     def _prlimit_argv(self, limits: Limits) -> list[str]:
-        cpu = max(1, math.ceil(limits.cpu_s))
+        cpu = _cpu_rlimit(limits)
         return [
             self._prlimit,
             f"--as={limits.mem_mb * 1024 * 1024}",
@@ -623,6 +623,11 @@ def _check_tools(bwrap: str) -> tuple[bool, str]:
             f"cannot build the seccomp filter (is libseccomp installed? apt-get install libseccomp2): {exc}",
         )
     return _check_bwrap(bwrap)
+
+
+def _cpu_rlimit(limits: Limits) -> int:
+    """``RLIMIT_CPU`` counts whole seconds: the limit rounded up, at least one."""
+    return max(1, math.ceil(limits.cpu_s))
 
 
 def _sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -843,7 +848,7 @@ def _result(
             killed = "memory"
         elif refused_forks and (code != 0 or error is not None):
             killed = "pids"
-        elif signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= limits.cpu_s * 0.95):
+        elif signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= 0.8 * _cpu_rlimit(limits)):
             killed = "cpu"
         elif signum in _FATAL_SIGNALS and answer is None:
             killed = "signal"

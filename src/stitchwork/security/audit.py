@@ -79,6 +79,7 @@ DAMAGE_KEY = "audit_damage"
 _MAX_DEPTH = 64
 _HEX_DIGITS = frozenset("0123456789abcdef")
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_encode_str = json.encoder.encode_basestring  # what _ENCODER does with a str, without its overhead
 _EVENT_COLUMNS = ("seq", "ts", "kind", "agent", "run_id", "tool", "decision", "data", "prev_hash", "hash")
 _SELECT_EVENTS = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM {EVENTS_TABLE}"
 _EVENTS_DDL = f"""
@@ -227,10 +228,10 @@ def _body(
     seq: int, ts: float, kind: str, agent: str, run_id: str, tool: str, decision: str, data: str
 ) -> str:
     """``canonical({...})`` of an event's hashed fields, built from ``data`` already in canonical JSON."""
-    enc = _ENCODER.encode
+    enc = _encode_str
     return (
         f'{{"agent":{enc(agent)},"data":{data},"decision":{enc(decision)},"kind":{enc(kind)},'
-        f'"run_id":{enc(run_id)},"seq":{seq},"tool":{enc(tool)},"ts":{enc(ts)}}}'
+        f'"run_id":{enc(run_id)},"seq":{seq},"tool":{enc(tool)},"ts":{float.__repr__(ts)}}}'
     )
 
 
@@ -316,19 +317,27 @@ def _decode_row(row: Mapping[str, Any]) -> _Record:
     Raises:
         _DecodeError: a column is NULL or of the wrong type.
     """
-    values: list[Any] = []
-    for name in _EVENT_COLUMNS:
-        value = row.get(name)
-        if name == "seq":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif name == "ts":
-            ok = isinstance(value, float) and math.isfinite(value)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
+    values: list[Any] = list(map(row.get, _EVENT_COLUMNS))
+    rec = _Record(*values)
+    if (
+        type(rec.seq) is int
+        and type(rec.ts) is float
+        and math.isfinite(rec.ts)
+        and type(rec.kind) is str
+        and type(rec.agent) is str
+        and type(rec.run_id) is str
+        and type(rec.tool) is str
+        and type(rec.decision) is str
+        and type(rec.data) is str
+        and type(rec.prev_hash) is str
+        and type(rec.hash) is str
+    ):
+        return rec
+    for name, value in zip(_EVENT_COLUMNS, values, strict=True):
+        wanted = int if name == "seq" else float if name == "ts" else str
+        if type(value) is not wanted or (isinstance(value, float) and not math.isfinite(value)):
             raise _DecodeError(f"column {name} holds {value!r}")
-        values.append(value)
-    return _Record(*values)
+    raise _DecodeError("unexpected column types")  # pragma: no cover - the loop above finds the column
 
 
 def _record_hash(rec: _Record) -> str:
@@ -438,7 +447,7 @@ class _Item:
         self.kind, self.agent, self.run_id, self.tool, self.decision = kind, agent, run_id, tool, decision
         self.data = data
         self.data_json = _ENCODER.encode(data)
-        enc = _ENCODER.encode
+        enc = _encode_str
         self.pre = (
             f'{{"agent":{enc(agent)},"data":{self.data_json},"decision":{enc(decision)},"kind":{enc(kind)},'
             f'"run_id":{enc(run_id)},"seq":'
@@ -976,7 +985,7 @@ class AuditLog:
         if marker is not None:
             items = [marker, *items]
         ts = max(time.time(), self._last_ts)
-        ts_text = _ENCODER.encode(ts)
+        ts_text = float.__repr__(ts)
         seq = self._next_seq
         prev = self._last_hash
         lines: list[str] = []
