@@ -20,7 +20,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "state"
 
 
-def invoke(*args: str, input: str | None = None) -> tuple[int, str]:  # noqa: A002
+def invoke(*args: str, input: str | None = None) -> tuple[int, str]:
     result = runner.invoke(app, list(args), input=input)
     return result.exit_code, result.output
 

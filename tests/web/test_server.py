@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from tests.gateway.test_gateway import APPROVAL_RUN
 
 from stitchwork.platform import Platform
 from stitchwork.service import Service
 from stitchwork.web.server import create_app
-from tests.gateway.test_gateway import APPROVAL_RUN
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ def test_openapi_is_served_with_a_token(api) -> None:  # type: ignore[no-untyped
 
 def test_run_approve_and_resume_over_the_api(api) -> None:  # type: ignore[no-untyped-def]
     client, _, token = api
-    response = client.post("/v1/runs", json={"agent": "tester", "task": "write then delete n.txt", "wait": True}, headers=auth(token))
+    body = {"agent": "tester", "task": "write then delete n.txt", "wait": True}
+    response = client.post("/v1/runs", json=body, headers=auth(token))
     assert response.status_code == 201, response.text
     run: dict[str, Any] = response.json()
     assert run["status"] == "waiting_approval", run["messages"]
@@ -67,7 +68,8 @@ def test_bad_requests_get_clear_errors(api) -> None:  # type: ignore[no-untyped-
     client, _, token = api
     assert client.post("/v1/runs", json={"agent": "nobody", "task": "x", "wait": True},
                        headers=auth(token)).status_code == 404
-    bad_json = client.post("/v1/runs", content=b"{not json", headers={**auth(token), "content-type": "application/json"})
+    headers = {**auth(token), "content-type": "application/json"}
+    bad_json = client.post("/v1/runs", content=b"{not json", headers=headers)
     assert bad_json.status_code == 422
     assert client.get("/v1/runs/run_missing", headers=auth(token)).status_code == 404
     query = client.post("/v1/audit/query", json={"sql": "DROP TABLE audit_events"}, headers=auth(token))
@@ -75,7 +77,7 @@ def test_bad_requests_get_clear_errors(api) -> None:  # type: ignore[no-untyped-
 
 
 def test_secrets_api_never_returns_values(api) -> None:  # type: ignore[no-untyped-def]
-    client, service, token = api
+    client, _, token = api
     assert client.put("/v1/secrets/crm_api_key", json={"value": "crm-abcdef-123456"},
                       headers=auth(token)).status_code == 204
     names = client.get("/v1/secrets", headers=auth(token))
