@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -296,3 +297,56 @@ def test_unknown_options_are_config_errors() -> None:
         open_sandbox("inline://?mode=fast")
     with pytest.raises(ConfigError, match="unknown option"):
         open_sandbox("inline://?colour=blue")
+
+
+# -- the runner's JSON (it avoids importing json to start faster; it must agree with json) -------------------
+
+JSON_SAMPLES = [
+    {"ok": True, "value": [1, -2.5, 1e300, 10**30, None, True, False, "", "é\n\t\"\\\u2028", {"nested": []}]},
+    {"emoji": "🙂", "control": "\x00\x1f", "keys": {"1": 1}},
+    [float("inf"), float("-inf")],
+    "just a string",
+    3,
+]
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["_json", "json-fallback"])
+@pytest.mark.parametrize("sample", JSON_SAMPLES)
+def test_runner_json_agrees_with_the_json_module(
+    sample: object, accelerated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from stitchwork.isolation import _runner
+
+    if not accelerated:
+        monkeypatch.setitem(sys.modules, "_json", None)  # import _json now raises ImportError
+    expected = json.dumps(sample, default=repr, separators=(",", ":"))
+
+    assert _runner.dumps(sample) == expected
+    assert _runner.dumps(_runner.loads(" " + expected + "\n")) == expected
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["_json", "json-fallback"])
+@pytest.mark.parametrize("text", ["", "{", '{"a": 1} trailing', "[1,]", "nope"])
+def test_runner_json_rejects_what_json_rejects(text: str, accelerated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stitchwork.isolation import _runner
+
+    if not accelerated:
+        monkeypatch.setitem(sys.modules, "_json", None)
+
+    with pytest.raises(ValueError):
+        _runner.loads(text)
+
+
+def test_runner_encodes_unencodable_results_as_repr() -> None:
+    import json
+
+    from stitchwork.isolation import _runner
+
+    circular: list[object] = []
+    circular.append(circular)
+
+    assert json.loads(_runner.encode_ok({1j: "complex key"})) == {"ok": True, "value": "{1j: 'complex key'}"}
+    assert json.loads(_runner.encode_ok(circular))["value"] == "[[...]]"
+    assert json.loads(_runner.encode_ok({"when": object}))["value"] == {"when": "<class 'object'>"}

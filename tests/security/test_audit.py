@@ -29,6 +29,7 @@ from stitchwork.errors import AuditError, StoreError
 from stitchwork.security.audit import (
     EVENTS_TABLE,
     GENESIS_HASH,
+    JOURNAL_PREALLOC,
     SIGNED_HEAD_TABLE,
     AuditEvent,
     AuditLog,
@@ -248,9 +249,7 @@ def test_unencodable_data_is_refused(
 def test_append_and_tail(db_path: Path, journal: Path, signer: Ed25519Signer) -> None:
     store, log = open_log(db_path, journal, signer, flush_ms=1e9)  # nothing is copied unless asked
     try:
-        first = log.append(
-            "auth", agent="a1", run_id="r1", tool="login", decision="deny", data={"why": "expired"}
-        )
+        first = log.append("auth", agent="a1", run_id="r1", tool="login", decision="deny", data={"why": "expired"})
         assert (first.seq, first.kind, first.agent, first.run_id, first.tool, first.decision) == (
             1, "auth", "a1", "r1", "login", "deny",
         )  # fmt: skip
@@ -366,9 +365,7 @@ async def test_threads_and_tasks_append_concurrently(
         store.close()
 
 
-async def test_concurrent_aappends_share_one_commit_without_blocking_the_loop(
-    db_path: Path, journal: Path
-) -> None:
+async def test_concurrent_aappends_share_one_commit_without_blocking_the_loop(db_path: Path, journal: Path) -> None:
     release = threading.Event()
 
     class SlowSigner(Ed25519Signer):
@@ -525,7 +522,9 @@ def test_without_journal_a_failed_commit_is_reported_and_not_chained(signer: Ed2
 # ---------------------------------------------------------------------------------------------- durability
 def test_crash_before_store_copy_loses_nothing(crash_copy: Path, signer: Ed25519Signer) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
-    assert len(journal.read_bytes().splitlines()) == 2 * CRASH_EVENTS  # one event + one head per append
+    content = journal.read_bytes()
+    assert len(content) == JOURNAL_PREALLOC  # batches overwrote the preallocated zeros
+    assert len(content.rstrip(b"\0").splitlines()) == 2 * CRASH_EVENTS  # one event + one head per append
     conn = duckdb.connect(str(db))
     assert conn.execute(f"SELECT count(*) FROM {EVENTS_TABLE}").fetchone() == (0,)
     conn.close()
@@ -535,7 +534,7 @@ def test_crash_before_store_copy_loses_nothing(crash_copy: Path, signer: Ed25519
         assert [e.data["i"] for e in log.tail(100)] == list(range(CRASH_EVENTS))
         assert store.query(f"SELECT count(*) AS n FROM {EVENTS_TABLE}")[0]["n"] == CRASH_EVENTS
         assert store.query(f"SELECT seq FROM {SIGNED_HEAD_TABLE}") == [{"seq": CRASH_EVENTS}]
-        assert journal.read_bytes() == b""  # recovered, so emptied
+        assert journal.read_bytes() == bytes(JOURNAL_PREALLOC)  # recovered, so emptied (and preallocated)
         assert log.append("run").seq == CRASH_EVENTS + 1
         report = log.verify()
         assert (report.ok, report.events) == (True, CRASH_EVENTS + 1)
@@ -544,16 +543,21 @@ def test_crash_before_store_copy_loses_nothing(crash_copy: Path, signer: Ed25519
         store.close()
 
 
+@pytest.mark.parametrize("gap", [False, True])
 def test_torn_final_line_is_ignored(
-    crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture
+    crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture, gap: bool
 ) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
-    with journal.open("ab") as handle:
-        handle.write(b'{"event":{"agent":"agent-1","data":{"i":')  # a write cut short by the crash
+    data = journal.read_bytes().rstrip(b"\0")
+    torn = b'{"event":{"agent":"agent-1","data":{"i":'  # a write cut short by the crash
+    if gap:  # only the second page of the unfinished write reached the disk
+        torn = torn[:8] + bytes(4096) + b'1},"decision":"allow"'
+    journal.write_bytes(data + torn + bytes(1000))
     with caplog.at_level(logging.WARNING, logger="stitchwork.security.audit"):
         store, log = open_log(db, journal, signer)
     try:
         assert "torn final line" in caplog.text
+        assert ("zeroed gap" in caplog.text) == gap
         assert len(log.tail(100)) == CRASH_EVENTS
         assert log.verify().ok
     finally:
@@ -561,9 +565,7 @@ def test_torn_final_line_is_ignored(
         store.close()
 
 
-def test_torn_last_batch_is_dropped(
-    crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_torn_last_batch_is_dropped(crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
     content = journal.read_bytes()
     journal.write_bytes(content[: content.rindex(b'{"head"') + 20])  # the last batch's head line is cut
@@ -579,14 +581,16 @@ def test_torn_last_batch_is_dropped(
         store.close()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "edited"])
+@pytest.mark.parametrize("damage", ["garbage", "zeroed", "edited"])
 def test_corrupt_journal_mid_file_is_refused_and_left_alone(
     crash_copy: Path, signer: Ed25519Signer, damage: str
 ) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
     lines = journal.read_bytes().split(b"\n")
     if damage == "garbage":
-        lines[4] = b"\x00\x17not json"
+        lines[4] = b"not json"
+    elif damage == "zeroed":  # a zeroed gap inside acknowledged data, not at the end of the journal
+        lines[4] = bytes(len(lines[4]))
     else:
         lines[4] = lines[4].replace(b'"decision":"allow"', b'"decision":"deny"')
     journal.write_bytes(b"\n".join(lines))
@@ -605,7 +609,7 @@ def test_journal_with_forged_head_is_refused(crash_copy: Path) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
     store = open_store(f"duckdb://{db}")
     try:
-        with pytest.raises(AuditError, match="line 2: the signed head has an invalid signature"):
+        with pytest.raises(AuditError, match=f"line {2 * CRASH_EVENTS}: the signed head has an invalid signature"):
             AuditLog(store, signer=Ed25519Signer(seed=b"\x01" * 32), journal_path=journal)
     finally:
         store.close()
@@ -634,9 +638,7 @@ def test_edited_data_is_found(closed_log: Path, journal: Path, signer: Ed25519Si
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_reformatted_but_equal_data_still_verifies(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_reformatted_but_equal_data_still_verifies(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     tamper(closed_log, f"""UPDATE {EVENTS_TABLE} SET data = '{{ "i" : 2 }}' WHERE seq = 3""")
     assert verify_db(closed_log, journal, signer).ok
 
@@ -644,16 +646,12 @@ def test_reformatted_but_equal_data_still_verifies(
 @pytest.mark.usefixtures("small_chunks")
 def test_deleted_event_is_found(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     tamper(closed_log, f"DELETE FROM {EVENTS_TABLE} WHERE seq = 5")
-    expect_bad(
-        verify_db(closed_log, journal, signer), 5, "event 5 is missing (deleted)", "from event 4 to event 6"
-    )
+    expect_bad(verify_db(closed_log, journal, signer), 5, "event 5 is missing (deleted)", "from event 4 to event 6")
 
 
 @pytest.mark.usefixtures("small_chunks")
 def test_deleted_chunk_is_found(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
-    tamper(
-        closed_log, f"DELETE FROM {EVENTS_TABLE} WHERE seq BETWEEN 2 AND 7"
-    )  # a whole verify chunk is empty
+    tamper(closed_log, f"DELETE FROM {EVENTS_TABLE} WHERE seq BETWEEN 2 AND 7")  # a whole verify chunk is empty
     expect_bad(verify_db(closed_log, journal, signer), 2, "event 2 is missing", "to event 8")
 
 
@@ -670,9 +668,7 @@ def test_inserted_duplicate_is_found(closed_log: Path, journal: Path, signer: Ed
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_inserted_event_with_shifted_sequence_is_found(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_inserted_event_with_shifted_sequence_is_found(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     # make room after event 4 and insert a well-formed event 5 that links to event 4
     four = row(closed_log, 4)
     forged = {**four, "seq": 5, "data": '{"forged":true}', "prev_hash": four["hash"]}
@@ -712,9 +708,7 @@ def test_swapped_events_are_found(closed_log: Path, journal: Path, signer: Ed255
 
 @pytest.mark.usefixtures("small_chunks")
 def test_swapped_sequence_numbers_are_found(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
-    tamper(
-        closed_log, f"UPDATE {EVENTS_TABLE} SET seq = CASE seq WHEN 3 THEN 4 ELSE 3 END WHERE seq IN (3, 4)"
-    )
+    tamper(closed_log, f"UPDATE {EVENTS_TABLE} SET seq = CASE seq WHEN 3 THEN 4 ELSE 3 END WHERE seq IN (3, 4)")
     expect_bad(verify_db(closed_log, journal, signer), 3, "event 3")
 
 
@@ -725,9 +719,7 @@ def test_truncated_tail_is_found(closed_log: Path, journal: Path, signer: Ed2551
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_truncation_stays_visible_after_new_appends(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_truncation_stays_visible_after_new_appends(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     tamper(closed_log, f"DELETE FROM {EVENTS_TABLE} WHERE seq > 7")
     store, log = open_log(closed_log, journal, signer)
     try:
@@ -761,9 +753,7 @@ def test_forged_head_signature_is_found(closed_log: Path, journal: Path, signer:
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_head_moved_to_an_earlier_event_is_found(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_head_moved_to_an_earlier_event_is_found(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     seven = row(closed_log, 7)  # pretend the log ended at 7: the signature no longer matches
     tamper(closed_log, (f"UPDATE {SIGNED_HEAD_TABLE} SET seq = 7, hash = ?", [seven["hash"]]))
     report = verify_db(closed_log, journal, signer)
@@ -771,9 +761,7 @@ def test_head_moved_to_an_earlier_event_is_found(
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_rewritten_chain_does_not_match_the_signed_head(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_rewritten_chain_does_not_match_the_signed_head(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     # rewrite event 9 and re-link event 10 so the chain is self-consistent; only the signed head can tell
     nine, ten = row(closed_log, 9), row(closed_log, 10)
     new_nine_hash = chained_hash(nine["prev_hash"], {**nine, "data": {"i": -1}})
@@ -793,9 +781,7 @@ def test_deleted_head_is_found(closed_log: Path, journal: Path, signer: Ed25519S
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_undecodable_row_is_reported_not_raised(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_undecodable_row_is_reported_not_raised(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     tamper(closed_log, f"UPDATE {EVENTS_TABLE} SET data = '{{not json' WHERE seq = 2")
     expect_bad(verify_db(closed_log, journal, signer), 2, "event 2: the stored row cannot be decoded")
     store, log = open_log(closed_log, journal, signer)
@@ -807,9 +793,7 @@ def test_undecodable_row_is_reported_not_raised(
         store.close()
 
 
-def test_unreadable_table_is_reported_not_raised(
-    closed_log: Path, journal: Path, signer: Ed25519Signer
-) -> None:
+def test_unreadable_table_is_reported_not_raised(closed_log: Path, journal: Path, signer: Ed25519Signer) -> None:
     tamper(closed_log, f"ALTER TABLE {EVENTS_TABLE} DROP COLUMN tool")
     report = verify_db(closed_log, journal, signer)
     assert not report.ok and "cannot read the audit store" in report.reason

@@ -54,6 +54,15 @@ class RunContext:
     max_steps: int = 20
     steps: int = 0
     idempotent: dict[str, ToolOutcome] = field(default_factory=dict)
+    _workdirs: dict[str, Path] = field(default_factory=dict)
+
+    def tool_workdir(self, tool: str) -> Path:
+        """The tool's own writable directory in this run (created once)."""
+        if tool not in self._workdirs:
+            path = self.workdir / tool
+            path.mkdir(parents=True, exist_ok=True)
+            self._workdirs[tool] = path
+        return self._workdirs[tool]
 
 
 @dataclass(frozen=True)
@@ -260,7 +269,8 @@ class Gateway:
             )
             return ToolOutcome("denied", tool.name, error=denied.to_dict(), policy_ids=decision.policy_ids,
                                audit_seq=event.seq)
-        await self.audit.aappend("decision", **base, decision="allow", data=decision_data)
+        # Durable together with the execution event awaited below (the journal is written in chain order).
+        self.audit.append_nowait("decision", **base, decision="allow", data=decision_data)
 
         try:
             resolved, env, used = self._resolve_secrets(tool, args)
@@ -269,7 +279,7 @@ class Gateway:
                                              data={"error": exc.code, "reason": str(exc)})
             return ToolOutcome("denied", tool.name, error=exc.to_dict(), audit_seq=event.seq)
         if used:
-            await self.audit.aappend("secret", **base, decision="allow", data={"secrets": sorted(used)})
+            self.audit.append_nowait("secret", **base, decision="allow", data={"secrets": sorted(used)})
 
         outcome = await self._execute(run, tool, resolved, env, base, decision)
         if idempotency_key and outcome.status == "ok":
@@ -326,8 +336,7 @@ class Gateway:
         self, run: RunContext, tool: ToolManifest, args: dict[str, Any], env: dict[str, str],
         base: dict[str, str], decision: Decision,
     ) -> ToolOutcome:
-        workdir = run.workdir / tool.name
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = run.tool_workdir(tool.name)
         spec = SandboxSpec(
             program=PythonCall(tool.entry_file, tool.entry_function, {"args": args}),
             workdir=workdir,

@@ -63,6 +63,7 @@ network; an egress proxy comes with a later issue).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -274,10 +275,36 @@ def _pids_cgroup() -> _PidsCgroup | None:
     if "pids" in own:
         candidates.append((Path("/sys/fs/cgroup/pids") / own["pids"].lstrip("/") / name, 1))
     for base, version in candidates:
+        _sweep_stale_cgroups(base.parent)
         found = _try_cgroup_dir(base, version)
         if found is not None:
+            atexit.register(_remove_cgroup_tree, base)
             return found
     return None
+
+
+def _remove_cgroup_tree(base: Path) -> None:
+    """Removes a process's ``stitchwork-<pid>`` cgroup and what is left under it."""
+    with contextlib.suppress(OSError):
+        for child in base.iterdir():
+            if child.is_dir():
+                _PidsCgroup.remove(child)
+    with contextlib.suppress(OSError):
+        base.rmdir()
+
+
+def _sweep_stale_cgroups(parent: Path) -> None:
+    """Removes ``stitchwork-<pid>`` cgroups of processes that are gone (killed before their atexit ran)."""
+    with contextlib.suppress(OSError):
+        for stale in parent.glob("stitchwork-*"):
+            try:
+                os.kill(int(stale.name.removeprefix("stitchwork-")), 0)
+            except ValueError:
+                continue
+            except ProcessLookupError:
+                _remove_cgroup_tree(stale)
+            except PermissionError:  # alive, someone else's
+                continue
 
 
 @functools.cache
