@@ -112,7 +112,13 @@ def hostile(make_tool: ToolFactory) -> Path:
 
 
 async def run(
-    sandbox: Sandbox, tool: Path, function: str, *, workdir: Path | None = None, limits: Limits | None = None, **args: object
+    sandbox: Sandbox,
+    tool: Path,
+    function: str,
+    *,
+    workdir: Path | None = None,
+    limits: Limits | None = None,
+    **args: object,
 ) -> SandboxResult:
     spec = SandboxSpec(PythonCall(tool, function, {"args": args}), workdir=workdir, limits=limits or Limits())
     return await sandbox.run(spec)

@@ -180,7 +180,10 @@ async def test_python_timeout_is_reported(sandbox: Sandbox, make_tool: ToolFacto
 
 async def test_command_timeout_kills_the_whole_sandbox(sandbox: Sandbox, workdir: Path) -> None:
     # A background child and the shell both append to a file: after the timeout, nothing may write any more.
-    script = "(while true; do echo child >> ticks; sleep 0.05; done) & while true; do echo parent >> ticks; sleep 0.05; done"
+    script = (
+        "(while true; do echo child >> ticks; sleep 0.05; done) & "
+        "while true; do echo parent >> ticks; sleep 0.05; done"
+    )
     spec = SandboxSpec(Command(("/bin/sh", "-c", script)), workdir=workdir, limits=Limits(timeout_s=0.5))
 
     result = await sandbox.run(spec)

@@ -8,13 +8,14 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -365,54 +366,97 @@ async def test_threads_and_tasks_append_concurrently(
         store.close()
 
 
-async def test_concurrent_aappends_share_one_commit_without_blocking_the_loop(db_path: Path, journal: Path) -> None:
-    release = threading.Event()
+class WriterGate:
+    """Holds the audit writer thread inside its durable write (journal fsync, or store commit) until opened."""
 
-    class SlowSigner(Ed25519Signer):
-        def sign(self, data: bytes) -> bytes:
-            release.wait()  # the writer is stuck in the middle of the first batch
-            return super().sign(data)
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.commits = 0
 
-    signer = SlowSigner()
-    store, log = open_log(db_path, journal, signer)
+    def passing(self) -> None:
+        if threading.current_thread().name == "audit-writer":
+            self.commits += 1
+            self.open.wait()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[WriterGate]:
+    gate = WriterGate()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        gate.passing()
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    yield gate
+    gate.open.set()
+
+
+class GatedStore(Store):
+    """A DuckDB store whose inserts pass through a gate and fail while ``broken`` is set."""
+
+    def __init__(self, gate: WriterGate | None = None) -> None:
+        self.inner = open_store("memory://")
+        self.uri = self.inner.uri
+        self.gate = gate
+        self.broken = False
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self.inner.execute(sql, params)
+
+    def append(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        if self.gate is not None:
+            self.gate.passing()
+        if self.broken:
+            raise StoreError("disk full")
+        self.inner.append(table, rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return self.inner.query(sql, params)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("with_journal", [True, False])
+async def test_concurrent_aappends_share_one_commit_without_blocking_the_loop(
+    journal: Path, signer: Ed25519Signer, gate: WriterGate, with_journal: bool
+) -> None:
+    store = GatedStore(gate)
+    log = AuditLog(store, signer=signer, journal_path=journal if with_journal else None)
     try:
         tasks = [asyncio.create_task(log.aappend("tool", data={"t": t})) for t in range(64)]
-        await asyncio.sleep(0)  # every task has enqueued its event and is awaiting durability
+        await asyncio.sleep(0)  # every task has enqueued its event and now awaits durability
         ticks = 0
         for _ in range(3):
             await asyncio.sleep(0)
             ticks += 1
-        assert ticks == 3 and not any(t.done() for t in tasks)  # the loop runs while appends wait
-        release.set()
+        assert ticks == 3 and not any(t.done() for t in tasks)  # the loop runs while the appends wait
+        gate.open.set()
         events = await asyncio.gather(*tasks)
         _check_contiguous(list(events))
-        assert signer.signed <= 2  # one group commit (two if the writer took the first event alone)
+        assert gate.commits <= 2  # one group commit (two if the writer took the first event alone)
     finally:
-        release.set()
+        gate.open.set()
         await log.aclose()
         store.close()
 
 
-async def test_cancelled_aappend_is_still_recorded(db_path: Path, journal: Path) -> None:
-    release = threading.Event()
-
-    class SlowSigner(Ed25519Signer):
-        def sign(self, data: bytes) -> bytes:
-            release.wait()
-            return super().sign(data)
-
-    store, log = open_log(db_path, journal, SlowSigner())
+async def test_cancelled_aappend_is_still_recorded(journal: Path, signer: Ed25519Signer, gate: WriterGate) -> None:
+    store = GatedStore()
+    log = AuditLog(store, signer=signer, journal_path=journal)
     try:
         task = asyncio.create_task(log.aappend("tool", data={"n": 1}))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # enqueued; the writer is held in its fsync
         task.cancel()
-        release.set()
+        gate.open.set()
         with pytest.raises(asyncio.CancelledError):
             await task
         await log.aappend("tool", data={"n": 2})  # the writer is sequential: event 1 is durable by now
         assert [e.data for e in log.tail()] == [{"n": 1}, {"n": 2}]
     finally:
-        release.set()
+        gate.open.set()
         await log.aclose()
         store.close()
 
@@ -459,31 +503,8 @@ def test_second_log_on_the_same_journal_is_refused(journal: Path, signer: Ed2551
         second_store.close()
 
 
-class FlakyStore(Store):
-    """A DuckDB store whose inserts fail while ``broken`` is set."""
-
-    def __init__(self) -> None:
-        self.inner = open_store("memory://")
-        self.uri = self.inner.uri
-        self.broken = False
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        self.inner.execute(sql, params)
-
-    def append(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
-        if self.broken:
-            raise StoreError("disk full")
-        self.inner.append(table, rows)
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        return self.inner.query(sql, params)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def test_store_failure_keeps_events_in_the_journal(journal: Path, signer: Ed25519Signer) -> None:
-    store = FlakyStore()
+    store = GatedStore()
     log = AuditLog(store, signer=signer, journal_path=journal, flush_ms=1e9)
     try:
         store.broken = True
@@ -504,7 +525,7 @@ def test_store_failure_keeps_events_in_the_journal(journal: Path, signer: Ed2551
 
 
 def test_without_journal_a_failed_commit_is_reported_and_not_chained(signer: Ed25519Signer) -> None:
-    store = FlakyStore()
+    store = GatedStore()
     log = AuditLog(store, signer=signer, journal_path=None)
     try:
         append_n(log, 2)
@@ -524,7 +545,7 @@ def test_crash_before_store_copy_loses_nothing(crash_copy: Path, signer: Ed25519
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
     content = journal.read_bytes()
     assert len(content) == JOURNAL_PREALLOC  # batches overwrote the preallocated zeros
-    assert len(content.rstrip(b"\0").splitlines()) == 2 * CRASH_EVENTS  # one event + one head per append
+    assert len(content.rstrip(b"\0").splitlines()) == CRASH_EVENTS  # one line per event, no copy yet
     conn = duckdb.connect(str(db))
     assert conn.execute(f"SELECT count(*) FROM {EVENTS_TABLE}").fetchone() == (0,)
     conn.close()
@@ -565,16 +586,18 @@ def test_torn_final_line_is_ignored(
         store.close()
 
 
-def test_torn_last_batch_is_dropped(crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture) -> None:
+def test_event_cut_mid_line_is_dropped(
+    crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture
+) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
-    content = journal.read_bytes()
-    journal.write_bytes(content[: content.rindex(b'{"head"') + 20])  # the last batch's head line is cut
+    data = journal.read_bytes().rstrip(b"\0")
+    journal.write_bytes(data[: data.rindex(b'{"event"') + 30])  # the last event's line is cut short
     with caplog.at_level(logging.WARNING, logger="stitchwork.security.audit"):
         store, log = open_log(db, journal, signer)
     try:
-        # the last event's batch never completed its write, so its append never returned: dropping it is safe
+        # its write never completed, so its append never returned: dropping it is safe
         assert [e.seq for e in log.tail(100)] == list(range(1, CRASH_EVENTS))
-        assert "dropping 1 event" in caplog.text
+        assert "torn final line" in caplog.text
         assert log.verify().ok
     finally:
         log.close()
@@ -605,12 +628,36 @@ def test_corrupt_journal_mid_file_is_refused_and_left_alone(
         store.close()
 
 
+def _append_head_line(journal: Path, signer: Ed25519Signer, *, seq: int) -> None:
+    data = journal.read_bytes().rstrip(b"\0")
+    last = json.loads(data.splitlines()[seq - 1])
+    assert last["event"]["seq"] == seq
+    message = canonical({"seq": seq, "hash": last["hash"], "key_id": signer.key_id})
+    head = {"seq": seq, "hash": last["hash"], "key_id": signer.key_id, "signature": signer.sign(message).hex()}
+    journal.write_bytes(data + canonical({"head": {**head, "ts": 1.0}}) + b"\n")
+
+
+def test_journal_head_line_is_checked_and_used(crash_copy: Path, signer: Ed25519Signer) -> None:
+    db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
+    _append_head_line(journal, signer, seq=CRASH_EVENTS)
+    store, log = open_log(db, journal, signer)
+    try:
+        assert store.query(f"SELECT seq, ts FROM {SIGNED_HEAD_TABLE}") == [{"seq": CRASH_EVENTS, "ts": 1.0}]
+        assert log.verify().ok
+    finally:
+        log.close()
+        store.close()
+
+
 def test_journal_with_forged_head_is_refused(crash_copy: Path) -> None:
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
+    _append_head_line(journal, Ed25519Signer(seed=b"\x01" * 32), seq=CRASH_EVENTS)  # signed by another key
+    before = journal.read_bytes()
     store = open_store(f"duckdb://{db}")
     try:
-        with pytest.raises(AuditError, match=f"line {2 * CRASH_EVENTS}: the signed head has an invalid signature"):
-            AuditLog(store, signer=Ed25519Signer(seed=b"\x01" * 32), journal_path=journal)
+        with pytest.raises(AuditError, match=f"line {CRASH_EVENTS + 1}: the signed head has an invalid signature"):
+            AuditLog(store, signer=Ed25519Signer(), journal_path=journal)
+        assert journal.read_bytes() == before
     finally:
         store.close()
 
