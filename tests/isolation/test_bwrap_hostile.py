@@ -173,11 +173,17 @@ async def test_host_proc_1_environ_is_not_visible(
     assert [name for name in processes.value if name.isdigit()] == ["1"], processes.value
 
 
-@pytest.mark.parametrize("path", ["/usr/owned", "/etc/owned", "/tool/owned", "/owned", "/stitchwork/_runner.py"])
+@pytest.mark.parametrize(
+    "path", ["/usr/owned", "/etc/owned", "/tool/owned", "/owned", "/stitchwork/_runner.py", "/dev/owned"]
+)
 async def test_writing_outside_work_fails(bwrap_sandbox: Sandbox, hostile: Path, path: str) -> None:
     result = await run(bwrap_sandbox, hostile, "write", path=path)
 
     assert_error(result, "Read-only file system", "Permission denied")
+
+
+async def test_proc_takes_no_new_files(bwrap_sandbox: Sandbox, hostile: Path) -> None:
+    assert_error(await run(bwrap_sandbox, hostile, "write", path="/proc/owned"), "No such file or directory")
 
 
 async def test_the_tool_file_itself_is_read_only(bwrap_sandbox: Sandbox, hostile: Path) -> None:
@@ -322,9 +328,7 @@ async def test_disk_file_size_is_limited(bwrap_sandbox: Sandbox, workdir: Path) 
     assert (workdir / "big").stat().st_size <= 64 * 1024 * 1024
 
 
-async def test_killing_everything_from_inside_does_not_touch_the_host(
-    bwrap_sandbox: Sandbox, hostile: Path
-) -> None:
+async def test_killing_everything_from_inside_does_not_touch_the_host(bwrap_sandbox: Sandbox, hostile: Path) -> None:
     bystander = subprocess.Popen(["/bin/sleep", "30"])
     try:
         result = await run(bwrap_sandbox, hostile, "kill_everything")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,10 @@ def add(a, b):
 
 def fail(message):
     raise ValueError(message)
+
+
+def raise_named(kind):
+    raise {"timeout": TimeoutError, "stop": StopIteration, "exit": SystemExit}[kind]("from the tool")
 
 
 def chatty():
@@ -92,6 +97,20 @@ async def test_exception_becomes_error_not_raise(sandbox: Sandbox, make_tool: To
     assert result.value is None and result.killed is None
 
 
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("timeout", "TimeoutError"), ("stop", "StopIteration"), ("exit", "SystemExit")],
+)
+async def test_awkward_exceptions_are_errors_too(
+    sandbox: Sandbox, make_tool: ToolFactory, kind: str, expected: str
+) -> None:
+    # The tool's own TimeoutError is not the sandbox's timeout; StopIteration and SystemExit do not escape.
+    result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "raise_named", kind=kind)))
+
+    assert result.error == f"{expected}: from the tool", result
+    assert result.killed is None
+
+
 async def test_unknown_function_is_an_error(sandbox: Sandbox, make_tool: ToolFactory) -> None:
     result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "no_such_function")))
 
@@ -136,9 +155,7 @@ async def test_command_reads_stdin_and_runs_in_workdir(sandbox: Sandbox, workdir
 
 async def test_env_is_visible_inside(sandbox: Sandbox, make_tool: ToolFactory, workdir: Path) -> None:
     env = {"STITCHWORK_SECRET_DEMO": "s3cr3t-value"}
-    python = await sandbox.run(
-        SandboxSpec(call(make_tool(TOOL), "read_env", name="STITCHWORK_SECRET_DEMO"), env=env)
-    )
+    python = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "read_env", name="STITCHWORK_SECRET_DEMO"), env=env))
     command = await sandbox.run(
         SandboxSpec(Command(("/bin/sh", "-c", 'printf %s "$STITCHWORK_SECRET_DEMO"')), workdir=workdir, env=env)
     )
@@ -181,8 +198,7 @@ async def test_python_timeout_is_reported(sandbox: Sandbox, make_tool: ToolFacto
 async def test_command_timeout_kills_the_whole_sandbox(sandbox: Sandbox, workdir: Path) -> None:
     # A background child and the shell both append to a file: after the timeout, nothing may write any more.
     script = (
-        "(while true; do echo child >> ticks; sleep 0.05; done) & "
-        "while true; do echo parent >> ticks; sleep 0.05; done"
+        "(while true; do echo child >> ticks; sleep 0.05; done) & while true; do echo parent >> ticks; sleep 0.05; done"
     )
     spec = SandboxSpec(Command(("/bin/sh", "-c", script)), workdir=workdir, limits=Limits(timeout_s=0.5))
 
@@ -278,11 +294,15 @@ async def test_inline_reloads_a_tool_file_that_changed(make_tool: ToolFactory) -
 async def test_inline_auto_mode_moves_cheap_functions_into_the_loop(make_tool: ToolFactory) -> None:
     tool = make_tool("import threading\n\ndef where():\n    return threading.current_thread().name\n")
     sandbox = InlineSandbox("inline://")
-    main = __import__("threading").current_thread().name
+    main = threading.current_thread().name
 
-    names = [(await sandbox.run(SandboxSpec(call(tool, "where")))).value for _ in range(6)]
+    names = [(await sandbox.run(SandboxSpec(call(tool, "where")))).value for _ in range(3)]
+    for _ in range(50):  # three cheap calls in a row; a loaded machine may need a few more tries
+        names.append((await sandbox.run(SandboxSpec(call(tool, "where")))).value)
+        if names[-1] == main:
+            break
 
-    assert names[0] != main  # first calls run in a worker thread
+    assert main not in names[:3]  # the first calls run in a worker thread
     assert names[-1] == main  # proven cheap: now directly in the event loop
 
 
@@ -305,7 +325,7 @@ def test_unknown_options_are_config_errors() -> None:
 # -- the runner's JSON (it avoids importing json to start faster; it must agree with json) -------------------
 
 JSON_SAMPLES = [
-    {"ok": True, "value": [1, -2.5, 1e300, 10**30, None, True, False, "", "é\n\t\"\\\u2028", {"nested": []}]},
+    {"ok": True, "value": [1, -2.5, 1e300, 10**30, None, True, False, "", 'é\n\t"\\\u2028', {"nested": []}]},
     {"emoji": "🙂", "control": "\x00\x1f", "keys": {"1": 1}},
     [float("inf"), float("-inf")],
     "just a string",

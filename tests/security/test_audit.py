@@ -48,10 +48,8 @@ class Ed25519Signer:
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
         self._public = self._key.public_key()
         self.key_id = key_id
-        self.signed = 0
 
     def sign(self, data: bytes) -> bytes:
-        self.signed += 1
         return self._key.sign(data)
 
     def verify(self, data: bytes, signature: bytes) -> bool:
@@ -62,7 +60,9 @@ class Ed25519Signer:
         return True
 
 
-# A child process that appends events and dies without flushing or closing: a real crash.
+# A child process that appends events and dies without flushing or closing: a real crash. With "rotate",
+# a store copy fails half way, so the first half sits in a sealed journal file (with its signed head line)
+# and the second half in the other file.
 CRASH_CHILD = """
 import importlib.util, os, sys
 from pathlib import Path
@@ -70,10 +70,20 @@ spec = importlib.util.spec_from_file_location("audit_tests", sys.argv[1])
 tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)
 from stitchwork.data._base import open_store
+from stitchwork.errors import AuditError, StoreError
 from stitchwork.security.audit import AuditLog
 store = open_store("duckdb://" + sys.argv[2])
 log = AuditLog(store, signer=tests.Ed25519Signer(), journal_path=Path(sys.argv[3]), flush_ms=1e9)
-for i in range(int(sys.argv[4])):
+count, rotate = int(sys.argv[4]), sys.argv[5] == "rotate"
+for i in range(count):
+    if rotate and i == count // 2:
+        def refuse(table, rows):
+            raise StoreError("disk full")
+        store.append = refuse
+        try:
+            log.flush()
+        except AuditError:
+            pass
     log.append("tool", agent="agent-1", run_id="run-1", tool="fs.read", decision="allow", data={"i": i})
 os._exit(0)
 """
@@ -157,28 +167,49 @@ def chained_hash(prev_hash: str, fields: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + canonical(body)).hexdigest()
 
 
-@pytest.fixture
-def closed_log(db_path: Path, journal: Path, signer: Ed25519Signer) -> Path:
-    """A database holding a clean chain of 10 events, closed."""
-    store, log = open_log(db_path, journal, signer)
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database holding a clean chain of 10 events, closed (built once; tests tamper with copies)."""
+    directory = tmp_path_factory.mktemp("pristine")
+    store, log = open_log(directory / "audit.duckdb", directory / "audit.journal", Ed25519Signer())
     append_n(log, 10)
     log.close()
     store.close()
+    return directory / "audit.duckdb"
+
+
+@pytest.fixture
+def closed_log(pristine: Path, db_path: Path) -> Path:
+    shutil.copyfile(pristine, db_path)
     return db_path
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory left by a process that appended CRASH_EVENTS events and crashed before any store copy."""
-    directory = tmp_path_factory.mktemp("crashed")
-    subprocess.run(
-        [
-            sys.executable, "-c", CRASH_CHILD, __file__, str(directory / "audit.duckdb"),
-            str(directory / "audit.journal"), str(CRASH_EVENTS),
-        ],
-        check=True, timeout=60,
-    )  # fmt: skip
-    return directory
+def crash_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Directories left by child processes that appended CRASH_EVENTS events and crashed (run in parallel)."""
+    dirs = {mode: tmp_path_factory.mktemp(f"crashed_{mode}") for mode in ("plain", "rotate")}
+
+    def child(mode: str, directory: Path) -> subprocess.Popen[bytes]:
+        database, journal = str(directory / "audit.duckdb"), str(directory / "audit.journal")
+        argv = [sys.executable, "-c", CRASH_CHILD, __file__, database, journal, str(CRASH_EVENTS), mode]
+        return subprocess.Popen(argv)
+
+    children = [child(mode, directory) for mode, directory in dirs.items()]
+    for process in children:
+        assert process.wait(timeout=60) == 0
+    return dirs
+
+
+@pytest.fixture
+def crashed(crash_dirs: dict[str, Path]) -> Path:
+    """No store copy happened before the crash: every event is only in the journal."""
+    return crash_dirs["plain"]
+
+
+@pytest.fixture
+def crashed_rotated(crash_dirs: dict[str, Path]) -> Path:
+    """A store copy failed half way: the first half of the events is in a sealed journal file."""
+    return crash_dirs["rotate"]
 
 
 @pytest.fixture
@@ -339,7 +370,7 @@ async def test_threads_and_tasks_append_concurrently(
     lock = threading.Lock()
 
     def worker(w: int) -> None:
-        for i in range(25):
+        for i in range(15):
             event = log.append("tool", agent=f"thread-{w}", data={"i": i})
             with lock:
                 results.append(event)
@@ -350,12 +381,12 @@ async def test_threads_and_tasks_append_concurrently(
             thread.start()
 
         async def task(t: int) -> list[AuditEvent]:
-            return [await log.aappend("model", agent=f"task-{t}", data={"i": i}) for i in range(5)]
+            return [await log.aappend("model", agent=f"task-{t}", data={"i": i}) for i in range(3)]
 
         batches = await asyncio.gather(*(task(t) for t in range(64)))
         await asyncio.to_thread(lambda: [thread.join() for thread in threads])
         results.extend(e for batch in batches for e in batch)
-        assert len(results) == 8 * 25 + 64 * 5
+        assert len(results) == 8 * 15 + 64 * 3
         _check_contiguous(results)
         report = log.verify()
         assert (report.ok, report.events, report.head_seq) == (True, len(results), len(results))
@@ -564,6 +595,28 @@ def test_crash_before_store_copy_loses_nothing(crash_copy: Path, signer: Ed25519
         store.close()
 
 
+@pytest.mark.parametrize("torn_head", [False, True])
+def test_crash_with_a_sealed_journal_file_loses_nothing(
+    crashed_rotated: Path, tmp_path: Path, signer: Ed25519Signer, torn_head: bool
+) -> None:
+    directory = shutil.copytree(crashed_rotated, tmp_path / "crashed")
+    db, journal, other = directory / "audit.duckdb", directory / "audit.journal", directory / "audit.journal.1"
+    sealed = journal.read_bytes().rstrip(b"\0")
+    half = CRASH_EVENTS // 2
+    assert sealed.count(b'{"event"') == half and sealed.count(b'{"head"') == 1
+    assert other.read_bytes().rstrip(b"\0").count(b'{"event"') == CRASH_EVENTS - half
+    if torn_head:  # the head line is written without a sync of its own: a crash may tear it
+        journal.write_bytes(sealed[:-40])
+    store, log = open_log(db, journal, signer)
+    try:
+        assert [e.data["i"] for e in log.tail(100)] == list(range(CRASH_EVENTS))
+        report = log.verify()
+        assert (report.ok, report.events, report.head_seq) == (True, CRASH_EVENTS, CRASH_EVENTS)
+    finally:
+        log.close()
+        store.close()
+
+
 @pytest.mark.parametrize("gap", [False, True])
 def test_torn_final_line_is_ignored(
     crash_copy: Path, signer: Ed25519Signer, caplog: pytest.LogCaptureFixture, gap: bool
@@ -604,8 +657,7 @@ def test_event_cut_mid_line_is_dropped(
         store.close()
 
 
-# A zeroed gap inside the journal is not yet told apart from a torn final write (open item in the stop note).
-@pytest.mark.parametrize("damage", ["garbage", "edited"])
+@pytest.mark.parametrize("damage", ["garbage", "zeroed", "edited"])
 def test_corrupt_journal_mid_file_is_refused_and_left_alone(
     crash_copy: Path, signer: Ed25519Signer, damage: str
 ) -> None:

@@ -1,63 +1,66 @@
-"""``bwrap://``: bubblewrap namespaces + a seccomp filter + rlimits (+ a pids cgroup where the host allows it).
+"""``bwrap://``: bubblewrap namespaces + a seccomp filter + rlimits (+ a pids cgroup where the host has one).
 
 URI options (query string, or keyword arguments of :func:`~stitchwork.isolation.open_sandbox`)::
 
     bwrap://?python=/usr/bin/python3&tmp_mb=64&fsize_mb=64&nofile=256&bwrap=/usr/bin/bwrap
 
-``python`` is the interpreter that runs :class:`~stitchwork.isolation.PythonCall` tools (default: the real path
-behind :data:`sys.executable`); when it lives outside ``/usr`` its installation prefix is bound read-only at the
-same path, with ``site-packages`` hidden (tools get the standard library only; the runner starts Python with
-``-I -S -B``).
+``python`` runs :class:`~stitchwork.isolation.PythonCall` tools (default: the real path behind
+:data:`sys.executable`). When it lives outside ``/usr`` only its installation prefix is bound, read-only and at
+the same path, with ``site-packages`` hidden: tools get the standard library (the runner uses ``-I -S -B``).
 
-What the program sees (everything else of the host is absent, not just unreadable):
+What a program sees (everything else of the host is absent, not merely unreadable):
 
-* read-only: ``/usr`` (and the ``/bin``, ``/lib*``, ``/sbin`` links or directories), a handful of ``/etc`` files
-  the dynamic loader and libc need, a generated ``/etc/passwd``/``/etc/group``, the interpreter prefix, the
-  runner at ``/stitchwork/_runner.py``, the tool file at ``/tool/<name>``, and ``spec.mounts`` (unless
-  ``writable``); the root itself is remounted read-only;
-* writable: ``/work`` (``spec.workdir``, or a size-limited tmpfs when there is none; it is the cwd), size-limited
-  tmpfs at ``/tmp`` and ``/dev/shm``;
-* fresh ``/proc`` (own pid namespace) and a minimal ``/dev``; new user, mount, pid, net (loopback only), ipc, uts
-  (hostname ``sandbox``) and cgroup namespaces; no capabilities; a new session (no terminal injection); the
-  sandbox dies with the process that started it.
+* read-only: ``/usr`` (plus the ``/bin``, ``/sbin``, ``/lib*`` links), six ``/etc`` entries the loader and libc
+  need (``ld.so.cache``, ``ld.so.conf[.d]``, ``localtime``, ``alternatives``, ``nsswitch.conf``), a generated
+  ``/etc/passwd`` and ``/etc/group``, the interpreter prefix, the runner at ``/stitchwork/_runner.py``, the
+  tool file at ``/tool/<name>`` and ``spec.mounts`` (unless ``writable``); the root is remounted read-only;
+* writable: ``/work`` (``spec.workdir``, else a size-limited tmpfs; the cwd) and size-limited tmpfs at
+  ``/tmp`` and ``/dev/shm`` (``/dev`` itself is read-only; its device nodes work);
+* its own ``/proc`` and a minimal ``/dev``; new user, mount, pid, network (loopback only), ipc, uts (hostname
+  ``sandbox``) and cgroup namespaces; no capabilities; a new session (no ``TIOCSTI`` into the host terminal);
+  it dies with the process that started it. The program is pid 1 of its namespace (``--as-pid-1``): when it
+  exits, everything it started dies with it.
 
-Environment: exactly ``spec.env`` plus ``PATH``, ``HOME=/work`` and ``LANG=C.UTF-8`` defaults (``spec.env`` wins).
-It is handed to bwrap as its process environment (which bwrap passes on) rather than with ``--setenv``, so
-secrets never appear on a command line (``/proc/<pid>/cmdline`` is world-readable; ``environ`` is not).
+Environment: exactly ``spec.env`` over ``PATH``, ``HOME=/work`` and ``LANG=C.UTF-8`` defaults (plus ``PWD``,
+which bwrap sets). It is bwrap's own process environment (bwrap passes it on), not ``--setenv`` arguments, so
+secrets never appear in a command line (``/proc/<pid>/cmdline`` is world-readable; ``environ`` is not).
 
-Seccomp (pyseccomp, compiled once per process, loaded by bwrap with ``--seccomp``): default allow; ``EPERM``
-for ``socket()`` of any family but ``AF_UNIX``, for namespace, mount, module, kexec, bpf, perf, keyring,
-ptrace/process_vm, io_uring, clock, swap, reboot, handle and similar syscalls, for ``clone`` with namespace
-flags and for the ``TIOCSTI`` ioctl; ``ENOSYS`` for ``clone3`` (its flags cannot be inspected; libc falls back
-to ``clone``). Foreign-architecture syscalls kill the process (libseccomp's default).
+Seccomp (pyseccomp; compiled once per process; loaded by bwrap with ``--seccomp``): default allow; ``EPERM``
+for ``socket()`` of every family but ``AF_UNIX``, for namespace, mount, module, kexec, bpf, perf, keyring,
+ptrace/``process_vm_*``, io_uring, clock, swap, reboot and file-handle syscalls (see ``_DENIED_SYSCALLS``), for
+``clone`` with namespace flags, for ``personality`` changes and the ``TIOCSTI`` ioctl; ``ENOSYS`` for ``clone3``
+(its flags cannot be inspected, libc falls back to ``clone``). Other architectures' syscalls kill the process.
 
-Limits: ``mem_mb`` → ``RLIMIT_AS``, ``cpu_s`` → ``RLIMIT_CPU`` (soft; hard one second later), ``max_pids`` →
-``RLIMIT_NPROC``, plus ``RLIMIT_FSIZE`` (``fsize_mb``), ``RLIMIT_NOFILE`` (``nofile``) and ``RLIMIT_CORE=0``,
-set with util-linux ``prlimit`` *inside* the sandbox right before the program, so bwrap itself is not limited
-and no ``preexec_fn`` is needed. ``RLIMIT_NPROC`` is not enforced for processes whose real uid is host root
-(the kernel exempts it, also through a user namespace mapped to root), so when the host process is root
-``max_pids`` is enforced with a ``pids`` cgroup (v2 delegated subtree or v1 hierarchy, whichever is writable)
-that the bwrap process joins before it starts (through a one-line ``/bin/sh`` wrapper); ``features()`` says
-which mechanism is active. The cgroup also counts bwrap's own two processes, so its ``pids.max`` is
-``max_pids + 2``; threads count as pids. ``timeout_s`` is wall-clock: the bwrap process group is SIGKILLed,
-which tears the whole pid namespace down. Output beyond ``max_output_bytes`` (stdout and stderr together) is
-dropped and the sandbox killed.
+Limits: ``mem_mb`` → ``RLIMIT_AS``; ``cpu_s`` → ``RLIMIT_CPU`` rounded up to whole seconds, soft = hard, so
+the kernel SIGKILLs at the limit; ``max_pids`` → ``RLIMIT_NPROC``; plus ``RLIMIT_FSIZE`` (``fsize_mb``),
+``RLIMIT_NOFILE`` (``nofile``) and ``RLIMIT_CORE=0``. util-linux ``prlimit`` sets them inside the sandbox just
+before the program, so bwrap is not limited and no ``preexec_fn`` runs in this (threaded) process. The kernel
+does not apply ``RLIMIT_NPROC`` to processes whose real uid is host root, which is what the sandbox runs as
+when this process is root (its user namespace maps to root). ``max_pids`` is then enforced by a ``pids``
+cgroup per sandbox (a delegated v2 subtree or the v1 hierarchy, whichever is writable), which bwrap joins
+before it starts through a one-line ``/bin/sh`` wrapper; ``pids.max`` is ``max_pids + 1`` for bwrap's monitor
+process, and threads count. :meth:`BwrapSandbox.features` tells which mechanism is active. ``timeout_s`` is
+wall-clock: the bwrap process group is SIGKILLed, which takes the whole pid namespace with it. Output past
+``max_output_bytes`` (stdout and stderr together) is dropped and the sandbox killed.
 
-``killed`` is ``"timeout"`` or ``"output"`` when this class killed the program; ``"memory"`` when a Python tool
-raised ``MemoryError``; ``"pids"`` when the program failed after the pids cgroup refused a fork; ``"cpu"`` for
-death by ``SIGXCPU`` (or ``SIGKILL`` with the CPU limit used up); ``"signal"`` for other deaths by a fatal
-signal. bwrap reports a signal death as exit code ``128 + signal`` (like a shell), and so does ``exit_code``.
+``killed``: ``"timeout"``/``"output"`` when this class killed the sandbox; ``"memory"`` for a Python
+``MemoryError`` (or a failed program whose stderr ends with an out-of-memory message such as ``Cannot allocate
+memory``); ``"pids"`` when the program failed after the cgroup refused a fork; ``"cpu"`` for death by
+``SIGXCPU``, or by ``SIGKILL`` with the CPU limit used up; ``"signal"`` for other deaths by a fatal signal.
+Like a shell, bwrap reports a signal death as exit code ``128 + signal``; so does ``exit_code``.
 
-``duration_s`` is wall-clock; ``cpu_s`` and ``max_rss_kb`` come from ``wait4()`` on the bwrap process (bwrap
-reaps the program, so its usage is included). When the sandbox is killed, the program is not reaped by bwrap
-and these two only cover what had been reaped (so they are approximate for killed sandboxes).
+``duration_s`` is wall-clock. ``cpu_s`` and ``max_rss_kb`` of a Python call are measured by the runner itself;
+otherwise they come from ``wait4()`` on the bwrap monitor, which reaps the program: ``cpu_s`` is then exact
+for programs that exit, but misses the program's share when the sandbox is killed; ``max_rss_kb`` is reported
+as 0 when it does not exceed this process's own peak RSS (``exec`` folds the spawning process's peak into the
+child's figure, so a smaller value cannot be told apart from it).
 
-Landlock is not applied: the mount namespace already hides every path that is not bound, and all binds but
-``/work``, ``/tmp``, ``/dev/shm`` and writable mounts are read-only. ``features()`` reports the kernel's Landlock
-ABI for a later defence-in-depth layer.
+Landlock is not applied: the mount namespace already hides every path that is not bound, and every bind but
+``/work``, ``/tmp``, ``/dev/shm`` and writable mounts is read-only, so it would add defence in depth only.
+:meth:`BwrapSandbox.features` reports the kernel's Landlock ABI for when it is added.
 
-``spec.egress`` is not supported yet: a non-empty allowlist raises :class:`SandboxError` (nothing silently gets
-network; an egress proxy comes with a later issue).
+``spec.egress`` is not supported yet: a non-empty allowlist raises :class:`SandboxError` (so nothing silently
+gets network); an egress proxy comes with a later issue.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ _ETC_FILES = (
 )
 _ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _RESERVED_TARGETS = ("/proc", "/dev", "/stitchwork", "/tool")
-_BWRAP_OVERHEAD_PIDS = 2  # bwrap's monitor process and its pid-namespace init
+_BWRAP_OVERHEAD_PIDS = 1  # the bwrap monitor process (the program itself is pid 1: --as-pid-1)
 _PIPE_GRACE_S = 1.0
 _CHUNK = 65536
 _FATAL_SIGNALS = frozenset(
@@ -268,9 +271,7 @@ def _pids_cgroup() -> _PidsCgroup | None:
     candidates: list[tuple[Path, int]] = []
     if "" in own:  # v2: a child of our own cgroup (works when the cgroup is delegated to us, or is the root)
         for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-            if (mount / "cgroup.controllers").exists() and "pids" in (
-                mount / "cgroup.controllers"
-            ).read_text():
+            if (mount / "cgroup.controllers").exists() and "pids" in (mount / "cgroup.controllers").read_text():
                 candidates.append((mount / own[""].lstrip("/") / name, 2))
     if "pids" in own:
         candidates.append((Path("/sys/fs/cgroup/pids") / own["pids"].lstrip("/") / name, 1))
@@ -330,6 +331,7 @@ def _check_bwrap(bwrap: str) -> tuple[bool, str]:
 def _generated_etc() -> Path:
     """A private directory with a minimal ``passwd`` and ``group`` for the sandbox (created once)."""
     directory = Path(tempfile.mkdtemp(prefix="stitchwork-bwrap-etc-"))
+    atexit.register(shutil.rmtree, directory, True)
     (directory / "passwd").write_text(
         "root:x:0:0:sandbox:/work:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
     )
@@ -363,9 +365,7 @@ class BwrapOptions:
         known = {"python", "bwrap", "tmp_mb", "fsize_mb", "nofile"}
         unknown = set(values) - known
         if unknown:
-            raise ConfigError(
-                f"bwrap sandbox: unknown option(s) {sorted(unknown)} in {uri!r}; known: {sorted(known)}"
-            )
+            raise ConfigError(f"bwrap sandbox: unknown option(s) {sorted(unknown)} in {uri!r}; known: {sorted(known)}")
         python = os.path.realpath(str(values.get("python") or sys.executable))
         bwrap = str(values.get("bwrap") or shutil.which("bwrap") or "/usr/bin/bwrap")
         numbers: dict[str, int] = {}
@@ -374,9 +374,7 @@ class BwrapOptions:
                 try:
                     numbers[key] = int(values[key])
                 except ValueError as exc:
-                    raise ConfigError(
-                        f"bwrap sandbox: {key} must be an integer, not {values[key]!r}"
-                    ) from exc
+                    raise ConfigError(f"bwrap sandbox: {key} must be an integer, not {values[key]!r}") from exc
                 if numbers[key] <= 0:
                     raise ConfigError(f"bwrap sandbox: {key} must be positive")
         return cls(python=python, bwrap=bwrap, **numbers)
@@ -434,7 +432,7 @@ class BwrapSandbox(Sandbox):
             raise BackendUnavailable(reason)
         if not os.access(self.options.python, os.X_OK):
             raise ConfigError(f"bwrap sandbox: python interpreter {self.options.python} is not executable")
-        self._prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
+        self._prlimit = _prlimit_path() or "/usr/bin/prlimit"  # checked by _check_tools
         self._cgroup = _pids_cgroup()
         if self._cgroup is None and os.getuid() == 0:
             log.warning(
@@ -505,12 +503,11 @@ class BwrapSandbox(Sandbox):
         prefix = _python_prefix(self.options.python)
         if prefix is not None:
             args += ["--ro-bind", prefix, prefix]
-            for site in sorted(
-                glob.glob(os.path.join(glob.escape(prefix), "lib", "python3*", "site-packages"))
-            ):
+            for site in sorted(glob.glob(os.path.join(glob.escape(prefix), "lib", "python3*", "site-packages"))):
                 args += ["--tmpfs", site, "--remount-ro", site]
         tmp_bytes = str(self.options.tmp_mb * 1024 * 1024)
-        args += ["--proc", "/proc", "--dev", "/dev", "--size", tmp_bytes, "--tmpfs", "/dev/shm"]
+        # /dev itself is an unbounded tmpfs: read-only after /dev/shm is in place (device nodes stay usable).
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", tmp_bytes, "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
         args += ["--size", tmp_bytes, "--tmpfs", "/tmp"]
         return args
 
@@ -545,9 +542,7 @@ class BwrapSandbox(Sandbox):
             try:
                 stdin = json.dumps(request).encode()
             except (TypeError, ValueError) as exc:
-                raise SandboxError(
-                    f"payload for {program.file}:{program.function} is not JSON: {exc}"
-                ) from exc
+                raise SandboxError(f"payload for {program.file}:{program.function} is not JSON: {exc}") from exc
         else:
             if not program.argv:
                 raise SandboxError("command has an empty argv")
@@ -580,9 +575,7 @@ class BwrapSandbox(Sandbox):
                 or target in ("/", "/work", "/tmp")
                 or any(target == r or target.startswith(r + "/") for r in _RESERVED_TARGETS)
             ):
-                raise SandboxError(
-                    f"mount target {target!r} is not allowed (absolute, normalised, not reserved)"
-                )
+                raise SandboxError(f"mount target {target!r} is not allowed (absolute, normalised, not reserved)")
             if not mount.source.exists():
                 raise SandboxError(f"mount source {mount.source} does not exist")
             args += ["--bind" if mount.writable else "--ro-bind", str(mount.source), target]
@@ -634,12 +627,20 @@ class BwrapSandbox(Sandbox):
         ]
 
 
+def _prlimit_path() -> str | None:
+    """util-linux ``prlimit`` under ``/usr`` (the only place the sandbox can see it)."""
+    for path in ("/usr/bin/prlimit", "/usr/sbin/prlimit", "/usr/local/bin/prlimit"):
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
 @functools.cache
 def _check_tools(bwrap: str) -> tuple[bool, str]:
     if not (os.path.isfile(bwrap) and os.access(bwrap, os.X_OK)):
         return False, "bwrap not installed: apt-get install bubblewrap (or dnf install bubblewrap)"
-    if shutil.which("prlimit") is None:
-        return False, "prlimit not installed: apt-get install util-linux"
+    if _prlimit_path() is None:
+        return False, "prlimit not installed in /usr/bin: apt-get install util-linux"
     try:
         _seccomp_bpf()
     except ImportError:
@@ -846,9 +847,7 @@ def _answer(stdout: bytes) -> dict[str, Any] | None:
     return message if isinstance(message, dict) and isinstance(message.get("ok"), bool) else None
 
 
-def _result(
-    program: PythonCall | Command, outcome: _Outcome, limits: Limits, refused_forks: int
-) -> SandboxResult:
+def _result(program: PythonCall | Command, outcome: _Outcome, limits: Limits, refused_forks: int) -> SandboxResult:
     code = _exit_code(outcome.exit.status)
     stdout, stderr = outcome.stdout, outcome.stderr
     if outcome.killed is None and _setup_failed(code, stdout, stderr):
@@ -879,6 +878,8 @@ def _result(
             killed = "cpu"
         elif signum in _FATAL_SIGNALS and answer is None:
             killed = "signal"
+        elif answer is None and code != 0 and _mentions_memory(stderr):
+            killed = "memory"
     if isinstance(program, PythonCall) and answer is None:
         error = _why_no_answer(killed, code, limits)
     return SandboxResult(
@@ -893,6 +894,21 @@ def _result(
         cpu_s=cpu_s,
         max_rss_kb=max_rss_kb,
     )
+
+
+_OUT_OF_MEMORY_MESSAGES = (
+    b"MemoryError",
+    b"Cannot allocate memory",
+    b"std::bad_alloc",
+    b"out of memory",
+    b"failed to map segment",  # the dynamic loader, when RLIMIT_AS is below what the program needs to start
+)
+
+
+def _mentions_memory(stderr: bytes) -> bool:
+    """Whether a failed program said it ran out of memory (RLIMIT_AS makes allocations fail)."""
+    tail = stderr[-4096:]
+    return any(message in tail for message in _OUT_OF_MEMORY_MESSAGES)
 
 
 def _why_no_answer(killed: str | None, code: int, limits: Limits) -> str:

@@ -596,25 +596,32 @@ def _parse_head_line(obj: dict[str, Any]) -> _Head:
 
 
 def _check_after_gap(path: Path, line: int, after: bytes) -> None:
-    """Bytes after a zeroed gap can only be the rest of the final, unfinished write (at most one batch).
+    """Bytes after a zeroed gap can only be the rest of the final, unfinished write: one batch at most.
+
+    All events of a batch carry the same ``ts``, so complete events with different ``ts`` after the gap
+    mean an acknowledged batch lies beyond it.
 
     Raises:
-        AuditError: they hold a complete batch followed by more events, so acknowledged data follows the
-            gap: the journal is damaged.
+        AuditError: acknowledged data follows the gap: the journal is damaged.
     """
-    seen_head = False
+    stamps = set()
+    after_head = False
     for piece in after.replace(b"\0", b"\n").split(b"\n"):
         try:
             obj = json.loads(piece)
         except ValueError:
             continue
-        if isinstance(obj, dict) and "head" in obj:
-            seen_head = True
-        elif isinstance(obj, dict) and "event" in obj and seen_head:
-            raise AuditError(
-                f"audit journal {path}, line {line}: zeroed bytes are followed by completed batches; the "
-                "journal is corrupt and was left untouched"
-            )
+        if not isinstance(obj, dict):
+            continue
+        if "head" in obj:
+            after_head = True
+        elif isinstance(obj.get("event"), dict):
+            stamps.add(repr(obj["event"].get("ts")))
+            if after_head or len(stamps) > 1:
+                raise AuditError(
+                    f"audit journal {path}, line {line}: zeroed bytes are followed by acknowledged events; "
+                    "the journal is corrupt and was left untouched"
+                )
     log.warning("audit journal %s, line %d: ignoring the rest of an unfinished write after a zeroed gap", path, line)
 
 
@@ -659,6 +666,9 @@ def _recover_journal(files: list[tuple[Path, bytes]], signer: Signer) -> _Recove
                     "audit journal %s, line %d: ignoring a torn final line (%d bytes of a write that never "
                     "completed)", path, len(lines) + 1, len(tail),
                 )  # fmt: skip
+                # A head line is written to a sealed file without a sync of its own: it may be torn even
+                # though the other file holds later, complete batches.
+                torn = not tail.startswith(b'{"head"')
         parsed.append((path, entries, torn))
 
     def first_seq(item: tuple[Path, list[tuple[int, dict[str, Any]]], bool]) -> float:
@@ -733,7 +743,7 @@ class AuditLog:
             raise AuditError(f"flush_ms must be positive, got {flush_ms!r}")
         self._store = store
         self._signer = signer
-        self._flush_s = flush_ms / 1000.0
+        self._flush_s = min(flush_ms / 1000.0, threading.TIMEOUT_MAX)
         self._paths: list[Path] = []
         if journal_path is not None:
             journal_path = Path(journal_path)
