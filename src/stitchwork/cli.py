@@ -262,6 +262,10 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+# Layer command groups register here, one line each: ``register(app)`` adds commands or sub-apps.
+# (isolation: sandbox run/bench, doctor; data: audit export/report; messaging: worker; eval: agentdojo)
+
+
 def main() -> None:
     app()
 

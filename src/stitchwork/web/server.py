@@ -179,4 +179,5 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                 "policy_ids": list(outcome.policy_ids)}
         return JSONResponse(body, status_code=code)
 
+    # Layer routes mount here, one line each: ``mount(app, service)``.
     return app
