@@ -280,7 +280,12 @@ async def test_inline_exposes_the_call_env_and_keeps_os_environ_of_the_host(make
     assert current_env() == {}
 
 
-async def test_inline_reloads_a_tool_file_that_changed(make_tool: ToolFactory) -> None:
+async def test_inline_reloads_a_tool_file_that_changed(
+    make_tool: ToolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stitchwork.isolation.inline import _ToolCache
+
+    monkeypatch.setattr(_ToolCache, "REVALIDATE_S", 0.0)  # files are re-checked at most once per interval
     tool = make_tool("def version():\n    return 1\n")
     sandbox = InlineSandbox("inline://?mode=direct")
     first = await sandbox.run(SandboxSpec(call(tool, "version")))

@@ -2,9 +2,9 @@
 
 A :class:`~stitchwork.isolation.PythonCall` runs inside the calling process: the tool file is loaded as a fresh
 module by :func:`stitchwork.isolation._runner.load_module` (the sandbox runner's own loader; a source-file spec
-from :mod:`importlib.machinery`), cached per path, modification time and size, and the function is called with
-the same request shaping as the real sandboxes (the payload and the result make a JSON round trip through the
-runner's encoder, so tuples become lists and unencodable values ``repr`` strings). A
+from :mod:`importlib.machinery`), cached per path, modification time and size (the file is re-checked at most
+once a second), and the function is called with the same request shaping as the real sandboxes (the payload
+and the result make a JSON round trip through the runner's encoder, so tuples become lists and unencodable values ``repr`` strings). A
 :class:`~stitchwork.isolation.Command` runs as a plain subprocess. Use it for tests, demos and the gateway
 benchmark; never for untrusted code.
 
@@ -173,14 +173,26 @@ def _route_std_streams() -> None:
 
 
 class _ToolCache:
-    """Tool modules by file path, reloaded when the file's mtime or size changes."""
+    """Tool modules by file path, reloaded when the file's mtime or size changes.
+
+    The file is stat'ed at most once per :data:`REVALIDATE_S` per path: a stat releases the GIL, and on a busy
+    interpreter getting it back costs far more than the call it guards.
+    """
+
+    REVALIDATE_S = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[tuple[int, int], types.ModuleType]] = {}
+        self._checked: dict[str, float] = {}
 
     def get(self, path: Path) -> types.ModuleType:
         key = str(path)
+        now = time.monotonic()
+        cached = self._modules.get(key)
+        if cached is not None and now - self._checked.get(key, -1e9) < self.REVALIDATE_S:
+            return cached[1]
+        self._checked[key] = now
         stat = os.stat(key)
         version = (stat.st_mtime_ns, stat.st_size)
         cached = self._modules.get(key)
