@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -31,13 +32,17 @@ ATTACKER = "security-audit@evil.example"
 def _reason(event: dict[str, Any]) -> str:
     data = event["data"]
     if event["kind"] == "decision" and data.get("reasons"):
-        return "; ".join(data["reasons"])
+        why = "; ".join(data["reasons"])
+        taint = data.get("taint") or {}
+        if taint.get("target"):
+            why += f": target {data.get('target')} came from {', '.join(taint.get('sources', []))}"
+        return why
     if data.get("reason"):
         return str(data["reason"])
     if event["kind"] == "tool":
-        return f"ran in {data.get('sandbox')} ({data.get('duration_ms')} ms), output labelled {data.get('label')}"
-    if event["kind"] == "model":
-        return f"{data.get('model')}: proposes {', '.join(data.get('tool_calls') or []) or 'a final answer'}"
+        return f"sandbox {data.get('sandbox')}, {data.get('duration_ms')} ms; output labelled {data.get('label')}"
+    if event["kind"] == "secret":
+        return "injected into the sandbox only: " + ", ".join(data.get("secrets", []))
     return ""
 
 
@@ -55,16 +60,15 @@ async def _scenario(config: Config, console: Console) -> bool:
         platform.audit.flush()
         events = [event_dict(e) for e in platform.audit.tail(10_000) if e.run_id == record.id]
 
-        table = Table(title=f"gateway decisions for run {record.id}")
-        for column in ("seq", "kind", "tool", "decision", "policy", "why"):
+        table = Table(title=f"gateway decisions for run {record.id}", box=box.SIMPLE_HEAD)
+        for column in ("#", "step", "tool", "result", "why"):
             table.add_column(column, overflow="fold")
         for e in events:
-            if e["kind"] not in {"decision", "tool", "approval", "secret", "model"}:
+            if e["kind"] not in {"decision", "tool", "approval", "secret"}:
                 continue
-            ids = ",".join(e["data"].get("policy_ids", [])) if e["kind"] == "decision" else ""
-            style = {"deny": "red", "allow": "green", "ask": "yellow"}.get(e["decision"], "")
-            table.add_row(str(e["seq"]), e["kind"], e["tool"], f"[{style}]{e['decision']}[/]" if style else
-                          e["decision"], ids, _reason(e))
+            style = {"deny": "red", "allow": "green", "ask": "yellow", "ok": "green"}.get(e["decision"], "")
+            result = f"[{style}]{e['decision']}[/]" if style else e["decision"]
+            table.add_row(str(e["seq"]), e["kind"], e["tool"], result, _reason(e))
         console.print(table)
 
         outbox = sorted((config.state_dir / "runs" / record.id / "send_email" / "outbox").glob("*.json"))
