@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system.sh
 python3 -m pip install -q -e .
+stitchwork sandbox prepare  # compiles the wasm:// module once (seconds); later starts map the cache
 stitchwork demo

@@ -6,4 +6,5 @@ bash scripts/install-system.sh
 python3 -m pip install -q -e '.[test]'
 ruff check src tests bench
 mypy
+stitchwork sandbox prepare  # compile the wasm:// module before the tests (cached across runs)
 python3 -m pytest "$@"

@@ -27,6 +27,19 @@ def delete_note(name: str) -> dict:
 '''
 
 
+@pytest.hookimpl(specname="pytest_addoption")
+def pytest_addoption_bus(parser: pytest.Parser) -> None:
+    parser.addoption("--bus", default="", help="bus URI for tests/messaging (e.g. nats://127.0.0.1:4222); "
+                     "default: memory:// plus a nats-server started by the tests")
+
+
+@pytest.hookimpl(specname="pytest_addoption")
+def pytest_addoption_store(parser: pytest.Parser) -> None:
+    parser.addoption("--store", action="append", default=[], metavar="URI",
+                     help="run the data behaviour suite against this store URI only (repeatable), e.g. "
+                          "--store=clickhouse://127.0.0.1:8123/test")
+
+
 @pytest.fixture(autouse=True)
 def _vault_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STITCHWORK_VAULT_KEY", raising=False)

@@ -78,6 +78,7 @@ def up(
     import uvicorn
 
     from stitchwork.client import server_file, token_file
+    from stitchwork.messaging.embedded import start_local_bus
     from stitchwork.platform import Platform
     from stitchwork.service import Service
     from stitchwork.web.server import create_app
@@ -89,6 +90,7 @@ def up(
         if bind_host not in {"127.0.0.1", "localhost", "::1"}:
             err.print(f"[yellow]warning:[/] binding to {bind_host}: the API is reachable from other machines")
         platform = Platform.open(config)
+        local_bus = start_local_bus(config)  # messaging: embedded nats-server unless [messaging] bus names one
     except StitchworkError as exc:
         fail(exc)
     service = Service(platform)
@@ -101,9 +103,11 @@ def up(
     url = f"http://{bind_host}:{bind_port}"
     server_file(config).write_text(json.dumps({"url": url, "pid": os.getpid()}))
     console.print(f"Stitchwork control plane on {url} (OpenAPI: {url}/openapi.json); state in {config.state_dir}")
+    console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False)
     try:
         uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")
     finally:
+        local_bus.stop()
         server_file(config).unlink(missing_ok=True)
         import asyncio
 
@@ -112,13 +116,19 @@ def up(
 
 @app.command()
 def run(
-    agent: str = typer.Argument(..., help="Agent name."),
-    task: str = typer.Argument(..., help="What the agent should do."),
+    agent: str = typer.Argument(..., help="Agent name; with a single argument, the task for the default assistant."),
+    task: str = typer.Argument(None, help="What the agent should do."),
     model: str = typer.Option(None, "--model", help="Model URI (overrides the agent's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON."),
+    follow: bool = typer.Option(False, "--follow", help="Stream the run's events from `stitchwork up` (WebSocket)."),
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """Run an agent on a task through the gateway."""
+    """Run an agent on a task through the gateway: `run AGENT "TASK"`, or `run --model URI "TASK"` (assistant)."""
+    if task is None:  # one argument: the task, for the default assistant with the built-in tools
+        agent, task = "assistant", agent
+    if follow:  # messaging layer: events over the control plane's WebSocket, resumed by sequence number
+        from stitchwork.messaging.follow import follow_command
+        return follow_command(config_path, agent, task, model, as_json)
     try:
         record = _client(_config(config_path)).run(agent, task, model)
     except StitchworkError as exc:
@@ -264,6 +274,10 @@ def demo(
 
 # Layer command groups register here, one line each: ``register(app)`` adds commands or sub-apps.
 # (isolation: sandbox run/bench, doctor; data: audit export/report; messaging: worker; eval: agentdojo)
+from stitchwork.eval.cli import register as _reg_eval; _reg_eval(app)  # noqa: E402, E702, I001
+from stitchwork.messaging.cli import register as _reg_messaging; _reg_messaging(app)  # noqa: E402, E702, I001
+from stitchwork.data.cli import register as _reg_data; _reg_data(app)  # noqa: E402, E702, I001
+from stitchwork.isolation.cli import register as _reg_isolation; _reg_isolation(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:

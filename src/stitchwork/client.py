@@ -114,6 +114,25 @@ class HttpClient:
         result: dict[str, Any] = self._call("GET", "/v1/audit/verify")
         return result
 
+    def audit_report(self, name: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("since", since), ("until", until)) if v is not None}
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/audit/reports/{name}", params=params)
+        return result
+
+    def audit_export(self, to: str, since: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/audit/export", json={"to": to, "since": since})
+        return result
+
+    def audit_compact(self, to: str, older_than_days: float | None = None, upto_seq: int | None = None
+                      ) -> dict[str, Any]:
+        body = {"to": to, "older_than_days": older_than_days, "upto_seq": upto_seq}
+        result: dict[str, Any] = self._call("POST", "/v1/audit/compact", json=body)
+        return result
+
+    def data_retention(self) -> dict[str, int]:
+        result: dict[str, int] = self._call("POST", "/v1/data/retention")
+        return result
+
     def secret_set(self, name: str, value: str) -> None:
         self._call("PUT", f"/v1/secrets/{name}", json={"value": value})
 
@@ -161,6 +180,19 @@ class LocalClient:
 
     def audit_verify(self) -> dict[str, Any]:
         return self._with(lambda s: _now(s.audit_verify()))
+
+    def audit_report(self, name: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.audit_report(name, since, until)))
+
+    def audit_export(self, to: str, since: float | None = None) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.audit_export(to, since)))
+
+    def audit_compact(self, to: str, older_than_days: float | None = None, upto_seq: int | None = None
+                      ) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.audit_compact(to, older_than_days, upto_seq)))
+
+    def data_retention(self) -> dict[str, int]:
+        return self._with(lambda s: _now(s.data_retention()))
 
     def secret_set(self, name: str, value: str) -> None:
         self._with(lambda s: s.secret_set(name, value, by="operator:cli"))

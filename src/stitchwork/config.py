@@ -59,7 +59,8 @@ class SecurityConfig:
 class IsolationConfig:
     """Default sandbox and limits for tools that do not set their own."""
 
-    default: str = "bwrap://"
+    default: str = "wasm://"
+    """Sandbox for tools that name none: ``wasm://`` (CPython on wasmtime; Python tools only), ``bwrap://``..."""
     mem_mb: int = 512
     cpu_s: float = 10.0
     timeout_s: float = 20.0
@@ -96,6 +97,60 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """Models: deployments, the router and the model gateway (see ``stitchwork.compute.router``)::
+
+        [compute]
+        strategy = "least_outstanding"     # failover | least_outstanding | latency | cost
+        [[compute.deployments]]
+        model = "llama-8b"
+        uri = "openai+https://gpu.example/v1?profile=vllm&model=meta-llama/Llama-3.1-8B-Instruct&key=secret://gpu"
+        cost_in = 0.10                     # USD per million prompt tokens
+        cost_out = 0.20
+        [compute.fallbacks]
+        llama-8b = ["llama-70b"]
+        [compute.agents."*"]               # per agent (or "*"): allowed model names and budgets
+        models = ["llama-8b"]
+        max_tokens = 1_000_000
+        max_cost_usd = 5.0
+    """
+
+    default_model: str = ""
+    """Model URI for runs whose agent names none and no --model is given."""
+    strategy: str = "failover"
+    retries: int = 2
+    backoff_s: float = 0.05
+    cooldown_s: float = 30.0
+    failures_to_cooldown: int = 1
+    affinity: str = "prefix"
+    """none | prefix (same first messages, same deployment: warm KV cache) | session (the request's user)."""
+    record_text: bool = False
+    """Also audit the full prompt and completion text (hashes are always audited)."""
+    deployments: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MessagingConfig:
+    """The bus (``stitchwork.messaging``): durable runs, workers, run events."""
+
+    bus: str = "nats://embedded"
+    """``nats://embedded``: `stitchwork up` starts a local nats-server (JetStream, loopback, data in
+    ``<state_dir>/nats``) when the ``nats`` extra is installed, else uses ``memory://``; ``nats://host:port[,...]``:
+    an existing server or cluster; ``memory://``: in-process only (no workers)."""
+    nats_port: int = 4222
+    """Client port of the embedded nats-server (0: any free port)."""
+    subject_prefix: str = "sw"
+    worker_concurrency: int = 4
+    """Runs one worker drives at a time (its unacknowledged jobs: backpressure)."""
+    ack_wait_s: float = 30.0
+    """A job whose worker neither finishes nor reports progress within this time goes to another worker."""
+    max_deliver: int = 5
+    """Attempts per job before it goes to the dead-letter subject ``<prefix>runs.dead``."""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the platform reads at start-up."""
 
@@ -107,6 +162,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    messaging: MessagingConfig = field(default_factory=MessagingConfig)
 
     @property
     def store_uri(self) -> str:
@@ -176,7 +233,7 @@ def _build(cls: Any, data: Mapping[str, Any], where: str) -> Any:
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type) or
-                f.name in {"security", "isolation", "data", "server", "agents"}}
+                f.name in {"security", "isolation", "data", "server", "agents", "compute", "messaging"}}
     out: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in {"STITCHWORK_CONFIG", "STITCHWORK_VAULT_KEY",

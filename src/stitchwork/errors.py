@@ -30,6 +30,8 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     ├── AuditError
     │   └── AuditTampered           `audit verify` found a bad event (carries its sequence number)
     ├── ModelError
+    │   ├── ModelUnavailable        429, 5xx, timeout, refused connection, truncated stream: retry elsewhere
+    │   └── ModelRejected           the backend refused the request itself (4xx): retrying will not help
     ├── RunError
     └── BusError
 
@@ -188,6 +190,27 @@ class AuditTampered(AuditError):
 
 class ModelError(StitchworkError):
     code = "model_error"
+
+
+class ModelUnavailable(ModelError):
+    """The deployment could not answer now (rate limit, server error, timeout, cut stream); try another."""
+
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None) -> None:
+        self.status = status
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class ModelRejected(ModelError):
+    """The backend refused the request (4xx other than 429); the same request will fail anywhere alike."""
+
+    code = "model_rejected"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class RunError(StitchworkError):

@@ -9,10 +9,14 @@ from pathlib import Path
 from stitchwork.agents.definition import AgentRegistry, load_agents
 from stitchwork.agents.loop import Runner
 from stitchwork.agents.runs import RunStore
+from stitchwork.compute.assistant import with_default_assistant
+from stitchwork.compute.gateway import MODEL_TOOL_ACTION
+from stitchwork.compute.gateway import attach as attach_model_gateway
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import ConfigError
 from stitchwork.gateway.core import Gateway
+from stitchwork.gateway.idempotency import StoreLedger
 from stitchwork.isolation._base import Limits
 from stitchwork.security.approvals import ApprovalStore
 from stitchwork.security.audit import AuditLog
@@ -62,11 +66,12 @@ class Platform:
         state = ensure_state_dir(config.state_dir)
         tools = load_tools(config.tool_dirs or (BUILTIN_TOOLS,), max_arg_bytes=config.agents.max_arg_bytes)
         agents = load_agents(config.agent_dirs or (BUILTIN_AGENTS,))
+        agents = with_default_assistant(agents, tools, model=config.compute.default_model)
         policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
         policy_paths += [Path(p) for p in config.security.policy_dirs]
         policy = PolicyEngine.load(
             policy_paths,
-            [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools],
+            [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION],
             agents=agents.names(),
         )
         for agent in agents:
@@ -90,7 +95,9 @@ class Platform:
                               max_output_bytes=iso.max_output_bytes, max_pids=iso.max_pids),
                 trusted_sources=frozenset(config.security.trusted_sources),
                 audience=config.security.audience,
+                idempotency=StoreLedger(store),
             )
+            attach_model_gateway(gateway, config.compute)
             runs = RunStore(store)
             runner = Runner(gateway, agents, runs, state_dir=state, max_seconds=config.agents.max_seconds)
         except BaseException:

@@ -147,9 +147,32 @@ class Service:
         return [self.platform.gateway.redactor.redact(r) for r in rows]
 
     def audit_verify(self) -> dict[str, Any]:
-        report = self.platform.audit.verify()
+        from stitchwork.data.api import verify  # across the Iceberg archive once the log was compacted
+
+        report = verify(self.platform)
         return {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq,
                 "reason": report.reason, "head_seq": report.head_seq, "head_signed": report.head_signed}
+
+    def audit_report(self, name: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        from stitchwork.data.api import report
+
+        return report(self.platform, name, since, until)
+
+    def audit_export(self, to: str, since: float | None = None) -> dict[str, Any]:
+        from stitchwork.data.api import export
+
+        return export(self.platform, to, since)
+
+    def audit_compact(self, to: str, older_than_days: float | None = None, upto_seq: int | None = None
+                      ) -> dict[str, Any]:
+        from stitchwork.data.api import compact
+
+        return compact(self.platform, to, older_than_days, upto_seq)
+
+    def data_retention(self) -> dict[str, int]:
+        from stitchwork.data.api import retain
+
+        return retain(self.platform)
 
     # secrets ------------------------------------------------------------------------------------------------
     async def secret_set(self, name: str, value: str, *, by: str) -> None:

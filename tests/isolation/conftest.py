@@ -3,33 +3,67 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from stitchwork.isolation._base import Sandbox, open_sandbox
+from stitchwork.isolation._base import SANDBOXES, Sandbox, open_sandbox
 
-BACKENDS = ("inline", "bwrap")
+BACKENDS = ("inline", "bwrap", "wasm", "gvisor")
+#: Backends that isolate (the hostile-code suite runs on each of them).
+ISOLATING = ("bwrap", "wasm", "gvisor")
 
 
 def backend_available(name: str) -> tuple[bool, str]:
-    """Whether backend ``name`` can run here (and why not)."""
-    if name == "bwrap":
-        from stitchwork.isolation.bwrap import BwrapSandbox
+    """Whether backend ``name`` can run here (and why not), as the backend itself says."""
+    try:
+        cls = SANDBOXES.load(f"{name}://")
+    except Exception as exc:  # a missing extra: ConfigError naming it
+        return False, str(exc)
+    ok, reason = cls.available()
+    return bool(ok), str(reason)
 
-        return BwrapSandbox.available()
-    return True, ""
+
+@pytest.fixture(scope="session")
+def _shared_wasm() -> Iterator[Sandbox | None]:
+    """One ``wasm://`` sandbox for the session: the module is loaded (and its pool warmed) once, not per test."""
+    ok, _ = backend_available("wasm")
+    if not ok:
+        yield None
+        return
+    from stitchwork.isolation.wasm import WasmSandbox
+
+    shared = WasmSandbox("wasm://")
+    shared.prepare()
+    yield shared
+    shared._shutdown()
+
+
+async def _open(name: str, request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
+    ok, reason = backend_available(name)
+    if not ok:
+        pytest.skip(f"{name}:// unavailable: {reason}")
+    if name == "wasm":
+        shared = request.getfixturevalue("_shared_wasm")
+        assert shared is not None
+        yield shared
+        return
+    async with open_sandbox(f"{name}://") as opened:
+        yield opened
 
 
 @pytest.fixture(params=BACKENDS)
 async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     """Each supported backend in turn; unsupported ones are skipped with the backend's own reason."""
-    name: str = request.param
-    ok, reason = backend_available(name)
-    if not ok:
-        pytest.skip(f"{name}:// unavailable: {reason}")
-    async with open_sandbox(f"{name}://") as opened:
+    async for opened in _open(request.param, request):
+        yield opened
+
+
+@pytest.fixture(params=ISOLATING)
+async def isolating_sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
+    """Each supported backend that isolates (not the in-process double)."""
+    async for opened in _open(request.param, request):
         yield opened
 
 

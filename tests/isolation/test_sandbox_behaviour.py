@@ -75,6 +75,13 @@ def call(tool: Path, function: str, **args: object) -> PythonCall:
     return PythonCall(tool, function, {"args": args})
 
 
+def program(sandbox: Sandbox, native: tuple[str, ...], python: str, stdin: bytes = b"") -> Command:
+    """``native`` where the backend runs host programs, else the same behaviour as ``python3 -c python``."""
+    if sandbox.native_commands:
+        return Command(native, stdin=stdin)
+    return Command(("python3", "-c", python), stdin=stdin)
+
+
 async def test_python_call_returns_value(sandbox: Sandbox, make_tool: ToolFactory) -> None:
     result = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "add", a=2, b=3)))
 
@@ -135,7 +142,8 @@ async def test_prints_go_to_stderr_not_into_the_value(sandbox: Sandbox, make_too
 
 
 async def test_command_stdout_stderr_and_exit_code(sandbox: Sandbox, workdir: Path) -> None:
-    spec = SandboxSpec(Command(("/bin/sh", "-c", "echo out; echo err >&2; exit 7")), workdir=workdir)
+    python = "import sys; print('out'); print('err', file=sys.stderr); sys.exit(7)"
+    spec = SandboxSpec(program(sandbox, ("/bin/sh", "-c", "echo out; echo err >&2; exit 7"), python), workdir=workdir)
 
     result = await sandbox.run(spec)
 
@@ -144,7 +152,9 @@ async def test_command_stdout_stderr_and_exit_code(sandbox: Sandbox, workdir: Pa
 
 
 async def test_command_reads_stdin_and_runs_in_workdir(sandbox: Sandbox, workdir: Path) -> None:
-    spec = SandboxSpec(Command(("/bin/sh", "-c", "cat > in.txt; cat in.txt"), stdin=b"hello\n"), workdir=workdir)
+    python = "import sys; open('in.txt', 'w').write(sys.stdin.read()); print(open('in.txt').read(), end='')"
+    native = ("/bin/sh", "-c", "cat > in.txt; cat in.txt")
+    spec = SandboxSpec(program(sandbox, native, python, stdin=b"hello\n"), workdir=workdir)
 
     result = await sandbox.run(spec)
 
@@ -157,7 +167,15 @@ async def test_env_is_visible_inside(sandbox: Sandbox, make_tool: ToolFactory, w
     env = {"STITCHWORK_SECRET_DEMO": "s3cr3t-value"}
     python = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "read_env", name="STITCHWORK_SECRET_DEMO"), env=env))
     command = await sandbox.run(
-        SandboxSpec(Command(("/bin/sh", "-c", 'printf %s "$STITCHWORK_SECRET_DEMO"')), workdir=workdir, env=env)
+        SandboxSpec(
+            program(
+                sandbox,
+                ("/bin/sh", "-c", 'printf %s "$STITCHWORK_SECRET_DEMO"'),
+                "import os, sys; sys.stdout.write(os.environ['STITCHWORK_SECRET_DEMO'])",
+            ),
+            workdir=workdir,
+            env=env,
+        )
     )
 
     assert python.value == "s3cr3t-value", python
@@ -173,7 +191,8 @@ async def test_nothing_else_of_the_host_env_is_visible(
     env = {"GRANTED": "yes"}
 
     python = await sandbox.run(SandboxSpec(call(make_tool(TOOL), "whole_env"), env=env))
-    command = await sandbox.run(SandboxSpec(Command(("/usr/bin/env",)), workdir=workdir, env=env))
+    env_program = program(sandbox, ("/usr/bin/env",), "import os\nfor k, v in os.environ.items(): print(f'{k}={v}')")
+    command = await sandbox.run(SandboxSpec(env_program, workdir=workdir, env=env))
 
     assert python.value["GRANTED"] == "yes"
     assert set(python.value) <= {"GRANTED"} | ALLOWED_DEFAULT_ENV, python.value
@@ -200,7 +219,17 @@ async def test_command_timeout_kills_the_whole_sandbox(sandbox: Sandbox, workdir
     script = (
         "(while true; do echo child >> ticks; sleep 0.05; done) & while true; do echo parent >> ticks; sleep 0.05; done"
     )
-    spec = SandboxSpec(Command(("/bin/sh", "-c", script)), workdir=workdir, limits=Limits(timeout_s=0.5))
+    python = (  # WASI has neither processes nor threads: only the parent loop
+        "import time\n"
+        "while True:\n"
+        "    with open('ticks', 'a') as f: f.write('parent\\n')\n"
+        "    time.sleep(0.05)\n"
+    )
+    # gVisor boots its kernel first (0.2 s idle, seconds on a loaded host): give the program time to start ticking.
+    timeout = 3.0 if sandbox.uri.startswith("gvisor") else 0.5
+    spec = SandboxSpec(
+        program(sandbox, ("/bin/sh", "-c", script), python), workdir=workdir, limits=Limits(timeout_s=timeout)
+    )
 
     result = await sandbox.run(spec)
     await asyncio.sleep(0.3)
@@ -224,7 +253,8 @@ async def test_python_output_cap_truncates(sandbox: Sandbox, make_tool: ToolFact
 
 
 async def test_command_output_cap_truncates(sandbox: Sandbox, workdir: Path) -> None:
-    spec = SandboxSpec(Command(("/usr/bin/yes",)), workdir=workdir, limits=Limits(max_output_bytes=10_000))
+    yes = program(sandbox, ("/usr/bin/yes",), "while True: print('y')")
+    spec = SandboxSpec(yes, workdir=workdir, limits=Limits(max_output_bytes=10_000))
 
     started = time.perf_counter()
     result = await sandbox.run(spec)

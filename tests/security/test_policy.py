@@ -141,7 +141,7 @@ def test_read_is_allowed_for_every_agent(engine: PolicyEngine) -> None:
 def test_external_untainted_is_allowed(engine: PolicyEngine) -> None:
     decision = engine.decide(call("send_email"))
     assert decision == Decision(
-        Effect.ALLOW, ("external-permit",), ("permit external-permit (default/external.cedar:12)",), ()
+        Effect.ALLOW, ("external-permit",), ("permit external-permit (default/external.cedar:20)",), ()
     )
 
 
@@ -151,9 +151,23 @@ def test_external_tainted_target_is_denied_even_when_approved(engine: PolicyEngi
         assert decision == Decision(
             Effect.DENY,
             ("external-tainted-target",),
-            ("forbid external-tainted-target (default/external.cedar:20)",),
+            ("forbid external-tainted-target (default/external.cedar:28)",),
             (),
         )
+
+
+def test_external_target_from_a_record_asks_and_approval_allows(engine: PolicyEngine) -> None:
+    request = call("send_email", tainted=["to"], target_tainted=True)
+    taint = dict(request.context["taint"], target_level="record")
+    asked = engine.decide(Request(request.agent, request.tool, request.target, {**request.context, "taint": taint}))
+    assert asked.effect is Effect.ASK
+    assert asked.policy_ids == ("external-record-target",)
+    approved = {**request.context, "taint": taint, "approved": True}
+    assert engine.decide(Request(request.agent, request.tool, request.target, approved)).effect is Effect.ALLOW
+    for level in ("prose", "unattributed"):
+        hard = {**request.context, "taint": dict(taint, target_level=level), "approved": True}
+        denied = engine.decide(Request(request.agent, request.tool, request.target, hard))
+        assert denied.policy_ids == ("external-tainted-target",)
 
 
 def test_external_tainted_body_asks_and_approval_allows(engine: PolicyEngine) -> None:
@@ -295,7 +309,7 @@ def test_schema_and_describe(engine: PolicyEngine) -> None:
         "effect": "forbid",
         "file": "default/external.cedar",
         "path": str(builtin_policy_dir() / "external.cedar"),
-        "line": "20",
+        "line": "28",
         "annotations": '@id("external-tainted-target")',
     }
     assert (

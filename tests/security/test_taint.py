@@ -15,7 +15,9 @@ def test_value_from_untrusted_content_is_tainted() -> None:
     taint = tracker.check({"to": "attacker@evil.example", "subject": "hello"})
     assert taint.args == frozenset({"to"})
     assert taint.sources == frozenset({"tool:read_email"})
-    assert taint.context("to") == {"any": True, "target": True, "args": ["to"], "sources": ["tool:read_email"]}
+    assert taint.context("to") == {
+        "any": True, "target": True, "target_level": "prose", "args": ["to"], "sources": ["tool:read_email"]
+    }
 
 
 def test_grounded_in_trusted_input_is_not_tainted() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,11 +55,32 @@ class Model(ABC):
     ) -> ModelTurn:
         """Returns the model's next turn."""
 
+    async def chat(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """One OpenAI ``chat.completion`` for a request body; by default built from :meth:`complete`."""
+        from stitchwork.compute._wire import completion_from_turn
+
+        turn = await self.complete(request.get("messages") or (), request.get("tools") or ())
+        return completion_from_turn(turn, str(request.get("model") or turn.model))
+
+    async def chat_stream(self, request: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI ``chat.completion.chunk`` objects; by default the whole of :meth:`chat` as chunks."""
+        from stitchwork.compute._wire import chunks_from_completion
+
+        for chunk in chunks_from_completion(await self.chat(request)):
+            yield chunk
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Releases connections."""
 
 
-MODELS = Registry("model", {"scripted": ("stitchwork.compute.scripted:ScriptedModel", None)})
+MODELS = Registry("model", {
+    "scripted": ("stitchwork.compute.scripted:ScriptedModel", None),
+    "openai+http": ("stitchwork.compute.openai:OpenAICompatModel", None),
+    "openai+https": ("stitchwork.compute.openai:OpenAICompatModel", None),
+    "runpod": ("stitchwork.compute.runpod:RunPodModel", None),
+    "llamacpp": ("stitchwork.compute.llamacpp:LlamaCppModel", None),
+    "router": ("stitchwork.compute.router:RoutedModel", None),
+})
 
 
 def open_model(uri: str, **options: Any) -> Model:

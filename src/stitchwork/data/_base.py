@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from stitchwork._registry import Registry
+from stitchwork.data.schema import Table
 
 
 class Store(ABC):
     """A SQL store. SQL is DuckDB's dialect (standard SQL with ``CREATE TABLE IF NOT EXISTS``)."""
 
     uri: str
+    dialect: str = "duckdb"
+    """SQL dialect of analytical queries beyond the platform's portable subset: "duckdb" or "clickhouse"."""
 
     @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
@@ -29,6 +32,11 @@ class Store(ABC):
     @abstractmethod
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Runs a query and returns rows as dicts."""
+
+    def ensure(self, table: Table) -> None:
+        """Creates ``table`` (and its indexes) if it does not exist; engines render their own DDL."""
+        for statement in table.duckdb_ddl():
+            self.execute(statement)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases the database."""
@@ -48,11 +56,14 @@ STORES = Registry(
     {
         "duckdb": ("stitchwork.data.duckdb:DuckDBStore", None),
         "memory": ("stitchwork.data.duckdb:DuckDBStore", None),
+        "chdb": ("stitchwork.data.chdb:ChdbStore", "chdb"),
+        "clickhouse": ("stitchwork.data.clickhouse:ClickHouseStore", "clickhouse"),
     },
 )
 
 
 def open_store(uri: str, **options: Any) -> Store:
-    """Opens the store named by ``uri`` (``duckdb:///path``, ``memory://``)."""
+    """Opens the store named by ``uri`` (``duckdb:///path``, ``memory://``, ``chdb:///path``,
+    ``clickhouse://host:8123/db``)."""
     store: Store = STORES.load(uri)(uri, **options)
     return store

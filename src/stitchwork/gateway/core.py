@@ -11,6 +11,7 @@ Every refusal on the way is audited and returned to the agent as a structured er
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -18,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stitchwork.compute._base import Model, ModelTurn
 from stitchwork.errors import (
@@ -30,6 +31,7 @@ from stitchwork.errors import (
     StitchworkError,
     UnknownAgent,
 )
+from stitchwork.gateway.idempotency import IdempotencyLedger
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
 from stitchwork.security.approvals import ApprovalStore
 from stitchwork.security.audit import AuditLog
@@ -38,7 +40,10 @@ from stitchwork.security.policy import Decision, Effect, PolicyEngine, Request
 from stitchwork.security.redact import Redactor
 from stitchwork.security.taint import ArgumentTaint, Label, ProvenanceTracker
 from stitchwork.security.vault import Vault
-from stitchwork.tools.manifest import ToolManifest, ToolRegistry
+from stitchwork.tools.manifest import SideEffect, ToolManifest, ToolRegistry
+
+if TYPE_CHECKING:
+    from stitchwork.compute.gateway import ModelGateway
 
 SECRET_REF = re.compile(r"secret://([A-Za-z0-9_.-]{1,128})")
 
@@ -120,8 +125,11 @@ class Gateway:
         limits: Limits,
         trusted_sources: frozenset[str] = frozenset(),
         audience: str | None = None,
+        idempotency: IdempotencyLedger | None = None,
     ) -> None:
         self.tokens = tokens
+        self.idempotency = idempotency
+        """Durable outcomes of side-effecting calls by idempotency key (``None``: this process only)."""
         self.policy = policy
         self.audit = audit
         self.approvals = approvals
@@ -135,6 +143,8 @@ class Gateway:
         self.runs: dict[str, RunContext] = {}
         self._sandboxes: dict[str, Sandbox] = {}
         self.redactor = Redactor({})
+        self.models: ModelGateway | None = None
+        """The model gateway (policy, provider keys, routing, metering); set by the platform."""
         self.refresh_secrets()
 
     # -- set-up -----------------------------------------------------------------------------------------------
@@ -174,6 +184,8 @@ class Gateway:
         self.runs.pop(run_id, None)
 
     async def aclose(self) -> None:
+        if self.models is not None:
+            await self.models.aclose()
         for sandbox in self._sandboxes.values():
             await sandbox.aclose()
         self._sandboxes.clear()
@@ -226,6 +238,18 @@ class Gateway:
 
         if idempotency_key and idempotency_key in run.idempotent:
             return run.idempotent[idempotency_key]
+        durable_key = bool(idempotency_key and self.idempotency is not None and tool.side_effect is not SideEffect.READ)
+        if durable_key and self.idempotency is not None:
+            recorded = self.idempotency.get(run_id, idempotency_key)
+            if recorded is not None:
+                replayed = ToolOutcome(**{**recorded, "policy_ids": tuple(recorded.get("policy_ids", ()))})
+                run.idempotent[idempotency_key] = replayed
+                run.steps += 1
+                if replayed.content is not None:
+                    run.tracker.add(_content_text(replayed.content), Label(f"tool:{tool.name}", tool.trusted_output))
+                await self.audit.aappend("tool", **base, decision="replayed",
+                                         data={"idempotency_key": idempotency_key, "audit_seq": replayed.audit_seq})
+                return replayed
         run.steps += 1
         taint = run.tracker.check(args)
         target = str(args.get(tool.target, "")) if tool.target else ""
@@ -281,9 +305,13 @@ class Gateway:
         if used:
             self.audit.append_nowait("secret", **base, decision="allow", data={"secrets": sorted(used)})
 
+        if idempotency_key:
+            env["STITCHWORK_IDEMPOTENCY_KEY"] = idempotency_key
         outcome = await self._execute(run, tool, resolved, env, base, decision)
         if idempotency_key and outcome.status == "ok":
             run.idempotent[idempotency_key] = outcome
+            if durable_key and self.idempotency is not None:
+                self.idempotency.put(run_id, idempotency_key, dataclasses.asdict(outcome))
         return outcome
 
     async def _decide(
@@ -388,6 +416,8 @@ class Gateway:
         """One model call through the gateway: authenticated, secrets redacted from the prompt, audited."""
         claims = await self.authenticate(token, action="model")
         safe_messages = self.redactor.redact([dict(m) for m in messages])
+        if self.models is not None:
+            return await self.models.complete(claims, model, safe_messages, tools)
         started = time.perf_counter()
         try:
             turn = await model.complete(safe_messages, tools)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stitchwork._registry import Registry
 
@@ -100,6 +100,9 @@ class Sandbox(ABC):
     the sandbox itself cannot start."""
 
     uri: str
+    #: Whether :class:`Command` may name any program of the host (``False``: only what the backend documents,
+    #: e.g. ``wasm://`` runs the Python interpreter only).
+    native_commands: ClassVar[bool] = True
 
     @abstractmethod
     async def run(self, spec: SandboxSpec) -> SandboxResult:
@@ -125,6 +128,10 @@ SANDBOXES = Registry(
     {
         "inline": ("stitchwork.isolation.inline:InlineSandbox", None),
         "bwrap": ("stitchwork.isolation.bwrap:BwrapSandbox", "bwrap"),
+        "wasm": ("stitchwork.isolation.wasm:WasmSandbox", "wasm"),
+        "gvisor": ("stitchwork.isolation.gvisor:GvisorSandbox", "bwrap"),
+        "firecracker": ("stitchwork.isolation.firecracker:FirecrackerSandbox", None),
+        "nanos": ("stitchwork.isolation.nanos:NanosSandbox", None),
     },
 )
 

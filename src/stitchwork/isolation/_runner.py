@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import os
-import resource
 import sys
 import types
 
@@ -44,6 +43,13 @@ if TYPE_CHECKING:
 
 #: Path of this file inside a sandbox.
 SANDBOX_PATH = "/stitchwork/_runner.py"
+#: WASI has no ``dup2``, so fd 1 cannot be pointed at stderr there: the WASI entry point (:func:`wasi_main`)
+#: writes this marker before the result line, and the host takes what follows the last marker as the line.
+RESULT_MARKER = b"\n\x1estitchwork-result\x1e"
+#: Written to stdout by :func:`wasi_main` once the interpreter is ready and waits for its request.
+READY_MARKER = b"\x1estitchwork-ready\x1e"
+#: Modules :func:`wasi_main` imports while it waits, so tools that need them do not pay for them per call.
+WASI_PRELOAD = ("json", "time", "hashlib")
 
 
 # -- JSON without importing json (it pulls in re, enum, functools...) -----------------------------------------
@@ -199,6 +205,10 @@ def encode_error(exc: BaseException, extra: dict[str, Any] | None = None) -> byt
 
 def _usage() -> dict[str, Any]:
     """CPU seconds and peak RSS of this process and the children it reaped."""
+    try:
+        import resource
+    except ImportError:  # WASI: the host measures usage
+        return {}
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     return {"usage": {"cpu_s": round(cpu, 6), "max_rss_kb": max(own.ru_maxrss, children.ru_maxrss)}}
@@ -212,12 +222,36 @@ def _run_request(raw: bytes) -> Any:
     if not isinstance(path, str) or not isinstance(function, str):
         raise TypeError("request needs string fields 'file' and 'function'")
     args = call_args(request.get("payload", {}))
+    env = request.get("env")
+    if isinstance(env, dict):  # a pre-started interpreter (wasm:// warm pool) learns its environment here
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in env.items()})
     value = resolve_function(load_module(path, "tool"), function)(**args)
     if isinstance(value, types.CoroutineType):
-        import asyncio  # only when needed: ~10 ms of start-up
-
-        value = asyncio.run(value)
+        value = _run_coroutine(value)
     return value
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    import asyncio  # only when needed: ~10 ms of start-up
+
+    if sys.platform != "wasi":
+        return asyncio.run(coroutine)
+
+    class _WasiLoop(asyncio.SelectorEventLoop):
+        """No self-pipe: WASI has no socketpair (nothing here wakes the loop from another thread)."""
+
+        def _make_self_pipe(self) -> None:
+            self._ssock = self._csock = None
+
+        def _close_self_pipe(self) -> None:
+            pass
+
+        def _write_to_self(self) -> None:
+            pass
+
+    with asyncio.Runner(loop_factory=_WasiLoop) as runner:
+        return runner.run(coroutine)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -234,7 +268,12 @@ def main() -> int:
     sys.stdout = sys.stderr
     main_pid = os.getpid()
     try:
-        value = _run_request(sys.stdin.buffer.read())
+        if len(sys.argv) > 1:  # a request file (unikernels have no stdin)
+            with open(sys.argv[1], "rb") as handle:
+                raw = handle.read()
+        else:
+            raw = sys.stdin.buffer.read()
+        value = _run_request(raw)
     except BaseException as exc:  # the result line must report everything, SystemExit included
         line = encode_error(exc, _usage())
     else:
@@ -251,5 +290,34 @@ def main() -> int:
     return 0
 
 
+def wasi_main() -> int:
+    """The entry point under WASI (``wasm://``): like :func:`main`, with the result after :data:`RESULT_MARKER`.
+
+    It imports :data:`WASI_PRELOAD`, writes :data:`READY_MARKER` to stdout and then blocks reading one request
+    line from stdin, so a host can start interpreters ahead of time and hand each one request.
+    """
+    sys.stdout = sys.stderr
+    for name in WASI_PRELOAD:
+        try:  # noqa: SIM105 - contextlib would cost an import at every start
+            __import__(name)
+        except ImportError:
+            pass
+    _write_all(1, READY_MARKER)
+    raw = sys.stdin.buffer.readline()
+    try:
+        os.chdir("/work")
+        value = _run_request(raw)
+    except BaseException as exc:
+        line = encode_error(exc)
+    else:
+        line = encode_ok(value)
+    try:  # noqa: SIM105
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    _write_all(1, RESULT_MARKER + line)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(wasi_main() if sys.platform == "wasi" else main())

@@ -4,7 +4,8 @@ A :class:`~stitchwork.isolation.PythonCall` runs inside the calling process: the
 module by :func:`stitchwork.isolation._runner.load_module` (the sandbox runner's own loader; a source-file spec
 from :mod:`importlib.machinery`), cached per path, modification time and size (the file is re-checked at most
 once a second), and the function is called with the same request shaping as the real sandboxes (the payload
-and the result make a JSON round trip through the runner's encoder, so tuples become lists and unencodable values ``repr`` strings). A
+and the result make a JSON round trip through the runner's encoder, so tuples become lists and unencodable
+values ``repr`` strings). A
 :class:`~stitchwork.isolation.Command` runs as a plain subprocess. Use it for tests, demos and the gateway
 benchmark; never for untrusted code.
 

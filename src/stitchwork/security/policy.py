@@ -96,7 +96,8 @@ class Request:
         tool: The tool's name (the action).
         target: The value of the tool's target argument, ``""`` when it has none (the resource).
         context: ``approved`` (bool, default false), ``taint`` (``any``, ``target``, ``args``, ``sources``;
-            required), ``budget`` (``steps``, ``max_steps``; required), ``time`` (``unix``, ``hour``,
+            required; ``target_level`` optional, ``"prose"`` when the target is tainted and it is absent),
+            ``budget`` (``steps``, ``max_steps``; required), ``time`` (``unix``, ``hour``,
             ``weekday`` with Monday = 0; default: now, local time) and ``args`` (the call's arguments).
             ``side_effect`` is always taken from the tool's declaration, whatever the caller passes.
     """
@@ -316,7 +317,10 @@ namespace {NAMESPACE} {{
   // Which parts of the call came from untrusted content.
   //   any: some argument is tainted; target: the target argument is;
   //   args: names of tainted arguments; sources: where the taint came from, e.g. "tool:read_inbox".
-  type Taint = {{ any: Bool, target: Bool, args: Set<String>, sources: Set<String> }};
+  //   target_level: how the target was found in untrusted content: "" (not tainted), "record" (only as a
+  //   whole short field of structured output, e.g. a listed user or a mail's sender), "prose" (inside free
+  //   text: where injected instructions live), "unattributed" (an address found in no content at all).
+  type Taint = {{ any: Bool, target: Bool, target_level: String, args: Set<String>, sources: Set<String> }};
   // Steps taken by the run so far (this call included) and the run's limit.
   type Budget = {{ steps: Long, max_steps: Long }};
   // When the call is made: unix seconds, local hour 0-23, weekday 0 (Monday) to 6 (Sunday).
@@ -464,6 +468,7 @@ def _cedar_context(tool: _Tool, context: Mapping[str, Any]) -> dict[str, Any]:
         "taint": {
             "any": bool(taint.get("any")) or taint_target or bool(taint_args),
             "target": taint_target,
+            "target_level": (str(taint.get("target_level") or "prose") if taint_target else ""),
             "args": taint_args,
             "sources": _string_set(taint.get("sources"), "taint.sources"),
         },

@@ -15,6 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from stitchwork.compute.http import RUN_TOKEN_PATHS
+from stitchwork.compute.http import mount as _mount_compute
+from stitchwork.data.api import mount as _mount_data
 from stitchwork.errors import (
     ApprovalError,
     AuthError,
@@ -27,6 +30,7 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
+from stitchwork.messaging.web import mount as _mount_messaging
 from stitchwork.service import Service
 
 STATUS = {
@@ -89,7 +93,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         token = _bearer(request)
-        if request.url.path.startswith("/v1/agent/"):
+        if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
             request.state.run_token = token
             return await call_next(request)
         if not token or not service.check_operator_token(token):
@@ -180,4 +184,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
         return JSONResponse(body, status_code=code)
 
     # Layer routes mount here, one line each: ``mount(app, service)``.
+    _mount_compute(app, service)
+    _mount_data(app, service)
+    _mount_messaging(app, service)
     return app

@@ -1,0 +1,279 @@
+"""The model gateway: every model call of an agent, in-process (:meth:`Gateway.complete`) or over HTTP
+(``/v1/chat/completions``, ``/v1/models``, OpenAI-compatible, streaming too), passes here.
+
+One call::
+
+    authenticate (run token) → redact secrets from the prompt → Cedar (action "model_call": allowlist, token
+    and cost budgets) → inject the provider key from the vault and route → redact the answer → meter tokens
+    and cost → audit (prompt and completion hashes; full text only with [compute] record_text)
+
+Agents never hold provider keys: deployments name ``secret://`` references that only resolve inside a call.
+The completion event is queued on the audit chain without waiting for its fsync (a model call changes nothing
+in the world; refusals are awaited durably), so the gateway adds little latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stitchwork.compute._base import Model, ModelTurn, Usage
+from stitchwork.compute._keys import provider_keys
+from stitchwork.compute._wire import turn_from_completion, usage_from
+from stitchwork.compute.router import Deployment, Routed, RoutedModel, Router, RouterSettings, parse_deployments
+from stitchwork.config import ComputeConfig
+from stitchwork.errors import ConfigError, ModelError, PolicyDenied, StitchworkError
+from stitchwork.security.identity import TokenClaims
+from stitchwork.security.policy import Effect, Request, ToolAction
+
+if TYPE_CHECKING:
+    from stitchwork.gateway.core import Gateway
+
+MODEL_ACTION = "model_call"
+_ARGS = {"model_name": "string", "model_listed": "boolean", "model_tokens_used": "integer",
+         "model_max_tokens": "integer", "model_cost_used_microusd": "integer", "model_max_cost_microusd": "integer"}
+MODEL_TOOL_ACTION = ToolAction(MODEL_ACTION, "external", {
+    "type": "object", "required": list(_ARGS), "properties": {k: {"type": v} for k, v in _ARGS.items()},
+})
+"""The Cedar action of model calls; the platform registers it with the tools."""
+
+
+@dataclass(frozen=True)
+class AgentModels:
+    """What one agent may do with models (``[compute.agents.<name>]``, or ``"*"``)."""
+
+    models: tuple[str, ...] | None = None
+    """Allowed model names; None allows all."""
+    max_tokens: int = 0
+    max_cost_usd: float = 0.0
+
+
+@dataclass
+class Meter:
+    """Usage of one agent."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    calls: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _agent_limits(raw: Mapping[str, Any]) -> dict[str, AgentModels]:
+    out: dict[str, AgentModels] = {}
+    for name, table in raw.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"compute.agents.{name} must be a table")
+        if unknown := sorted(set(table) - {"models", "max_tokens", "max_cost_usd"}):
+            raise ConfigError(f"compute.agents.{name}: unknown key(s) {', '.join(unknown)}")
+        models = table.get("models")
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+            raise ConfigError(f"compute.agents.{name}.models must be a list of model names")
+        try:
+            out[name] = AgentModels(tuple(models) if models is not None else None, int(table.get("max_tokens", 0)),
+                                    float(table.get("max_cost_usd", 0.0)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"compute.agents.{name}: {exc}") from exc
+    return out
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+class ModelGateway:
+    """Policy, keys, routing, metering and audit for model calls."""
+
+    def __init__(self, gateway: Gateway, config: ComputeConfig, router: Router | None = None) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.router = router or Router(
+            parse_deployments(config.deployments),
+            RouterSettings(strategy=config.strategy, retries=config.retries, backoff_s=config.backoff_s,
+                           cooldown_s=config.cooldown_s, failures_to_cooldown=config.failures_to_cooldown,
+                           affinity=config.affinity,
+                           fallbacks={k: tuple(v) for k, v in config.fallbacks.items()}),
+        )
+        self.limits = _agent_limits(config.agents)
+        self.meters: dict[str, Meter] = {}
+
+    async def aclose(self) -> None:
+        await self.router.aclose()
+
+    # -- policy -----------------------------------------------------------------------------------------------
+
+    def limits_for(self, agent: str) -> AgentModels:
+        return self.limits.get(agent) or self.limits.get("*") or AgentModels()
+
+    def models_for(self, agent: str) -> list[str]:
+        allowed = self.limits_for(agent).models
+        return [m for m in self.router.models() if allowed is None or m in allowed]
+
+    async def _admit(self, claims: TokenClaims, name: str) -> None:
+        limits = self.limits_for(claims.agent)
+        meter = self.meters.setdefault(claims.agent, Meter())
+        now = time.time()
+        local = time.localtime(now)
+        args = {
+            "model_name": name, "model_listed": limits.models is None or name in limits.models,
+            "model_tokens_used": meter.tokens, "model_max_tokens": limits.max_tokens,
+            "model_cost_used_microusd": int(meter.cost_usd * 1_000_000),
+            "model_max_cost_microusd": int(limits.max_cost_usd * 1_000_000),
+        }
+        context = {"side_effect": "external", "approved": False,
+                   "taint": {"any": False, "target": False, "args": [], "sources": []},
+                   "budget": {"steps": 0, "max_steps": 1},
+                   "time": {"unix": int(now), "hour": local.tm_hour, "weekday": local.tm_wday}, "args": args}
+        decision = await self.gateway.policy.adecide(
+            Request(agent=claims.agent, tool=MODEL_ACTION, target=name, context=context))
+        if decision.effect is not Effect.ALLOW:
+            await self.gateway.audit.aappend(
+                "model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION, decision="deny",
+                data={"model": name, "policy_ids": list(decision.policy_ids), "reasons": list(decision.reasons),
+                      "tokens_used": meter.tokens, "cost_usd": round(meter.cost_usd, 6)})
+            raise PolicyDenied(f"model call to {name!r} denied: {'; '.join(decision.reasons) or 'no policy permits'}",
+                               policy_ids=decision.policy_ids)
+
+    # -- accounting -------------------------------------------------------------------------------------------
+
+    def _record(self, claims: TokenClaims, name: str, prompt: Any, completion: Mapping[str, Any],
+                deployment: Deployment | None, attempts: int, started: float, *, stream: bool) -> Usage:
+        usage = usage_from(completion.get("usage"))
+        cost = deployment.cost_usd(usage.prompt_tokens, usage.completion_tokens) if deployment else 0.0
+        meter = self.meters.setdefault(claims.agent, Meter())
+        meter.prompt_tokens += usage.prompt_tokens
+        meter.completion_tokens += usage.completion_tokens
+        meter.cost_usd += cost
+        meter.calls += 1
+        message = ((completion.get("choices") or [{}])[0]).get("message") or {}
+        data: dict[str, Any] = {
+            "model": name, "deployment": deployment.id if deployment else "", "attempts": attempts,
+            "stream": stream, "prompt_sha256": _digest(prompt), "completion_sha256": _digest(message),
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "cost_usd": round(cost, 8), "tool_calls": [(c.get("function") or {}).get("name")
+                                                       for c in message.get("tool_calls") or ()],
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if self.config.record_text:
+            data["prompt"] = prompt
+            data["completion"] = message
+        self.gateway.audit.append_nowait("model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION,
+                                         decision="ok", data=data)
+        return usage
+
+    async def _failed(self, claims: TokenClaims, name: str, exc: StitchworkError) -> None:
+        await self.gateway.audit.aappend(
+            "model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION, decision="error",
+            data={"model": name, "error": exc.code, "reason": self.gateway.redactor.redact_text(str(exc))})
+
+    # -- calls ------------------------------------------------------------------------------------------------
+
+    def _target(self, model: Model | str) -> tuple[str, Model | None]:
+        """The model name for policy and, for a model that is not routed, the model itself."""
+        if isinstance(model, str):
+            return model, None
+        if isinstance(model, RoutedModel):
+            return model.name, None
+        return model.uri.split("?", 1)[0], model
+
+    async def _chat(self, name: str, direct: Model | None, request: Mapping[str, Any]) -> Routed:
+        with provider_keys(self.gateway.vault.get):
+            if direct is not None:
+                return Routed(await direct.chat(request), Deployment(name, direct.uri, name), 1)
+            return await self.router.chat(name, request)
+
+    async def complete(self, claims: TokenClaims, model: Model, messages: Sequence[Mapping[str, Any]],
+                       tools: Sequence[Mapping[str, Any]]) -> ModelTurn:
+        """The in-process path (the agent loop): ``messages`` are already redacted by the gateway."""
+        name, direct = self._target(model)
+        await self._admit(claims, name)
+        request: dict[str, Any] = {"model": name, "messages": list(messages)}
+        if tools:
+            request["tools"] = list(tools)
+        started = time.perf_counter()
+        try:
+            routed = await self._chat(name, direct, request)
+            completion = self.gateway.redactor.redact(routed.completion)
+            turn = turn_from_completion(completion)
+        except StitchworkError as exc:
+            await self._failed(claims, name, exc)
+            raise
+        self._record(claims, name, request["messages"], completion, routed.deployment, routed.attempts, started,
+                     stream=False)
+        return turn
+
+    async def _prepare_http(self, token: str | None, body: Mapping[str, Any]) -> tuple[TokenClaims, str,
+                                                                                         dict[str, Any]]:
+        claims = await self.gateway.authenticate(token, action=MODEL_ACTION)
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise ModelError("the request names no model; GET /v1/models lists them")
+        if name not in self.router:
+            raise ModelError(f"unknown model {name!r}; known: {', '.join(self.models_for(claims.agent)) or 'none'}")
+        await self._admit(claims, name)
+        request = self.gateway.redactor.redact(dict(body))
+        return claims, name, request
+
+    async def chat(self, token: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/chat/completions`` without streaming."""
+        claims, name, request = await self._prepare_http(token, body)
+        started = time.perf_counter()
+        try:
+            routed = await self._chat(name, None, request)
+        except StitchworkError as exc:
+            await self._failed(claims, name, exc)
+            raise
+        completion: dict[str, Any] = self.gateway.redactor.redact(routed.completion)
+        completion["model"] = name
+        self._record(claims, name, request.get("messages"), completion, routed.deployment, routed.attempts, started,
+                     stream=False)
+        return completion
+
+    async def chat_stream(self, token: str | None, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """``POST /v1/chat/completions`` with ``stream: true``: chunks as they come (authentication, policy and
+        routing errors are raised before the first chunk)."""
+        claims, name, request = await self._prepare_http(token, body)
+        started = time.perf_counter()
+        routed: list[Routed] = []
+        redactor = self.gateway.redactor
+        chunks = aiter(self.router.chat_stream(name, request, routed))
+        try:
+            while True:
+                # The key scope is entered per step: a streaming response resumes this generator in other tasks.
+                with provider_keys(self.gateway.vault.get):
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                chunk["model"] = name
+                yield redactor.redact(chunk) if redactor.contains_secret(json.dumps(chunk)) else chunk
+        except StitchworkError as exc:
+            await self._failed(claims, name, exc)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):  # the agent went away mid-stream
+            self.gateway.audit.append_nowait(
+                "model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION, decision="cancelled",
+                data={"model": name, "stream": True, "prompt_sha256": _digest(request.get("messages")),
+                      "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+            raise
+        if routed:
+            self._record(claims, name, request.get("messages"), routed[0].completion, routed[0].deployment,
+                         routed[0].attempts, started, stream=True)
+
+
+def attach(gateway: Gateway, config: ComputeConfig) -> ModelGateway:
+    """Builds the model gateway for ``gateway`` and routes :meth:`Gateway.complete` through it."""
+    models = ModelGateway(gateway, config)
+    gateway.models = models
+    return models
+
+
+__all__ = ["MODEL_ACTION", "MODEL_TOOL_ACTION", "AgentModels", "Meter", "ModelGateway", "attach"]

@@ -1,0 +1,120 @@
+"""HTTP routes of the model gateway: OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models`` for agents
+(run token), also under ``/v1/agent/`` (so ``base_url=http://host:8470/v1/agent`` works too), and
+``/v1/compute/deployments`` (operator token) with the router's health, cooldown and load, and usage per agent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from stitchwork.compute.gateway import ModelGateway
+from stitchwork.errors import AuthError, ModelRejected, ModelUnavailable, PolicyDenied, StitchworkError
+from stitchwork.service import Service
+
+RUN_TOKEN_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
+"""Paths outside ``/v1/agent/`` that authenticate with a run token (the control plane's middleware lets them by)."""
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _status(exc: StitchworkError) -> int:
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, PolicyDenied):
+        return 403
+    if isinstance(exc, ModelUnavailable):
+        return 503
+    if isinstance(exc, ModelRejected) and exc.status in {400, 404, 413, 422}:
+        return exc.status
+    return 400
+
+
+def openai_error(exc: StitchworkError, models: ModelGateway) -> JSONResponse:
+    """An error in the OpenAI shape (``{"error": {"message", "type", "code"}}``), secrets redacted."""
+    error: dict[str, Any] = {"message": models.gateway.redactor.redact_text(str(exc)), "type": exc.code,
+                             "code": exc.code}
+    if isinstance(exc, PolicyDenied):
+        error["policy_ids"] = list(exc.policy_ids)
+    return JSONResponse({"error": error}, status_code=_status(exc))
+
+
+def mount(app: FastAPI, service: Service) -> None:
+    """Adds the model gateway's routes to the control plane."""
+
+    def models() -> ModelGateway:
+        gateway = service.platform.gateway.models
+        if gateway is None:
+            raise StitchworkError("the model gateway is not configured")
+        return gateway
+
+    async def chat_completions(request: Request) -> Response:
+        gateway = models()
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request_error",
+                                           "code": "invalid_json"}}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": {"message": "body must be an object", "type": "invalid_request_error",
+                                           "code": "invalid_json"}}, status_code=400)
+        token = _bearer(request)
+        try:
+            if not body.get("stream"):
+                return JSONResponse(await gateway.chat(token, body))
+            chunks = gateway.chat_stream(token, body)
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        except StitchworkError as exc:
+            return openai_error(exc, gateway)
+
+        async def sse() -> AsyncIterator[bytes]:
+            if first is not None:
+                yield b"data: " + json.dumps(first).encode() + b"\n\n"
+            try:
+                async for chunk in chunks:
+                    yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            except StitchworkError as exc:
+                error = {"error": {"message": gateway.gateway.redactor.redact_text(str(exc)), "type": exc.code}}
+                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                return
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def list_models(request: Request) -> Response:
+        gateway = models()
+        try:
+            claims = await gateway.gateway.authenticate(_bearer(request), action="model_list")
+        except AuthError as exc:
+            return openai_error(exc, gateway)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "stitchwork"}
+                for name in gateway.models_for(claims.agent)]
+        return JSONResponse({"object": "list", "data": data})
+
+    for prefix in ("/v1", "/v1/agent"):
+        app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"],
+                          summary="OpenAI-compatible chat completions (run token)")
+        app.add_api_route(prefix + "/models", list_models, methods=["GET"], summary="Models this agent may use")
+
+    @app.get("/v1/compute/deployments")
+    async def deployments() -> dict[str, Any]:
+        """Router health, cooldown and load per deployment; usage and cost per agent."""
+        gateway = models()
+        return {
+            "strategy": gateway.router.settings.strategy,
+            "deployments": gateway.router.state(),
+            "usage": {agent: {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+                              "cost_usd": round(m.cost_usd, 8), "calls": m.calls}
+                      for agent, m in gateway.meters.items()},
+        }
+
+
+__all__ = ["RUN_TOKEN_PATHS", "mount"]

@@ -1,0 +1,157 @@
+"""Commands of the messaging layer: ``stitchwork worker``, ``submit`` and ``kafka-export``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from stitchwork.config import load_config
+from stitchwork.errors import StitchworkError
+
+console = Console()
+err = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``worker`` and ``submit`` to the ``stitchwork`` command line."""
+
+    @app.command()
+    def worker(
+        bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus, or the one `up` started)."),
+        concurrency: int = typer.Option(None, "--concurrency", help="Runs driven at a time (default 4)."),
+        name: str = typer.Option("", "--name", help="Worker name (default host-pid); its state dir is "
+                                 "<state>/workers/<name>."),
+        ack_wait: float = typer.Option(None, "--ack-wait", help="Seconds before an unacknowledged job moves on."),
+        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+    ) -> None:
+        """Process runs from the durable run queue until interrupted (any number of workers share it)."""
+        from stitchwork.messaging.durable import Subjects, Worker
+        from stitchwork.messaging.embedded import bus_uri
+
+        try:
+            config = load_config(config_path)
+            uri = bus or bus_uri(config)
+            m = config.messaging
+            runner = Worker(config, bus_uri=uri, name=name, concurrency=concurrency or m.worker_concurrency,
+                            ack_wait_s=ack_wait or m.ack_wait_s, max_deliver=m.max_deliver,
+                            subjects=Subjects(m.subject_prefix))
+        except StitchworkError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+        async def serve() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await runner.start()
+            console.print(f"worker {runner.name} on {uri} (concurrency {runner.concurrency})", highlight=False)
+            try:
+                await runner.run(stop)
+            finally:
+                await runner.aclose()
+
+        try:
+            asyncio.run(serve())
+        except StitchworkError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    @app.command()
+    def submit(
+        agent: str = typer.Argument(..., help="Agent name."),
+        task: str = typer.Argument(..., help="What the agent should do."),
+        model: str = typer.Option(None, "--model", help="Model URI (overrides the agent's)."),
+        wait: bool = typer.Option(False, "--wait", help="Wait until the run finishes (or waits for approval)."),
+        bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
+        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+    ) -> None:
+        """Put a run on the durable queue for `stitchwork worker`; prints its id (or, with --wait, its result)."""
+        from stitchwork.messaging._base import open_bus
+        from stitchwork.messaging.durable import Subjects, enqueue_run, wait_for_run
+        from stitchwork.messaging.embedded import bus_uri
+
+        async def go() -> dict[str, object]:
+            config = load_config(config_path)
+            subjects = Subjects(config.messaging.subject_prefix)
+            opened = await open_bus(bus or bus_uri(config))
+            try:
+                run_id = await enqueue_run(opened, agent, task, model=model, subjects=subjects)
+                if not wait:
+                    return {"id": run_id, "status": "queued"}
+                return await wait_for_run(opened, run_id, subjects=subjects)
+            finally:
+                with contextlib.suppress(StitchworkError):
+                    await opened.aclose()
+
+        try:
+            result = asyncio.run(go())
+        except StitchworkError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        console.print_json(json.dumps({k: v for k, v in result.items() if k != "messages"}, default=str))
+
+    @app.command("kafka-export")
+    def kafka_export(
+        uri: str = typer.Argument(..., help="kafka://host:port[,host:port]"),
+        events_topic: str = typer.Option("stitchwork.events", "--events-topic", help="Topic for run events."),
+        audit_topic: str = typer.Option("", "--audit-topic", help="Also copy new audit events here (needs the "
+                                        "platform's database: run it while `stitchwork up` is stopped)."),
+        follow: bool = typer.Option(False, "--follow", help="Keep exporting new events until interrupted."),
+        bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
+        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+    ) -> None:
+        """Stream run events (and, with --audit-topic, the audit log) into Kafka; resumes where it stopped."""
+        from stitchwork.messaging._base import open_bus
+        from stitchwork.messaging.durable import Subjects
+        from stitchwork.messaging.embedded import bus_uri
+        from stitchwork.messaging.kafka import KafkaSink, export_audit, export_events
+
+        async def go() -> tuple[int, int]:
+            config = load_config(config_path)
+            sink = await KafkaSink.connect(uri)
+            try:
+                audited = 0
+                if audit_topic:
+                    from stitchwork.platform import Platform
+
+                    mark = config.state_dir / "kafka-audit.seq"
+                    after = int(mark.read_text()) if mark.exists() else 0
+                    platform = Platform.open(config)
+                    try:
+                        last = await export_audit(platform.audit, platform.store, sink, topic=audit_topic,
+                                                  after_seq=after)
+                    finally:
+                        await platform.aclose()
+                    mark.write_text(str(last))
+                    audited = last - after
+                opened = await open_bus(bus or bus_uri(config))
+                stop = asyncio.Event()
+                if follow:
+                    loop = asyncio.get_running_loop()
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        loop.add_signal_handler(sig, stop.set)
+                try:
+                    subjects = Subjects(config.messaging.subject_prefix)
+                    exported = await export_events(opened, sink, subject=subjects.events(), topic=events_topic,
+                                                   stop=stop, idle_s=0.0 if follow else 1.0)
+                finally:
+                    await opened.aclose()
+                return exported, audited
+            finally:
+                await sink.aclose()
+
+        try:
+            exported, audited = asyncio.run(go())
+        except StitchworkError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        console.print(f"exported {exported} run events to {events_topic}"
+                      + (f" and {audited} audit events to {audit_topic}" if audit_topic else ""))
+

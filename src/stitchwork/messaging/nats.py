@@ -1,0 +1,271 @@
+"""``nats://host:port[,host:port...][?replicas=N]``: NATS JetStream via ``nats-py``.
+
+Each stream (the subject's first token) is a JetStream file stream ``<token>`` with subjects ``<token>.>``,
+created on first use with ``replicas`` copies (1 unless the URI says otherwise; 3 on a three-node cluster).
+Groups are durable pull consumers with explicit acks; replays are ordered push consumers from a start sequence.
+The client reconnects forever; a publish that gets no acknowledgement (the server restarts, a cluster node dies)
+is retried with the same ``Nats-Msg-Id`` until ``publish_timeout_s``, so a retry never stores a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from stitchwork.errors import BusError
+from stitchwork.messaging._base import Bus, Consumer, Delivery, check_subject
+
+_RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+              nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+              nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError,
+              nats.errors.OutboundBufferLimitError, TimeoutError)
+"""What a failover, a restart or a leader election looks like from the client: wait and try again."""
+
+
+def _durable_name(group: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", group)[:200]
+
+
+def _servers(uri: str) -> tuple[list[str], dict[str, list[str]]]:
+    parts = urlsplit(uri)
+    hosts = [h for h in parts.netloc.split(",") if h]
+    if not hosts:
+        raise BusError(f"nats URI {uri!r} names no server (nats://127.0.0.1:4222)")
+    return [f"nats://{h}" for h in hosts], parse_qs(parts.query)
+
+
+class _NatsGroupConsumer(Consumer):
+    def __init__(self, bus: NatsBus, subject: str, stream: str, group: str, max_in_flight: int,
+                 ack_wait_s: float, max_deliver: int) -> None:
+        super().__init__(max_in_flight)
+        self.bus, self.subject, self.stream, self.group = bus, subject, stream, _durable_name(group)
+        self.config = ConsumerConfig(
+            durable_name=self.group, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+            max_deliver=max_deliver or -1, max_ack_pending=-1,
+        )
+        self._sub: Any = None
+        self._buffer: list[Msg] = []
+
+    async def _subscription(self) -> Any:
+        if self._sub is None:
+            await self.bus.ensure_stream(self.stream)
+            self._sub = await self.bus.js.pull_subscribe(self.subject, durable=self.group, stream=self.stream,
+                                                         config=self.config)
+        return self._sub
+
+    async def _next(self) -> Delivery:
+        while not self.closed:
+            if self._buffer:
+                return self._delivery(self._buffer.pop(0))
+            try:
+                sub = await self._subscription()
+                batch = max(1, self.max_in_flight - self.unsettled)
+                self._buffer.extend(await sub.fetch(batch, timeout=1.0))
+            except _RETRYABLE:
+                continue
+            except nats.js.errors.NotFoundError:
+                self._sub = None  # the consumer vanished (server state lost): create it again
+                await asyncio.sleep(0.1)
+            except nats.errors.Error as exc:
+                if self.closed:
+                    break
+                raise BusError(f"nats consume {self.subject} ({self.group}): {exc}") from exc
+        raise StopAsyncIteration
+
+    @staticmethod
+    def _delivery(msg: Msg) -> Delivery:
+        meta = msg.metadata
+
+        async def settle(verb: str, delay_s: float) -> None:
+            try:
+                if verb == "ack":
+                    await msg.ack_sync(timeout=5)
+                elif verb == "nak":
+                    await msg.nak(delay=delay_s or None)
+                elif verb == "term":
+                    await msg.term()
+                else:
+                    await msg.in_progress()
+            except (*_RETRYABLE, nats.errors.MsgAlreadyAckdError) as exc:
+                # The server will redeliver an unacknowledged message: at-least-once, never lost.
+                if verb == "ack" and not isinstance(exc, nats.errors.MsgAlreadyAckdError):
+                    raise BusError(f"ack of {msg.subject} #{meta.sequence.stream} not confirmed: {exc}") from exc
+
+        return Delivery(msg.subject, msg.data, meta.sequence.stream, meta.num_delivered or 1,
+                        dict(msg.headers or {}), settle)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+        # Fetched but never handed out: give them back at once instead of after ack_wait.
+        for msg in self._buffer:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
+        self._buffer.clear()
+
+
+class _NatsReplay(Consumer):
+    def __init__(self, bus: NatsBus, subject: str, stream: str, start_seq: int, max_in_flight: int) -> None:
+        super().__init__(max_in_flight)
+        self.bus, self.subject, self.stream, self.start_seq = bus, subject, stream, max(start_seq, 1)
+        self._sub: Any = None
+
+    async def _next(self) -> Delivery:
+        while not self.closed:
+            try:
+                if self._sub is None:
+                    await self.bus.ensure_stream(self.stream)
+                    self._sub = await self.bus.js.subscribe(
+                        self.subject, stream=self.stream, ordered_consumer=True, pending_msgs_limit=-1,
+                        pending_bytes_limit=-1,
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                              opt_start_seq=self.start_seq),
+                    )
+                msg = await self._sub.next_msg(timeout=1.0)
+            except _RETRYABLE:
+                continue
+            except nats.errors.Error as exc:
+                if self.closed:
+                    break
+                raise BusError(f"nats replay {self.subject}: {exc}") from exc
+            seq = msg.metadata.sequence.stream
+            return Delivery(msg.subject, msg.data, seq, 1, dict(msg.headers or {}), settled=True)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+
+class NatsBus(Bus):
+    """JetStream streams per first subject token; see the module docstring."""
+
+    def __init__(self, uri: str, nc: Client, *, replicas: int, publish_timeout_s: float) -> None:
+        self.uri = uri
+        self.nc = nc
+        self.js = nc.jetstream(timeout=5.0)
+        self.replicas = replicas
+        self.publish_timeout_s = publish_timeout_s
+        self._streams: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, uri: str, *, name: str = "stitchwork", publish_timeout_s: float = 60.0,
+                      connect_timeout_s: float = 5.0) -> NatsBus:
+        """Connects to the servers in ``uri``.
+
+        Raises:
+            BusError: no server answered within ``connect_timeout_s``.
+        """
+        servers, query = _servers(uri)
+        replicas = int(query.get("replicas", ["1"])[0])
+
+        async def quiet(exc: Exception) -> None:
+            return None
+
+        try:
+            nc = await nats.connect(
+                servers=servers, name=name, connect_timeout=connect_timeout_s, allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=quiet,
+                pending_size=64 * 1024 * 1024,
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise BusError(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+        return cls(uri, nc, replicas=replicas, publish_timeout_s=publish_timeout_s)
+
+    async def ensure_stream(self, name: str) -> None:
+        """Creates stream ``name`` (subjects ``name.>``) unless it exists."""
+        if name in self._streams:
+            return
+        async with self._lock:
+            if name in self._streams:
+                return
+            deadline = time.monotonic() + self.publish_timeout_s
+            while True:
+                try:
+                    try:
+                        await self.js.stream_info(name)
+                    except nats.js.errors.NotFoundError:
+                        await self.js.add_stream(StreamConfig(
+                            name=name, subjects=[f"{name}.>"], storage=StorageType.FILE, num_replicas=self.replicas,
+                            duplicate_window=120.0,
+                        ))
+                    break
+                except _RETRYABLE as exc:
+                    if time.monotonic() > deadline:
+                        raise BusError(f"stream {name}: no answer from NATS: {exc!r}") from exc
+                    await asyncio.sleep(0.2)
+                except nats.errors.Error as exc:
+                    raise BusError(f"cannot create stream {name}: {exc}") from exc
+            self._streams.add(name)
+
+    async def publish(
+        self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None, msg_id: str = ""
+    ) -> int:
+        stream = check_subject(subject)
+        await self.ensure_stream(stream)
+        sent = dict(headers or {})
+        if msg_id:
+            sent["Nats-Msg-Id"] = msg_id
+        deadline = time.monotonic() + self.publish_timeout_s
+        while True:
+            try:
+                ack = await self.js.publish(subject, data, headers=sent or None, stream=stream, timeout=2.0)
+                return int(ack.seq)
+            except _RETRYABLE as exc:
+                if not msg_id:  # a retry is safe only when the server can drop the duplicate
+                    sent["Nats-Msg-Id"] = msg_id = f"sw-{time.time_ns()}-{id(data)}"
+                if time.monotonic() > deadline:
+                    raise BusError(f"publish to {subject}: no acknowledgement from NATS: {exc!r}") from exc
+                await asyncio.sleep(0.1)
+            except nats.errors.Error as exc:
+                raise BusError(f"publish to {subject} refused: {exc}") from exc
+
+    def consume(
+        self, subject: str, *, group: str = "", start_seq: int = 1, max_in_flight: int = 64,
+        ack_wait_s: float = 30.0, max_deliver: int = 0,
+    ) -> Consumer:
+        stream = check_subject(subject, wildcards=True)
+        if group:
+            return _NatsGroupConsumer(self, subject, stream, group, max_in_flight, ack_wait_s, max_deliver)
+        return _NatsReplay(self, subject, stream, start_seq, max_in_flight)
+
+    async def last(self, subject: str) -> Delivery | None:
+        stream = check_subject(subject)
+        await self.ensure_stream(stream)
+        deadline = time.monotonic() + self.publish_timeout_s
+        while True:
+            try:
+                raw = await self.js.get_last_msg(stream, subject)
+                break
+            except nats.js.errors.NotFoundError:
+                return None
+            except _RETRYABLE as exc:
+                if time.monotonic() > deadline:
+                    raise BusError(f"read {subject}: no answer from NATS: {exc!r}") from exc
+                await asyncio.sleep(0.1)
+            except nats.errors.Error as exc:
+                raise BusError(f"read {subject}: {exc}") from exc
+        return Delivery(raw.subject or subject, raw.data or b"", int(raw.seq or 0), 1, dict(raw.headers or {}),
+                        settled=True)
+
+    async def aclose(self) -> None:
+        # Every publish has been acknowledged already; nothing is left to drain.
+        with contextlib.suppress(nats.errors.Error, asyncio.CancelledError):
+            await self.nc.close()

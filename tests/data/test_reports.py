@@ -1,0 +1,102 @@
+"""Ready reports on every store adapter: the same events give the same rows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from stitchwork.agents.runs import RunStatus, RunStore
+from stitchwork.data._base import Store
+from stitchwork.data.reports import REPORTS, run_report
+from stitchwork.errors import StoreError
+from stitchwork.security.audit import AuditLog
+
+from .test_store_behaviour import Signer
+
+
+def seed(store: Store) -> None:
+    with AuditLog(store, signer=Signer(), journal_path=None) as log:
+        for run in ("r1", "r2"):
+            log.append("decision", agent="a", run_id=run, tool="send_email", decision="deny",
+                       data={"policy_ids": ["external-tainted-target"], "effect": "deny"})
+        log.append("decision", agent="a", run_id="r1", tool="send_email", decision="deny",
+                   data={"policy_ids": ["p1", "p2"]})
+        log.append("decision", agent="b", run_id="r3", tool="nope", decision="deny",
+                   data={"error": "unknown_tool", "reason": "no such tool"})
+        log.append("decision", agent="a", run_id="r1", tool="read_email", decision="allow",
+                   data={"policy_ids": ["read-ok"]})
+        log.append("approval", agent="a", run_id="r1", tool="send_email", decision="ask", data={"approval_id": "x1"})
+        log.append("approval", agent="a", run_id="r1", tool="send_email", decision="ask", data={"approval_id": "x2"})
+        log.append("approval", agent="a", run_id="r1", tool="send_email", decision="approved",
+                   data={"approval_id": "x1", "latency_s": 1.5})
+        log.append("approval", agent="a", run_id="r1", tool="send_email", decision="denied",
+                   data={"approval_id": "x2", "latency_s": 3.5})
+        for ms in (10.0, 20.0, 30.0):
+            log.append("tool", agent="a", run_id="r1", tool="read_email", decision="ok", data={"duration_ms": ms})
+        log.append("tool", agent="b", run_id="r3", tool="send_email", decision="error", data={"duration_ms": 5.0})
+        for _ in range(2):
+            log.append("model", agent="a", run_id="r1", decision="ok",
+                       data={"model": "scripted://tester.jsonl", "prompt_tokens": 10, "completion_tokens": 5})
+        log.append("model", agent="b", run_id="r3", decision="ok",
+                   data={"model": "openai+http://127.0.0.1:8000/v1", "prompt_tokens": 100, "completion_tokens": 50})
+    runs = RunStore(store)
+    first = runs.create("a", "task", "scripted://x")
+    runs.create("a", "task", "scripted://x")
+    runs.save(replace(first, status=RunStatus.COMPLETED, steps=4))
+
+
+@pytest.fixture
+def seeded(store: Store) -> Store:
+    seed(store)
+    return store
+
+
+def test_reports_on_the_same_events_agree_on_every_adapter(seeded: Store) -> None:
+    denied = [{k: r[k] for k in ("agent", "rule", "denied", "runs")} for r in run_report(seeded, "denied")]
+    assert denied == [
+        {"agent": "a", "rule": "external-tainted-target", "denied": 2, "runs": 2},
+        {"agent": "a", "rule": "p1", "denied": 1, "runs": 1},
+        {"agent": "a", "rule": "p2", "denied": 1, "runs": 1},
+        {"agent": "b", "rule": "unknown_tool", "denied": 1, "runs": 1},
+    ]
+    assert run_report(seeded, "approvals") == [
+        {"agent": "a", "tool": "send_email", "requested": 2, "approved": 1, "denied": 1, "expired": 0,
+         "avg_latency_s": 2.5, "p50_latency_s": 2.5, "max_latency_s": 3.5}]
+    assert run_report(seeded, "tools") == [
+        {"tool": "read_email", "outcome": "ok", "calls": 3, "agents": 1, "avg_ms": 20.0, "max_ms": 30.0},
+        {"tool": "send_email", "outcome": "error", "calls": 1, "agents": 1, "avg_ms": 5.0, "max_ms": 5.0},
+    ]
+    assert run_report(seeded, "tokens") == [
+        {"agent": "b", "provider": "openai", "model": "openai+http://127.0.0.1:8000/v1", "calls": 1,
+         "prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
+        {"agent": "a", "provider": "scripted", "model": "scripted://tester.jsonl", "calls": 2,
+         "prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
+    ]
+    runs = [{k: r[k] for k in ("agent", "outcome", "runs")} for r in run_report(seeded, "runs")]
+    assert runs == [{"agent": "a", "outcome": "completed", "runs": 1}, {"agent": "a", "outcome": "running", "runs": 1}]
+
+
+def test_time_bounds_and_unknown_report(seeded: Store) -> None:
+    assert run_report(seeded, "denied", since=4e9) == []
+    assert len(run_report(seeded, "denied", until=4e9)) == 4
+    with pytest.raises(StoreError, match="unknown report"):
+        run_report(seeded, "nope")
+    assert set(REPORTS) == {"denied", "approvals", "tools", "tokens", "runs"}
+
+
+def test_facts_are_incremental_and_repair_a_cut_short_refresh(seeded: Store) -> None:
+    from stitchwork.data.reports import refresh_facts
+
+    assert run_report(seeded, "denied")[0]["denied"] == 2
+    assert refresh_facts(seeded) == 0
+    with AuditLog(seeded, signer=Signer(), journal_path=None) as log:
+        log.append("decision", agent="a", run_id="r9", tool="send_email", decision="deny",
+                   data={"policy_ids": ["external-tainted-target"]})
+    assert refresh_facts(seeded) == 1
+    # a refresh that inserted but died before moving its mark: the next one must not double count
+    seeded.execute("INSERT INTO audit_rollup_state (name, seq) VALUES ('facts', ?) ON CONFLICT (name) DO UPDATE "
+                   "SET seq = excluded.seq", [3])
+    rows = run_report(seeded, "denied")
+    assert rows[0] == {**rows[0], "agent": "a", "rule": "external-tainted-target", "denied": 3, "runs": 3}
+    assert sum(r["denied"] for r in rows) == 6

@@ -1,0 +1,83 @@
+"""Containment seen from the gateway: a hostile tool's call ends with a clear reason and an audit event."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stitchwork.platform import Platform
+from stitchwork.service import event_dict
+
+HOSTILE_TOOL = '''
+def spin():
+    while True:
+        pass
+
+
+def read_file(path: str) -> str:
+    with open(path, "rb") as handle:
+        return handle.read()[:64].hex()
+'''
+
+MANIFESTS = {
+    "spin": 'entry = "hostile.py:spin"\n[limits]\ncpu_s = 1\ntimeout_s = 5\n[args]\ntype = "object"\n',
+    "read_file": (
+        'entry = "hostile.py:read_file"\n[args]\ntype = "object"\nrequired = ["path"]\n'
+        'properties.path = { type = "string" }\n'
+    ),
+}
+
+
+@pytest.fixture
+def hostile_tools(tools_dir: Path) -> Path:
+    (tools_dir / "hostile.py").write_text(HOSTILE_TOOL)
+    for name, body in MANIFESTS.items():
+        (tools_dir / f"{name}.toml").write_text(
+            f'name = "{name}"\ndescription = "hostile"\nside_effect = "read"\n' + body
+        )
+    return tools_dir
+
+
+def call(name: str, args: Any, cid: str) -> dict[str, Any]:
+    return {"id": cid, "name": name, "arguments": args}
+
+
+@pytest.mark.parametrize("backend", ["wasm", "bwrap"])
+async def test_hostile_calls_are_contained_and_audited(
+    backend: str, make_config: Any, hostile_tools: Path, tmp_path: Path
+) -> None:
+    from conftest import backend_available  # tests/isolation/conftest.py
+
+    ok, reason = backend_available(backend)
+    if not ok:
+        pytest.skip(f"{backend}:// unavailable: {reason}")
+    state = tmp_path / "state"
+    turns = [
+        {"tool_calls": [call("spin", {}, "c1")]},
+        {"tool_calls": [call("read_file", {"path": str(state / "vault.key")}, "c2")]},
+        {"content": "done"},
+    ]
+    config = make_config(turns, sandbox=f"{backend}://", tools=["spin", "read_file"], state=state)
+    platform = Platform.open(config)
+    try:
+        platform.vault.set("planted", "value-the-tool-must-not-see")
+        record = await platform.runner.start("tester", "do it")
+        results = {m["tool_call_id"]: json.loads(m["content"]) for m in record.messages if m["role"] == "tool"}
+        platform.audit.flush()
+        tool_events = [event_dict(e) for e in platform.audit.tail(1000) if e.kind == "tool"]
+        verified = platform.audit.verify().ok
+    finally:
+        await platform.aclose()
+
+    assert (state / "vault.key").exists()  # the file the tool went for is there on the host
+    assert results["c1"]["status"] == "error" and results["c1"]["error"]["error"] == "tool_cpu", results["c1"]
+    assert "CPU time limit" in results["c1"]["error"]["message"]
+    assert results["c2"]["status"] == "error", results["c2"]
+    assert any(word in results["c2"]["error"]["message"] for word in ("FileNotFoundError", "PermissionError"))
+    by_tool = {e["tool"]: e for e in tool_events}
+    assert by_tool["spin"]["data"]["killed"] == "cpu" and by_tool["spin"]["decision"] == "error"
+    assert by_tool["read_file"]["decision"] == "error" and by_tool["read_file"]["data"]["killed"] is None
+    assert verified

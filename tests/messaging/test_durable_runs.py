@@ -1,0 +1,104 @@
+"""Durable runs: idempotency records in the gateway, workers over the bus (in process, on memory:// and NATS)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from stitchwork.agents.runs import RunStatus
+from stitchwork.messaging._base import open_bus
+from stitchwork.messaging.durable import Subjects, Worker, enqueue_run, run_state, wait_for_run
+from stitchwork.platform import Platform
+from tests.messaging.durable_fixtures import build, call, lines
+
+
+async def test_the_gateway_honours_an_idempotency_key_across_a_restart(tmp_path: Path) -> None:
+    config = build(tmp_path, [{"content": "unused"}])
+    platform = Platform.open(config)
+    try:
+        run = platform.gateway.open_run("run_a", "scribe", workdir=tmp_path / "w", max_steps=10)
+        token = platform.tokens.issue("scribe", "run_a")
+        first = await platform.gateway.call_tool(token, "append", {"text": "once"}, idempotency_key="k1")
+        assert first.status == "ok" and run.steps == 1
+    finally:
+        await platform.aclose()
+    platform = Platform.open(config)  # a new process would see the same: the record is in the store
+    try:
+        platform.gateway.open_run("run_a", "scribe", workdir=tmp_path / "w", max_steps=10)
+        token = platform.tokens.issue("scribe", "run_a")
+        again = await platform.gateway.call_tool(token, "append", {"text": "once"}, idempotency_key="k1")
+        other = await platform.gateway.call_tool(token, "append", {"text": "twice"}, idempotency_key="k2")
+        platform.audit.flush()
+        replayed = [e for e in platform.audit.tail(100) if e.kind == "tool" and e.decision == "replayed"]
+    finally:
+        await platform.aclose()
+    assert again.status == "ok" and again.content == first.content and again.audit_seq == first.audit_seq
+    assert other.status == "ok"
+    assert lines(tmp_path / "effects.log") == ["once", "twice"]
+    assert [e.data["idempotency_key"] for e in replayed] == ["k1"]
+    assert [line.split()[1] for line in lines(tmp_path / "starts.log")] == ["k1", "k2"]
+
+
+async def test_a_worker_drives_queued_runs_and_publishes_their_events(bus_uri: str, tmp_path: Path, root: str) -> None:
+    uri = "memory://durable-" + root if bus_uri.startswith("memory") else bus_uri
+    turns = [{"tool_calls": [call("c1", "a"), call("c2", "b")]}, {"tool_calls": [call("c3", "c")]},
+             {"content": "written"}]
+    config = build(tmp_path, turns, bus=uri)
+    subjects = Subjects(root)
+    client = await open_bus(uri)
+    worker = await Worker(config, bus_uri=uri, name="w1", subjects=subjects, concurrency=2).start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        ids = [await enqueue_run(client, "scribe", f"task {i}", subjects=subjects) for i in range(2)]
+        finals = [await wait_for_run(client, run_id, subjects=subjects, timeout_s=60) for run_id in ids]
+        assert [f["status"] for f in finals] == ["completed", "completed"]
+        assert all(f["result"] == "written" and f["steps"] == 3 for f in finals)
+        async with client.consume(subjects.events(ids[0])) as events:
+            kinds = []
+            while not kinds or kinds[-1] != "finished":
+                kinds.append(json.loads((await events.next(10)).data)["kind"])
+        assert kinds == ["claimed", "model", "tool", "tool", "model", "tool", "model", "finished"]
+        assert sorted(lines(tmp_path / "effects.log")) == ["a", "a", "b", "b", "c", "c"]
+        state = await run_state(client, ids[1], subjects=subjects)
+        assert state is not None and state["status"] == RunStatus.COMPLETED.value
+    finally:
+        stop.set()
+        await serving
+        await worker.aclose()
+        await client.aclose()
+
+
+async def test_a_job_for_an_unknown_agent_goes_to_the_dead_letters(tmp_path: Path, root: str) -> None:
+    uri = "memory://dead-" + root
+    config = build(tmp_path, [{"content": "x"}], bus=uri)
+    subjects = Subjects(root)
+    client = await open_bus(uri)
+    worker = Worker(config, bus_uri=uri, name="w1", subjects=subjects, max_deliver=2, ack_wait_s=5)
+    await worker.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        run_id = await enqueue_run(client, "nobody", "task", subjects=subjects)
+        async with client.consume(subjects.dead) as dead:
+            letter = json.loads((await dead.next(20)).data)
+        assert json.loads(letter["job"])["run_id"] == run_id and letter["attempts"] == 2
+        assert "nobody" in letter["error"]
+    finally:
+        stop.set()
+        await serving
+        await worker.aclose()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("bus_uri", ["memory"], indirect=True)
+async def test_enqueue_refuses_an_empty_task(bus_uri: str) -> None:
+    client = await open_bus(bus_uri)
+    try:
+        with pytest.raises(Exception, match="non-empty task"):
+            await enqueue_run(client, "scribe", "  ")
+    finally:
+        await client.aclose()

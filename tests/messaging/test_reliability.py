@@ -1,0 +1,146 @@
+"""Reliability with real processes on loopback: workers killed with SIGKILL, the NATS server restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stitchwork.messaging._base import open_bus
+from stitchwork.messaging.durable import Subjects, enqueue_run, wait_for_run
+from tests.messaging.conftest import nats_available
+from tests.messaging.durable_fixtures import build, call, lines, spawn_worker, wait_until
+
+pytestmark = pytest.mark.skipif(bool(nats_available()), reason=nats_available() or "nats available")
+
+
+def _stop(*procs: object) -> None:
+    for proc in procs:
+        if proc.poll() is None:  # type: ignore[attr-defined]
+            proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    for proc in procs:
+        try:
+            proc.wait(15)  # type: ignore[attr-defined]
+        except Exception:
+            proc.kill()  # type: ignore[attr-defined]
+            proc.wait()  # type: ignore[attr-defined]
+
+
+async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(tmp_path: Path) -> None:
+    from stitchwork.messaging.server import NatsServer
+
+    server = NatsServer(tmp_path / "nats").start()
+    # Turn 1 asks for two calls: a1 completes, the worker dies during a2 (before its effect), so the
+    # checkpoint still lists both calls as pending. The new worker must answer a1 from the idempotency record.
+    turns = [{"tool_calls": [call("c1", "a1"), call("c2", "a2", delay=3.0)]},
+             {"tool_calls": [call("c3", "a3")]}, {"content": "done"}]
+    build(tmp_path, turns, bus=server.url)
+    first = spawn_worker(tmp_path, server.url, "first")
+    second = None
+    client = await open_bus(server.url)
+    try:
+        await asyncio.to_thread(wait_until, lambda: (tmp_path / "state" / "workers" / "first" / "stitchwork.duckdb")
+                                .exists(), 60, "first worker up")
+        run_id = await enqueue_run(client, "scribe", "write three lines")
+        await asyncio.to_thread(wait_until, lambda: any(line.startswith("a2 ") for line in
+                                                        lines(tmp_path / "starts.log")), 60, "a2 started")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert lines(tmp_path / "effects.log") == ["a1"]
+        second = spawn_worker(tmp_path, server.url, "second")
+        final = await wait_for_run(client, run_id, timeout_s=90)
+        assert final["status"] == "completed" and final["result"] == "done"
+        assert Counter(lines(tmp_path / "effects.log")) == {"a1": 1, "a2": 1, "a3": 1}
+        starts = Counter(line.split()[0] for line in lines(tmp_path / "starts.log"))
+        assert starts == {"a1": 1, "a2": 2, "a3": 1}  # a2 was cut short once; a1 was never run again
+        async with client.consume(Subjects().events(run_id)) as events:
+            seen = []
+            while not seen or seen[-1]["kind"] != "finished":
+                seen.append(json.loads((await events.next(10)).data))
+        claims = [e["worker"] for e in seen if e["kind"] == "claimed"]
+        assert claims == ["first", "second"]
+    finally:
+        await client.aclose()
+        _stop(first, *([second] if second else []))
+        server.stop()
+
+
+async def test_restarting_the_nats_server_mid_run_loses_nothing(tmp_path: Path) -> None:
+    from stitchwork.messaging.server import NatsServer
+
+    server = NatsServer(tmp_path / "nats").start()
+    turns = [{"tool_calls": [call("c1", "b1")]}, {"tool_calls": [call("c2", "b2", delay=1.0)]},
+             {"tool_calls": [call("c3", "b3")]}, {"content": "done"}]
+    build(tmp_path, turns, bus=server.url)
+    worker = spawn_worker(tmp_path, server.url, "only", ack_wait_s=5.0)
+    try:
+        client = await open_bus(server.url)
+        await asyncio.to_thread(wait_until, lambda: (tmp_path / "state" / "workers" / "only" / "stitchwork.duckdb")
+                                .exists(), 60, "worker up")
+        ids = [await enqueue_run(client, "scribe", f"job {i}") for i in range(3)]
+        await client.aclose()
+        await asyncio.to_thread(wait_until, lambda: any(line.startswith("b2 ") for line in
+                                                        lines(tmp_path / "starts.log")), 60, "b2 started")
+        server.stop()  # the worker is mid-run: its next checkpoint and events wait for the server
+        await asyncio.sleep(1.0)
+        server.start()
+        client = await open_bus(server.url)
+        finals = [await wait_for_run(client, run_id, timeout_s=90) for run_id in ids]
+        assert [f["status"] for f in finals] == ["completed"] * 3
+        assert Counter(lines(tmp_path / "effects.log")) == {"b1": 3, "b2": 3, "b3": 3}
+        for run_id in ids:
+            async with client.consume(Subjects().events(run_id)) as events:
+                kinds = []
+                while not kinds or kinds[-1] != "finished":
+                    kinds.append(json.loads((await events.next(10)).data)["kind"])
+            assert kinds.count("tool") == 3 and kinds.count("model") == 4
+        await client.aclose()
+    finally:
+        _stop(worker)
+        server.stop()
+
+
+async def test_a_three_node_cluster_loses_a_node_mid_run_and_two_workers_finish_every_run(tmp_path: Path) -> None:
+    from stitchwork.messaging.server import cluster
+
+    nodes = cluster(tmp_path / "cluster")
+    for node in nodes:
+        node.start(wait=False)
+    for node in nodes:
+        node.wait_healthy(60)
+    uri = "nats://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes) + "?replicas=3"
+    turns = [{"tool_calls": [call("c1", "d1")]}, {"tool_calls": [call("c2", "d2", delay=0.5)]},
+             {"tool_calls": [call("c3", "d3")]}, {"content": "done"}]
+    build(tmp_path, turns, bus=uri)
+    # ack_wait above the failover time (a few seconds): a worker that merely lost its node keeps its runs.
+    workers = [spawn_worker(tmp_path, uri, f"w{i}", ack_wait_s=20.0) for i in range(2)]
+    client = await open_bus(uri)
+    try:
+        for i in range(2):  # each worker prints this line just before it starts taking jobs
+            await asyncio.to_thread(wait_until, lambda i=i: f"worker w{i} on" in (tmp_path / f"worker-w{i}.log")
+                                    .read_text(errors="replace"), 60, f"worker {i} up")
+        ids = [await enqueue_run(client, "scribe", f"job {i}") for i in range(4)]
+        await asyncio.to_thread(wait_until, lambda: any(line.startswith("d2 ") for line in
+                                                        lines(tmp_path / "starts.log")), 60, "d2 started")
+        nodes[0].kill()
+        finals = [await wait_for_run(client, run_id, timeout_s=90) for run_id in ids]
+        assert [f["status"] for f in finals] == ["completed"] * 4, [(f["status"], f["error"]) for f in finals]
+        assert Counter(lines(tmp_path / "effects.log")) == {"d1": 4, "d2": 4, "d3": 4}
+        workers_seen = set()
+        for run_id in ids:
+            async with client.consume(Subjects().events(run_id)) as events:
+                while True:
+                    event = json.loads((await events.next(10)).data)
+                    workers_seen.add(event["worker"])
+                    if event["kind"] == "finished":
+                        break
+        assert workers_seen == {"w0", "w1"}  # the load was shared
+    finally:
+        await client.aclose()
+        _stop(*workers)
+        for node in nodes:
+            node.stop()

@@ -1,0 +1,78 @@
+"""`stitchwork up` with the embedded nats-server, `stitchwork run --follow`, `submit` + `worker`, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stitchwork.messaging.server import free_port
+from tests.messaging.conftest import nats_available
+from tests.messaging.durable_fixtures import build, call, cli_env, lines, spawn_worker, wait_until
+
+pytestmark = pytest.mark.skipif(bool(nats_available()), reason=nats_available() or "nats available")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stitchwork.cli", *args], env=cli_env(root), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_up_serves_with_embedded_nats_follow_streams_and_stop_is_clean(tmp_path: Path) -> None:
+    build(tmp_path, [{"tool_calls": [call("c1", "x")]}, {"content": "finished"}], bus="nats://embedded")
+    state = tmp_path / "state"
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "stitchwork.cli", "up", "--port", str(port)], env=cli_env(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    worker = None
+    try:
+        wait_until(lambda: (state / "bus.json").exists() and (state / "server.json").exists(), 60, "up started")
+        bus = json.loads((state / "bus.json").read_text())
+        assert bus["url"].startswith("nats://127.0.0.1:") and _alive(bus["pid"])
+        assert (state / "nats").is_dir()
+
+        def healthy() -> bool:
+            try:
+                token = (state / "operator.token").read_text().strip()
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/health",
+                                                 headers={"Authorization": f"Bearer {token}"})
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_until(healthy, 60, "API healthy")
+        followed = _cli(tmp_path, "run", "scribe", "append x", "--follow")
+        assert followed.returncode == 0, followed.stdout + followed.stderr
+        out = followed.stdout
+        assert "model → append" in out and "append → ok" in out and "completed" in out
+        numbers = [int(line.split()[0][1:]) for line in out.splitlines() if line.startswith("#")]
+        assert len(numbers) == 4 and numbers == sorted(numbers)
+
+        worker = spawn_worker(tmp_path, bus["url"], "w1")
+        submitted = _cli(tmp_path, "submit", "scribe", "append again", "--wait")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        result = json.loads(submitted.stdout)
+        assert result["status"] == "completed" and result["result"] == "finished"
+        assert lines(tmp_path / "effects.log") == ["x", "x"]
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+        up.send_signal(signal.SIGINT)
+        up.wait(30)
+    assert not _alive(bus["pid"]) and not (state / "bus.json").exists()
