@@ -120,6 +120,13 @@ def _available(uri: str) -> tuple[bool, str]:
     return bool(ok), str(reason)
 
 
+def _max_map_count() -> str:
+    try:
+        return Path("/proc/sys/vm/max_map_count").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> None:
     from stitchwork.isolation import wasm
 
@@ -158,10 +165,18 @@ def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> Non
             if (rss_kb() - start_rss) / 1024 > budget_mb:
                 why = "memory budget"
                 break
-            batch = [wasm._Instance(rt, staging, wasm._RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
-            for instance in batch:
-                instance.ready.wait(60)
+            try:
+                batch = [wasm._Instance(rt, staging, wasm._RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
+            except Exception as exc:
+                why = f"start failed: {exc}"
+                break
+            stalled = [i for i in batch if not i.ready.wait(15)]
             live += [i for i in batch if not i.finished.is_set()]
+            if stalled:
+                why = f"stalled: {len(stalled)} interpreter(s) not ready within 15 s (max_map_count {_max_map_count()})"
+                break
+            if len(live) % 100 < 8:
+                print(f"    ... {len(live)} live, {(rss_kb() - start_rss) / 1024:.0f} MiB", flush=True)
         took = time.perf_counter() - started
         grown = (rss_kb() - start_rss) / 1024
         print(f"  wasm:// parked interpreters: {len(live)} live ({why}) in {took:.1f} s, "
@@ -170,8 +185,51 @@ def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> Non
     finally:
         for instance in live:
             instance.discard()
+        deadline = time.monotonic() + 30
         for instance in live:
-            instance.finished.wait(5)
+            instance.finished.wait(max(0.0, deadline - time.monotonic()))
+
+
+#: wasmtime serves each parked interpreter's blocking stdin read from tokio's blocking pool, capped at 512 threads
+#: per process: past that, new interpreters stall. Density beyond it is measured across worker processes.
+PER_PROCESS = 480
+
+
+def density_worker(count: int, seconds: float) -> None:
+    """Holds up to ``count`` parked interpreters; prints ``live rss_kb``; waits for stdin to close."""
+    from stitchwork.isolation import wasm
+
+    rt = wasm.runtime()
+    staging = Path(tempfile.mkdtemp(prefix="stitchwork-bench-"))
+    start_rss, started, live = rss_kb(), time.perf_counter(), []
+    while len(live) < count and time.perf_counter() - started < seconds:
+        batch = [wasm._Instance(rt, staging, wasm._RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
+        if [i for i in batch if not i.ready.wait(15)]:
+            break
+        live += batch
+    print(len(live), rss_kb() - start_rss, flush=True)
+    sys.stdin.read()
+    os._exit(0)  # the parked interpreters die with the process
+
+
+def density_processes(target: int, seconds: float) -> None:
+    workers = [
+        subprocess.Popen([sys.executable, __file__, "--density-worker", str(min(PER_PROCESS, target - i)),
+                          "--seconds", str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for i in range(0, target, PER_PROCESS)
+    ]  # fmt: skip
+    started = time.perf_counter()
+    try:
+        rows = [w.stdout.readline().split() for w in workers if w.stdout is not None]
+        took = time.perf_counter() - started
+        live = sum(int(r[0]) for r in rows if r)
+        grown = sum(int(r[1]) for r in rows if r) / 1024
+        print(f"  wasm:// across {len(workers)} processes: {live} live parked interpreters in {took:.1f} s, "
+              f"{grown / max(live, 1):.2f} MiB RSS each ({grown:.0f} MiB total)")  # fmt: skip
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
 
 
 def main() -> None:
@@ -179,7 +237,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer iterations and a smaller density test")
     parser.add_argument("-n", type=int, default=0, help="iterations per latency figure")
     parser.add_argument("--density", type=int, default=0, help="live wasm sandboxes to aim for")
+    parser.add_argument("--density-worker", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=240.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.density_worker:
+        density_worker(args.density_worker, args.seconds)
+        return
     n = args.n or (10 if args.quick else 40)
     target = args.density or (100 if args.quick else 1000)
     with tempfile.TemporaryDirectory() as scratch:
@@ -190,7 +253,10 @@ def main() -> None:
         print("\nbaseline:")
         line("plain subprocess python3 -I -S -c 'print(1+1)'", base)
         asyncio.run(latency(n, tool, pct(base, 0.5)))
-    density(target, seconds=30 if args.quick else 240, budget_mb=16 * 1024, baseline_n=20 if args.quick else 50)
+    seconds = 30 if args.quick else 240
+    density(min(target, PER_PROCESS), seconds=seconds, budget_mb=16 * 1024, baseline_n=20 if args.quick else 50)
+    if target > PER_PROCESS:
+        density_processes(target, seconds)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ TURNS = [
 
 @pytest.fixture
 def api(make_config) -> Iterator[tuple[TestClient, str]]:  # type: ignore[no-untyped-def]
-    platform = Platform.open(make_config(TURNS, sandbox="inline://"))
+    platform = Platform.open(make_config(TURNS))  # a real sandbox: inline would write into the cwd
     service = Service(platform)
     token = service.create_operator_token()
     with TestClient(create_app(service, expiry_interval_s=3600)) as client:

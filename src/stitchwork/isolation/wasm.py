@@ -40,6 +40,9 @@ directory on the workdir's filesystem (``staging=``, default: the system temp di
 same workdir at the same moment; otherwise, and for ``spec.mounts`` or :class:`Command`, a fresh interpreter is
 started for the call (a cold start).
 
+Each parked interpreter's stdin read occupies one thread of wasmtime's blocking pool (tokio, at most 512 per
+process): a process can hold about 500 parked or reading interpreters; keep ``pool`` far below that.
+
 A limit that fires while the guest is blocked in a host call (a long ``time.sleep``) cannot interrupt that call:
 the result is returned at the wall timeout and the abandoned thread ends when the call returns (the deadline
 has passed by then, so the next guest instruction traps).
@@ -67,6 +70,7 @@ import signal
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -360,6 +364,7 @@ class _Instance:
         self.store.set_wasi(config)
         self.instance = rt.linker.instantiate(self.store, rt.module)
         self.thread = threading.Thread(target=self._main, name="stitchwork-wasm", daemon=True)
+        _LIVE.add(self)
         self.thread.start()
 
     # -- guest thread ---------------------------------------------------------------------------------------
@@ -512,6 +517,34 @@ def _command_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
     else:
         mode, target, rest = "script", args[0], args[1:]
     return ("python", *flags, "-c", _COMMAND_SHIM, mode, target, *rest)
+
+
+_LIVE: weakref.WeakSet[_Instance] = weakref.WeakSet()
+
+
+def _quiesce(wait_s: float = 3.0) -> None:
+    """Stops every guest of this process before the interpreter finalizes (registered with :mod:`atexit`).
+
+    A guest that calls back into Python (its output callbacks) after finalization has begun takes its thread down
+    with ``pthread_exit`` through Rust frames that cannot unwind, and the process aborts. So each live guest's
+    deadline is set to now (a parked or blocked guest is not reading it; a running one reads the new value at its
+    next check) and its stdin closed, and this waits for them to trap. A guest blocked in a long host call traps
+    when it returns, before it can write anything.
+    """
+    live = [i for i in list(_LIVE) if not i.finished.is_set()]
+    for instance in live:
+        with instance.lock:
+            store = instance.store
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    store.set_epoch_deadline(0)
+        instance.discard()
+    deadline = time.monotonic() + wait_s
+    for instance in live:
+        instance.finished.wait(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_quiesce)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
