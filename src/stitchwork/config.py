@@ -232,8 +232,7 @@ def _build(cls: Any, data: Mapping[str, Any], where: str) -> Any:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type) or
-                f.name in {"security", "isolation", "data", "server", "agents", "compute", "messaging"}}
+    sections = {name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
     out: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in {"STITCHWORK_CONFIG", "STITCHWORK_VAULT_KEY",

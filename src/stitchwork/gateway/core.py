@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from stitchwork.compute._base import Model, ModelTurn
 from stitchwork.errors import (
     AuthError,
-    InvalidArguments,
     PolicyDenied,
     SecretError,
     SecretNotGranted,
@@ -227,7 +226,7 @@ class Gateway:
             if tool.name not in self.agents[agent]:
                 raise PolicyDenied(f"agent {agent!r} is not given the tool {tool.name!r}", policy_ids=("agent-tools",))
             args = self.tools.parse_arguments(tool, arguments)
-        except (InvalidArguments, StitchworkError) as exc:
+        except StitchworkError as exc:
             status = "denied" if isinstance(exc, PolicyDenied) else "invalid"
             ids = exc.policy_ids if isinstance(exc, PolicyDenied) else ()
             reason = self.redactor.redact_text(str(exc))
