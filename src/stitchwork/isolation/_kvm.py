@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -24,4 +25,14 @@ def kvm_usable() -> tuple[bool, str]:
         flags = ""
     if " vmx" not in flags and " svm" not in flags:
         return False, "the CPU exposes no vmx/svm flag: no hardware virtualisation for KVM guests"
+    return True, ""
+
+
+def kvm_and_binary(binary: str, missing: str) -> tuple[bool, str]:
+    """:func:`kvm_usable`, then whether ``binary`` is on PATH (``missing`` says why it is not)."""
+    ok, reason = kvm_usable()
+    if not ok:
+        return False, reason
+    if shutil.which(binary) is None:
+        return False, f"no {binary} binary on PATH ({missing})"
     return True, ""

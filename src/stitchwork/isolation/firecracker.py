@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
 from stitchwork.isolation._base import Command, PythonCall, Sandbox, SandboxResult, SandboxSpec
-from stitchwork.isolation._kvm import kvm_usable
+from stitchwork.isolation._kvm import kvm_and_binary
 
 RESULT_MARKER = "\x1estitchwork-vm-result\x1e"
 _OPTIONS = frozenset({"kernel", "rootfs", "firecracker", "vcpus"})
@@ -90,12 +90,7 @@ class FirecrackerSandbox(Sandbox):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         """Needs hardware KVM and the ``firecracker`` binary."""
-        ok, reason = kvm_usable()
-        if not ok:
-            return False, reason
-        if shutil.which("firecracker") is None:
-            return False, "no firecracker binary on PATH (it is not packaged for Debian; install a release)"
-        return True, ""
+        return kvm_and_binary("firecracker", "it is not packaged for Debian; install a release")
 
     def vm_config(self, spec: SandboxSpec, work_image: Path) -> dict[str, Any]:
         """The ``firecracker --config-file`` document for one run."""

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlsplit
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
 from stitchwork.isolation import _runner
 from stitchwork.isolation._base import Command, PythonCall, Sandbox, SandboxResult, SandboxSpec
-from stitchwork.isolation._kvm import kvm_usable
+from stitchwork.isolation._kvm import kvm_and_binary
 
 _OPTIONS = frozenset({"ops", "python"})
 _RUNNER_HOST_PATH = str(Path(_runner.__file__).resolve())
@@ -56,12 +56,7 @@ class NanosSandbox(Sandbox):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         """Needs hardware KVM and NanoVMs' ``ops`` CLI."""
-        ok, reason = kvm_usable()
-        if not ok:
-            return False, reason
-        if shutil.which("ops") is None:
-            return False, "no ops binary on PATH (NanoVMs' ops is not packaged for Debian or PyPI)"
-        return True, ""
+        return kvm_and_binary("ops", "NanoVMs' ops is not packaged for Debian or PyPI")
 
     def ops_config(self, spec: SandboxSpec, request_file: Path | None) -> dict[str, Any]:
         """The ``ops run -c`` document for one run."""
