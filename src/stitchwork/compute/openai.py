@@ -25,9 +25,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
 
-from stitchwork.compute._base import Model, ModelTurn
 from stitchwork.compute._keys import parse_key_ref, resolve_key
-from stitchwork.compute._wire import StreamAssembler, chunks_from_completion, turn_from_completion
+from stitchwork.compute._wire import ChatCompletionsModel, StreamAssembler, chunks_from_completion
 from stitchwork.compute.profiles import Profile, get_profile
 from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
 
@@ -108,7 +107,7 @@ def _could_be_tool_json(text: str) -> bool:
     return head.startswith(("{", "[", "```")) or "<tool_call>".startswith(head[:11]) or head.startswith("<tool_call>")
 
 
-class OpenAICompatModel(Model):
+class OpenAICompatModel(ChatCompletionsModel):
     """Chat completions over HTTP against any OpenAI-compatible server, with the profile's workarounds."""
 
     def __init__(self, uri: str, *, http: httpx.AsyncClient | None = None, **_: Any) -> None:
@@ -311,14 +310,6 @@ class OpenAICompatModel(Model):
                 yield out
         if required and not saw_call:
             raise ModelRejected(f"{self.profile.name} server answered without the required tool call")
-
-    async def complete(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelTurn:
-        request: dict[str, Any] = {"messages": list(messages)}
-        if tools:
-            request["tools"] = list(tools)
-        return turn_from_completion(await self.chat(request))
 
 
 class _ContentHold:

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
-from stitchwork.compute._base import Model, ModelTurn
-from stitchwork.compute._wire import turn_from_completion
+from stitchwork.compute._wire import ChatCompletionsModel
 from stitchwork.compute.openai import OpenAICompatModel
 from stitchwork.errors import ConfigError, ModelError, ModelUnavailable
 
 _RUNNING = {"IN_QUEUE", "IN_PROGRESS"}
 
 
-class RunPodModel(Model):
+class RunPodModel(ChatCompletionsModel):
     """A RunPod serverless endpoint running an OpenAI-compatible worker (worker-vllm)."""
 
     def __init__(self, uri: str, *, http: httpx.AsyncClient | None = None, **_: Any) -> None:
@@ -90,14 +89,6 @@ class RunPodModel(Model):
         if not isinstance(output, dict):
             raise ModelError(f"RunPod job {job.get('id')} output is not a chat completion")
         return self.wire._fix(output, offered, required)
-
-    async def complete(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelTurn:
-        request: dict[str, Any] = {"messages": list(messages)}
-        if tools:
-            request["tools"] = list(tools)
-        return turn_from_completion(await self.chat(request))
 
 
 __all__ = ["RunPodModel"]
