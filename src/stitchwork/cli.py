@@ -278,6 +278,7 @@ from stitchwork.eval.cli import register as _reg_eval; _reg_eval(app)  # noqa: E
 from stitchwork.messaging.cli import register as _reg_messaging; _reg_messaging(app)  # noqa: E402, E702, I001
 from stitchwork.data.cli import register as _reg_data; _reg_data(app)  # noqa: E402, E702, I001
 from stitchwork.isolation.cli import register as _reg_isolation; _reg_isolation(app)  # noqa: E402, E702, I001
+from stitchwork.data.memory_cli import register as _reg_memory; _reg_memory(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:

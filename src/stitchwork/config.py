@@ -69,6 +69,31 @@ class IsolationConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long each table keeps its rows (``[data.retention]``; env ``STITCHWORK_DATA__RETENTION__<KEY>``).
+
+    Applied by ``stitchwork data retention`` (``POST /v1/data/retention``) and, when ``interval_s`` is set, by
+    ``stitchwork up`` on a timer. An age of 0 keeps the table's rows forever. See ``stitchwork.data.retention``.
+    """
+
+    runs_days: float = 90.0
+    """Finished runs (completed, failed, out of budget) not updated for this long are deleted."""
+    approvals_days: float = 365.0
+    """Decided or expired approvals older than this are deleted."""
+    revoked_tokens_days: float = 1.0
+    """Revocations are dropped this long after the token itself expired."""
+    memory_days: float = 0.0
+    """Agent memory items not written for this long are deleted (0: memory is kept)."""
+    audit_days: float = 0.0
+    """Audit events older than this are compacted into ``audit_archive`` (Iceberg) with a signed checkpoint, so
+    ``audit verify`` spans both; 0 keeps every event in the live store. Audit events are never just deleted."""
+    audit_archive: str = ""
+    """Iceberg URI for compaction, e.g. ``iceberg+sqlite:///<dir>/catalog.db?warehouse=file:///<dir>/wh``."""
+    interval_s: float = 0.0
+    """`stitchwork up` applies retention this often (0: only on demand)."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where audit, runs and approvals live."""
 
@@ -76,6 +101,10 @@ class DataConfig:
     """Store URI; empty means ``duckdb:///<state_dir>/stitchwork.duckdb``."""
     audit_flush_ms: float = 50.0
     """Maximum time a durable audit event waits in the journal before it is copied into the store."""
+    memory_tools: bool = True
+    """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """Per-table retention (``[data.retention]``)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +176,8 @@ class MessagingConfig:
     ack_wait_s: float = 30.0
     """A job whose worker neither finishes nor reports progress within this time goes to another worker."""
     max_deliver: int = 5
-    """Attempts per job before it goes to the dead-letter subject ``<prefix>runs.dead``."""
+    """Attempts per job before it goes to the dead-letter subject ``<prefix>runs.dead.<run_id>`` (transient
+    failures are retried with backoff until then; permanent ones are dead-lettered at once)."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +273,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             section, _, name = rest.partition("__")
             if section not in sections:
                 raise ConfigError(f"environment {key}: unknown section {section!r}")
-            out.setdefault(section, {})[name] = value
+            table = out.setdefault(section, {})
+            while "__" in name:  # a nested table: STITCHWORK_DATA__RETENTION__RUNS_DAYS
+                sub, _, name = name.partition("__")
+                table = table.setdefault(sub, {})
+            table[name] = value
         else:
             out[rest] = value
     return out

@@ -16,6 +16,7 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │   ├── UnknownTool
     │   └── InvalidArguments        JSON schema, size, encoding or path-traversal problems
     ├── PolicyDenied                Cedar said no (carries the deciding policy ids)
+    │   └── MemoryDenied            agent memory without a grant
     ├── ApprovalRequired            Cedar asks for a human (carries the approval id)
     ├── ApprovalError               unknown approval, already decided
     ├── SecretError
@@ -34,6 +35,7 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │   └── ModelRejected           the backend refused the request itself (4xx): retrying will not help
     ├── RunError
     └── BusError
+        └── BusConflict             a compare-and-set publish lost: another writer advanced the subject
 
 Adapters translate backend exceptions into this tree with ``raise ... from exc``.
 """
@@ -118,6 +120,12 @@ class PolicyDenied(StitchworkError):
 
     def to_dict(self) -> dict[str, object]:
         return {**super().to_dict(), "policy_ids": list(self.policy_ids)}
+
+
+class MemoryDenied(PolicyDenied):
+    """An agent tried to read or write agent memory it has no grant for."""
+
+    code = "memory_denied"
 
 
 class ApprovalRequired(StitchworkError):
@@ -219,3 +227,9 @@ class RunError(StitchworkError):
 
 class BusError(StitchworkError):
     code = "bus_error"
+
+
+class BusConflict(BusError):
+    """A compare-and-set publish found a newer message on its subject (a fencing token went stale)."""
+
+    code = "bus_conflict"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stitchwork.agents.definition import AgentRegistry, load_agents
@@ -14,6 +14,9 @@ from stitchwork.compute.gateway import MODEL_TOOL_ACTION
 from stitchwork.compute.gateway import attach as attach_model_gateway
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
+from stitchwork.data.memory import AgentMemory
+from stitchwork.data.memory_tools import TOOLS_DIR as MEMORY_TOOLS
+from stitchwork.data.memory_tools import MemoryTools
 from stitchwork.errors import ConfigError
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import StoreLedger
@@ -59,12 +62,18 @@ class Platform:
     gateway: Gateway
     runs: RunStore
     runner: Runner
+    memory: AgentMemory | None = field(default=None)
+    """Every agent's memory (``stitchwork.data.memory``); its tools are registered when ``[data] memory_tools``."""
 
     @classmethod
     def open(cls, config: Config) -> Platform:
         """Opens the store, CA, vault, policies, tools and agents; a bad policy stops here with file and line."""
         state = ensure_state_dir(config.state_dir)
-        tools = load_tools(config.tool_dirs or (BUILTIN_TOOLS,), max_arg_bytes=config.agents.max_arg_bytes)
+        tool_dirs = [*(config.tool_dirs or (BUILTIN_TOOLS,)), *([MEMORY_TOOLS] if config.data.memory_tools else [])]
+        tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes)
+        hosts = set(MemoryTools.HANDLERS) if config.data.memory_tools else set()
+        if unbound := sorted(t.name for t in tools if t.host and t.host not in hosts):
+            raise ConfigError(f"host-side tool(s) {', '.join(unbound)} name no registered handler")
         agents = load_agents(config.agent_dirs or (BUILTIN_AGENTS,))
         agents = with_default_assistant(agents, tools, model=config.compute.default_model)
         policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
@@ -98,12 +107,17 @@ class Platform:
                 idempotency=StoreLedger(store),
             )
             attach_model_gateway(gateway, config.compute)
+            memory = AgentMemory(store, audit=audit)
+            if config.data.memory_tools:
+                for name, handler in MemoryTools(memory).handlers().items():
+                    gateway.register_host(name, handler)
             runs = RunStore(store)
             runner = Runner(gateway, agents, runs, state_dir=state, max_seconds=config.agents.max_seconds)
         except BaseException:
             store.close()
             raise
-        return cls(config, store, ca, tokens, audit, approvals, vault, tools, agents, policy, gateway, runs, runner)
+        return cls(config, store, ca, tokens, audit, approvals, vault, tools, agents, policy, gateway, runs, runner,
+                   memory)
 
     async def aclose(self) -> None:
         await self.gateway.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,73 @@ def test_facts_are_incremental_and_repair_a_cut_short_refresh(seeded: Store) -> 
     rows = run_report(seeded, "denied")
     assert rows[0] == {**rows[0], "agent": "a", "rule": "external-tainted-target", "denied": 3, "runs": 3}
     assert sum(r["denied"] for r in rows) == 6
+
+
+def _append_batch(store: Store, round_: int) -> None:
+    """A batch of every kind of event the reports read, different in each round (new groups and old ones)."""
+    with AuditLog(store, signer=Signer(), journal_path=None) as log:  # queued, stored together on close
+        for i in range(6):
+            agent, run = f"agent{(round_ + i) % 3}", f"run{round_}-{i % 2}"
+            log.append_nowait("tool", agent=agent, run_id=run, tool=f"tool{i % 3}", decision=("ok", "error")[i % 2],
+                              data={"duration_ms": float(round_ * 10 + i)} if i % 4 else {})
+            log.append_nowait("model", agent=agent, run_id=run, decision="ok",
+                              data={"model": f"openai+http://h/v1/m{(round_ + i) % 2}",
+                                    "prompt_tokens": 10 * i + round_, "completion_tokens": i}
+                              if i % 5 else {"prompt_tokens": 3})
+            log.append_nowait("approval", agent=agent, run_id=run, tool="send_email", decision="ask", data={})
+            log.append_nowait("approval", agent=agent, run_id=run, tool="send_email",
+                              decision=("approved", "denied", "expired")[i % 3], data={"latency_s": 0.5 * (round_ + i)})
+            log.append_nowait("decision", agent=agent, run_id=run, tool="send_email", decision="deny",
+                              data={"policy_ids": [f"rule{i % 2}", "rule-x"]} if i % 3 else {"error": "unknown_tool"})
+            log.append_nowait("decision", agent=agent, run_id=run, tool="read", decision="allow", data={})
+        # the same run denied again in every round: its runs count must not grow
+        log.append_nowait("decision", agent="agent0", run_id="run-long", tool="send_email", decision="deny",
+                          data={"policy_ids": ["rule-long"]})
+    assert store.query("SELECT count(*) AS n FROM audit_events")[0]["n"] == 37 * (round_ + 1)
+
+
+def test_incremental_rollup_equals_a_full_recomputation(store: Store) -> None:
+    from stitchwork.data.reports import refresh_facts, reset_facts
+
+    names = [name for name, report in REPORTS.items() if report.facts]
+    incremental: dict[str, list[dict[str, object]]] = {}
+    for round_ in range(4):  # several appends, each folded into the rollup by the report that follows it
+        _append_batch(store, round_)
+        incremental = {name: run_report(store, name) for name in names}
+        assert refresh_facts(store) == 0
+    assert incremental["tools"] and incremental["approvals"] and incremental["tokens"] and incremental["denied"]
+    scanned = {name: run_report(store, name, rollup=False) for name in names}  # the fact tables, no rollup
+    reset_facts(store)
+    rebuilt = {name: run_report(store, name) for name in names}  # one refresh from scratch
+    assert incremental == scanned == rebuilt
+    long = [r for r in rebuilt["denied"] if r["rule"] == "rule-long"]
+    assert [(r["denied"], r["runs"]) for r in long] == [(4, 1)]
+    bounded = {name: run_report(store, name, since=0.0) for name in names}  # time bounds read the facts
+    assert bounded == rebuilt
+    assert max(r["p50_latency_s"] for r in rebuilt["approvals"]) > 0  # the median is exercised, not all NULL
+
+
+def test_reports_keep_events_compacted_before_any_report(store: Store, tmp_path: Path) -> None:
+    pytest.importorskip("pyiceberg", reason="needs pip install 'stitchwork[iceberg]'")
+    from stitchwork.data.iceberg import IcebergArchive
+    from stitchwork.data.retention import compact_audit
+
+    with AuditLog(store, signer=Signer(), journal_path=None) as log:
+        for i in range(12):
+            log.append("tool", agent="a", run_id="r", tool="read", decision="ok", data={"duration_ms": float(i)})
+    archive = IcebergArchive(f"iceberg+sqlite:///{tmp_path}/catalog.db?warehouse=file://{tmp_path}/wh")
+    assert compact_audit(store, archive, Signer(), upto_seq=10).deleted == 10  # no report has run yet
+    assert [r["calls"] for r in run_report(store, "tools")] == [12]
+    assert [r["calls"] for r in run_report(store, "tools", rollup=False)] == [12]
+
+
+def test_rollup_ddl_is_shared_by_the_clickhouse_adapters() -> None:
+    from stitchwork.data.reports import ROLLUP
+
+    ddl = ROLLUP.clickhouse_ddl("db")  # chdb and the ClickHouse server both render this
+    assert "ENGINE = AggregatingMergeTree ORDER BY (`report`, `k1`, `k2`, `k3`, `k4`, `kv`)" in ddl
+    assert "`n` SimpleAggregateFunction(sum, Int64)" in ddl
+    assert "`lo` SimpleAggregateFunction(min, Nullable(Float64))" in ddl
+    assert "`mark` SimpleAggregateFunction(max, Int64)" in ddl
+    assert "`report` LowCardinality(String)" in ddl
+    assert "PRIMARY KEY (report, k1, k2, k3, k4, kv)" in ROLLUP.duckdb_ddl()[0]

@@ -5,32 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stitchwork.data._base import Store
 from stitchwork.data.schema import Column, Table
 from stitchwork.errors import StoreError
 from stitchwork.security.audit import EVENTS_TABLE, SIGNED_HEAD_TABLE, AuditLog
+from tests.signing import Ed25519Signer
 
 from .conftest import StoreFactory
-
-
-class Signer:
-    def __init__(self, key_id: str = "k1") -> None:
-        self._key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-        self.key_id = key_id
-
-    def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data)
-
-    def verify(self, data: bytes, signature: bytes) -> bool:
-        try:
-            self._key.public_key().verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
-
 
 THINGS = Table("things", (Column("id", "VARCHAR", False), Column("n", "BIGINT", False), Column("x", "DOUBLE"),
                           Column("ok", "BOOLEAN")), key=("id",))
@@ -90,23 +72,37 @@ def test_question_marks_inside_literals_are_not_placeholders(store: Store) -> No
     assert store.query("SELECT n FROM things WHERE id = 'what?' AND n = ?", [1]) == [{"n": 1}]
 
 
+def test_append_columns_round_trips_and_checks_lengths(store: Store) -> None:
+    store.ensure(THINGS)
+    tricky = "it's a \\ back'slash\n“quoted” \u00e9"
+    store.append_columns("things", {"id": ["a", tricky, "c"], "n": [2**40, -1, 0], "x": [0.1 + 0.2, None, 1.5],
+                                    "ok": [True, False, None]})
+    store.append_columns("things", {"id": [], "n": [], "x": [], "ok": []})  # nothing to insert
+    got = store.query("SELECT id, n, x, ok FROM things ORDER BY n DESC")
+    assert got == [{"id": "a", "n": 2**40, "x": 0.30000000000000004, "ok": True},
+                   {"id": "c", "n": 0, "x": 1.5, "ok": None}, {"id": tricky, "n": -1, "x": None, "ok": False}]
+    with pytest.raises(StoreError):
+        store.append_columns("things", {"id": ["d", "e"], "n": [1], "x": [None, None], "ok": [True, True]})
+    assert store.query("SELECT count(*) AS c FROM things") == [{"c": 3}]
+
+
 # ------------------------------------------------------------------------------------------------ the audit chain
 def _fill(make_store: StoreFactory, tmp_path: Path, n: int = 30) -> None:
-    with AuditLog(make_store(), signer=Signer(), journal_path=tmp_path / "audit.journal", flush_ms=5) as log:
+    with AuditLog(make_store(), signer=Ed25519Signer("k1"), journal_path=tmp_path / "audit.journal", flush_ms=5) as log:
         for i in range(n):
             log.append("tool", agent=f"agent{i % 3}", run_id=f"r{i // 10}", tool=("read", "send")[i % 2],
                        decision="ok", data={"i": i, "text": "it's \\ “ok”", "ts": 0.1 * i})
 
 
 def _verify(make_store: StoreFactory, tmp_path: Path) -> tuple[bool, int | None, str]:
-    with AuditLog(make_store(), signer=Signer(), journal_path=tmp_path / "audit.journal") as log:
+    with AuditLog(make_store(), signer=Ed25519Signer("k1"), journal_path=tmp_path / "audit.journal") as log:
         report = log.verify()
     return report.ok, report.first_bad_seq, report.reason
 
 
 def test_audit_append_verify_and_reopen_continue_the_chain(make_store: StoreFactory, tmp_path: Path) -> None:
     _fill(make_store, tmp_path, 30)
-    with AuditLog(make_store(), signer=Signer(), journal_path=tmp_path / "audit.journal") as log:
+    with AuditLog(make_store(), signer=Ed25519Signer("k1"), journal_path=tmp_path / "audit.journal") as log:
         event = log.append("model", agent="agent0", data={"prompt_tokens": 3})
         assert event.seq == 31
         assert [e.seq for e in log.tail(3)] == [29, 30, 31]
@@ -115,8 +111,20 @@ def test_audit_append_verify_and_reopen_continue_the_chain(make_store: StoreFact
     assert report.events == 31 and report.head_seq == 31 and report.head_signed
 
 
+def test_audit_batches_interleaved_with_single_appends(make_store: StoreFactory, tmp_path: Path) -> None:
+    with AuditLog(make_store(), signer=Ed25519Signer("k1"), journal_path=tmp_path / "audit.journal", flush_ms=5) as log:
+        log.append("run", agent="a")
+        batch = log.append_many({"kind": "tool", "agent": "a", "data": {"i": i, "x": i / 8}} for i in range(300))
+        log.append("run", agent="a", data={"end": True})
+        assert (batch.first_seq, batch.last_seq) == (2, 301)
+        log.flush()
+        report = log.verify()
+        assert report.ok and report.events == 302, report.reason
+        assert [e.data for e in log.tail(302)[1:301]] == [{"i": i, "x": i / 8} for i in range(300)]
+
+
 def test_audit_without_journal(make_store: StoreFactory) -> None:
-    with AuditLog(make_store(), signer=Signer(), journal_path=None) as log:
+    with AuditLog(make_store(), signer=Ed25519Signer("k1"), journal_path=None) as log:
         for i in range(5):
             log.append("tool", agent="a", data={"i": i})
         assert log.verify().ok

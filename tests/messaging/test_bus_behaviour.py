@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from stitchwork.errors import BusError, ConfigError
-from stitchwork.messaging._base import Bus, Delivery, open_bus, subject_matches
+from stitchwork.errors import BusConflict, BusError, ConfigError
+from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery, open_bus, subject_matches
 
 
 async def drain(consumer: object, n: int, timeout: float = 5.0) -> list[Delivery]:
@@ -77,6 +77,29 @@ async def test_a_group_delivers_each_message_to_one_consumer(bus: Bus, root: str
     assert await nothing_within(a, 0.3)
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_compare_and_set_publish_fails_once_the_subject_has_moved_on(bus: Bus, root: str) -> None:
+    subject = f"{root}.k.a"
+    first = await bus.publish(subject, b"1", headers={EXPECTED_LAST_SUBJECT_SEQ: "0"}, msg_id=f"{root}-1")
+    with pytest.raises(BusConflict):
+        await bus.publish(subject, b"stale", headers={EXPECTED_LAST_SUBJECT_SEQ: "0"}, msg_id=f"{root}-2")
+    second = await bus.publish(subject, b"2", headers={EXPECTED_LAST_SUBJECT_SEQ: str(first)}, msg_id=f"{root}-3")
+    # The same publish retried (its acknowledgement was lost) is not a conflict: the first one is returned.
+    retried = await bus.publish(subject, b"2", headers={EXPECTED_LAST_SUBJECT_SEQ: str(first)}, msg_id=f"{root}-3")
+    assert retried == second > first
+    with pytest.raises(BusConflict):
+        await bus.publish(subject, b"late", headers={EXPECTED_LAST_SUBJECT_SEQ: str(first)}, msg_id=f"{root}-4")
+    newest = await bus.last(subject)
+    assert newest is not None and newest.data == b"2" and newest.seq == second
+
+
+async def test_latest_gives_the_newest_message_of_each_matching_subject(bus: Bus, root: str) -> None:
+    for subject, data in (("k.a", b"a1"), ("k.b", b"b1"), ("k.a", b"a2"), ("other.x", b"x")):
+        await bus.publish(f"{root}.{subject}", data)
+    found = await bus.latest(f"{root}.k.*")
+    assert [(d.subject, d.data) for d in found] == [(f"{root}.k.a", b"a2"), (f"{root}.k.b", b"b1")]
+    assert await bus.latest(f"{root}.none.*") == []
 
 
 async def test_an_unacknowledged_message_comes_back_and_an_acknowledged_one_does_not(bus: Bus, root: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from stitchwork.agents.runs import RunStatus
 from stitchwork.messaging._base import open_bus
+from stitchwork.messaging.deadletters import dead_letters
 from stitchwork.messaging.durable import Subjects, Worker, enqueue_run, run_state, wait_for_run
 from stitchwork.platform import Platform
 from tests.messaging.durable_fixtures import build, call, lines
@@ -72,21 +73,22 @@ async def test_a_worker_drives_queued_runs_and_publishes_their_events(bus_uri: s
         await client.aclose()
 
 
-async def test_a_job_for_an_unknown_agent_goes_to_the_dead_letters(tmp_path: Path, root: str) -> None:
+async def test_a_job_for_an_unknown_agent_is_dead_lettered_at_once_not_retried(tmp_path: Path, root: str) -> None:
     uri = "memory://dead-" + root
     config = build(tmp_path, [{"content": "x"}], bus=uri)
     subjects = Subjects(root)
     client = await open_bus(uri)
-    worker = Worker(config, bus_uri=uri, name="w1", subjects=subjects, max_deliver=2, ack_wait_s=5)
+    worker = Worker(config, bus_uri=uri, name="w1", subjects=subjects, max_deliver=3, ack_wait_s=5)
     await worker.start()
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.run(stop))
     try:
         run_id = await enqueue_run(client, "nobody", "task", subjects=subjects)
-        async with client.consume(subjects.dead) as dead:
+        async with client.consume(subjects.dead_letter(run_id)) as dead:
             letter = json.loads((await dead.next(20)).data)
-        assert json.loads(letter["job"])["run_id"] == run_id and letter["attempts"] == 2
+        assert letter["job"]["run_id"] == run_id and letter["attempts"] == 1 and letter["retryable"] is False
         assert "nobody" in letter["error"]
+        assert [d["run_id"] for d in await dead_letters(client, subjects=subjects)] == [run_id]
     finally:
         stop.set()
         await serving

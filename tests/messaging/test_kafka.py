@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -135,11 +136,11 @@ async def test_an_unreachable_broker_is_a_bus_error() -> None:
 
 async def test_the_kafka_export_command_streams_bus_events_and_the_audit_log(kafka_uri: str, nats_url: str,
                                                                             tmp_path: Path, root: str) -> None:
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
 
+    from stitchwork.cli import app
     from stitchwork.messaging._base import open_bus
-    from tests.messaging.durable_fixtures import build, cli_env
+    from tests.messaging.durable_fixtures import build
 
     build(tmp_path, [{"content": "x"}], bus=nats_url)
     bus = await open_bus(nats_url)
@@ -148,12 +149,13 @@ async def test_the_kafka_export_command_streams_bus_events_and_the_audit_log(kaf
             await bus.publish(f"{root}events.run_a", json.dumps({"run_id": "run_a", "n": i}).encode())
     finally:
         await bus.aclose()
-    env = {**cli_env(tmp_path), "STITCHWORK_MESSAGING__SUBJECT_PREFIX": root}
-    args = [sys.executable, "-m", "stitchwork.cli", "kafka-export", kafka_uri, "--events-topic", "sw-cli",
-            "--audit-topic", "sw-cli-audit"]
-    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stdout + first.stderr
+    # The command runs in this process (in a thread: it starts its own event loop); `stitchwork` as a process
+    # is covered by test_up.
+    env = {"STITCHWORK_CONFIG": str(tmp_path / "stitchwork.toml"), "STITCHWORK_MESSAGING__SUBJECT_PREFIX": root}
+    args = ["kafka-export", kafka_uri, "--events-topic", "sw-cli", "--audit-topic", "sw-cli-audit"]
+    first = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
+    assert first.exit_code == 0, first.output
     assert "exported 3 run events" in first.stdout
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    again = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
     assert "exported 0 run events" in again.stdout and "and 0 audit events" in again.stdout
     assert [json.loads(v)["n"] for _, v in await read_topic(kafka_uri, "sw-cli", 3)] == [0, 1, 2]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from stitchwork.messaging._base import open_bus
-from stitchwork.messaging.durable import Subjects, enqueue_run, wait_for_run
+from stitchwork.messaging.durable import Subjects, enqueue_run, run_state, wait_for_run
 from tests.messaging.conftest import nats_available
 from tests.messaging.durable_fixtures import build, call, lines, spawn_worker, wait_until
 
@@ -30,34 +31,33 @@ def _stop(*procs: object) -> None:
             proc.wait()  # type: ignore[attr-defined]
 
 
-async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(tmp_path: Path) -> None:
-    from stitchwork.messaging.server import NatsServer
-
-    server = NatsServer(tmp_path / "nats").start()
+async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(nats_url: str, tmp_path: Path) -> None:
+    prefix = "k" + uuid.uuid4().hex[:8]  # the session's server, subjects of this test's own
+    subjects = Subjects(prefix)
     # Turn 1 asks for two calls: a1 completes, the worker dies during a2 (before its effect), so the
     # checkpoint still lists both calls as pending. The new worker must answer a1 from the idempotency record.
-    turns = [{"tool_calls": [call("c1", "a1"), call("c2", "a2", delay=3.0)]},
+    turns = [{"tool_calls": [call("c1", "a1"), call("c2", "a2", delay=1.5)]},
              {"tool_calls": [call("c3", "a3")]}, {"content": "done"}]
-    build(tmp_path, turns, bus=server.url)
-    first = spawn_worker(tmp_path, server.url, "first")
+    build(tmp_path, turns, bus=nats_url)
+    first = spawn_worker(tmp_path, nats_url, "first", prefix=prefix)
     second = None
-    client = await open_bus(server.url)
+    client = await open_bus(nats_url)
     try:
-        await asyncio.to_thread(wait_until, lambda: (tmp_path / "state" / "workers" / "first" / "stitchwork.duckdb")
-                                .exists(), 60, "first worker up")
-        run_id = await enqueue_run(client, "scribe", "write three lines")
+        await asyncio.to_thread(wait_until, lambda: "worker first on" in (tmp_path / "worker-first.log")
+                                .read_text(errors="replace"), 60, "first worker up")
+        run_id = await enqueue_run(client, "scribe", "write three lines", subjects=subjects)
         await asyncio.to_thread(wait_until, lambda: any(line.startswith("a2 ") for line in
                                                         lines(tmp_path / "starts.log")), 60, "a2 started")
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert lines(tmp_path / "effects.log") == ["a1"]
-        second = spawn_worker(tmp_path, server.url, "second")
-        final = await wait_for_run(client, run_id, timeout_s=90)
+        second = spawn_worker(tmp_path, nats_url, "second", prefix=prefix)  # starts while ack_wait runs out
+        final = await wait_for_run(client, run_id, subjects=subjects, timeout_s=90)
         assert final["status"] == "completed" and final["result"] == "done"
         assert Counter(lines(tmp_path / "effects.log")) == {"a1": 1, "a2": 1, "a3": 1}
         starts = Counter(line.split()[0] for line in lines(tmp_path / "starts.log"))
         assert starts == {"a1": 1, "a2": 2, "a3": 1}  # a2 was cut short once; a1 was never run again
-        async with client.consume(Subjects().events(run_id)) as events:
+        async with client.consume(subjects.events(run_id)) as events:
             seen = []
             while not seen or seen[-1]["kind"] != "finished":
                 seen.append(json.loads((await events.next(10)).data))
@@ -66,14 +66,13 @@ async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(tm
     finally:
         await client.aclose()
         _stop(first, *([second] if second else []))
-        server.stop()
 
 
 async def test_restarting_the_nats_server_mid_run_loses_nothing(tmp_path: Path) -> None:
     from stitchwork.messaging.server import NatsServer
 
     server = NatsServer(tmp_path / "nats").start()
-    turns = [{"tool_calls": [call("c1", "b1")]}, {"tool_calls": [call("c2", "b2", delay=1.0)]},
+    turns = [{"tool_calls": [call("c1", "b1")]}, {"tool_calls": [call("c2", "b2", delay=0.5)]},
              {"tool_calls": [call("c3", "b3")]}, {"content": "done"}]
     build(tmp_path, turns, bus=server.url)
     worker = spawn_worker(tmp_path, server.url, "only", ack_wait_s=5.0)
@@ -86,7 +85,7 @@ async def test_restarting_the_nats_server_mid_run_loses_nothing(tmp_path: Path) 
         await asyncio.to_thread(wait_until, lambda: any(line.startswith("b2 ") for line in
                                                         lines(tmp_path / "starts.log")), 60, "b2 started")
         server.stop()  # the worker is mid-run: its next checkpoint and events wait for the server
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.3)
         server.start()
         client = await open_bus(server.url)
         finals = [await wait_for_run(client, run_id, timeout_s=90) for run_id in ids]
@@ -144,3 +143,110 @@ async def test_a_three_node_cluster_loses_a_node_mid_run_and_two_workers_finish_
         _stop(*workers)
         for node in nodes:
             node.stop()
+
+
+async def test_a_stalled_worker_is_fenced_off_and_abandons_the_run_it_lost(nats_url: str, tmp_path: Path) -> None:
+    # The worker that claims the run stalls (SIGSTOP) inside f1, past ack_wait; the other takes the job and
+    # finishes the run; the stalled one wakes up, completes its in-flight call, and its checkpoint write (a
+    # compare-and-set on the sequence it read) fails: it abandons the run without another tool call or write.
+    prefix = "f" + uuid.uuid4().hex[:8]
+    subjects = Subjects(prefix)
+    turns = [{"tool_calls": [call("c1", "f1", delay=1.5)]}, {"tool_calls": [call("c2", "f2")]}, {"content": "done"}]
+    build(tmp_path, turns, bus=nats_url)
+    procs = {name: spawn_worker(tmp_path, nats_url, name, ack_wait_s=1.5, prefix=prefix) for name in ("a", "b")}
+    client = await open_bus(nats_url)
+    try:
+        for name in procs:
+            await asyncio.to_thread(wait_until, lambda name=name: f"worker {name} on" in (
+                tmp_path / f"worker-{name}.log").read_text(errors="replace"), 60, f"worker {name} up")
+        run_id = await enqueue_run(client, "scribe", "write two lines", subjects=subjects)
+        async with client.consume(subjects.events(run_id)) as events:
+            claim = json.loads((await events.next(30)).data)
+        assert claim["kind"] == "claimed"
+        stalled, other = claim["worker"], ({"a", "b"} - {claim["worker"]}).pop()
+        await asyncio.to_thread(wait_until, lambda: any(line.startswith("f1 ") for line in
+                                                        lines(tmp_path / "starts.log")), 60, "f1 started")
+        procs[stalled].send_signal(signal.SIGSTOP)
+        final = await wait_for_run(client, run_id, subjects=subjects, timeout_s=60)
+        assert final["status"] == "completed" and final["result"] == "done"
+        procs[stalled].send_signal(signal.SIGCONT)
+        seen = []
+        async with client.consume(subjects.events(run_id)) as events:
+            while not seen or (seen[-1]["kind"], seen[-1]["worker"]) != ("fenced", stalled):
+                seen.append(json.loads((await events.next(20)).data))
+        after = await run_state(client, run_id, subjects=subjects)
+        assert after is not None and after["status"] == "completed" and after["updated_at"] == final["updated_at"]
+        assert [e["worker"] for e in seen if e["kind"] == "claimed"] == [stalled, other]
+        assert [e["worker"] for e in seen if e["kind"] == "finished"] == [other]
+        assert Counter(line.split()[0] for line in lines(tmp_path / "starts.log")) == {"f1": 2, "f2": 1}
+        # f1 was in flight when the worker stalled (the one effect no key can cover); it ran nothing after it.
+        assert Counter(lines(tmp_path / "effects.log")) == {"f1": 2, "f2": 1}
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGCONT)
+        await client.aclose()
+        _stop(*procs.values())
+
+
+async def test_pending_approvals_survive_worker_and_nats_restarts_and_are_decided_on_the_platform(
+        tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from stitchwork.messaging.server import NatsServer
+    from stitchwork.platform import Platform
+    from stitchwork.service import Service
+    from stitchwork.web.server import create_app
+
+    server = NatsServer(tmp_path / "nats").start()
+    turns = [{"tool_calls": [call("c1", "p1", tool="pay")]}, {"content": "over"}]
+    config = build(tmp_path, turns, bus=server.url)  # approvals wait an hour...
+    # ...except those this worker asks for: its run's approval expires (a timer on the bus) after the restarts.
+    short = spawn_worker(tmp_path, server.url, "short", env_extra={"STITCHWORK_SECURITY__APPROVAL_TIMEOUT_S": "7"})
+    workers: list[object] = [short]
+    client = await open_bus(server.url)
+    try:
+        expiring = await enqueue_run(client, "scribe", "pay, and nobody answers")
+        assert (await wait_for_run(client, expiring, timeout_s=60))["status"] == "waiting_approval"
+        _stop(short)
+        workers.append(first := spawn_worker(tmp_path, server.url, "first"))
+        approved_id = await enqueue_run(client, "scribe", "pay, and it is approved")
+        assert (await wait_for_run(client, approved_id, timeout_s=60))["status"] == "waiting_approval"
+        _stop(first)
+        await client.aclose()
+        server.stop()
+        server.start()
+        workers.append(spawn_worker(tmp_path, server.url, "after", ack_wait_s=5.0))  # starts meanwhile
+        platform = Platform.open(config)
+        service = Service(platform)
+        token = service.create_operator_token()
+        auth = {"Authorization": f"Bearer {token}"}
+        with TestClient(create_app(service, expiry_interval_s=3600)) as api:  # the platform's HTTP API
+            listed = api.get("/v1/approvals", headers=auth).json()
+            chosen = next(a for a in listed if a["run_id"] == approved_id)
+            assert approved_id in {a["run_id"] for a in listed} and len(listed) <= 2
+            assert api.post(f"/v1/approvals/{chosen['id']}/approve", json={"note": "ok"}, headers=auth).json()[
+                "status"] == "approved"
+        client = await open_bus(server.url)
+        approved = await wait_for_run(client, approved_id, timeout_s=60)
+        while approved["status"] == "waiting_approval":  # until the new worker has taken the resume job
+            await asyncio.sleep(0.1)
+            approved = await wait_for_run(client, approved_id, timeout_s=60)
+        assert approved["status"] == "completed" and lines(tmp_path / "effects.log") == ["p1"]
+        # Nobody answered the other: its timer expires it to deny, and the run goes on without the call.
+        async with client.consume(Subjects().events(expiring)) as events:
+            kinds: list[tuple[str, str]] = []
+            while not kinds or kinds[-1][0] != "finished":
+                event = json.loads((await events.next(30)).data)
+                kinds.append((event["kind"], event["data"].get("status", "")))
+        assert ("tool", "denied") in kinds and kinds[-1] == ("finished", "completed"), kinds
+        expired = await run_state(client, expiring)
+        assert expired is not None and expired["result"] == "over"
+        assert Counter(lines(tmp_path / "effects.log")) == {"p1": 1}
+        platform.audit.flush()
+        assert [(e.run_id, e.decision) for e in platform.audit.tail(50) if e.kind == "approval"] == [
+            (approved_id, "approved")]
+        await platform.aclose()
+    finally:
+        await client.aclose()
+        _stop(*workers)
+        server.stop()

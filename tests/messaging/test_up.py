@@ -11,7 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from stitchwork.cli import app
 from stitchwork.messaging.server import free_port
 from tests.messaging.conftest import nats_available
 from tests.messaging.durable_fixtures import build, call, cli_env, lines, spawn_worker, wait_until
@@ -55,6 +57,7 @@ def test_up_serves_with_embedded_nats_follow_streams_and_stop_is_clean(tmp_path:
             except OSError:
                 return False
 
+        worker = spawn_worker(tmp_path, bus["url"], "w1")  # starts while the API comes up and --follow runs
         wait_until(healthy, 60, "API healthy")
         followed = _cli(tmp_path, "run", "scribe", "append x", "--follow")
         assert followed.returncode == 0, followed.stdout + followed.stderr
@@ -63,12 +66,23 @@ def test_up_serves_with_embedded_nats_follow_streams_and_stop_is_clean(tmp_path:
         numbers = [int(line.split()[0][1:]) for line in out.splitlines() if line.startswith("#")]
         assert len(numbers) == 4 and numbers == sorted(numbers)
 
-        worker = spawn_worker(tmp_path, bus["url"], "w1")
         submitted = _cli(tmp_path, "submit", "scribe", "append again", "--wait")
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         result = json.loads(submitted.stdout)
         assert result["status"] == "completed" and result["result"] == "finished"
         assert lines(tmp_path / "effects.log") == ["x", "x"]
+
+        # An approval requested inside the worker is listed and decided with the platform's CLI (in this
+        # process: the commands talk to `up` over HTTP and to the bus, like the real ones above).
+        env = {"STITCHWORK_CONFIG": str(tmp_path / "stitchwork.toml")}
+        paying = CliRunner().invoke(app, ["submit", "cashier", "pay p1", "--wait"], env=env)
+        waiting = json.loads(paying.stdout)
+        assert waiting["status"] == "waiting_approval", paying.output
+        listed = json.loads(CliRunner().invoke(app, ["approvals", "--format", "json"], env=env).stdout)
+        assert [(a["run_id"], a["tool"]) for a in listed] == [(waiting["id"], "pay")]
+        approved = CliRunner().invoke(app, ["approve", listed[0]["id"]], env=env)
+        assert approved.exit_code == 0 and "approved" in approved.stdout, approved.output
+        wait_until(lambda: lines(tmp_path / "effects.log") == ["x", "x", "p1"], 60, "the approved call ran")
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)

@@ -79,7 +79,7 @@ for i in range(count):
     if rotate and i == count // 2:
         def refuse(table, rows):
             raise StoreError("disk full")
-        store.append = refuse
+        store.append = store.append_columns = refuse
         try:
             log.flush()
         except AuditError:

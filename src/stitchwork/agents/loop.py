@@ -19,6 +19,11 @@ from stitchwork.security.taint import Label
 StepCallback = Callable[[RunRecord, str, dict[str, Any]], None]
 
 
+def idempotency_key(run_id: str, call_id: str) -> str:
+    """The idempotency key of one tool call of a run (the gateway keeps side-effecting outcomes under it)."""
+    return f"{run_id}:{call_id}"
+
+
 class Runner:
     """Drives runs through the gateway."""
 
@@ -32,6 +37,8 @@ class Runner:
         self.state_dir = state_dir
         self.max_seconds = max_seconds
         self.on_event = on_event
+        self.reraise: tuple[type[StitchworkError], ...] = ()
+        """Errors that do not fail the run but leave :meth:`drive` (a transient failure a worker retries)."""
         self._models: dict[tuple[str, str], Model] = {}
 
     def _model(self, agent: AgentSpec, uri: str) -> Model:
@@ -65,9 +72,15 @@ class Runner:
         record = self.create(agent_name, task, model=model)
         return await self.drive(record.id)
 
-    async def drive(self, run_id: str) -> RunRecord:
-        """Runs (or resumes) ``run_id`` until it finishes or waits for approval."""
-        record = self.runs.get(run_id)
+    async def drive(self, run_id: str, *, record: RunRecord | None = None) -> RunRecord:
+        """Runs (or resumes) ``run_id`` until it finishes or waits for approval.
+
+        Args:
+            run_id: the run.
+            record: its newest checkpoint when the caller has just read it (else it is read from the store).
+        """
+        if record is None or record.id != run_id:
+            record = self.runs.get(run_id)
         if record.status.finished:
             return record
         agent = self.agents.get(record.agent)
@@ -96,7 +109,7 @@ class Runner:
                             remaining.append(call)
                             continue
                         outcome = await self.gateway.call_tool(token, call.name, call.arguments,
-                                                               idempotency_key=f"{record.id}:{call.id}")
+                                                               idempotency_key=idempotency_key(record.id, call.id))
                         self._emit(record, "tool", {"call": call.name, "status": outcome.status,
                                                     "policy_ids": list(outcome.policy_ids)})
                         if outcome.status == "approval_required":
@@ -110,14 +123,14 @@ class Runner:
                         pending={"calls": [c.__dict__ for c in remaining], "approvals": waiting} if remaining else {},
                     )
                     if waiting:
-                        record = self.runs.save(replace(record, status=RunStatus.WAITING_APPROVAL))
+                        record = await self.runs.asave(replace(record, status=RunStatus.WAITING_APPROVAL))
                         self._emit(record, "waiting_approval", {"approvals": waiting})
                         return record
-                    record = self.runs.save(record)
+                    record = await self.runs.asave(record)
                     pending = []
                 if run.steps >= agent.max_steps or time.monotonic() > deadline:
                     why = "step" if run.steps >= agent.max_steps else "time"
-                    record = self.runs.save(replace(record, status=RunStatus.BUDGET_EXHAUSTED,
+                    record = await self.runs.asave(replace(record, status=RunStatus.BUDGET_EXHAUSTED,
                                                     error=f"{why} budget exhausted after {run.steps} tool calls"))
                     self._emit(record, "finished", {"status": record.status.value})
                     return record
@@ -125,17 +138,19 @@ class Runner:
                 messages.append(turn.as_message())
                 self._emit(record, "model", {"content": turn.content, "tool_calls": [c.name for c in turn.tool_calls]})
                 if not turn.tool_calls:
-                    record = self.runs.save(replace(
+                    record = await self.runs.asave(replace(
                         record, messages=tuple(messages), status=RunStatus.COMPLETED, result=turn.content or "",
                         provenance=run.tracker.snapshot(), steps=run.steps,
                     ))
                     self._emit(record, "finished", {"status": record.status.value})
                     return record
                 pending = list(turn.tool_calls)
-                record = self.runs.save(replace(record, messages=tuple(messages),
+                record = await self.runs.asave(replace(record, messages=tuple(messages),
                                                 pending={"calls": [c.__dict__ for c in pending]}))
         except StitchworkError as exc:
-            record = self.runs.save(replace(record, status=RunStatus.FAILED, error=str(exc)))
+            if isinstance(exc, self.reraise):
+                raise  # the caller retries the run from its last checkpoint (durable workers)
+            record = await self.runs.asave(replace(record, status=RunStatus.FAILED, error=str(exc)))
             self._emit(record, "finished", {"status": record.status.value, "error": str(exc)})
             return record
         finally:

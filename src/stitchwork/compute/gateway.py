@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,42 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
+class PromptDigests:
+    """``prompt_sha256`` of each model call, without re-serialising the whole conversation at every step.
+
+    The value is exactly ``_digest(prompt)``: the SHA-256 of ``json.dumps(prompt, sort_keys=True, ...)``. A
+    run's prompts grow by appending, and the JSON of a list is its items' JSON joined by ``", "`` inside
+    brackets, so the hash state after the previous prompt of the same run is kept and only the new messages are
+    encoded and hashed: O(new messages) per call instead of O(conversation), which made a run O(steps²). The
+    kept prefix is compared (``==``) with the new prompt's first messages, so an edited history is hashed again
+    from the start. The previous prompt's messages are held as they were passed (the model layer does not change
+    request messages in place). At most ``size`` runs are remembered (least recently used dropped).
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._runs: OrderedDict[str, tuple[list[Any], Any]] = OrderedDict()
+
+    def digest(self, run_id: str, prompt: Any) -> str:
+        """``_digest(prompt)``, reusing the hash of ``run_id``'s previous prompt when this one extends it."""
+        if not run_id or not isinstance(prompt, list):
+            return _digest(prompt)
+        cached = self._runs.pop(run_id, None)
+        start = 0
+        if cached is not None and len(cached[0]) <= len(prompt) and prompt[: len(cached[0])] == cached[0]:
+            start, hasher = len(cached[0]), cached[1].copy()
+        else:
+            hasher = hashlib.sha256(b"[")
+        for index in range(start, len(prompt)):
+            item = json.dumps(prompt[index], sort_keys=True, ensure_ascii=False, default=str)
+            hasher.update(((", " if index else "") + item).encode())
+        self._runs[run_id] = (list(prompt), hasher.copy())
+        while len(self._runs) > self.size:
+            self._runs.popitem(last=False)
+        hasher.update(b"]")
+        return str(hasher.hexdigest())
+
+
 class ModelGateway:
     """Policy, keys, routing, metering and audit for model calls."""
 
@@ -104,6 +141,7 @@ class ModelGateway:
         )
         self.limits = _agent_limits(config.agents)
         self.meters: dict[str, Meter] = {}
+        self.prompt_digests = PromptDigests()
 
     async def aclose(self) -> None:
         await self.router.aclose()
@@ -156,7 +194,8 @@ class ModelGateway:
         message = ((completion.get("choices") or [{}])[0]).get("message") or {}
         data: dict[str, Any] = {
             "model": name, "deployment": deployment.id if deployment else "", "attempts": attempts,
-            "stream": stream, "prompt_sha256": _digest(prompt), "completion_sha256": _digest(message),
+            "stream": stream, "prompt_sha256": self.prompt_digests.digest(claims.run_id, prompt),
+            "completion_sha256": _digest(message),
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "cost_usd": round(cost, 8), "tool_calls": [(c.get("function") or {}).get("name")
                                                        for c in message.get("tool_calls") or ()],

@@ -7,11 +7,12 @@ access internally); async callers use ``asyncio.to_thread``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stitchwork._registry import Registry
 from stitchwork.data.schema import Table
+from stitchwork.errors import StoreError
 
 
 class Store(ABC):
@@ -32,6 +33,18 @@ class Store(ABC):
     @abstractmethod
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Runs a query and returns rows as dicts."""
+
+    def append_columns(self, table: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        """Inserts rows given column by column (equal lengths) into ``table`` in one transaction.
+
+        Engines with a columnar path (Arrow) override this; the default turns the columns into rows for
+        :meth:`append`.
+        """
+        names = list(columns)
+        if len({len(values) for values in columns.values()}) > 1:
+            raise StoreError(f"{self.uri}: insert into {table} failed: columns of different lengths")
+        rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        self.append(table, rows)
 
     def ensure(self, table: Table) -> None:
         """Creates ``table`` (and its indexes) if it does not exist; engines render their own DDL."""

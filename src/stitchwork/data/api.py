@@ -7,13 +7,17 @@ CLI reaches them over HTTP (:class:`stitchwork.client.HttpClient`); otherwise th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from stitchwork.data.reports import run_report
-from stitchwork.errors import AuditError
+from stitchwork.errors import AuditError, ConfigError, StitchworkError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -53,11 +57,54 @@ def compact(platform: Platform, to: str, older_than_days: float | None = None, u
     return asdict(result)
 
 
-def retain(platform: Platform) -> dict[str, int]:
-    """Applies the default retention policies (:data:`stitchwork.data.retention.DEFAULT_POLICIES`)."""
-    from stitchwork.data.retention import DEFAULT_POLICIES, apply_retention
+def retain(platform: Platform, *, now: float | None = None) -> dict[str, int]:
+    """Applies ``[data.retention]``: deletes old rows per table, expires agent memory, compacts the audit log into
+    its Iceberg archive. Returns rows removed per table."""
+    from stitchwork.data.retention import apply_retention, compact_audit, policies_from
 
-    return apply_retention(platform.store, DEFAULT_POLICIES)
+    config = platform.config.data.retention
+    if config.audit_days > 0 and not config.audit_archive:
+        raise ConfigError("[data.retention] audit_days needs audit_archive (an iceberg+... URI)")
+    now = time.time() if now is None else now
+    removed = apply_retention(platform.store, policies_from(config), now=now)
+    if config.memory_days > 0 and platform.memory is not None:
+        removed["memory_items"] = platform.memory.expire(now - config.memory_days * 86400.0)
+    if config.audit_days > 0:
+        from stitchwork.data.iceberg import IcebergArchive
+
+        platform.audit.flush()
+        report = compact_audit(platform.store, IcebergArchive(config.audit_archive), platform.ca,
+                               older_than_s=config.audit_days * 86400.0, now=now)
+        removed["audit_events"] = report.deleted
+    platform.audit.append("retention", decision="applied", data={"removed": removed})
+    return removed
+
+
+def schedule_retention(app: FastAPI, platform: Platform) -> None:
+    """Applies retention every ``[data.retention] interval_s`` while the app runs (nothing when it is 0)."""
+    interval = platform.config.data.retention.interval_s
+    if interval <= 0:
+        return
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application: Any) -> AsyncIterator[Any]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await asyncio.to_thread(retain, platform)
+                except StitchworkError as exc:
+                    logging.getLogger(__name__).warning("retention failed: %s", exc)
+
+        task = asyncio.create_task(loop())
+        try:
+            async with inner(application) as state:
+                yield state
+        finally:
+            task.cancel()
+
+    app.router.lifespan_context = lifespan
 
 
 def verify(platform: Platform) -> VerifyReport:
@@ -103,3 +150,5 @@ def mount(app: FastAPI, service: Service) -> None:
     @app.post("/v1/data/retention")
     async def data_retention() -> dict[str, int]:
         return await asyncio.to_thread(retain, platform)
+
+    schedule_retention(app, platform)

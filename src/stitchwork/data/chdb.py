@@ -7,7 +7,7 @@ the directory with different ``database`` names. ``chdb://`` alone uses a tempor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -87,6 +87,18 @@ class ChdbStore(ClickHouseFamilyStore):
         except (pa.ArrowException, KeyError) as exc:
             raise StoreError(f"{self.uri}: insert into {table} failed: {exc}") from exc
         self.insert_arrow(table, pa.table(arrays))
+
+    def append_columns(self, table: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        """Inserts column-wise rows as one Arrow block, typed from the table's columns (no row dicts)."""
+        if not columns or not len(next(iter(columns.values()))):
+            return
+        types = dict(self._types(table))
+        try:
+            arrays = {c: pa.array(values, type=types.get(c)) for c, values in columns.items()}
+            data = pa.table(arrays)
+        except (pa.ArrowException, KeyError) as exc:
+            raise StoreError(f"{self.uri}: insert into {table} failed: {exc}") from exc
+        self.insert_arrow(table, data)
 
     def insert_arrow(self, table: str, data: pa.Table) -> None:
         """Inserts an Arrow table (columns by name) in one block."""

@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("retention")
     def data_retention(config_path: Path | None = ConfigOpt) -> None:
-        """Apply the retention policies (finished runs 90 days, decided approvals 365 days, old revocations)."""
+        """Apply [data.retention]: old finished runs, decided approvals, revocations, memory; compact the audit log."""
         try:
             deleted = _client(_config(config_path)).data_retention()
         except StitchworkError as exc:

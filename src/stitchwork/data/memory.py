@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from stitchwork.data._base import Store
 from stitchwork.data.schema import Column, Table
-from stitchwork.errors import StitchworkError, StoreError
+from stitchwork.errors import MemoryDenied, StoreError
 from stitchwork.security.taint import Label, normalise
 
 __all__ = ["GRANTS", "ITEMS", "POSTINGS", "AgentMemory", "MemoryDenied", "MemoryHit", "MemoryItem", "terms"]
@@ -58,12 +58,6 @@ _TERM = re.compile(r"\w+", re.UNICODE)
 _MAX_TERM = 64
 _MAX_TERMS_PER_QUERY = 32
 K1, B = 1.2, 0.75
-
-
-class MemoryDenied(StitchworkError):
-    """An agent tried to read or write memory it has no grant for."""
-
-    code = "memory_denied"
 
 
 def terms(text: str) -> list[str]:
@@ -284,6 +278,39 @@ class AgentMemory:
                                 [owner, namespace, key])
         return _item(rows[0]) if rows else None
 
+    def items(self, owner: str, *, namespace: str | None = None, limit: int = 1000) -> list[MemoryItem]:
+        """An owner's items, newest first (operator view: no grant check)."""
+        where, params = "WHERE agent = ?", [owner]
+        if namespace is not None:
+            where, params = where + " AND namespace = ?", [owner, namespace]
+        rows = self.store.query(f"SELECT * FROM memory_items {where} ORDER BY updated_at DESC, namespace, key LIMIT ?",
+                                [*params, limit])
+        return [_item(r) for r in rows]
+
+    def owners(self) -> list[dict[str, Any]]:
+        """Every agent with memory: its item count and newest write (operator view)."""
+        rows = self.store.query("SELECT agent, count(*) AS items, max(updated_at) AS updated_at FROM memory_items "
+                                "GROUP BY agent ORDER BY agent")
+        return [{"agent": r["agent"], "items": int(r["items"]), "updated_at": float(r["updated_at"])} for r in rows]
+
+    def grants(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """The grant rows (of one owner, or all)."""
+        where, params = ("WHERE owner = ?", [owner]) if owner else ("", [])
+        return self.store.query(f"SELECT * FROM memory_grants {where} ORDER BY owner, grantee, namespace, mode",
+                                params)
+
+    def expire(self, before: float) -> int:
+        """Deletes items last written before ``before`` (Unix time) with their postings; returns how many."""
+        with self._lock:
+            old = self.store.query("SELECT agent, namespace, key FROM memory_items WHERE updated_at < ?", [before])
+            where = "WHERE agent = ? AND namespace = ? AND key = ?"
+            for row in old:
+                params = [row["agent"], row["namespace"], row["key"]]
+                self.store.execute(f"DELETE FROM memory_postings {where}", params)
+            if old:
+                self.store.execute("DELETE FROM memory_items WHERE updated_at < ?", [before])
+        return len(old)
+
     # ------------------------------------------------------------------------------------------ search
     def _index(self, owner: str, namespace: str, key: str, words: list[str], *, replace: bool) -> None:
         if replace:
@@ -305,15 +332,17 @@ class AgentMemory:
         return len(rows)
 
     def search(
-        self, agent: str, query: str, *, owners: Iterable[str] = (), namespace: str | None = None, limit: int = 10
+        self, agent: str, query: str, *, owners: Iterable[str] = (), namespace: str | None = None, limit: int = 10,
+        own: bool = True,
     ) -> list[MemoryHit]:
-        """Items matching ``query`` (any term), best first, from the agent's own memory and ``owners`` it may read.
+        """Items matching ``query`` (any term), best first, from the agent's own memory (unless ``own`` is false)
+        and ``owners`` it may read.
 
         Raises:
             MemoryDenied: ``owners`` names memory the agent has no read grant for.
         """
         wanted = list(dict.fromkeys(terms(query)))[:_MAX_TERMS_PER_QUERY]
-        scopes = list(dict.fromkeys([agent, *owners]))
+        scopes = list(dict.fromkeys([agent, *owners] if own else owners))
         for owner in scopes:
             if namespace is not None:
                 self._require(agent, owner, namespace, "read")

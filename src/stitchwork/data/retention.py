@@ -2,7 +2,10 @@
 
 Retention. A :class:`RetentionPolicy` names a table, its time column, a maximum age and an optional SQL condition
 (for example, only finished runs). :func:`apply_retention` deletes rows older than that. ``audit_events`` is never
-deleted by a retention policy: old audit events leave the live store only through :func:`compact_audit`.
+deleted by a retention policy: old audit events leave the live store only through :func:`compact_audit`. The
+operator sets the ages in ``[data.retention]`` (:class:`~stitchwork.config.RetentionConfig`);
+:func:`policies_from` turns that section into policies, and ``stitchwork data retention`` (or the timer of
+``stitchwork up``) applies them, expires agent memory and compacts the audit log when the section asks for it.
 
 Compaction (``audit_events`` → Iceberg). :func:`compact_audit` exports every event up to the cut, verifies the
 archived chain from its start (genesis, or the previous checkpoint) to the cut, signs a *checkpoint*
@@ -19,6 +22,7 @@ moved checkpoint is reported as such. The hash rule is the one documented in :mo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -26,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stitchwork.config import RetentionConfig
 from stitchwork.data._base import Store
 from stitchwork.data.iceberg import IcebergArchive
 from stitchwork.data.schema import Column, Table
@@ -40,6 +45,7 @@ __all__ = [
     "apply_retention",
     "compact_audit",
     "latest_checkpoint",
+    "policies_from",
     "verify_across",
 ]
 
@@ -74,6 +80,14 @@ DEFAULT_POLICIES = (
     RetentionPolicy("approvals", "created_at", 365, "status <> 'pending'"),
     RetentionPolicy("revoked_tokens", "expires_at", 1),
 )
+
+
+def policies_from(config: RetentionConfig) -> tuple[RetentionPolicy, ...]:
+    """The table policies ``[data.retention]`` names (an age of 0 keeps the table; memory and audit are handled
+    apart: :meth:`~stitchwork.data.memory.AgentMemory.expire` and :func:`compact_audit`)."""
+    ages = {"runs": config.runs_days, "approvals": config.approvals_days,
+            "revoked_tokens": config.revoked_tokens_days}
+    return tuple(dataclasses.replace(p, max_age_days=ages[p.table]) for p in DEFAULT_POLICIES if ages[p.table] > 0)
 
 
 def apply_retention(store: Store, policies: Iterable[RetentionPolicy], *, now: float | None = None) -> dict[str, int]:
@@ -227,6 +241,9 @@ def compact_audit(
     signature = signer.sign(canonical({"seq": cut, "hash": chain.prev, "key_id": signer.key_id})).hex()
     store.append(CHECKPOINTS.name, [{"seq": cut, "hash": chain.prev, "key_id": signer.key_id,
                                      "signature": signature, "archive": archive.uri, "ts": now}])
+    from stitchwork.data.reports import refresh_facts  # reports keep the facts of events that leave the store
+
+    refresh_facts(store)
     deleted = store.query(f"SELECT count(*) AS n FROM {EVENTS_TABLE} WHERE seq <= ?", [cut])[0]["n"]
     store.execute(f"DELETE FROM {EVENTS_TABLE} WHERE seq <= ?", [cut])
     return CompactReport(report.exported, cut, int(deleted))

@@ -58,6 +58,10 @@ class Table:
         indexes: Secondary lookups: a DuckDB ART index each, a ClickHouse ``minmax`` skip index each.
         dictionary: VARCHAR columns with few distinct values: ``LowCardinality(String)`` on ClickHouse (DuckDB
             compresses them by itself).
+        aggregates: Pre-aggregated tables (with a ``key``): ``(column, function)`` pairs, function ``sum``, ``min``
+            or ``max``. On ClickHouse the table becomes an ``AggregatingMergeTree`` whose merges combine rows with
+            the same key by these functions (``SimpleAggregateFunction`` columns); on DuckDB it keeps its primary
+            key and writers upsert with the same functions. Readers must still aggregate (rows may be unmerged).
     """
 
     name: str
@@ -66,6 +70,7 @@ class Table:
     order_by: tuple[str, ...] = ()
     indexes: tuple[str, ...] = field(default=())
     dictionary: tuple[str, ...] = field(default=())
+    aggregates: tuple[tuple[str, str], ...] = field(default=())
 
     def column(self, name: str) -> Column:
         for col in self.columns:
@@ -85,11 +90,13 @@ class Table:
     def clickhouse_ddl(self, database: str = "") -> str:
         """``CREATE TABLE IF NOT EXISTS`` with a MergeTree engine.
 
-        Tables with a key become ``ReplacingMergeTree`` ordered by the key; others ``MergeTree`` ordered by
-        ``order_by`` (``tuple()``, insertion order, if empty). Lightweight ``UPDATE`` is enabled on every table.
+        Tables with a key become ``ReplacingMergeTree`` ordered by the key (``AggregatingMergeTree`` when they
+        declare ``aggregates``); others ``MergeTree`` ordered by ``order_by`` (``tuple()``, insertion order, if
+        empty). Lightweight ``UPDATE`` is enabled on every table.
         """
         sort = self.key or self.order_by
         in_sort = set(sort)
+        aggregates = dict(self.aggregates) if self.key else {}
         cols = []
         for c in self.columns:
             ch = _CLICKHOUSE_TYPES[c.type]
@@ -97,9 +104,11 @@ class Table:
                 ch = f"Nullable({ch})"
             if c.name in self.dictionary and c.type == "VARCHAR":
                 ch = f"LowCardinality({ch})"
+            if c.name in aggregates:
+                ch = f"SimpleAggregateFunction({aggregates[c.name]}, {ch})"
             cols.append(f"`{c.name}` {ch}")
         cols += [f"INDEX `{self.name}_{i}` `{i}` TYPE minmax GRANULARITY 1" for i in self.indexes]
-        engine = "ReplacingMergeTree" if self.key else "MergeTree"
+        engine = ("AggregatingMergeTree" if aggregates else "ReplacingMergeTree") if self.key else "MergeTree"
         order = f"({', '.join(f'`{c}`' for c in sort)})" if sort else "tuple()"
         name = f"`{database}`.`{self.name}`" if database else f"`{self.name}`"
         return (

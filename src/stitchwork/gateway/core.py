@@ -30,7 +30,8 @@ from stitchwork.errors import (
     StitchworkError,
     UnknownAgent,
 )
-from stitchwork.gateway.idempotency import IdempotencyLedger
+from stitchwork.gateway.host import HostCall, HostHandler
+from stitchwork.gateway.idempotency import IdempotencyLedger, ledger_get, ledger_put
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
 from stitchwork.security.approvals import ApprovalStore
 from stitchwork.security.audit import AuditLog
@@ -144,6 +145,8 @@ class Gateway:
         self.redactor = Redactor({})
         self.models: ModelGateway | None = None
         """The model gateway (policy, provider keys, routing, metering); set by the platform."""
+        self.host_handlers: dict[str, HostHandler] = {}
+        """Host-side tool handlers by the name manifests give as ``host`` (:mod:`stitchwork.gateway.host`)."""
         self.refresh_secrets()
 
     # -- set-up -----------------------------------------------------------------------------------------------
@@ -157,6 +160,10 @@ class Gateway:
             except SecretError:
                 continue
         self.redactor = Redactor(values)
+
+    def register_host(self, name: str, handler: HostHandler) -> None:
+        """Registers the handler of the host-side tools whose manifest says ``host = name``."""
+        self.host_handlers[name] = handler
 
     def sandbox(self, uri: str) -> Sandbox:
         if uri not in self._sandboxes:
@@ -239,7 +246,7 @@ class Gateway:
             return run.idempotent[idempotency_key]
         durable_key = bool(idempotency_key and self.idempotency is not None and tool.side_effect is not SideEffect.READ)
         if durable_key and self.idempotency is not None:
-            recorded = self.idempotency.get(run_id, idempotency_key)
+            recorded = await ledger_get(self.idempotency, run_id, idempotency_key)
             if recorded is not None:
                 replayed = ToolOutcome(**{**recorded, "policy_ids": tuple(recorded.get("policy_ids", ()))})
                 run.idempotent[idempotency_key] = replayed
@@ -310,7 +317,7 @@ class Gateway:
         if idempotency_key and outcome.status == "ok":
             run.idempotent[idempotency_key] = outcome
             if durable_key and self.idempotency is not None:
-                self.idempotency.put(run_id, idempotency_key, dataclasses.asdict(outcome))
+                await ledger_put(self.idempotency, run_id, idempotency_key, dataclasses.asdict(outcome))
         return outcome
 
     async def _decide(
@@ -363,6 +370,8 @@ class Gateway:
         self, run: RunContext, tool: ToolManifest, args: dict[str, Any], env: dict[str, str],
         base: dict[str, str], decision: Decision,
     ) -> ToolOutcome:
+        if tool.host:
+            return await self._execute_host(run, tool, args, base, decision)
         workdir = run.tool_workdir(tool.name)
         spec = SandboxSpec(
             program=PythonCall(tool.entry_file, tool.entry_function, {"args": args}),
@@ -406,6 +415,43 @@ class Gateway:
         return ToolOutcome(status, tool.name, content=content, error=error, label=str(label),
                            policy_ids=decision.policy_ids, audit_seq=event.seq)
 
+    async def _execute_host(
+        self, run: RunContext, tool: ToolManifest, args: dict[str, Any], base: dict[str, str], decision: Decision,
+    ) -> ToolOutcome:
+        """Step 6 for a host-side tool: the registered handler, called with the verified identity."""
+        started = time.perf_counter()
+        call = HostCall(run.agent, run.run_id, tool.name, args, run.tracker.untrusted_labels())
+        try:
+            handler = self.host_handlers.get(tool.host)
+            if handler is None:
+                raise StitchworkError(f"no handler is registered for host-side tool {tool.name!r} ({tool.host})")
+            result = await handler(call)
+        except Exception as caught:  # a handler bug must not escape call_tool: it is audited as an error
+            exc = caught if isinstance(caught, StitchworkError) else StitchworkError(
+                f"host-side tool {tool.name!r} failed: {type(caught).__name__}: {caught}")
+            status = "denied" if isinstance(exc, PolicyDenied) else "error"
+            error = self.redactor.redact(exc.to_dict())
+            event = await self.audit.aappend("tool", **base, decision="deny" if status == "denied" else "error",
+                                             data={"host": tool.host, "error": exc.code,
+                                                   "reason": self.redactor.redact_text(str(exc))})
+            return ToolOutcome(status, tool.name, error=error, policy_ids=decision.policy_ids, audit_seq=event.seq)
+        content = self.redactor.redact(result.value)
+        labels = result.labels or (Label(f"tool:{tool.name}", tool.trusted_output),)
+        # Untrusted parts must not be grounded by trusted ones: mixed content is recorded as untrusted only.
+        untrusted = [lb for lb in labels if not lb.trusted]
+        recorded = [run.tracker.add(_content_text(content), lb) for lb in (untrusted or labels)]
+        label = ", ".join(str(lb) for lb in recorded)
+        event = await self.audit.aappend(
+            "tool", **base, decision="ok",
+            data={
+                "host": tool.host, "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "output_sha256": _digest(content), "label": label, "undo": tool.undo,
+                "side_effect": tool.side_effect.value, "policy_ids": list(decision.policy_ids), "error": None,
+            },
+        )
+        return ToolOutcome("ok", tool.name, content=content, label=label, policy_ids=decision.policy_ids,
+                           audit_seq=event.seq)
+
     # -- models -----------------------------------------------------------------------------------------------
 
     async def complete(
@@ -414,7 +460,7 @@ class Gateway:
     ) -> ModelTurn:
         """One model call through the gateway: authenticated, secrets redacted from the prompt, audited."""
         claims = await self.authenticate(token, action="model")
-        safe_messages = self.redactor.redact([dict(m) for m in messages])
+        safe_messages = self.redactor.redact_messages(claims.run_id, messages)  # only new messages are redacted
         if self.models is not None:
             return await self.models.complete(claims, model, safe_messages, tools)
         started = time.perf_counter()

@@ -61,4 +61,27 @@ class StoreLedger:
         )
 
 
-__all__ = ["IdempotencyLedger", "StoreLedger"]
+async def ledger_get(ledger: IdempotencyLedger, run_id: str, key: str) -> dict[str, Any] | None:
+    """``ledger.get``, awaited without blocking the event loop when the ledger offers ``aget`` (a bus ledger)."""
+    aget = getattr(ledger, "aget", None)
+    if aget is not None:
+        found: dict[str, Any] | None = await aget(run_id, key)
+        return found
+    return ledger.get(run_id, key)
+
+
+async def ledger_put(ledger: IdempotencyLedger, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+    """``ledger.put`` (durable once it returns), awaited without blocking when the ledger offers ``aput``.
+
+    A ledger's ``aput`` may return once the record is sent, if its ``aget`` first waits until the run's records
+    sent so far are stored: the gateway looks up every side-effecting call before running it, so an outcome is
+    still durable before the run's next side effect (the bus ledger of workers does this).
+    """
+    aput = getattr(ledger, "aput", None)
+    if aput is not None:
+        await aput(run_id, key, outcome)
+    else:
+        ledger.put(run_id, key, outcome)
+
+
+__all__ = ["IdempotencyLedger", "StoreLedger", "ledger_get", "ledger_put"]

@@ -11,14 +11,18 @@ benchmark; never for untrusted code.
 
 Where a synchronous tool function runs (URI option ``mode``):
 
-* ``auto`` (default): in a fresh daemon thread until its function body has returned within
-  :data:`CHEAP_CALL_S` three calls in a row; from then on directly in the event loop. A thread per call costs
-  ~1 ms (under 1,000 calls/s on the dev box) while direct calls reach ~15,000-20,000 calls/s, which is what the
-  gateway benchmark needs. A direct call that turns out slower than :data:`CHEAP_CALL_S` sends the function
-  back to the thread.
-* ``thread``: always in a daemon thread; ``timeout_s`` is enforced (the result says ``killed="timeout"`` on
-  time), but Python cannot kill a thread: a timed-out call keeps running in the background until it returns
-  (daemon threads, so it never blocks loop shutdown or interpreter exit).
+* ``auto`` (default): in a worker thread until its function body has returned within
+  :data:`CHEAP_CALL_S` three calls in a row; from then on directly in the event loop. A hand-off to a worker
+  costs a thread wake-up and a loop wake-up, while direct calls reach ~15,000-20,000 calls/s, which is what the
+  gateway benchmark needs. A direct call that turns out slow sends the function back to the worker threads:
+  slow means more than :data:`CHEAP_CALL_S` of the loop thread's CPU time, or more than
+  :data:`BLOCKING_CALL_S` of wall-clock time (a blocking wait). The wall-clock test alone would misjudge cheap
+  calls on a busy interpreter, where the loop thread waits up to a GIL switch interval (5 ms) for other threads.
+* ``thread``: always in a worker thread; ``timeout_s`` is enforced (the result says ``killed="timeout"`` on
+  time), but Python cannot kill a thread: a timed-out call keeps running in the background until it returns,
+  holding its worker (another is started for the next call). Workers are daemon threads of a small persistent
+  pool (:class:`_WorkerPool`), so they never block loop shutdown or interpreter exit, and starting a thread per
+  call (~1 ms, several under load) is avoided.
 * ``direct``: always in the event loop; fastest, but a slow function blocks the loop. ``timeout_s`` is applied
   after the fact: a call that took longer is reported as ``killed="timeout"`` and its value dropped.
 
@@ -56,6 +60,7 @@ import inspect
 import io
 import json
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -74,6 +79,8 @@ from stitchwork.isolation._base import Command, Limits, PythonCall, Sandbox, San
 
 #: A direct (in-loop) call must stay below this many seconds to keep running in the loop in ``auto`` mode.
 CHEAP_CALL_S = 0.002
+#: A direct call that waits (wall-clock) longer than this is sent back to the worker threads in ``auto`` mode.
+BLOCKING_CALL_S = 0.02
 _CHEAP_STREAK = 3
 _MODES = ("auto", "thread", "direct")
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -212,12 +219,70 @@ class _ToolCache:
             return module
 
 
-def _in_daemon_thread(function: Callable[[], Any]) -> asyncio.Future[tuple[Any, BaseException | None]]:
-    """Runs ``function`` (in a copy of the current context) in a new daemon thread.
+class _WorkerPool:
+    """Daemon worker threads that run calls handed over from event loops.
+
+    A call goes to an idle worker; when none is idle a new one is started, so a call that never returns (a
+    timed-out tool keeps running: Python cannot kill a thread) only ever holds its own worker. A worker that
+    stays idle for :attr:`IDLE_S` exits unless it is the last idle one. Daemon threads: they never block loop
+    shutdown or interpreter exit. Handing a call to a waiting worker costs a queue put and a wake-up instead of a
+    thread start (about 1 ms, more on a busy interpreter).
+    """
+
+    IDLE_S = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]]] = queue.SimpleQueue()
+        self._idle = 0  # idle workers not yet claimed by a submitted job
+        self._started = 0
+
+    def submit(self, job: Callable[[], Callable[[], None]]) -> None:
+        """Runs ``job`` in a worker thread, then what it returns once the worker counts as idle again.
+
+        Neither may raise. Handing the result over only after the worker is idle lets the caller's next call
+        reuse this worker rather than start another.
+        """
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                spawn = False
+            else:
+                spawn = True
+                self._started += 1
+                name = f"stitchwork-inline-call-{self._started}"
+        self._jobs.put(job)
+        if spawn:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    # Exit only while another idle worker remains unclaimed; else a job is (about to be) queued
+                    # for this one, or it is the last idle worker and stays.
+                    if self._idle > 1:
+                        self._idle -= 1
+                        return
+                continue
+            deliver = job()
+            with self._lock:
+                self._idle += 1
+            deliver()
+
+
+_POOL = _WorkerPool()
+
+
+def _in_worker_thread(function: Callable[[], Any]) -> asyncio.Future[tuple[Any, BaseException | None]]:
+    """Runs ``function`` (in a copy of the current context) in a worker thread of the shared pool.
 
     The future's result is ``(value, None)`` or ``(None, exception)``: exceptions travel as values because a
     future cannot carry every exception (``StopIteration``). Not the loop's default executor: a timed-out call
-    that never returns would keep an executor thread busy and make loop shutdown and interpreter exit wait.
+    that never returns would keep an executor thread busy and make loop shutdown and interpreter exit wait; the
+    pool's daemon workers do neither, and a worker held by such a call is replaced by a new one.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[tuple[Any, BaseException | None]] = loop.create_future()
@@ -227,16 +292,20 @@ def _in_daemon_thread(function: Callable[[], Any]) -> asyncio.Future[tuple[Any, 
         if not future.done():  # else: timed out or cancelled meanwhile
             future.set_result(outcome)
 
-    def target() -> None:
+    def target() -> Callable[[], None]:
         outcome: tuple[Any, BaseException | None]
         try:
             outcome = (context.run(function), None)
         except BaseException as exc:  # handed to the awaiting task, which decides
             outcome = (None, exc)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, outcome)
 
-    threading.Thread(target=target, name="stitchwork-inline-call", daemon=True).start()
+        def deliver() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, outcome)
+
+        return deliver
+
+    _POOL.submit(target)
     return future
 
 
@@ -317,40 +386,45 @@ class InlineSandbox(Sandbox):
         """Calls the tool; returns (result line, killed)."""
         key = (str(call.file), call.function)
 
-        def prepare() -> tuple[Callable[..., Any], dict[str, Any]]:
-            function = _runner.resolve_function(self._tools.get(call.file), call.function)
-            return function, _runner.call_args(payload)
-
         def invoke() -> Any:
             started, wall = time.thread_time(), time.perf_counter()
             try:
-                function, args = prepare()
-                return function(**args)
+                return function(**_runner.call_args(payload))
             finally:
-                cpu[0] += time.thread_time() - started
+                spent[0] = time.thread_time() - started
+                cpu[0] += spent[0]
                 took[0] = time.perf_counter() - wall
 
         took = [0.0]
+        spent = [0.0]
+        cheap = False
         deadline = asyncio.timeout(limits.timeout_s)
         try:
-            function, _ = prepare()
+            function = _runner.resolve_function(self._tools.get(call.file), call.function)
             is_async = inspect.iscoroutinefunction(function)
-            async with deadline:
-                if is_async:
-                    value = await invoke()
-                elif self._runs_direct(key):
-                    value = invoke()  # no await: the deadline cannot interrupt it, so it is checked after
-                    if took[0] > limits.timeout_s:
-                        self._cheap_streak[key] = 0
-                        return b"", "timeout"
-                else:
-                    value, raised = await _in_daemon_thread(invoke)
-                    if raised is not None:
-                        raise raised
+            if not is_async and self._runs_direct(key):
+                # No await, so no asyncio deadline (arming one costs more than a cheap call): it is checked after.
+                value = invoke()
+                if took[0] > limits.timeout_s:
+                    self._cheap_streak[key] = 0
+                    return b"", "timeout"
+                cheap = spent[0] <= CHEAP_CALL_S and took[0] <= BLOCKING_CALL_S
                 if isinstance(value, types.CoroutineType):
-                    value = await value
+                    async with deadline:
+                        value = await value
+            else:
+                async with deadline:
+                    if is_async:
+                        value = await invoke()
+                    else:
+                        value, raised = await _in_worker_thread(invoke)
+                        cheap = took[0] < CHEAP_CALL_S
+                        if raised is not None:
+                            raise raised
+                    if isinstance(value, types.CoroutineType):
+                        value = await value
             if not is_async:
-                self._cheap_streak[key] = self._cheap_streak.get(key, 0) + 1 if took[0] < CHEAP_CALL_S else 0
+                self._cheap_streak[key] = self._cheap_streak.get(key, 0) + 1 if cheap else 0
         except TimeoutError as exc:
             if not deadline.expired():  # the tool's own TimeoutError
                 return _runner.encode_error(exc), None

@@ -31,6 +31,10 @@ from stitchwork.errors import BusError
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+"""Publish header for compare-and-set: store the message only if the newest one on its subject has this sequence
+number (``0``: no message yet); otherwise :meth:`Bus.publish` raises :class:`~stitchwork.errors.BusConflict`."""
+
 Settle = Callable[[str, float], Awaitable[None]]
 """Called with ``ack``/``nak``/``term``/``progress`` and a delay in seconds (for ``nak``)."""
 
@@ -103,6 +107,13 @@ class Delivery:
         """Still working: restarts the ``ack_wait_s`` clock."""
         if not self.settled and self._settle is not None:
             await self._settle("progress", 0.0)
+
+    def abandon(self) -> None:
+        """Stops holding it (frees the consumer's slot) without telling the bus: whoever owns it now settles it."""
+        if not self.settled:
+            self.settled = True
+            if self._on_done is not None:
+                self._on_done()
 
     async def _finish(self, verb: str, delay_s: float) -> None:
         if self.settled:
@@ -203,6 +214,14 @@ class Bus(ABC):
     @abstractmethod
     async def last(self, subject: str) -> Delivery | None:
         """The newest message published on exactly ``subject``, or ``None``."""
+
+    async def latest(self, pattern: str) -> list[Delivery]:
+        """The newest message of every subject matching ``pattern`` (subjects as keys), in subject order.
+
+        Raises:
+            BusError: the adapter cannot list subjects, or the bus is unreachable.
+        """
+        raise BusError(f"{type(self).__name__} cannot list the subjects of {pattern!r}")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Closes connections."""

@@ -104,6 +104,11 @@ class SyncBus:
         found: Delivery | None = self._call(lambda bus: bus.last(subject))
         return found
 
+    def latest(self, pattern: str) -> list[Delivery]:
+        """The newest message of every subject matching ``pattern``."""
+        found: list[Delivery] = self._call(lambda bus: bus.latest(pattern))
+        return found
+
     def close(self) -> None:
         loop, thread, bus = self._loop, self._thread, self._bus
         self._loop = self._thread = None

@@ -1,4 +1,4 @@
-"""Commands of the messaging layer: ``stitchwork worker``, ``submit`` and ``kafka-export``."""
+"""Commands of the messaging layer: ``stitchwork worker``, ``submit``, ``runs dead|resubmit`` and ``kafka-export``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import contextlib
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from stitchwork.config import load_config
 from stitchwork.errors import StitchworkError
@@ -96,6 +98,62 @@ def register(app: typer.Typer) -> None:
             err.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
         console.print_json(json.dumps({k: v for k, v in result.items() if k != "messages"}, default=str))
+
+    runs_app = typer.Typer(help="Runs on the durable queue: dead letters and re-submission.", no_args_is_help=True)
+    app.add_typer(runs_app, name="runs")
+
+    def _on_bus(bus: str | None, config_path: Path | None, act: Any) -> Any:
+        from stitchwork.messaging._base import open_bus
+        from stitchwork.messaging.durable import Subjects
+        from stitchwork.messaging.embedded import bus_uri
+
+        async def go() -> Any:
+            config = load_config(config_path)
+            opened = await open_bus(bus or bus_uri(config))
+            try:
+                return await act(opened, Subjects(config.messaging.subject_prefix))
+            finally:
+                with contextlib.suppress(StitchworkError):
+                    await opened.aclose()
+
+        try:
+            return asyncio.run(go())
+        except StitchworkError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    @runs_app.command("dead")
+    def runs_dead(
+        fmt: str = typer.Option("table", "--format", help="table | json"),
+        bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
+        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+    ) -> None:
+        """List runs given up on (dead letters): why, after how many attempts, by which worker."""
+        from stitchwork.messaging.deadletters import dead_letters
+
+        letters = _on_bus(bus, config_path, lambda b, s: dead_letters(b, subjects=s))
+        if fmt == "json":
+            console.print_json(json.dumps(letters, default=str))
+            return
+        table = Table(title="dead letters")
+        for column in ("run_id", "retryable", "attempts", "worker", "error"):
+            table.add_column(column, overflow="fold")
+        for letter in letters:
+            table.add_row(str(letter.get("run_id")), str(letter.get("retryable")), str(letter.get("attempts")),
+                          str(letter.get("worker")), str(letter.get("error")))
+        console.print(table)
+
+    @runs_app.command("resubmit")
+    def runs_resubmit(
+        run_id: str = typer.Argument(..., help="A dead-lettered run."),
+        bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
+        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+    ) -> None:
+        """Put a dead-lettered run back on the queue (it resumes from its last checkpoint)."""
+        from stitchwork.messaging.deadletters import resubmit
+
+        _on_bus(bus, config_path, lambda b, s: resubmit(b, run_id, subjects=s, by="operator:cli"))
+        console.print(f"run {run_id} queued again", highlight=False)
 
     @app.command("kafka-export")
     def kafka_export(

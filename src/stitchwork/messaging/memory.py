@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from stitchwork.errors import BusError
-from stitchwork.messaging._base import Bus, Consumer, Delivery, check_subject, subject_matches
+from stitchwork.errors import BusConflict, BusError
+from stitchwork.messaging._base import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    Bus,
+    Consumer,
+    Delivery,
+    check_subject,
+    subject_matches,
+)
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,10 @@ class MemoryBus(Bus):
         stream = self._stream(check_subject(subject))
         if msg_id and msg_id in stream.ids:
             return stream.ids[msg_id]
+        expected = (headers or {}).get(EXPECTED_LAST_SUBJECT_SEQ)
+        if expected is not None and int(expected) != stream.last.get(subject, 0):
+            raise BusConflict(f"publish to {subject}: wrong last sequence {stream.last.get(subject, 0)} "
+                              f"(expected {expected})")
         seq = len(stream.messages) + 1
         stream.messages.append(_Stored(subject, bytes(data), dict(headers or {}), seq))
         stream.last[subject] = seq
@@ -214,6 +225,16 @@ class MemoryBus(Bus):
             return None
         stored = stream.messages[seq - 1]
         return Delivery(stored.subject, stored.data, seq, 1, dict(stored.headers), settled=True)
+
+    async def latest(self, pattern: str) -> list[Delivery]:
+        self._check_open()
+        stream = self._stream(check_subject(pattern, wildcards=True))
+        found = []
+        for subject, seq in sorted(stream.last.items()):
+            if subject_matches(pattern, subject):
+                stored = stream.messages[seq - 1]
+                found.append(Delivery(stored.subject, stored.data, seq, 1, dict(stored.headers), settled=True))
+        return found
 
     async def aclose(self) -> None:
         if self.name and self.name in _SHARED:

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from stitchwork.errors import BusError
+from stitchwork.errors import BusConflict, BusError
 from stitchwork.messaging._base import Bus, Consumer, Delivery, check_subject
 
 _RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
@@ -32,6 +32,10 @@ _RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.erro
               nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError,
               nats.errors.OutboundBufferLimitError, TimeoutError)
 """What a failover, a restart or a leader election looks like from the client: wait and try again."""
+
+
+_WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check."""
 
 
 def _durable_name(group: str) -> str:
@@ -234,6 +238,14 @@ class NatsBus(Bus):
                 if time.monotonic() > deadline:
                     raise BusError(f"publish to {subject}: no acknowledgement from NATS: {exc!r}") from exc
                 await asyncio.sleep(0.1)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    # A retried compare-and-set whose first attempt was stored looks like a lost race: check.
+                    mine = await self.last(subject) if msg_id else None
+                    if mine is not None and mine.headers.get("Nats-Msg-Id") == msg_id:
+                        return mine.seq
+                    raise BusConflict(f"publish to {subject}: {exc.description}") from exc
+                raise BusError(f"publish to {subject} refused: {exc}") from exc
             except nats.errors.Error as exc:
                 raise BusError(f"publish to {subject} refused: {exc}") from exc
 
@@ -264,6 +276,16 @@ class NatsBus(Bus):
                 raise BusError(f"read {subject}: {exc}") from exc
         return Delivery(raw.subject or subject, raw.data or b"", int(raw.seq or 0), 1, dict(raw.headers or {}),
                         settled=True)
+
+    async def latest(self, pattern: str) -> list[Delivery]:
+        stream = check_subject(pattern, wildcards=True)
+        await self.ensure_stream(stream)
+        try:
+            info = await self.js.stream_info(stream, subjects_filter=pattern)
+        except nats.errors.Error as exc:
+            raise BusError(f"list {pattern}: {exc}") from exc
+        found = [await self.last(subject) for subject in sorted(info.state.subjects or {})]
+        return [d for d in found if d is not None]
 
     async def aclose(self) -> None:
         # Every publish has been acknowledged already; nothing is left to drain.

@@ -7,7 +7,9 @@ events are replayed from the bus (JetStream when `stitchwork up` runs NATS). Num
 contiguous for one run: the stream holds the events of every run.
 
 ``POST /v1/queue/runs`` puts a run on the queue for `stitchwork worker`; ``GET /v1/queue/runs/{id}`` reads its
-newest checkpoint from the bus.
+newest checkpoint from the bus. ``GET /v1/queue/dead`` lists dead-lettered runs; ``POST
+/v1/queue/dead/{id}/resubmit`` queues one again. ``/v1/approvals`` also lists and decides the approvals of durable
+runs (:mod:`stitchwork.messaging.approvals`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from stitchwork.agents.runs import RunRecord
 from stitchwork.config import Config
 from stitchwork.errors import BusError, ConfigError, RunError, StitchworkError
 from stitchwork.messaging._base import Bus, check_subject, open_bus
+from stitchwork.messaging.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.messaging.bridge import SyncBus, _run_now
+from stitchwork.messaging.deadletters import dead_letters, resubmit
 from stitchwork.messaging.durable import Subjects, enqueue_run, event_payload, run_state
 from stitchwork.messaging.embedded import bus_uri
 from stitchwork.service import Service
@@ -112,6 +116,9 @@ def mount(app: FastAPI, service: Service) -> None:
             hub.publish(record, kind, data)
 
     runner.on_event = on_event
+    # Approvals of durable runs (requested inside workers) are listed and decided here like the platform's own.
+    bus_approvals = BusApprovalStore(hub.sync, hub.subjects, timeout_s=config.security.approval_timeout_s)
+    service.platform.approvals = FederatedApprovals(service.platform.approvals, bus_approvals)
 
     @app.websocket("/v1/events")
     async def events(websocket: WebSocket, run_id: str = "", after: int = 0, token: str = "") -> None:
@@ -133,6 +140,15 @@ def mount(app: FastAPI, service: Service) -> None:
     async def queue_run(body: QueuedRunIn) -> dict[str, Any]:
         service.platform.agents.get(body.agent)
         run_id = await enqueue_run(await hub.bus(), body.agent, body.task, model=body.model, subjects=hub.subjects)
+        return {"id": run_id, "status": "queued"}
+
+    @app.get("/v1/queue/dead")
+    async def dead_runs() -> list[dict[str, Any]]:
+        return await dead_letters(await hub.bus(), subjects=hub.subjects)
+
+    @app.post("/v1/queue/dead/{run_id}/resubmit", status_code=202)
+    async def resubmit_run(run_id: str) -> dict[str, Any]:
+        await resubmit(await hub.bus(), run_id, subjects=hub.subjects, by="operator:api")
         return {"id": run_id, "status": "queued"}
 
     @app.get("/v1/queue/runs/{run_id}")

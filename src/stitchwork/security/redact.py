@@ -26,7 +26,9 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -34,6 +36,9 @@ __all__ = ["MIN_SECRET_LEN", "Redactor", "encoded_forms"]
 
 MIN_SECRET_LEN = 4
 """Values (and encoded forms) shorter than this are not redacted."""
+
+CONVERSATIONS_KEPT = 256
+"""How many conversations :meth:`Redactor.redact_messages` remembers (least recently used dropped)."""
 
 _MIN_CORE_LEN = 8
 """Shortest base64 alignment run used; shorter runs would match random base64 data too often."""
@@ -130,9 +135,38 @@ class Redactor:
         self._count = len(set(self._owner.values()))
         words = sorted(self._owner, key=lambda f: (-len(f), f))
         self._pattern: re.Pattern[str] | None = re.compile(_trie_regex(words)) if words else None
+        self._conversations: OrderedDict[str, list[tuple[dict[str, Any], Any]]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Redactor({self._count} secrets)"
+
+    def redact_messages(self, key: str, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """``redact([dict(m) for m in messages])``, without redacting again what ``key``'s previous call held.
+
+        A conversation is sent again at every model call with a few messages added, so redacting all of it each
+        time makes a run O(steps²). A message equal (``==``) to a copy of the one at the same position in the
+        previous call with the same ``key`` (a run id) gets that call's redacted copy back; any other message is
+        redacted. The kept copies are shallow: a nested value changed in place after a call is not noticed (the
+        run loop never does that); the redacted copies handed out are shared between calls and must not be
+        changed. The redactor of changed secrets is a new object, with nothing remembered.
+        """
+        if not key:
+            return [self.redact(dict(m)) for m in messages]
+        with self._lock:
+            previous = self._conversations.pop(key, [])
+        kept: list[tuple[dict[str, Any], Any]] = []
+        for index, message in enumerate(messages):
+            copy = dict(message)
+            if index < len(previous) and previous[index][0] == copy:
+                kept.append((copy, previous[index][1]))
+            else:
+                kept.append((copy, self.redact(copy)))
+        with self._lock:
+            self._conversations[key] = kept
+            while len(self._conversations) > CONVERSATIONS_KEPT:
+                self._conversations.popitem(last=False)
+        return [safe for _, safe in kept]
 
     def _spans(self, text: str) -> Iterator[tuple[int, int, str]]:
         """Yields ``(start, end, name)`` of each maximal region covered by overlapping matches."""
@@ -157,6 +191,8 @@ class Redactor:
 
         Overlapping occurrences are merged into one ``[secret:<name>]`` naming the longest match.
         """
+        if self._pattern is None or self._pattern.search(text) is None:
+            return text  # the common case, without the generator below
         parts: list[str] = []
         position = 0
         for start, end, name in self._spans(text):
@@ -175,6 +211,15 @@ class Redactor:
         keep their type), sets and frozensets are copied recursively; any other object is returned as is.
         Redacting dict keys can make two keys equal; the later one wins.
         """
+        kind = type(obj)  # exact built-in types first: the ABC checks below cost more than the copy
+        if kind is str:
+            return self.redact_text(obj)
+        if kind is dict:
+            return {self.redact(key): self.redact(value) for key, value in obj.items()}
+        if kind is list:
+            return [self.redact(item) for item in obj]
+        if obj is None or kind is int or kind is float or kind is bool:
+            return obj
         if isinstance(obj, str):
             return self.redact_text(obj)
         if isinstance(obj, bytes | bytearray):

@@ -420,6 +420,10 @@ class ProvenanceTracker:
                     levels[top] = level
         return ArgumentTaint(frozenset(tainted), frozenset(sources), tuple(sorted(levels.items())))
 
+    def untrusted_labels(self) -> tuple[Label, ...]:
+        """The distinct labels of the untrusted content recorded so far, in first-seen order."""
+        return tuple(dict.fromkeys(label for label, _ in self._untrusted))
+
     def snapshot(self) -> dict[str, Any]:
         """JSON-safe state, for run checkpoints."""
         return {

@@ -25,6 +25,10 @@ A tool lives in a directory with a manifest ``<name>.toml`` and its code::
 
 String arguments with ``format = "relative-path"`` must stay inside the tool's work directory: no absolute
 paths, no ``..`` segments, no NUL bytes.
+
+A *host-side* tool is trusted platform code that runs in the gateway's process instead of a sandbox: its manifest
+says ``host = "<handler>"`` instead of ``entry`` (and has no ``sandbox``, ``secrets``, ``egress`` or ``limits``).
+It takes the same gateway path (identity, policy, taint, approval, audit); see :mod:`stitchwork.gateway.host`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from stitchwork.errors import ConfigError, InvalidArguments, UnknownTool
 from stitchwork.isolation._base import Limits
+from stitchwork.tools._fastcheck import Check, compile_check
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -100,6 +105,8 @@ class ToolManifest:
     trusted_output: bool = False
     limits: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    host: str = ""
+    """Name of the registered host-side handler (``""``: the tool runs ``entry`` in a sandbox)."""
 
     def openai_schema(self) -> dict[str, Any]:
         """The tool as an OpenAI chat-completions ``tools`` entry."""
@@ -121,7 +128,7 @@ def _parse_manifest(path: Path) -> ToolManifest:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"tool manifest {path}: {exc}") from exc
     known = {"name", "description", "side_effect", "entry", "sandbox", "target", "secrets", "egress", "undo",
-             "trusted_output", "limits", "args"}
+             "trusted_output", "limits", "args", "host"}
     if unknown := sorted(set(data) - known):
         raise ConfigError(f"tool manifest {path}: unknown key(s) {', '.join(unknown)}")
     name = data.get("name", "")
@@ -133,13 +140,21 @@ def _parse_manifest(path: Path) -> ToolManifest:
         raise ConfigError(
             f"tool manifest {path}: side_effect must be one of {', '.join(s.value for s in SideEffect)}"
         ) from exc
-    entry = data.get("entry", "")
-    file_part, _, function = str(entry).partition(":")
-    if not file_part.endswith(".py") or not function.isidentifier():
-        raise ConfigError(f"tool manifest {path}: entry must look like 'file.py:function', got {entry!r}")
-    entry_file = (path.parent / file_part).resolve()
-    if not entry_file.is_file():
-        raise ConfigError(f"tool manifest {path}: entry file {entry_file} does not exist")
+    host = data.get("host", "")
+    if host:
+        if not isinstance(host, str) or not re.match(r"^[a-z][a-z0-9_.]{0,127}$", host):
+            raise ConfigError(f"tool manifest {path}: host must name a handler (e.g. 'memory.get'), got {host!r}")
+        if clash := sorted(k for k in ("entry", "sandbox", "secrets", "egress", "limits") if k in data):
+            raise ConfigError(f"tool manifest {path}: a host-side tool has no {', '.join(clash)}")
+        entry_file, function = path.resolve(), host.replace(".", "_")
+    else:
+        entry = data.get("entry", "")
+        file_part, _, function = str(entry).partition(":")
+        if not file_part.endswith(".py") or not function.isidentifier():
+            raise ConfigError(f"tool manifest {path}: entry must look like 'file.py:function', got {entry!r}")
+        entry_file = (path.parent / file_part).resolve()
+        if not entry_file.is_file():
+            raise ConfigError(f"tool manifest {path}: entry file {entry_file} does not exist")
     schema = data.get("args", {"type": "object", "properties": {}, "additionalProperties": False})
     try:
         Draft202012Validator.check_schema(schema)
@@ -168,6 +183,7 @@ def _parse_manifest(path: Path) -> ToolManifest:
         trusted_output=bool(data.get("trusted_output", False)),
         limits=limits,
         source=path,
+        host=str(host),
     )
 
 
@@ -177,6 +193,7 @@ class ToolRegistry:
     def __init__(self, tools: Iterable[ToolManifest], *, max_arg_bytes: int = 65_536) -> None:
         self._tools: dict[str, ToolManifest] = {}
         self._validators: dict[str, Draft202012Validator] = {}
+        self._quick: dict[str, Check | None] = {}  # certainly-valid checks in front of jsonschema (_fastcheck)
         self.max_arg_bytes = max_arg_bytes
         for tool in tools:
             if tool.name in self._tools:
@@ -185,6 +202,7 @@ class ToolRegistry:
                 )
             self._tools[tool.name] = tool
             self._validators[tool.name] = Draft202012Validator(tool.args_schema, format_checker=FORMATS)
+            self._quick[tool.name] = compile_check(tool.args_schema)
         for tool in self._tools.values():
             if tool.undo and tool.undo not in self._tools:
                 raise ConfigError(f"tool {tool.name!r}: undo tool {tool.undo!r} is not declared")
@@ -245,6 +263,9 @@ class ToolRegistry:
         if not isinstance(value, dict):
             raise InvalidArguments(f"{tool.name}: arguments must be a JSON object, got {type(value).__name__}")
         _reject_surrogates(tool.name, value)
+        quick = self._quick.get(tool.name)
+        if quick is not None and quick(value):
+            return value
         errors = sorted(self._validators[tool.name].iter_errors(value), key=lambda e: list(e.absolute_path))
         if errors:
             raise InvalidArguments(f"{tool.name}: " + "; ".join(_describe(e) for e in errors[:5]))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from stitchwork.compute.http import RUN_TOKEN_PATHS
 from stitchwork.compute.http import mount as _mount_compute
 from stitchwork.data.api import mount as _mount_data
+from stitchwork.data.memory_api import mount as _mount_memory
 from stitchwork.errors import (
     ApprovalError,
     AuthError,
@@ -187,4 +188,5 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     _mount_compute(app, service)
     _mount_data(app, service)
     _mount_messaging(app, service)
+    _mount_memory(app, service)
     return app
