@@ -19,8 +19,7 @@ from stitchwork.data.retention import (
 )
 from stitchwork.errors import AuditError, StoreError
 from stitchwork.security.audit import EVENTS_TABLE, AuditLog
-
-from .test_store_behaviour import Signer
+from tests.signing import Ed25519Signer
 
 pytest.importorskip("pyiceberg", reason="needs pip install 'stitchwork[iceberg]'")
 
@@ -37,7 +36,7 @@ def archive_uri(tmp_path: Path) -> str:
 
 
 def _append(store: Store, n: int, start_agent: int = 0) -> None:
-    with AuditLog(store, signer=Signer(), journal_path=None) as log:
+    with AuditLog(store, signer=Ed25519Signer("k1"), journal_path=None) as log:
         for i in range(n):
             log.append("tool", agent=f"agent{(i + start_agent) % 3}", tool="read", decision="ok", data={"i": i})
 
@@ -84,34 +83,34 @@ def test_export_since_starts_later_and_refuses_gaps(store: Store, archive_uri: s
 def test_compaction_keeps_the_chain_verifiable_across_archive_and_store(store: Store, archive_uri: str) -> None:
     _append(store, 40)
     archive = IcebergArchive(archive_uri)
-    report = compact_audit(store, archive, Signer(), upto_seq=30)
+    report = compact_audit(store, archive, Ed25519Signer("k1"), upto_seq=30)
     assert (report.exported, report.checkpoint_seq, report.deleted) == (30, 30, 30)
     assert store.query(f"SELECT min(seq) AS lo FROM {EVENTS_TABLE}") == [{"lo": 31}]
     _append(store, 5)  # the live log carries on after compaction
-    result = verify_across(store, Signer())
+    result = verify_across(store, Ed25519Signer("k1"))
     assert result.ok, result.reason
     assert result.events == 45 and result.head_seq == 45
-    again = compact_audit(store, archive, Signer(), upto_seq=40)
+    again = compact_audit(store, archive, Ed25519Signer("k1"), upto_seq=40)
     assert again.checkpoint_seq == 40 and latest_checkpoint(store).seq == 40  # type: ignore[union-attr]
-    assert verify_across(store, Signer()).ok
+    assert verify_across(store, Ed25519Signer("k1")).ok
 
 
 def test_tampering_on_either_side_of_the_checkpoint_is_found(store: Store, archive_uri: str) -> None:
     _append(store, 30)
     archive = IcebergArchive(archive_uri)
-    compact_audit(store, archive, Signer(), upto_seq=20)
+    compact_audit(store, archive, Ed25519Signer("k1"), upto_seq=20)
     store.execute(f"UPDATE {EVENTS_TABLE} SET decision = 'allow' WHERE seq = 25")
-    bad = verify_across(store, Signer())
+    bad = verify_across(store, Ed25519Signer("k1"))
     assert not bad.ok and bad.first_bad_seq == 25
     store.execute("UPDATE audit_checkpoints SET signature = '00' WHERE seq = 20")
-    forged = verify_across(store, Signer())
+    forged = verify_across(store, Ed25519Signer("k1"))
     assert not forged.ok and forged.first_bad_seq == 20 and "checkpoint" in forged.reason
 
 
 def test_tampered_archive_is_found(store: Store, archive_uri: str, tmp_path: Path) -> None:
     _append(store, 12)
     archive = IcebergArchive(archive_uri)
-    compact_audit(store, archive, Signer(), upto_seq=10)
+    compact_audit(store, archive, Ed25519Signer("k1"), upto_seq=10)
     table = archive.table()
     data = table.scan().to_arrow()
     edited = data.to_pylist()
@@ -119,7 +118,7 @@ def test_tampered_archive_is_found(store: Store, archive_uri: str, tmp_path: Pat
     import pyarrow as pa
 
     table.overwrite(pa.Table.from_pylist(edited, schema=data.schema))
-    report = verify_across(store, Signer())
+    report = verify_across(store, Ed25519Signer("k1"))
     assert not report.ok and report.first_bad_seq == 5 and "archive" in report.reason
 
 
@@ -127,7 +126,7 @@ def test_compaction_refuses_an_archive_that_does_not_verify(store: Store, archiv
     _append(store, 10)
     store.execute(f"UPDATE {EVENTS_TABLE} SET decision = 'allow' WHERE seq = 3")
     with pytest.raises(AuditError, match="event 3"):
-        compact_audit(store, IcebergArchive(archive_uri), Signer(), upto_seq=8)
+        compact_audit(store, IcebergArchive(archive_uri), Ed25519Signer("k1"), upto_seq=8)
     assert store.query(f"SELECT count(*) AS n FROM {EVENTS_TABLE}") == [{"n": 10}]
 
 

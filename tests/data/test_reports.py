@@ -12,12 +12,11 @@ from stitchwork.data._base import Store
 from stitchwork.data.reports import REPORTS, run_report
 from stitchwork.errors import StoreError
 from stitchwork.security.audit import AuditLog
-
-from .test_store_behaviour import Signer
+from tests.signing import Ed25519Signer
 
 
 def seed(store: Store) -> None:
-    with AuditLog(store, signer=Signer(), journal_path=None) as log:
+    with AuditLog(store, signer=Ed25519Signer("k1"), journal_path=None) as log:
         for run in ("r1", "r2"):
             log.append("decision", agent="a", run_id=run, tool="send_email", decision="deny",
                        data={"policy_ids": ["external-tainted-target"], "effect": "deny"})
@@ -91,7 +90,7 @@ def test_facts_are_incremental_and_repair_a_cut_short_refresh(seeded: Store) -> 
 
     assert run_report(seeded, "denied")[0]["denied"] == 2
     assert refresh_facts(seeded) == 0
-    with AuditLog(seeded, signer=Signer(), journal_path=None) as log:
+    with AuditLog(seeded, signer=Ed25519Signer("k1"), journal_path=None) as log:
         log.append("decision", agent="a", run_id="r9", tool="send_email", decision="deny",
                    data={"policy_ids": ["external-tainted-target"]})
     assert refresh_facts(seeded) == 1
@@ -105,7 +104,7 @@ def test_facts_are_incremental_and_repair_a_cut_short_refresh(seeded: Store) -> 
 
 def _append_batch(store: Store, round_: int) -> None:
     """A batch of every kind of event the reports read, different in each round (new groups and old ones)."""
-    with AuditLog(store, signer=Signer(), journal_path=None) as log:  # queued, stored together on close
+    with AuditLog(store, signer=Ed25519Signer("k1"), journal_path=None) as log:  # queued, stored together on close
         for i in range(6):
             agent, run = f"agent{(round_ + i) % 3}", f"run{round_}-{i % 2}"
             log.append_nowait("tool", agent=agent, run_id=run, tool=f"tool{i % 3}", decision=("ok", "error")[i % 2],
@@ -152,11 +151,11 @@ def test_reports_keep_events_compacted_before_any_report(store: Store, tmp_path:
     from stitchwork.data.iceberg import IcebergArchive
     from stitchwork.data.retention import compact_audit
 
-    with AuditLog(store, signer=Signer(), journal_path=None) as log:
+    with AuditLog(store, signer=Ed25519Signer("k1"), journal_path=None) as log:
         for i in range(12):
             log.append("tool", agent="a", run_id="r", tool="read", decision="ok", data={"duration_ms": float(i)})
     archive = IcebergArchive(f"iceberg+sqlite:///{tmp_path}/catalog.db?warehouse=file://{tmp_path}/wh")
-    assert compact_audit(store, archive, Signer(), upto_seq=10).deleted == 10  # no report has run yet
+    assert compact_audit(store, archive, Ed25519Signer("k1"), upto_seq=10).deleted == 10  # no report has run yet
     assert [r["calls"] for r in run_report(store, "tools")] == [12]
     assert [r["calls"] for r in run_report(store, "tools", rollup=False)] == [12]
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tests.signing import Ed25519Signer
 
 import stitchwork.security.audit as audit_module
 from stitchwork.data._base import Store, open_store
@@ -38,34 +37,13 @@ from stitchwork.security.audit import (
     canonical,
 )
 
-KEY_SEED = bytes(range(32))
-
-
-class Ed25519Signer:
-    """A Signer backed by an Ed25519 key from ``cryptography``."""
-
-    def __init__(self, seed: bytes = KEY_SEED, key_id: str = "test-key") -> None:
-        self._key = Ed25519PrivateKey.from_private_bytes(seed)
-        self._public = self._key.public_key()
-        self.key_id = key_id
-
-    def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data)
-
-    def verify(self, data: bytes, signature: bytes) -> bool:
-        try:
-            self._public.verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
-
-
 # A child process that appends events and dies without flushing or closing: a real crash. With "rotate",
 # a store copy fails half way, so the first half sits in a sealed journal file (with its signed head line)
 # and the second half in the other file.
 CRASH_CHILD = """
 import importlib.util, os, sys
 from pathlib import Path
+sys.path.insert(0, str(Path(sys.argv[1]).resolve().parents[2]))  # the repository root, for tests.signing
 spec = importlib.util.spec_from_file_location("audit_tests", sys.argv[1])
 tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)
