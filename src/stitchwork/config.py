@@ -178,6 +178,9 @@ class MessagingConfig:
     max_deliver: int = 5
     """Attempts per job before it goes to the dead-letter subject ``<prefix>runs.dead.<run_id>`` (transient
     failures are retried with backoff until then; permanent ones are dead-lettered at once)."""
+    checkpoints_kept: int = 8
+    """Checkpoints the bus keeps per run (the newest counts; each one holds the whole conversation, so keeping
+    all would grow with the square of a run's length). 0 keeps every checkpoint."""
 
 
 @dataclass(frozen=True)

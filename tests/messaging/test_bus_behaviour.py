@@ -94,6 +94,22 @@ async def test_a_compare_and_set_publish_fails_once_the_subject_has_moved_on(bus
     assert newest is not None and newest.data == b"2" and newest.seq == second
 
 
+async def test_keep_last_drops_older_messages_of_each_subject_and_keeps_the_newest(bus: Bus, root: str) -> None:
+    await bus.publish(f"{root}.s.a", b"a0")  # already there when the limit is set: trimmed too
+    await bus.keep_last(f"{root}.s.*", 2)
+    for i in range(1, 5):
+        await bus.publish(f"{root}.s.a", f"a{i}".encode())
+    await bus.publish(f"{root}.s.b", b"b0")
+    newest = await bus.last(f"{root}.s.a")
+    assert newest is not None and newest.data == b"a4"
+    await bus.publish(f"{root}.s.a", b"a5", headers={EXPECTED_LAST_SUBJECT_SEQ: str(newest.seq)}, msg_id=f"{root}-c")
+    async with bus.consume(f"{root}.s.*") as replay:
+        assert [d.data for d in await drain(replay, 3)] == [b"a4", b"b0", b"a5"]
+        assert await nothing_within(replay, 0.2)
+    with pytest.raises(BusError, match="at least one"):
+        await bus.keep_last(f"{root}.s.*", 0)
+
+
 async def test_latest_gives_the_newest_message_of_each_matching_subject(bus: Bus, root: str) -> None:
     for subject, data in (("k.a", b"a1"), ("k.b", b"b1"), ("k.a", b"a2"), ("other.x", b"x")):
         await bus.publish(f"{root}.{subject}", data)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,7 @@ async def test_a_worker_drives_queued_runs_and_publishes_their_events(bus_uri: s
     turns = [{"tool_calls": [call("c1", "a"), call("c2", "b")]}, {"tool_calls": [call("c3", "c")]},
              {"content": "written"}]
     config = build(tmp_path, turns, bus=uri)
+    config = config.replace(messaging=replace(config.messaging, checkpoints_kept=2))
     subjects = Subjects(root)
     client = await open_bus(uri)
     worker = await Worker(config, bus_uri=uri, name="w1", subjects=subjects, concurrency=2).start()
@@ -66,6 +69,12 @@ async def test_a_worker_drives_queued_runs_and_publishes_their_events(bus_uri: s
         assert sorted(lines(tmp_path / "effects.log")) == ["a", "a", "b", "b", "c", "c"]
         state = await run_state(client, ids[1], subjects=subjects)
         assert state is not None and state["status"] == RunStatus.COMPLETED.value
+        async with client.consume(subjects.state(ids[1])) as checkpoints:  # the bus keeps the newest two only
+            kept = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    kept.append(json.loads((await checkpoints.next(0.3)).data))
+        assert len(kept) == 2 and kept[-1]["status"] == RunStatus.COMPLETED.value
     finally:
         stop.set()
         await serving

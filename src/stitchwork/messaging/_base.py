@@ -223,6 +223,17 @@ class Bus(ABC):
         """
         raise BusError(f"{type(self).__name__} cannot list the subjects of {pattern!r}")
 
+    async def keep_last(self, subject: str, per_subject: int) -> None:
+        """From now on keeps only the newest ``per_subject`` messages of each subject in ``subject``'s stream.
+
+        For subjects where only the newest message matters (run checkpoints): older ones are dropped as new ones
+        arrive, so history does not grow without bound. ``last`` and compare-and-set publishes are unaffected.
+
+        Raises:
+            BusError: the adapter cannot limit a stream, or the bus refused the change.
+        """
+        raise BusError(f"{type(self).__name__} cannot limit the history of {subject!r}")
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Closes connections."""
 

@@ -11,7 +11,8 @@ Architecture (DuckDB allows one writer process, so workers cannot share the plat
                               also resume jobs ``{run_id, resume}`` and timers (``not_before``: a job
                               that comes early is put back with the remaining delay)
   ``<p>runs.dead.<run_id>``   the run's dead letter (why, attempts, worker), or a note it was re-submitted
-  ``<p>state.<run_id>``       the run's checkpoint (the newest message is the current state)
+  ``<p>state.<run_id>``       the run's checkpoint (the newest message is the current state; the stream keeps
+                              the newest ``[messaging] checkpoints_kept`` per run)
   ``<p>idem.<digest>``        the outcome of a completed side-effecting call, by (run, idempotency key)
   ``<p>events.<run_id>``      the run's steps, in order, numbered by the stream
   ``<p>apv.id.<id>``          approvals requested inside workers (:mod:`stitchwork.messaging.approvals`)
@@ -47,6 +48,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import socket
 import time
@@ -66,6 +68,8 @@ from stitchwork.messaging.approvals import BusApprovalStore, due_in
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.platform import Platform
 from stitchwork.tools.manifest import SideEffect
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -421,6 +425,12 @@ class Worker:
             await self.bus.aclose()
             raise
         self.platform = platform
+        kept = self.config.messaging.checkpoints_kept
+        if kept > 0:
+            try:
+                await self.bus.keep_last(self.subjects.state("*"), kept)
+            except BusError as exc:  # the run still works; only old checkpoints are not dropped
+                log.warning("worker %s: checkpoints are kept forever: %s", self.name, exc)
         self.runs = BusRunStore(platform.store, self.sync, self.subjects, abus=self.bus)
         platform.gateway.idempotency = self.runs.ledger = BusLedger(self.sync, self.subjects, abus=self.bus)
         tools = platform.gateway.tools

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ class _Stored:
     data: bytes
     headers: Mapping[str, str]
     seq: int
+    removed: bool = False
+    """Dropped by a per-subject limit: the sequence number stays taken, the message is gone."""
 
 
 @dataclass
@@ -39,6 +42,20 @@ class _Stream:
     ids: dict[str, int] = field(default_factory=dict)
     last: dict[str, int] = field(default_factory=dict)
     waiters: set[asyncio.Event] = field(default_factory=set)
+    keep: int = 0
+    """Messages kept per subject (0: all)."""
+    kept: dict[str, deque[int]] = field(default_factory=dict)
+
+    def trim(self, subject: str, seq: int) -> None:
+        """Records ``seq`` for ``subject`` and drops what falls beyond the per-subject limit."""
+        if not self.keep:
+            return
+        seqs = self.kept.setdefault(subject, deque())
+        seqs.append(seq)
+        while len(seqs) > self.keep:
+            old = seqs.popleft()
+            stored = self.messages[old - 1]
+            self.messages[old - 1] = _Stored(stored.subject, b"", {}, old, removed=True)
 
     def notify(self) -> None:
         for event in self.waiters:
@@ -80,7 +97,7 @@ class _Group:
         while self.next_index < len(stream.messages):
             stored = stream.messages[self.next_index]
             self.next_index += 1
-            if subject_matches(self.pattern, stored.subject):
+            if not stored.removed and subject_matches(self.pattern, stored.subject):
                 return self._hand_out(stored.seq, now)
         return None
 
@@ -124,7 +141,7 @@ class _MemoryConsumer(Consumer):
                 while self.index < len(self.stream.messages):
                     stored = self.stream.messages[self.index]
                     self.index += 1
-                    if subject_matches(self.pattern, stored.subject):
+                    if not stored.removed and subject_matches(self.pattern, stored.subject):
                         return Delivery(stored.subject, stored.data, stored.seq, 1, dict(stored.headers), settled=True)
                 await self.stream.wait(None)
                 continue
@@ -198,6 +215,7 @@ class MemoryBus(Bus):
         stream.last[subject] = seq
         if msg_id:
             stream.ids[msg_id] = seq
+        stream.trim(subject, seq)
         stream.notify()
         return seq
 
@@ -225,6 +243,17 @@ class MemoryBus(Bus):
             return None
         stored = stream.messages[seq - 1]
         return Delivery(stored.subject, stored.data, seq, 1, dict(stored.headers), settled=True)
+
+    async def keep_last(self, subject: str, per_subject: int) -> None:
+        self._check_open()
+        if per_subject < 1:
+            raise BusError(f"keep_last needs at least one message per subject, got {per_subject}")
+        stream = self._stream(check_subject(subject, wildcards=True))
+        stream.keep = per_subject
+        for name, seq in sorted(stream.last.items(), key=lambda kv: kv[1]):
+            older = [m.seq for m in stream.messages if m.subject == name and not m.removed and m.seq != seq]
+            stream.kept[name] = deque(older)
+            stream.trim(name, seq)
 
     async def latest(self, pattern: str) -> list[Delivery]:
         self._check_open()

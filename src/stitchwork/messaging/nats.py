@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import time
 from collections.abc import Mapping
@@ -276,6 +277,25 @@ class NatsBus(Bus):
                 raise BusError(f"read {subject}: {exc}") from exc
         return Delivery(raw.subject or subject, raw.data or b"", int(raw.seq or 0), 1, dict(raw.headers or {}),
                         settled=True)
+
+    async def keep_last(self, subject: str, per_subject: int) -> None:
+        if per_subject < 1:
+            raise BusError(f"keep_last needs at least one message per subject, got {per_subject}")
+        stream = check_subject(subject, wildcards=True)
+        await self.ensure_stream(stream)
+        deadline = time.monotonic() + self.publish_timeout_s
+        while True:
+            try:
+                info = await self.js.stream_info(stream)
+                if info.config.max_msgs_per_subject != per_subject:
+                    await self.js.update_stream(dataclasses.replace(info.config, max_msgs_per_subject=per_subject))
+                return
+            except _RETRYABLE as exc:
+                if time.monotonic() > deadline:
+                    raise BusError(f"stream {stream}: no answer from NATS: {exc!r}") from exc
+                await asyncio.sleep(0.2)
+            except nats.errors.Error as exc:
+                raise BusError(f"cannot limit stream {stream} to {per_subject} per subject: {exc}") from exc
 
     async def latest(self, pattern: str) -> list[Delivery]:
         stream = check_subject(pattern, wildcards=True)
