@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from stitchwork.agents.runs import RunStatus
+from stitchwork.agents.runs import RunRecord, RunStatus, RunStore
 from stitchwork.messaging._base import open_bus
 from stitchwork.messaging.deadletters import dead_letters
 from stitchwork.messaging.durable import Subjects, Worker, enqueue_run, run_state, wait_for_run
@@ -103,6 +105,49 @@ async def test_a_job_for_an_unknown_agent_is_dead_lettered_at_once_not_retried(t
         await serving
         await worker.aclose()
         await client.aclose()
+
+
+async def test_a_resume_job_never_drives_a_running_run_and_comes_back_later(tmp_path: Path, root: str) -> None:
+    # An approval decided (or expiring) while the run is still being driven elsewhere: a second drive could repeat
+    # a side effect in flight, so the resume job waits for the run to stop running.
+    uri = "memory://resume-" + root
+    config = build(tmp_path, [{"content": "driven by the resume job"}], bus=uri)
+    subjects = Subjects(root)
+    client = await open_bus(uri)
+    now = time.time()
+    running = RunRecord(id="run_r1", agent="scribe", task="t", model="scripted://scribe.jsonl", created_at=now,
+                        updated_at=now, messages=({"role": "user", "content": "t"},))
+
+    async def checkpoint(record: RunRecord) -> None:
+        await client.publish(subjects.state(record.id), json.dumps(RunStore._row(record), default=str).encode())
+
+    await checkpoint(running)
+    worker = await Worker(config, bus_uri=uri, name="w1", subjects=subjects, ack_wait_s=0.5).start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        async with client.consume(subjects.queue) as queue:
+            await client.publish(subjects.queue, json.dumps({"run_id": "run_r1", "resume": "decision:apv_1"}).encode())
+            first, again = [json.loads(d.data) for d in await _drain(queue, 2)]
+            assert again["resume"] == first["resume"] and again["not_before"] > time.time() - 1  # put back
+            await checkpoint(replace(running, status=RunStatus.COMPLETED, result="finished by its own job"))
+            with pytest.raises(TimeoutError):  # once due, the resume job sees a finished run and is dropped
+                await queue.next(2.0)
+        state = await run_state(client, "run_r1", subjects=subjects)
+        assert state is not None and state["result"] == "finished by its own job"
+        async with client.consume(subjects.events("run_r1")) as events:
+            with pytest.raises(TimeoutError):
+                await events.next(0.2)  # never claimed, never driven
+        assert lines(tmp_path / "effects.log") == []
+    finally:
+        stop.set()
+        await serving
+        await worker.aclose()
+        await client.aclose()
+
+
+async def _drain(consumer: Any, n: int) -> list[Any]:
+    return [await consumer.next(10) for _ in range(n)]
 
 
 @pytest.mark.parametrize("bus_uri", ["memory"], indirect=True)

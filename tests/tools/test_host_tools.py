@@ -45,6 +45,7 @@ async def test_the_handler_gets_the_verified_identity_and_the_run_provenance(mak
         {"tool_calls": [{"id": "c3", "name": "memory_get", "arguments": {"key": "b"}}]},
         {"tool_calls": [{"id": "c4", "name": "memory_get", "arguments": {"key": "c"}}]},
         {"tool_calls": [{"id": "c5", "name": "memory_get", "arguments": {"key": "d"}}]},
+        {"tool_calls": [{"id": "c6", "name": "memory_get", "arguments": {"key": "e"}}]},
         {"content": "done"},
     ]
     platform = Platform.open(make_config(turns, sandbox="inline://", tools=["read_email", "memory_get"]))
@@ -56,6 +57,8 @@ async def test_the_handler_gets_the_verified_identity_and_the_run_provenance(mak
             raise StitchworkError("the handler failed")
         if call.arguments["key"] == "d":
             raise ValueError("a bug")
+        if call.arguments["key"] == "e":
+            return {"key": "e"}  # type: ignore[return-value]  # a buggy handler: not a HostResult
         return HostResult({"key": call.arguments["key"]}, (Label("spy", False),) if call.arguments["key"] == "b"
                           else ())
 
@@ -63,11 +66,12 @@ async def test_the_handler_gets_the_verified_identity_and_the_run_provenance(mak
     try:
         record = await platform.runner.start("tester", "look around")
         results = {m["tool_call_id"]: json.loads(m["content"]) for m in record.messages if m["role"] == "tool"}
-        assert [(c.agent, c.run_id, c.tool) for c in seen] == [("tester", record.id, "memory_get")] * 4
+        assert [(c.agent, c.run_id, c.tool) for c in seen] == [("tester", record.id, "memory_get")] * 5
         assert seen[0].provenance == ()
         assert seen[1].provenance == (Label("tool:memory_get", False), Label("tool:read_email", False))
         assert results["c1"]["status"] == "ok" and results["c4"]["status"] == "error"
         assert results["c5"]["status"] == "error" and "ValueError: a bug" in results["c5"]["error"]["message"]
+        assert results["c6"]["status"] == "error" and "not a HostResult" in results["c6"]["error"]["message"]
         platform.audit.flush()
         tool_events = [e for e in platform.audit.tail(100) if e.kind == "tool" and e.tool == "memory_get"]
         assert [e.data["label"] for e in tool_events[:2]] == ["tool:memory_get (untrusted)", "spy (untrusted)"]

@@ -30,7 +30,7 @@ from stitchwork.errors import (
     StitchworkError,
     UnknownAgent,
 )
-from stitchwork.gateway.host import HostCall, HostHandler
+from stitchwork.gateway.host import HostCall, HostHandler, HostResult
 from stitchwork.gateway.idempotency import IdempotencyLedger, ledger_get, ledger_put
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
 from stitchwork.security.approvals import ApprovalStore
@@ -426,6 +426,8 @@ class Gateway:
             if handler is None:
                 raise StitchworkError(f"no handler is registered for host-side tool {tool.name!r} ({tool.host})")
             result = await handler(call)
+            if not isinstance(result, HostResult) or not all(isinstance(lb, Label) for lb in result.labels):
+                raise TypeError(f"the handler returned {type(result).__name__}, not a HostResult with Labels")
         except Exception as caught:  # a handler bug must not escape call_tool: it is audited as an error
             exc = caught if isinstance(caught, StitchworkError) else StitchworkError(
                 f"host-side tool {tool.name!r} failed: {type(caught).__name__}: {caught}")

@@ -527,6 +527,9 @@ class Worker:
             if not run_id:
                 raise RunError(f"malformed job on {self.subjects.queue}: {delivery.data[:200]!r}")
             record = await self.runs.afetch(run_id)
+            if job.get("resume") and (record is None or record.status is not RunStatus.WAITING_APPROVAL):
+                await self._resume_later(delivery, job, record)
+                return
             if record is None:
                 record = await self._create(job)
             self._on_event(record, "claimed", {"worker": self.name, "attempt": delivery.attempt})
@@ -554,6 +557,20 @@ class Worker:
             if self.runs.ledger is not None:
                 with contextlib.suppress(StitchworkError):
                     await self.runs.ledger.forget(run_id)  # records of calls that ran are stored even so
+
+    async def _resume_later(self, delivery: Delivery, job: dict[str, Any], record: RunRecord | None) -> None:
+        """A resume job (an approval decision or expiry timer) for a run that is not waiting for a human.
+
+        A running run belongs to the job that drives it (a second drive could repeat a call in flight): the resume
+        job is queued again for later (as a new message, so its attempts do not run out), and then resumes the run
+        if it went on to wait. For a finished or unknown run there is nothing left to resume.
+        """
+        assert self.bus is not None
+        if record is not None and record.status is RunStatus.RUNNING:
+            later = {**job, "not_before": time.time() + self.ack_wait_s}
+            await self.bus.publish(self.subjects.queue, json.dumps(later).encode(),
+                                   msg_id=f"resume:{record.id}:{job['resume']}:{delivery.seq}")
+        await delivery.ack()
 
     def _known(self, run_id: str) -> RunRecord:
         """This worker's latest copy of a run (for an event about it)."""
