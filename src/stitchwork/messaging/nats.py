@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import nats
@@ -23,7 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg, StorageType, StreamConfig
 
 from stitchwork.errors import BusConflict, BusError
 from stitchwork.messaging._base import Bus, Consumer, Delivery, check_subject
@@ -33,6 +33,8 @@ _RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.erro
               nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError,
               nats.errors.OutboundBufferLimitError, TimeoutError)
 """What a failover, a restart or a leader election looks like from the client: wait and try again."""
+
+T = TypeVar("T")
 
 
 _WRONG_LAST_SEQUENCE = 10071
@@ -201,24 +203,36 @@ class NatsBus(Bus):
         async with self._lock:
             if name in self._streams:
                 return
-            deadline = time.monotonic() + self.publish_timeout_s
-            while True:
+
+            async def create() -> None:
                 try:
-                    try:
-                        await self.js.stream_info(name)
-                    except nats.js.errors.NotFoundError:
-                        await self.js.add_stream(StreamConfig(
-                            name=name, subjects=[f"{name}.>"], storage=StorageType.FILE, num_replicas=self.replicas,
-                            duplicate_window=120.0,
-                        ))
-                    break
-                except _RETRYABLE as exc:
-                    if time.monotonic() > deadline:
-                        raise BusError(f"stream {name}: no answer from NATS: {exc!r}") from exc
-                    await asyncio.sleep(0.2)
-                except nats.errors.Error as exc:
-                    raise BusError(f"cannot create stream {name}: {exc}") from exc
+                    await self.js.stream_info(name)
+                except nats.js.errors.NotFoundError:
+                    await self.js.add_stream(StreamConfig(
+                        name=name, subjects=[f"{name}.>"], storage=StorageType.FILE, num_replicas=self.replicas,
+                        duplicate_window=120.0,
+                    ))
+
+            await self._retrying(create, waiting=f"stream {name}", refused=f"cannot create stream {name}", pause_s=0.2)
             self._streams.add(name)
+
+    async def _retrying(self, op: Callable[[], Awaitable[T]], *, waiting: str, refused: str, pause_s: float) -> T:
+        """Runs ``op`` until NATS answers (through failovers and restarts, up to ``publish_timeout_s``).
+
+        Raises:
+            BusError: ``"<waiting>: no answer from NATS"`` after the timeout; ``"<refused>: <error>"`` when NATS
+                answered with an error.
+        """
+        deadline = time.monotonic() + self.publish_timeout_s
+        while True:
+            try:
+                return await op()
+            except _RETRYABLE as exc:
+                if time.monotonic() > deadline:
+                    raise BusError(f"{waiting}: no answer from NATS: {exc!r}") from exc
+                await asyncio.sleep(pause_s)
+            except nats.errors.Error as exc:
+                raise BusError(f"{refused}: {exc}") from exc
 
     async def publish(
         self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None, msg_id: str = ""
@@ -262,19 +276,16 @@ class NatsBus(Bus):
     async def last(self, subject: str) -> Delivery | None:
         stream = check_subject(subject)
         await self.ensure_stream(stream)
-        deadline = time.monotonic() + self.publish_timeout_s
-        while True:
+
+        async def read() -> RawStreamMsg | None:
             try:
-                raw = await self.js.get_last_msg(stream, subject)
-                break
+                return await self.js.get_last_msg(stream, subject)
             except nats.js.errors.NotFoundError:
                 return None
-            except _RETRYABLE as exc:
-                if time.monotonic() > deadline:
-                    raise BusError(f"read {subject}: no answer from NATS: {exc!r}") from exc
-                await asyncio.sleep(0.1)
-            except nats.errors.Error as exc:
-                raise BusError(f"read {subject}: {exc}") from exc
+
+        raw = await self._retrying(read, waiting=f"read {subject}", refused=f"read {subject}", pause_s=0.1)
+        if raw is None:
+            return None
         return Delivery(raw.subject or subject, raw.data or b"", int(raw.seq or 0), 1, dict(raw.headers or {}),
                         settled=True)
 
@@ -283,19 +294,14 @@ class NatsBus(Bus):
             raise BusError(f"keep_last needs at least one message per subject, got {per_subject}")
         stream = check_subject(subject, wildcards=True)
         await self.ensure_stream(stream)
-        deadline = time.monotonic() + self.publish_timeout_s
-        while True:
-            try:
-                info = await self.js.stream_info(stream)
-                if info.config.max_msgs_per_subject != per_subject:
-                    await self.js.update_stream(dataclasses.replace(info.config, max_msgs_per_subject=per_subject))
-                return
-            except _RETRYABLE as exc:
-                if time.monotonic() > deadline:
-                    raise BusError(f"stream {stream}: no answer from NATS: {exc!r}") from exc
-                await asyncio.sleep(0.2)
-            except nats.errors.Error as exc:
-                raise BusError(f"cannot limit stream {stream} to {per_subject} per subject: {exc}") from exc
+
+        async def limit() -> None:
+            info = await self.js.stream_info(stream)
+            if info.config.max_msgs_per_subject != per_subject:
+                await self.js.update_stream(dataclasses.replace(info.config, max_msgs_per_subject=per_subject))
+
+        await self._retrying(limit, waiting=f"stream {stream}",
+                             refused=f"cannot limit stream {stream} to {per_subject} per subject", pause_s=0.2)
 
     async def latest(self, pattern: str) -> list[Delivery]:
         stream = check_subject(pattern, wildcards=True)
