@@ -44,8 +44,10 @@ from tests.messaging.durable_fixtures import build, call  # noqa: E402
 
 from stitchwork.config import DataConfig  # noqa: E402
 from stitchwork.messaging._base import open_bus  # noqa: E402
-from stitchwork.messaging.durable import Subjects, Worker, enqueue_run, run_state  # noqa: E402
 from stitchwork.messaging.server import NatsServer, free_port  # noqa: E402
+from stitchwork.platform import open_worker  # noqa: E402
+from stitchwork.workers.queue import enqueue_run, run_state  # noqa: E402
+from stitchwork.workers.subjects import Subjects  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -63,7 +65,7 @@ async def platform_steps(root: Path, url: str, runs: int, steps: int) -> dict[st
     (Path(config.agent_dirs[0]) / "scribe.toml").write_text(
         f'name = "scribe"\nmodel = "scripted://scribe.jsonl"\ntools = ["append"]\nmax_steps = {steps + 5}\n')
     subjects = Subjects("bench")
-    worker = await Worker(config, bus_uri=url, name="bench", subjects=subjects, concurrency=runs).start()
+    worker = await open_worker(config, bus_uri=url, name="bench", subjects=subjects, concurrency=runs)
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.run(stop))
     client = await open_bus(url)
@@ -161,13 +163,13 @@ async def fanout(root: Path, url: str, clients: int, events: int) -> dict[str, A
     import websockets
 
     from stitchwork.agents.runs import RunRecord
+    from stitchwork.interfaces.http.app import create_app
     from stitchwork.platform import Platform
     from stitchwork.service import Service
-    from stitchwork.web.server import create_app
 
     os.environ["STITCHWORK_BUS"] = url
     config = build(root / "fan", [{"content": "x"}], bus=url)
-    platform = Platform.open(config)
+    platform = Platform.open(config, role="server")
     service = Service(platform)
     token = service.create_operator_token()
     app = create_app(service, expiry_interval_s=3600)

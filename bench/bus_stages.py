@@ -31,12 +31,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bus import platform_steps  # noqa: E402
 
-from stitchwork.compute.gateway import ModelGateway  # noqa: E402
 from stitchwork.gateway.core import Gateway  # noqa: E402
+from stitchwork.gateway.models import ModelGateway  # noqa: E402
 from stitchwork.isolation.inline import InlineSandbox  # noqa: E402
-from stitchwork.messaging.durable import BusRunStore, Worker  # noqa: E402
 from stitchwork.messaging.server import NatsServer  # noqa: E402
 from stitchwork.security.redact import Redactor  # noqa: E402
+from stitchwork.workers.runstore import BusRunStore  # noqa: E402
+from stitchwork.workers.worker import Worker  # noqa: E402
 
 STAGES: list[tuple[type, str, str]] = [
     (Gateway, "complete", "model call through the gateway (total)"),

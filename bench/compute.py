@@ -71,15 +71,15 @@ def serve_gateway(port: int, deployments: str, state: str, audit: bool = True) -
     import uvicorn
 
     from stitchwork.config import ComputeConfig, Config, DataConfig, SecurityConfig
+    from stitchwork.interfaces.http.app import create_app
     from stitchwork.platform import Platform
     from stitchwork.service import Service
-    from stitchwork.web.server import create_app
 
     config = Config(state_dir=Path(state), security=SecurityConfig(token_ttl_s=3600),
                     data=DataConfig(audit_flush_ms=50),
                     compute=ComputeConfig(deployments=json.loads(deployments), affinity="none", retries=1,
                                           backoff_s=0.0, cooldown_s=60))
-    platform = Platform.open(config)
+    platform = Platform.open(config, role="server")
     platform.vault.set("bench_key", "sk-bench-0123456789")
     platform.gateway.refresh_secrets()
     if not audit:  # diagnostic only (--no-audit): what the audit chain costs per call

@@ -3,7 +3,7 @@
     python3 bench/memory.py [--calls 1000] [--items 2000]
 
 Path measured per call: run-token check, argument validation, taint check, Cedar decision, the host-side handler
-(the :class:`~stitchwork.data.memory.AgentMemory` call in a worker thread) and the durable audit of the decision
+(the :class:`~stitchwork.memory.store.AgentMemory` call in a worker thread) and the durable audit of the decision
 and the execution. The baseline is the same ``AgentMemory`` call on the same store. The DuckDB store is the default
 one. Figures are wall-clock on a shared machine: compare ratios.
 """

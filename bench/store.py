@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tests.signing import Ed25519Signer
 
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.reports import REPORTS, refresh_facts, run_report
 from stitchwork.data._base import Store, open_store
-from stitchwork.data.reports import REPORTS, refresh_facts, run_report
-from stitchwork.security.audit import AuditLog
 
 
 def _uri(adapter: str, root: Path, name: str) -> str:
@@ -102,7 +102,7 @@ def bench_ingest(adapter: str, root: Path, total: int, tasks: int, batch: int) -
 def bench_ingest_stages(adapter: str, root: Path, total: int, batch: int = 1000) -> dict[str, float]:
     """CPU µs per event (all threads: immune to time-sharing on a busy host) of each stage of ``append_many``, one
     task, the store copy held back until the end."""
-    import stitchwork.security.audit as audit_module
+    import stitchwork.audit.log as audit_module
 
     with contextlib.suppress(ImportError):
         import pyarrow  # noqa: F401
@@ -269,7 +269,7 @@ def bench_export(root: Path, events: int) -> dict[str, float]:
 def bench_memory(adapter: str, root: Path, docs: int, queries: int = 50) -> dict[str, float]:
     import random
 
-    from stitchwork.data.memory import AgentMemory
+    from stitchwork.memory.store import AgentMemory
     from stitchwork.security.taint import Label
 
     rng = random.Random(7)

@@ -9,7 +9,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from stitchwork.cli import app
+from stitchwork.interfaces.cli.app import app
 
 runner = CliRunner()
 

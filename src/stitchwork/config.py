@@ -73,7 +73,7 @@ class RetentionConfig:
     """How long each table keeps its rows (``[data.retention]``; env ``STITCHWORK_DATA__RETENTION__<KEY>``).
 
     Applied by ``stitchwork data retention`` (``POST /v1/data/retention``) and, when ``interval_s`` is set, by
-    ``stitchwork up`` on a timer. An age of 0 keeps the table's rows forever. See ``stitchwork.data.retention``.
+    ``stitchwork up`` on a timer. An age of 0 keeps the table's rows forever. See ``stitchwork.audit.retention``.
     """
 
     runs_days: float = 90.0

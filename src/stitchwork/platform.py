@@ -1,36 +1,65 @@
-"""Wires the layers together from a :class:`~stitchwork.config.Config`."""
+"""The one place the platform is assembled from a :class:`~stitchwork.config.Config`.
+
+:meth:`Platform.open` builds every layer once, for one of three roles, and nothing reassigns the parts afterwards:
+
+============  =====================================================================================================
+``local``     the CLI without a server: the store's run store, approvals and idempotency ledger; with
+              ``bus_approvals`` the approvals of durable runs on a configured bus are listed and decided beside
+              the platform's own
+``server``    ``stitchwork up``: as ``local``, plus the run-events hub (every run event on the bus, served over
+              WebSocket) and the bus's approvals beside the store's
+``worker``    ``stitchwork worker`` (:func:`open_worker`): checkpoints, idempotency records, approvals and run
+              events on the bus; a private store in ``<state>/workers/<name>``
+============  =====================================================================================================
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
+from stitchwork.agents.assistant import with_default_assistant
 from stitchwork.agents.definition import AgentRegistry, load_agents
 from stitchwork.agents.loop import Runner
 from stitchwork.agents.runs import RunStore
-from stitchwork.compute.assistant import with_default_assistant
-from stitchwork.compute.gateway import MODEL_TOOL_ACTION
-from stitchwork.compute.gateway import attach as attach_model_gateway
+from stitchwork.audit.log import AuditLog
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
-from stitchwork.data.memory import AgentMemory
-from stitchwork.data.memory_tools import TOOLS_DIR as MEMORY_TOOLS
-from stitchwork.data.memory_tools import MemoryTools
 from stitchwork.errors import ConfigError
 from stitchwork.gateway.core import Gateway
-from stitchwork.gateway.idempotency import StoreLedger
+from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
+from stitchwork.gateway.models import MODEL_TOOL_ACTION
+from stitchwork.gateway.models import attach as attach_model_gateway
 from stitchwork.isolation._base import Limits
+from stitchwork.memory.store import AgentMemory
+from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
+from stitchwork.memory.tools import MemoryTools
+from stitchwork.messaging._base import Bus, open_bus
+from stitchwork.messaging.bridge import SyncBus
+from stitchwork.messaging.embedded import bus_uri as configured_bus_uri
 from stitchwork.security.approvals import ApprovalStore
-from stitchwork.security.audit import AuditLog
 from stitchwork.security.identity import CertificateAuthority, TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.vault import Vault, open_vault
-from stitchwork.tools.manifest import ToolRegistry, load_tools
+from stitchwork.tools.manifest import SideEffect, ToolRegistry, load_tools
+from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
+from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
+from stitchwork.workers.ledger import BusLedger
+from stitchwork.workers.messages import AgentMessenger
+from stitchwork.workers.runstore import BusRunStore
+from stitchwork.workers.subjects import Subjects
+from stitchwork.workers.worker import TRANSIENT, Worker, worker_config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUILTIN_TOOLS = PACKAGE_DIR / "demo" / "tools"
 BUILTIN_AGENTS = PACKAGE_DIR / "demo" / "agents"
+
+Role = Literal["local", "server", "worker"]
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -45,11 +74,39 @@ def open_vault_for(config: Config) -> Vault:
     return open_vault(config.vault_uri)
 
 
+@dataclass(frozen=True)
+class Durable:
+    """The bus-backed parts of a worker's platform."""
+
+    bus: Bus
+    sync: SyncBus
+    subjects: Subjects
+    runs: BusRunStore
+    ledger: BusLedger
+    events: RunEventPublisher
+    worker: str
+
+
+@dataclass(frozen=True)
+class _RoleParts:
+    """What differs between the roles: where runs, approvals, idempotency records and run events go."""
+
+    runs: RunStore
+    approvals: ApprovalStore
+    ledger: IdempotencyLedger
+    on_event: Callable[..., None] | None = None
+    reraise: tuple[type[Exception], ...] = ()
+    events: EventHub | RunEventPublisher | None = None
+    durable: Durable | None = None
+    closers: tuple[Callable[[], Any], ...] = ()
+
+
 @dataclass
 class Platform:
-    """Every layer of one Stitchwork installation, opened from a config."""
+    """Every layer of one Stitchwork installation, opened from a config (see the module docstring)."""
 
     config: Config
+    role: Role
     store: Store
     ca: CertificateAuthority
     tokens: TokenService
@@ -62,13 +119,30 @@ class Platform:
     gateway: Gateway
     runs: RunStore
     runner: Runner
-    memory: AgentMemory | None = field(default=None)
-    """Every agent's memory (``stitchwork.data.memory``); its tools are registered when ``[data] memory_tools``."""
+    memory: AgentMemory | None = None
+    """Every agent's memory (:mod:`stitchwork.memory`); its tools are registered when ``[data] memory_tools``."""
+    events: EventHub | RunEventPublisher | None = None
+    """Where run events go: the control plane's hub (``server``) or a worker's ordered publisher (``worker``)."""
+    durable: Durable | None = None
+    """A worker's bus-backed parts (``worker`` only)."""
+    _closers: tuple[Callable[[], Any], ...] = field(default=(), repr=False)
 
     @classmethod
-    def open(cls, config: Config) -> Platform:
-        """Opens the store, CA, vault, policies, tools and agents; a bad policy stops here with file and line."""
+    def open(cls, config: Config, *, role: Role = "local", bus: Bus | None = None, bus_uri: str = "",
+             subjects: Subjects | None = None, worker_name: str = "", bus_approvals: bool = False) -> Platform:
+        """Opens the store, CA, vault, policies, tools and agents; a bad policy stops here with file and line.
+
+        Args:
+            config: The configuration (a worker's is :func:`~stitchwork.workers.worker.worker_config`).
+            role: ``local``, ``server`` or ``worker`` (see the module docstring).
+            bus: A worker's open bus connection (``worker`` only; the worker owns it).
+            bus_uri: The URI ``bus`` was opened with.
+            subjects: Subject names on the bus (default: ``[messaging] subject_prefix``).
+            worker_name: The worker's name, in its run events.
+            bus_approvals: ``local`` only: also list and decide the approvals workers keep on a configured bus.
+        """
         state = ensure_state_dir(config.state_dir)
+        subjects = subjects or Subjects(config.messaging.subject_prefix)
         tool_dirs = [*(config.tool_dirs or (BUILTIN_TOOLS,)), *([MEMORY_TOOLS] if config.data.memory_tools else [])]
         tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes)
         hosts = set(MemoryTools.HANDLERS) if config.data.memory_tools else set()
@@ -88,39 +162,115 @@ class Platform:
                 if tool not in tools:
                     raise ConfigError(f"agent {agent.name!r} names unknown tool {tool!r}")
         store = open_store(config.store_uri)
+        parts: _RoleParts | None = None
         try:
             ca = CertificateAuthority.load_or_create(state, trust_domain=config.security.trust_domain)
             tokens = TokenService(ca, store, trust_domain=config.security.trust_domain,
                                   audience=config.security.audience, ttl_s=config.security.token_ttl_s)
             audit = AuditLog(store, signer=ca, journal_path=state / "audit.journal",
                              flush_ms=config.data.audit_flush_ms)
-            approvals = ApprovalStore(store, timeout_s=config.security.approval_timeout_s)
+            parts = _role_parts(config, role, store, tools, subjects, bus=bus, bus_uri=bus_uri,
+                                worker_name=worker_name, bus_approvals=bus_approvals)
             vault = open_vault(config.vault_uri)
             iso = config.isolation
             gateway = Gateway(
-                tokens=tokens, policy=policy, audit=audit, approvals=approvals, vault=vault, tools=tools,
+                tokens=tokens, policy=policy, audit=audit, approvals=parts.approvals, vault=vault, tools=tools,
                 agents={a.name: a.tools for a in agents}, default_sandbox=iso.default,
                 limits=Limits(mem_mb=iso.mem_mb, cpu_s=iso.cpu_s, timeout_s=iso.timeout_s,
                               max_output_bytes=iso.max_output_bytes, max_pids=iso.max_pids),
                 trusted_sources=frozenset(config.security.trusted_sources),
                 audience=config.security.audience,
-                idempotency=StoreLedger(store),
+                idempotency=parts.ledger,
             )
             attach_model_gateway(gateway, config.compute)
             memory = AgentMemory(store, audit=audit)
             if config.data.memory_tools:
                 for name, handler in MemoryTools(memory).handlers().items():
                     gateway.register_host(name, handler)
-            runs = RunStore(store)
-            runner = Runner(gateway, agents, runs, state_dir=state, max_seconds=config.agents.max_seconds)
+            runner = Runner(gateway, agents, parts.runs, state_dir=state, max_seconds=config.agents.max_seconds,
+                            on_event=parts.on_event, reraise=parts.reraise)
         except BaseException:
+            if parts is not None:
+                for close in parts.closers:
+                    close()
             store.close()
             raise
-        return cls(config, store, ca, tokens, audit, approvals, vault, tools, agents, policy, gateway, runs, runner,
-                   memory)
+        return cls(config, role, store, ca, tokens, audit, parts.approvals, vault, tools, agents, policy, gateway,
+                   parts.runs, runner, memory, parts.events, parts.durable, parts.closers)
+
+    def messenger(self, bus: Bus, *, subjects: Subjects | None = None) -> AgentMessenger:
+        """Signed agent-to-agent messages of this platform's agents over ``bus``."""
+        return AgentMessenger(self.gateway, bus, ca=self.ca, agents=self.agents.names(),
+                              policy_dirs=self.config.security.policy_dirs,
+                              subjects=subjects or Subjects(self.config.messaging.subject_prefix))
 
     async def aclose(self) -> None:
         await self.gateway.aclose()
         await self.audit.aclose()
+        if isinstance(self.events, EventHub):
+            await self.events.aclose()
+        for close in self._closers:
+            close()
         self.vault.close()
         self.store.close()
+
+
+def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, subjects: Subjects, *,
+                bus: Bus | None, bus_uri: str, worker_name: str, bus_approvals: bool) -> _RoleParts:
+    timeout = config.security.approval_timeout_s
+    if role == "worker":
+        if bus is None or not bus_uri:
+            raise ConfigError("a worker's platform needs its open bus and the bus URI")
+        sync = SyncBus(bus_uri, bus=bus)
+        runs = BusRunStore(store, sync, subjects, abus=bus)
+        ledger = BusLedger(sync, subjects, abus=bus)
+        runs.ledger = ledger
+        runs.side_effecting = lambda name: name in tools and tools.get(name).side_effect is not SideEffect.READ
+        events = RunEventPublisher(bus, sync, subjects, worker=worker_name)
+        durable = Durable(bus, sync, subjects, runs, ledger, events, worker_name)
+        return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout), ledger, on_event=events,
+                          reraise=TRANSIENT, events=events, durable=durable, closers=(sync.close,))
+    local = ApprovalStore(store, timeout_s=timeout)
+    if role == "server":
+        hub = EventHub(resolve_events_uri(config), subjects)
+        # Approvals of durable runs (requested inside workers) are listed and decided here like the platform's own.
+        approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout))
+        return _RoleParts(RunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub)
+    if bus_approvals:
+        try:
+            uri = configured_bus_uri(config)
+        except ConfigError:
+            uri = ""
+        # Without `stitchwork up` the embedded bus is not running and only the platform's approvals exist; with an
+        # external NATS workers keep theirs on it, and an unreachable bus is an error rather than a shorter list.
+        if uri and urlsplit(uri).scheme != "memory":
+            sync = SyncBus(uri)
+            approvals = FederatedApprovals(local, BusApprovalStore(sync, subjects, timeout_s=timeout))
+            return _RoleParts(RunStore(store), approvals, StoreLedger(store), closers=(sync.close,))
+    return _RoleParts(RunStore(store), local, StoreLedger(store))
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def open_worker(config: Config, *, bus_uri: str, name: str = "", concurrency: int = 4,
+                      ack_wait_s: float = 30.0, max_deliver: int = 5, subjects: Subjects | None = None) -> Worker:
+    """Connects to the bus, assembles a worker's platform (``role="worker"``) and returns the worker."""
+    name = name or default_worker_name()
+    subjects = subjects or Subjects(config.messaging.subject_prefix)
+    bus = await open_bus(bus_uri)
+    try:
+        platform = Platform.open(worker_config(config, name), role="worker", bus=bus, bus_uri=bus_uri,
+                                 subjects=subjects, worker_name=name)
+    except BaseException:
+        await bus.aclose()
+        raise
+    assert platform.durable is not None
+    worker = Worker(platform, bus=bus, runs=platform.durable.runs, events=platform.durable.events, name=name,
+                    concurrency=concurrency, ack_wait_s=ack_wait_s, max_deliver=max_deliver, subjects=subjects)
+    await worker.keep_checkpoints(config.messaging.checkpoints_kept)
+    return worker
+
+
+__all__ = ["Durable", "Platform", "Role", "default_worker_name", "ensure_state_dir", "open_vault_for", "open_worker"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stitchwork.cli import app
 from stitchwork.compute.fake import FakeOpenAIServer
+from stitchwork.interfaces.cli.app import app
 
 from .conftest import FIXTURES
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from stitchwork.compute.gateway import _agent_limits
 from stitchwork.compute.router import parse_deployments
 from stitchwork.config import load_config
 from stitchwork.errors import ConfigError
+from stitchwork.gateway.models import _agent_limits
 
 TOML = '''
 [compute]

@@ -19,9 +19,9 @@ import uvicorn
 from stitchwork.agents.runs import RunStatus
 from stitchwork.compute.fake import STYLES, FakeOpenAIServer
 from stitchwork.config import ComputeConfig, Config, DataConfig, IsolationConfig
+from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import BUILTIN_TOOLS, Platform
 from stitchwork.service import Service, event_dict
-from stitchwork.web.server import create_app
 
 from .conftest import TOOLS
 
@@ -36,7 +36,7 @@ def config(tmp_path: Path, **compute: Any) -> Config:
 
 
 def open_platform(cfg: Config) -> Platform:
-    platform = Platform.open(cfg)
+    platform = Platform.open(cfg, role="server")
     platform.vault.set("provider_key", KEY)
     platform.gateway.refresh_secrets()
     return platform

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stitchwork.compute.gateway import PromptDigests, _digest
+from stitchwork.gateway.models import PromptDigests, _digest
 
 
 def prompt(steps: int) -> list[dict[str, Any]]:

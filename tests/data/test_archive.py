@@ -8,17 +8,17 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from stitchwork.data._base import Store
-from stitchwork.data.iceberg import IcebergArchive
-from stitchwork.data.retention import (
+from stitchwork.audit.log import EVENTS_TABLE, AuditLog
+from stitchwork.audit.retention import (
     RetentionPolicy,
     apply_retention,
     compact_audit,
     latest_checkpoint,
     verify_across,
 )
+from stitchwork.data._base import Store
+from stitchwork.data.iceberg import IcebergArchive
 from stitchwork.errors import AuditError, StoreError
-from stitchwork.security.audit import EVENTS_TABLE, AuditLog
 from tests.signing import Ed25519Signer
 
 pytest.importorskip("pyiceberg", reason="needs pip install 'stitchwork[iceberg]'")

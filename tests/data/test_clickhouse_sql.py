@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
+from stitchwork.audit.log import _EVENTS_DDL, _HEADS_DDL
 from stitchwork.data._clickhouse import bind, literal, translate
 from stitchwork.data.schema import parse_create_table
 from stitchwork.errors import ConfigError, StoreError
-from stitchwork.security.audit import _EVENTS_DDL, _HEADS_DDL
 
 
 def test_literals_escape_and_round_trip_floats() -> None:

@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from stitchwork.cli import app
-from stitchwork.client import HttpClient, RemoteError
-from stitchwork.data.cli import parse_time
 from stitchwork.data.iceberg import IcebergArchive
 from stitchwork.errors import ConfigError
+from stitchwork.interfaces.cli.app import app
+from stitchwork.interfaces.cli.audit import parse_time
+from stitchwork.interfaces.cli.client import HttpClient, RemoteError
 
 pytest.importorskip("pyiceberg", reason="needs pip install 'stitchwork[iceberg]'")
 runner = CliRunner()
@@ -93,11 +93,11 @@ def test_parse_time() -> None:
 @pytest.fixture
 def http(state: Path) -> Iterator[HttpClient]:
     from stitchwork.config import load_config
+    from stitchwork.interfaces.http.app import create_app
     from stitchwork.platform import Platform
     from stitchwork.service import Service
-    from stitchwork.web.server import create_app
 
-    platform = Platform.open(load_config(None))
+    platform = Platform.open(load_config(None), role="server")
     service = Service(platform)
     token = service.create_operator_token()
     with TestClient(create_app(service, expiry_interval_s=3600)) as test_client:

@@ -15,19 +15,19 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from stitchwork.cli import app
 from stitchwork.config import RetentionConfig
+from stitchwork.interfaces.cli.app import app
+from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import Platform
 from stitchwork.security.taint import Label
 from stitchwork.service import Service
-from stitchwork.web.server import create_app
 
 MAIL = Label("tool:read_email", False)
 
 
 @pytest.fixture
 def api(make_config: Any) -> Iterator[tuple[TestClient, Platform]]:
-    platform = Platform.open(make_config([{"content": "done"}], sandbox="inline://"))
+    platform = Platform.open(make_config([{"content": "done"}], sandbox="inline://"), role="server")
     service = Service(platform)
     token = service.create_operator_token()
     with TestClient(create_app(service, expiry_interval_s=3600)) as client:
@@ -88,7 +88,7 @@ def test_memory_commands_open_the_platform_locally(make_config: Any, monkeypatch
 def test_up_applies_retention_on_its_timer(make_config: Any, tmp_path: Path) -> None:
     base = make_config([{"content": "done"}], sandbox="inline://")
     retention = RetentionConfig(memory_days=1e-9, interval_s=0.05)
-    platform = Platform.open(base.replace(data=dataclasses.replace(base.data, retention=retention)))
+    platform = Platform.open(base.replace(data=dataclasses.replace(base.data, retention=retention)), role="server")
     assert platform.memory is not None
     platform.memory.put("tester", "old", text="stale", labels=[Label("user", True)])
     try:
@@ -104,7 +104,7 @@ def test_up_applies_retention_on_its_timer(make_config: Any, tmp_path: Path) -> 
 
 def test_memory_commands_go_through_a_running_server(api: tuple[TestClient, Platform],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from stitchwork import client as client_module
+    from stitchwork.interfaces.cli import client as client_module
 
     test_client, platform = api
     http = client_module.HttpClient("http://testserver", "unused")

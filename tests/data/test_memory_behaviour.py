@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stitchwork.data._base import Store
-from stitchwork.data.memory import AgentMemory, MemoryDenied, terms
 from stitchwork.errors import StoreError
+from stitchwork.memory.store import AgentMemory, MemoryDenied, terms
 from stitchwork.security.taint import Label
 
 USER = Label("user", True)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from stitchwork.agents.runs import RunStatus, RunStore
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.reports import REPORTS, run_report
 from stitchwork.data._base import Store
-from stitchwork.data.reports import REPORTS, run_report
 from stitchwork.errors import StoreError
-from stitchwork.security.audit import AuditLog
 from tests.signing import Ed25519Signer
 
 
@@ -86,7 +86,7 @@ def test_time_bounds_and_unknown_report(seeded: Store) -> None:
 
 
 def test_facts_are_incremental_and_repair_a_cut_short_refresh(seeded: Store) -> None:
-    from stitchwork.data.reports import refresh_facts
+    from stitchwork.audit.reports import refresh_facts
 
     assert run_report(seeded, "denied")[0]["denied"] == 2
     assert refresh_facts(seeded) == 0
@@ -126,7 +126,7 @@ def _append_batch(store: Store, round_: int) -> None:
 
 
 def test_incremental_rollup_equals_a_full_recomputation(store: Store) -> None:
-    from stitchwork.data.reports import refresh_facts, reset_facts
+    from stitchwork.audit.reports import refresh_facts, reset_facts
 
     names = [name for name, report in REPORTS.items() if report.facts]
     incremental: dict[str, list[dict[str, object]]] = {}
@@ -148,8 +148,8 @@ def test_incremental_rollup_equals_a_full_recomputation(store: Store) -> None:
 
 def test_reports_keep_events_compacted_before_any_report(store: Store, tmp_path: Path) -> None:
     pytest.importorskip("pyiceberg", reason="needs pip install 'stitchwork[iceberg]'")
+    from stitchwork.audit.retention import compact_audit
     from stitchwork.data.iceberg import IcebergArchive
-    from stitchwork.data.retention import compact_audit
 
     with AuditLog(store, signer=Ed25519Signer("k1"), journal_path=None) as log:
         for i in range(12):
@@ -161,7 +161,7 @@ def test_reports_keep_events_compacted_before_any_report(store: Store, tmp_path:
 
 
 def test_rollup_ddl_is_shared_by_the_clickhouse_adapters() -> None:
-    from stitchwork.data.reports import ROLLUP
+    from stitchwork.audit.reports import ROLLUP
 
     ddl = ROLLUP.clickhouse_ddl("db")  # chdb and the ClickHouse server both render this
     assert "ENGINE = AggregatingMergeTree ORDER BY (`report`, `k1`, `k2`, `k3`, `k4`, `kv`)" in ddl

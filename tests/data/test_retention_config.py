@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from stitchwork.agents.runs import RunStatus
+from stitchwork.audit.retention import DEFAULT_POLICIES, latest_checkpoint, policies_from
 from stitchwork.config import DataConfig, RetentionConfig, load_config
-from stitchwork.data import api
-from stitchwork.data.retention import DEFAULT_POLICIES, latest_checkpoint, policies_from
 from stitchwork.errors import ConfigError
 from stitchwork.platform import Platform
 from stitchwork.security.taint import Label
+from stitchwork.service import audit as api
 
 DAY = 86400.0
 

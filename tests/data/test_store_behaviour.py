@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from stitchwork.audit.log import EVENTS_TABLE, SIGNED_HEAD_TABLE, AuditLog
 from stitchwork.data._base import Store
 from stitchwork.data.schema import Column, Table
 from stitchwork.errors import StoreError
-from stitchwork.security.audit import EVENTS_TABLE, SIGNED_HEAD_TABLE, AuditLog
 from tests.signing import Ed25519Signer
 
 from .conftest import StoreFactory

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stitchwork.cli import app
+from stitchwork.interfaces.cli.app import app
 
 runner = CliRunner()
 

@@ -97,7 +97,7 @@ def wait_until(predicate: Any, timeout_s: float = 30.0, what: str = "condition")
 
 
 def cli_env(root: Path) -> dict[str, str]:
-    """The environment for ``python -m stitchwork.cli`` on ``root``'s config."""
+    """The environment for ``python -m stitchwork`` on ``root``'s config."""
     env = {**os.environ, "STITCHWORK_CONFIG": str(root / "stitchwork.toml")}
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -112,7 +112,7 @@ def spawn_worker(root: Path, bus: str, name: str, *, ack_wait_s: float = 2.0, pr
         env["STITCHWORK_MESSAGING__SUBJECT_PREFIX"] = prefix
     log = open(root / f"worker-{name}.log", "wb")  # noqa: SIM115 - the process owns it
     return subprocess.Popen(
-        [sys.executable, "-m", "stitchwork.cli", "worker", "--bus", bus, "--name", name, "--ack-wait",
+        [sys.executable, "-m", "stitchwork", "worker", "--bus", bus, "--name", name, "--ack-wait",
          str(ack_wait_s), "--concurrency", "2"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )

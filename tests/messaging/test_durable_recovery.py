@@ -17,12 +17,14 @@ from stitchwork.compute.fake import Backend, FakeOpenAIServer, Fault
 from stitchwork.config import Config
 from stitchwork.errors import ApprovalError, RunError
 from stitchwork.messaging._base import Bus, open_bus
-from stitchwork.messaging.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.messaging.bridge import SyncBus
-from stitchwork.messaging.deadletters import dead_letters, resubmit
-from stitchwork.messaging.durable import Subjects, Worker, enqueue_run, run_state, wait_for_run
-from stitchwork.platform import Platform
+from stitchwork.platform import Platform, open_worker
 from stitchwork.service import Service
+from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
+from stitchwork.workers.deadletters import dead_letters, resubmit
+from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
+from stitchwork.workers.subjects import Subjects
+from stitchwork.workers.worker import Worker
 from tests.messaging.durable_fixtures import build, call, lines
 
 
@@ -33,7 +35,7 @@ def _uri(bus_uri: str, root: str) -> str:
 @asynccontextmanager
 async def workers(config: Config, uri: str, subjects: Subjects, *names: str, **options: Any
                   ) -> AsyncIterator[list[Worker]]:
-    started = [await Worker(config, bus_uri=uri, name=n, subjects=subjects, **options).start() for n in names]
+    started = [await open_worker(config, bus_uri=uri, name=n, subjects=subjects, **options) for n in names]
     for worker in started:
         worker.retry_base_s = 0.05
     stop = asyncio.Event()
@@ -169,7 +171,7 @@ async def test_a_worker_shutting_down_mid_run_puts_the_job_back_at_once(tmp_path
     config = build(tmp_path, turns, bus=uri)
     client = await open_bus(uri)
     # ack_wait is an hour: only the shutting-down worker's nak can hand the job on while the test runs.
-    first = await Worker(config, bus_uri=uri, name="first", subjects=subjects, ack_wait_s=3600).start()
+    first = await open_worker(config, bus_uri=uri, name="first", subjects=subjects, ack_wait_s=3600)
     stop = asyncio.Event()
     serving = asyncio.create_task(first.run(stop))
     try:

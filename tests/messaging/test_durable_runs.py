@@ -14,9 +14,10 @@ import pytest
 
 from stitchwork.agents.runs import RunRecord, RunStatus, RunStore
 from stitchwork.messaging._base import open_bus
-from stitchwork.messaging.deadletters import dead_letters
-from stitchwork.messaging.durable import Subjects, Worker, enqueue_run, run_state, wait_for_run
-from stitchwork.platform import Platform
+from stitchwork.platform import Platform, open_worker
+from stitchwork.workers.deadletters import dead_letters
+from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
+from stitchwork.workers.subjects import Subjects
 from tests.messaging.durable_fixtures import build, call, lines
 
 
@@ -55,7 +56,7 @@ async def test_a_worker_drives_queued_runs_and_publishes_their_events(bus_uri: s
     config = config.replace(messaging=replace(config.messaging, checkpoints_kept=2))
     subjects = Subjects(root)
     client = await open_bus(uri)
-    worker = await Worker(config, bus_uri=uri, name="w1", subjects=subjects, concurrency=2).start()
+    worker = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects, concurrency=2)
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.run(stop))
     try:
@@ -89,8 +90,7 @@ async def test_a_job_for_an_unknown_agent_is_dead_lettered_at_once_not_retried(t
     config = build(tmp_path, [{"content": "x"}], bus=uri)
     subjects = Subjects(root)
     client = await open_bus(uri)
-    worker = Worker(config, bus_uri=uri, name="w1", subjects=subjects, max_deliver=3, ack_wait_s=5)
-    await worker.start()
+    worker = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects, max_deliver=3, ack_wait_s=5)
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.run(stop))
     try:
@@ -122,7 +122,7 @@ async def test_a_resume_job_never_drives_a_running_run_and_comes_back_later(tmp_
         await client.publish(subjects.state(record.id), json.dumps(RunStore._row(record), default=str).encode())
 
     await checkpoint(running)
-    worker = await Worker(config, bus_uri=uri, name="w1", subjects=subjects, ack_wait_s=0.5).start()
+    worker = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects, ack_wait_s=0.5)
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.run(stop))
     try:

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import Platform
 from stitchwork.service import Service
-from stitchwork.web.server import create_app
 
 TURNS = [
     {"tool_calls": [{"id": "c1", "name": "write_note", "arguments": {"name": "a.txt", "text": "one"}}]},
@@ -23,7 +23,7 @@ TURNS = [
 
 @pytest.fixture
 def api(make_config) -> Iterator[tuple[TestClient, str]]:  # type: ignore[no-untyped-def]
-    platform = Platform.open(make_config(TURNS))  # a real sandbox: inline would write into the cwd
+    platform = Platform.open(make_config(TURNS), role="server")  # a real sandbox: inline would write into the cwd
     service = Service(platform)
     token = service.create_operator_token()
     with TestClient(create_app(service, expiry_interval_s=3600)) as client:

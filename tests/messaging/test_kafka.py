@@ -85,7 +85,7 @@ async def sink(kafka_uri: str) -> AsyncIterator[object]:
 
 async def test_run_events_are_exported_in_order_and_an_interrupted_export_resumes(kafka_uri: str, sink) -> None:  # type: ignore[no-untyped-def]
     from stitchwork.messaging._base import open_bus
-    from stitchwork.messaging.kafka import export_events
+    from stitchwork.workers.export import export_events
 
     bus = await open_bus("memory://")
     try:
@@ -104,8 +104,8 @@ async def test_run_events_are_exported_in_order_and_an_interrupted_export_resume
 
 
 async def test_the_audit_log_streams_to_kafka_after_a_sequence_number(kafka_uri: str, sink, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from stitchwork.messaging.kafka import export_audit
     from stitchwork.platform import Platform
+    from stitchwork.workers.export import export_audit
     from tests.messaging.durable_fixtures import build
 
     platform = Platform.open(build(tmp_path, [{"content": "x"}]))
@@ -138,7 +138,7 @@ async def test_the_kafka_export_command_streams_bus_events_and_the_audit_log(kaf
                                                                             tmp_path: Path, root: str) -> None:
     from typer.testing import CliRunner
 
-    from stitchwork.cli import app
+    from stitchwork.interfaces.cli.app import app
     from stitchwork.messaging._base import open_bus
     from tests.messaging.durable_fixtures import build
 

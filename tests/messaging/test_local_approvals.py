@@ -6,11 +6,11 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from stitchwork.client import LocalClient
-from stitchwork.messaging.approvals import BusApprovalStore
+from stitchwork.interfaces.cli.client import LocalClient
 from stitchwork.messaging.bridge import SyncBus
-from stitchwork.messaging.durable import Subjects
 from stitchwork.security.approvals import ApprovalStatus
+from stitchwork.workers.approvals import BusApprovalStore
+from stitchwork.workers.subjects import Subjects
 from tests.messaging.durable_fixtures import build
 
 

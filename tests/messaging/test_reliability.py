@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from stitchwork.messaging._base import open_bus
-from stitchwork.messaging.durable import Subjects, enqueue_run, run_state, wait_for_run
+from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
+from stitchwork.workers.subjects import Subjects
 from tests.messaging.conftest import nats_available
 from tests.messaging.durable_fixtures import build, call, lines, spawn_worker, wait_until
 
@@ -192,10 +193,10 @@ async def test_pending_approvals_survive_worker_and_nats_restarts_and_are_decide
         tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
+    from stitchwork.interfaces.http.app import create_app
     from stitchwork.messaging.server import NatsServer
     from stitchwork.platform import Platform
     from stitchwork.service import Service
-    from stitchwork.web.server import create_app
 
     server = NatsServer(tmp_path / "nats").start()
     turns = [{"tool_calls": [call("c1", "p1", tool="pay")]}, {"content": "over"}]
@@ -216,7 +217,7 @@ async def test_pending_approvals_survive_worker_and_nats_restarts_and_are_decide
         server.stop()
         server.start()
         workers.append(spawn_worker(tmp_path, server.url, "after", ack_wait_s=5.0))  # starts meanwhile
-        platform = Platform.open(config)
+        platform = Platform.open(config, role="server")
         service = Service(platform)
         token = service.create_operator_token()
         auth = {"Authorization": f"Bearer {token}"}

@@ -12,7 +12,10 @@ import pytest
 from stitchwork.agents.runs import RunRecord, RunStore
 from stitchwork.errors import BusError
 from stitchwork.messaging._base import open_bus
-from stitchwork.messaging.durable import BusLedger, BusRunStore, Subjects, Worker
+from stitchwork.platform import open_worker
+from stitchwork.workers.ledger import BusLedger
+from stitchwork.workers.runstore import BusRunStore
+from stitchwork.workers.subjects import Subjects
 from tests.messaging.durable_fixtures import build
 
 
@@ -34,8 +37,8 @@ async def test_run_events_are_published_in_order_without_waiting_in_line(bus_uri
                                                                          root: str) -> None:
     uri = "memory://pipeline-" + root if bus_uri.startswith("memory") else bus_uri
     subjects = Subjects(root)
-    worker = await Worker(build(tmp_path, [{"content": "x"}], bus=uri), bus_uri=uri, name="w", subjects=subjects,
-                          concurrency=1).start()
+    worker = await open_worker(build(tmp_path, [{"content": "x"}], bus=uri), bus_uri=uri, name="w", subjects=subjects,
+                               concurrency=1)
     client = await open_bus(uri)
     try:
         record = RunRecord(id="run_order", agent="scribe", task="t", model="m")
@@ -54,8 +57,8 @@ async def test_a_lost_event_fails_the_flush_and_no_later_event_of_the_run_is_pub
         tmp_path: Path, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = "memory://pipeline-lost-" + root
     subjects = Subjects(root)
-    worker = await Worker(build(tmp_path, [{"content": "x"}], bus=uri), bus_uri=uri, name="w", subjects=subjects,
-                          concurrency=1).start()
+    worker = await open_worker(build(tmp_path, [{"content": "x"}], bus=uri), bus_uri=uri, name="w", subjects=subjects,
+                               concurrency=1)
     assert worker.bus is not None
     publish = worker.bus.publish
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stitchwork.cli import app
+from stitchwork.interfaces.cli.app import app
 from stitchwork.messaging.server import free_port
 from tests.messaging.conftest import nats_available
 from tests.messaging.durable_fixtures import build, call, cli_env, lines, spawn_worker, wait_until
@@ -30,7 +30,7 @@ def _alive(pid: int) -> bool:
 
 
 def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stitchwork.cli", *args], env=cli_env(root), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stitchwork", *args], env=cli_env(root), capture_output=True,
                           text=True, timeout=120)
 
 
@@ -38,7 +38,7 @@ def test_up_serves_with_embedded_nats_follow_streams_and_stop_is_clean(tmp_path:
     build(tmp_path, [{"tool_calls": [call("c1", "x")]}, {"content": "finished"}], bus="nats://embedded")
     state = tmp_path / "state"
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "stitchwork.cli", "up", "--port", str(port)], env=cli_env(tmp_path),
+    up = subprocess.Popen([sys.executable, "-m", "stitchwork", "up", "--port", str(port)], env=cli_env(tmp_path),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     worker = None
     try:

@@ -33,10 +33,10 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make]:
     import uuid
 
     from stitchwork.messaging._base import open_bus
-    from stitchwork.messaging.approvals import BusApprovalStore
     from stitchwork.messaging.bridge import SyncBus
     from stitchwork.messaging.bridge import _run_now as run_now
-    from stitchwork.messaging.durable import Subjects
+    from stitchwork.workers.approvals import BusApprovalStore
+    from stitchwork.workers.subjects import Subjects
 
     subjects = Subjects("a" + uuid.uuid4().hex[:8])
     if request.param == "bus-memory":

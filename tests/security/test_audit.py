@@ -23,10 +23,8 @@ import duckdb
 import pytest
 from tests.signing import Ed25519Signer
 
-import stitchwork.security.audit as audit_module
-from stitchwork.data._base import Store, open_store
-from stitchwork.errors import AuditError, StoreError
-from stitchwork.security.audit import (
+import stitchwork.audit.log as audit_module
+from stitchwork.audit.log import (
     EVENTS_TABLE,
     GENESIS_HASH,
     JOURNAL_PREALLOC,
@@ -36,6 +34,8 @@ from stitchwork.security.audit import (
     VerifyReport,
     canonical,
 )
+from stitchwork.data._base import Store, open_store
+from stitchwork.errors import AuditError, StoreError
 
 # A child process that appends events and dies without flushing or closing: a real crash. With "rotate",
 # a store copy fails half way, so the first half sits in a sealed journal file (with its signed head line)
@@ -49,7 +49,7 @@ tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)
 from stitchwork.data._base import open_store
 from stitchwork.errors import AuditError, StoreError
-from stitchwork.security.audit import AuditLog
+from stitchwork.audit.log import AuditLog
 store = open_store("duckdb://" + sys.argv[2])
 log = AuditLog(store, signer=tests.Ed25519Signer(), journal_path=Path(sys.argv[3]), flush_ms=1e9)
 count, rotate = int(sys.argv[4]), sys.argv[5] == "rotate"
@@ -605,7 +605,7 @@ def test_torn_final_line_is_ignored(
     if gap:  # only the second page of the unfinished write reached the disk
         torn = torn[:8] + bytes(4096) + b'1},"decision":"allow"'
     journal.write_bytes(data + torn + bytes(1000))
-    with caplog.at_level(logging.WARNING, logger="stitchwork.security.audit"):
+    with caplog.at_level(logging.WARNING, logger="stitchwork.audit.log"):
         store, log = open_log(db, journal, signer)
     try:
         assert "torn final line" in caplog.text
@@ -623,7 +623,7 @@ def test_event_cut_mid_line_is_dropped(
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
     data = journal.read_bytes().rstrip(b"\0")
     journal.write_bytes(data[: data.rindex(b'{"event"') + 30])  # the last event's line is cut short
-    with caplog.at_level(logging.WARNING, logger="stitchwork.security.audit"):
+    with caplog.at_level(logging.WARNING, logger="stitchwork.audit.log"):
         store, log = open_log(db, journal, signer)
     try:
         # its write never completed, so its append never returned: dropping it is safe

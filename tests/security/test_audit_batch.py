@@ -26,10 +26,10 @@ import orjson
 import pytest
 from tests.signing import Ed25519Signer
 
-import stitchwork.security.audit as audit_module
+import stitchwork.audit.log as audit_module
+from stitchwork.audit.log import EVENTS_TABLE, AuditEvent, AuditLog, canonical
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import AuditError
-from stitchwork.security.audit import EVENTS_TABLE, AuditEvent, AuditLog, canonical
 
 
 @pytest.fixture
@@ -366,7 +366,7 @@ import os, sys
 from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from stitchwork.data._base import open_store
-from stitchwork.security.audit import AuditLog
+from stitchwork.audit.log import AuditLog
 class Signer:  # the test module's Signer (same key)
     key_id = "batch-key"
     def sign(self, data):
@@ -413,7 +413,7 @@ def test_batch_cut_mid_journal_write_recovers_a_prefix(
 
     store = open_store(f"duckdb://{directory / 'audit.duckdb'}")
     try:
-        with caplog.at_level(logging.WARNING, logger="stitchwork.security.audit"):
+        with caplog.at_level(logging.WARNING, logger="stitchwork.audit.log"):
             audit = AuditLog(store, signer=Ed25519Signer("batch-key"), journal_path=journal)
         try:
             events = audit.tail(1000)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from stitchwork.errors import ConfigError, StitchworkError
-from stitchwork.gateway.host import HostCall, HostResult
 from stitchwork.platform import Platform
 from stitchwork.security.taint import Label
+from stitchwork.tools.host import HostCall, HostResult
 from stitchwork.tools.manifest import load_tools
 
 HOST_TOOL = ('name = "whoami"\ndescription = "d"\nside_effect = "read"\nhost = "test.whoami"\n{extra}'

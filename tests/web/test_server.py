@@ -9,14 +9,14 @@ import pytest
 from fastapi.testclient import TestClient
 from tests.gateway.test_gateway import APPROVAL_RUN
 
+from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import Platform
 from stitchwork.service import Service
-from stitchwork.web.server import create_app
 
 
 @pytest.fixture
 def api(make_config) -> Iterator[tuple[TestClient, Service, str]]:  # type: ignore[no-untyped-def]
-    platform = Platform.open(make_config(APPROVAL_RUN))
+    platform = Platform.open(make_config(APPROVAL_RUN), role="server")
     service = Service(platform)
     token = service.create_operator_token()
     with TestClient(create_app(service, expiry_interval_s=3600)) as client:

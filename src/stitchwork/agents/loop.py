@@ -30,6 +30,7 @@ class Runner:
     def __init__(
         self, gateway: Gateway, agents: AgentRegistry, runs: RunStore, *, state_dir: Path,
         max_seconds: float = 300.0, on_event: StepCallback | None = None,
+        reraise: tuple[type[Exception], ...] = (),
     ) -> None:
         self.gateway = gateway
         self.agents = agents
@@ -37,7 +38,7 @@ class Runner:
         self.state_dir = state_dir
         self.max_seconds = max_seconds
         self.on_event = on_event
-        self.reraise: tuple[type[StitchworkError], ...] = ()
+        self.reraise = reraise
         """Errors that do not fail the run but leave :meth:`drive` (a transient failure a worker retries)."""
         self._models: dict[tuple[str, str], Model] = {}
 

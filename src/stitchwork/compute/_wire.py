@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from abc import abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from stitchwork.compute._base import Model, ModelTurn, ToolCall, Usage
+from stitchwork.compute._turns import ModelTurn, ToolCall, Usage
 from stitchwork.errors import ModelError
 
 
@@ -199,19 +198,3 @@ def assemble(chunks: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 __all__ = ["StreamAssembler", "assemble", "chunks_from_completion", "completion_from_turn", "turn_from_completion"]
-
-
-class ChatCompletionsModel(Model):
-    """A model reached through one chat-completions request; ``complete`` is shared, ``chat`` is the transport."""
-
-    @abstractmethod
-    async def chat(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Sends one chat-completions request and returns the completion object."""
-
-    async def complete(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelTurn:
-        request: dict[str, Any] = {"messages": list(messages)}
-        if tools:
-            request["tools"] = list(tools)
-        return turn_from_completion(await self.chat(request))

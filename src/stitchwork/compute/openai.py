@@ -25,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
 
+from stitchwork.compute._base import ChatCompletionsModel
 from stitchwork.compute._keys import parse_key_ref, resolve_key
-from stitchwork.compute._wire import ChatCompletionsModel, StreamAssembler, chunks_from_completion
+from stitchwork.compute._wire import StreamAssembler, chunks_from_completion
 from stitchwork.compute.profiles import Profile, get_profile
 from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
-from stitchwork.compute._wire import ChatCompletionsModel
+from stitchwork.compute._base import ChatCompletionsModel
 from stitchwork.compute.openai import OpenAICompatModel
 from stitchwork.errors import ConfigError, ModelError, ModelUnavailable
 

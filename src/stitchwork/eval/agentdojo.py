@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stitchwork.audit.log import AuditLog
 from stitchwork.data._base import open_store
 from stitchwork.errors import ConfigError
 from stitchwork.eval.classify import classify
 from stitchwork.gateway.core import Gateway
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.security.approvals import ApprovalStore
-from stitchwork.security.audit import AuditLog
 from stitchwork.security.identity import CertificateAuthority, TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.taint import Label

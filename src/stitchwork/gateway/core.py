@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stitchwork.audit.log import AuditLog
 from stitchwork.compute._base import Model, ModelTurn
 from stitchwork.errors import (
     AuthError,
@@ -30,20 +31,19 @@ from stitchwork.errors import (
     StitchworkError,
     UnknownAgent,
 )
-from stitchwork.gateway.host import HostCall, HostHandler, HostResult
 from stitchwork.gateway.idempotency import IdempotencyLedger, ledger_get, ledger_put
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
 from stitchwork.security.approvals import ApprovalStore
-from stitchwork.security.audit import AuditLog
 from stitchwork.security.identity import TokenClaims, TokenService
 from stitchwork.security.policy import Decision, Effect, PolicyEngine, Request
 from stitchwork.security.redact import Redactor
 from stitchwork.security.taint import ArgumentTaint, Label, ProvenanceTracker
 from stitchwork.security.vault import Vault
+from stitchwork.tools.host import HostCall, HostHandler, HostResult
 from stitchwork.tools.manifest import SideEffect, ToolManifest, ToolRegistry
 
 if TYPE_CHECKING:
-    from stitchwork.compute.gateway import ModelGateway
+    from stitchwork.gateway.models import ModelGateway
 
 SECRET_REF = re.compile(r"secret://([A-Za-z0-9_.-]{1,128})")
 
@@ -146,7 +146,7 @@ class Gateway:
         self.models: ModelGateway | None = None
         """The model gateway (policy, provider keys, routing, metering); set by the platform."""
         self.host_handlers: dict[str, HostHandler] = {}
-        """Host-side tool handlers by the name manifests give as ``host`` (:mod:`stitchwork.gateway.host`)."""
+        """Host-side tool handlers by the name manifests give as ``host`` (:mod:`stitchwork.tools.host`)."""
         self.refresh_secrets()
 
     # -- set-up -----------------------------------------------------------------------------------------------

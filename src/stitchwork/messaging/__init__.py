@@ -1,6 +1,5 @@
-"""Messaging layer: the bus port (``memory://``, ``nats://``), durable runs and workers, run events for clients,
-signed agent-to-agent messages, Kafka export. See :mod:`stitchwork.messaging._base` and
-:mod:`stitchwork.messaging.durable`."""
+"""Messaging layer: the bus port (``memory://``, ``nats://``; :mod:`stitchwork.messaging._base`), the embedded
+NATS server, a blocking bridge for threads, and the Kafka producer used by exports."""
 
 from stitchwork.messaging._base import BUSES, Bus, Consumer, Delivery, open_bus
 

@@ -28,7 +28,7 @@ paths, no ``..`` segments, no NUL bytes.
 
 A *host-side* tool is trusted platform code that runs in the gateway's process instead of a sandbox: its manifest
 says ``host = "<handler>"`` instead of ``entry`` (and has no ``sandbox``, ``secrets``, ``egress`` or ``limits``).
-It takes the same gateway path (identity, policy, taint, approval, audit); see :mod:`stitchwork.gateway.host`.
+It takes the same gateway path (identity, policy, taint, approval, audit); see :mod:`stitchwork.tools.host`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import httpx
 
 from stitchwork.config import Config
-from stitchwork.errors import AuthError, ConfigError, StitchworkError
+from stitchwork.errors import AuthError, StitchworkError
 from stitchwork.platform import Platform
 from stitchwork.service import Service
 
@@ -150,9 +150,9 @@ class LocalClient:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def _with(self, fn: Callable[[Service], Awaitable[T]]) -> T:
+    def _with(self, fn: Callable[[Service], Awaitable[T]], *, bus_approvals: bool = False) -> T:
         async def go() -> T:
-            platform = Platform.open(self.config)
+            platform = Platform.open(self.config, bus_approvals=bus_approvals)
             try:
                 return await fn(Service(platform))
             finally:
@@ -167,41 +167,11 @@ class LocalClient:
         return self._with(lambda s: _now(s.get_run(run_id)))
 
     def approvals(self, status: str) -> list[dict[str, Any]]:
-        return self._with(lambda s: self._with_bus_approvals(s, lambda: _now(s.approvals(status))))
+        return self._with(lambda s: _now(s.approvals(status)), bus_approvals=True)
 
     def decide(self, approval_id: str, approve: bool, note: str) -> dict[str, Any]:
-        return self._with(lambda s: self._with_bus_approvals(
-            s, lambda: s.decide(approval_id, approve=approve, by="operator:cli", note=note)))
-
-    async def _with_bus_approvals(self, service: Service, fn: Callable[[], Awaitable[T]]) -> T:
-        """Runs ``fn`` with the durable runs' approvals (on a configured bus) beside the platform's own.
-
-        Without `stitchwork up` the embedded bus is not running and only the platform's approvals exist; with an
-        external NATS (``[messaging] bus = "nats://..."``) workers keep theirs on it, and an unreachable bus is an
-        error rather than a silently shorter list.
-        """
-        from urllib.parse import urlsplit
-
-        from stitchwork.messaging.approvals import BusApprovalStore, FederatedApprovals
-        from stitchwork.messaging.bridge import SyncBus
-        from stitchwork.messaging.durable import Subjects
-        from stitchwork.messaging.embedded import bus_uri
-
-        try:
-            uri = bus_uri(self.config)
-        except ConfigError:
-            return await fn()
-        if urlsplit(uri).scheme == "memory":
-            return await fn()  # an in-process bus of another process is not reachable from here
-        sync = await asyncio.to_thread(SyncBus, uri)
-        try:
-            platform = service.platform
-            remote = BusApprovalStore(sync, Subjects(self.config.messaging.subject_prefix),
-                                      timeout_s=self.config.security.approval_timeout_s)
-            platform.approvals = FederatedApprovals(platform.approvals, remote)
-            return await fn()
-        finally:
-            await asyncio.to_thread(sync.close)
+        return self._with(lambda s: s.decide(approval_id, approve=approve, by="operator:cli", note=note),
+                          bus_approvals=True)
 
     def audit_tail(self, n: int) -> list[dict[str, Any]]:
         return self._with(lambda s: _now(s.audit_tail(n)))

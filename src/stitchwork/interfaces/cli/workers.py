@@ -33,26 +33,24 @@ def register(app: typer.Typer) -> None:
         config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
     ) -> None:
         """Process runs from the durable run queue until interrupted (any number of workers share it)."""
-        from stitchwork.messaging.durable import Subjects, Worker
         from stitchwork.messaging.embedded import bus_uri
+        from stitchwork.platform import open_worker
 
         try:
             config = load_config(config_path)
             uri = bus or bus_uri(config)
-            m = config.messaging
-            runner = Worker(config, bus_uri=uri, name=name, concurrency=concurrency or m.worker_concurrency,
-                            ack_wait_s=ack_wait or m.ack_wait_s, max_deliver=m.max_deliver,
-                            subjects=Subjects(m.subject_prefix))
         except StitchworkError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
+        m = config.messaging
 
         async def serve() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await runner.start()
+            runner = await open_worker(config, bus_uri=uri, name=name, concurrency=concurrency or m.worker_concurrency,
+                                       ack_wait_s=ack_wait or m.ack_wait_s, max_deliver=m.max_deliver)
             console.print(f"worker {runner.name} on {uri} (concurrency {runner.concurrency})", highlight=False)
             try:
                 await runner.run(stop)
@@ -76,8 +74,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Put a run on the durable queue for `stitchwork worker`; prints its id (or, with --wait, its result)."""
         from stitchwork.messaging._base import open_bus
-        from stitchwork.messaging.durable import Subjects, enqueue_run, wait_for_run
         from stitchwork.messaging.embedded import bus_uri
+        from stitchwork.workers.queue import enqueue_run, wait_for_run
+        from stitchwork.workers.subjects import Subjects
 
         async def go() -> dict[str, object]:
             config = load_config(config_path)
@@ -104,8 +103,8 @@ def register(app: typer.Typer) -> None:
 
     def _on_bus(bus: str | None, config_path: Path | None, act: Any) -> Any:
         from stitchwork.messaging._base import open_bus
-        from stitchwork.messaging.durable import Subjects
         from stitchwork.messaging.embedded import bus_uri
+        from stitchwork.workers.subjects import Subjects
 
         async def go() -> Any:
             config = load_config(config_path)
@@ -129,7 +128,7 @@ def register(app: typer.Typer) -> None:
         config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
     ) -> None:
         """List runs given up on (dead letters): why, after how many attempts, by which worker."""
-        from stitchwork.messaging.deadletters import dead_letters
+        from stitchwork.workers.deadletters import dead_letters
 
         letters = _on_bus(bus, config_path, lambda b, s: dead_letters(b, subjects=s))
         if fmt == "json":
@@ -150,7 +149,7 @@ def register(app: typer.Typer) -> None:
         config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
     ) -> None:
         """Put a dead-lettered run back on the queue (it resumes from its last checkpoint)."""
-        from stitchwork.messaging.deadletters import resubmit
+        from stitchwork.workers.deadletters import resubmit
 
         _on_bus(bus, config_path, lambda b, s: resubmit(b, run_id, subjects=s, by="operator:cli"))
         console.print(f"run {run_id} queued again", highlight=False)
@@ -167,9 +166,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stream run events (and, with --audit-topic, the audit log) into Kafka; resumes where it stopped."""
         from stitchwork.messaging._base import open_bus
-        from stitchwork.messaging.durable import Subjects
         from stitchwork.messaging.embedded import bus_uri
-        from stitchwork.messaging.kafka import KafkaSink, export_audit, export_events
+        from stitchwork.messaging.kafka import KafkaSink
+        from stitchwork.workers.export import export_audit, export_events
+        from stitchwork.workers.subjects import Subjects
 
         async def go() -> tuple[int, int]:
             config = load_config(config_path)

@@ -11,17 +11,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from stitchwork.compute.gateway import ModelGateway
 from stitchwork.errors import AuthError, ModelRejected, ModelUnavailable, PolicyDenied, StitchworkError
+from stitchwork.gateway.models import ModelGateway
+from stitchwork.interfaces.http._auth import bearer
 from stitchwork.service import Service
 
 RUN_TOKEN_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
 """Paths outside ``/v1/agent/`` that authenticate with a run token (the control plane's middleware lets them by)."""
-
-
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _status(exc: StitchworkError) -> int:
@@ -64,7 +60,7 @@ def mount(app: FastAPI, service: Service) -> None:
         if not isinstance(body, dict):
             return JSONResponse({"error": {"message": "body must be an object", "type": "invalid_request_error",
                                            "code": "invalid_json"}}, status_code=400)
-        token = _bearer(request)
+        token = bearer(request) or None
         try:
             if not body.get("stream"):
                 return JSONResponse(await gateway.chat(token, body))
@@ -92,7 +88,7 @@ def mount(app: FastAPI, service: Service) -> None:
     async def list_models(request: Request) -> Response:
         gateway = models()
         try:
-            claims = await gateway.gateway.authenticate(_bearer(request), action="model_list")
+            claims = await gateway.gateway.authenticate(bearer(request) or None, action="model_list")
         except AuthError as exc:
             return openai_error(exc, gateway)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "stitchwork"}

@@ -1,8 +1,8 @@
 """Agent memory as gateway tools: ``memory_put``, ``memory_get``, ``memory_search``, ``memory_delete``.
 
-The tools are host-side (:mod:`stitchwork.gateway.host`): their manifests are in ``data/tools/`` and every call takes
-the gateway path (identity, Cedar policy, taint, approval, audit). The handlers here only translate a call into
-:class:`~stitchwork.data.memory.AgentMemory` operations, with the agent taken from the verified run token.
+The tools are host-side (:mod:`stitchwork.tools.host`): their manifests are in ``memory/manifests/`` and every call
+takes the gateway path (identity, Cedar policy, taint, approval, audit). The handlers here only translate a call into
+:class:`~stitchwork.memory.store.AgentMemory` operations, with the agent taken from the verified run token.
 
 Provenance. A write stores the labels of the untrusted content the run had seen when it wrote (all of it: a model's
 paraphrase escapes value matching, so the whole tainted context is the honest label); a write from a run that has
@@ -23,13 +23,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from stitchwork.data.memory import AgentMemory, MemoryHit, MemoryItem
-from stitchwork.gateway.host import HostCall, HostHandler, HostResult
+from stitchwork.memory.store import AgentMemory, MemoryHit, MemoryItem
 from stitchwork.security.taint import Label
+from stitchwork.tools.host import HostCall, HostHandler, HostResult
 
 __all__ = ["MAX_LABELS", "TOOLS_DIR", "MemoryTools"]
 
-TOOLS_DIR = Path(__file__).resolve().parent / "tools"
+TOOLS_DIR = Path(__file__).resolve().parent / "manifests"
 """The manifests of the memory tools."""
 MAX_LABELS = 32
 """Most provenance labels stored with one item (the first ones the run saw)."""
@@ -51,7 +51,7 @@ class MemoryTools:
     """
 
     HANDLERS = ("memory.put", "memory.get", "memory.search", "memory.delete")
-    """The handler names the manifests in ``data/tools/`` give as ``host``."""
+    """The handler names the manifests in ``memory/manifests/`` give as ``host``."""
 
     def __init__(self, memory: AgentMemory) -> None:
         self.memory = memory

@@ -17,7 +17,7 @@ from typing import Any
 from stitchwork.agents.runs import RunStatus, RunStore
 from stitchwork.errors import BusConflict, RunError
 from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus
-from stitchwork.messaging.durable import Subjects
+from stitchwork.workers.subjects import Subjects
 
 
 async def dead_letters(bus: Bus, *, subjects: Subjects = Subjects()) -> list[dict[str, Any]]:

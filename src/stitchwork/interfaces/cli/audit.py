@@ -1,7 +1,7 @@
-"""``stitchwork audit report / export / compact`` and ``stitchwork data retention``.
+"""``stitchwork audit tail / query / verify / report / export / compact`` and ``stitchwork data retention``.
 
-Registered on the existing ``audit`` sub-app by :func:`register`. Each command goes through the platform's API
-when ``stitchwork up`` runs (DuckDB has one writer), otherwise it opens the platform in this process.
+Each command goes through the platform's API when ``stitchwork up`` runs (DuckDB has one writer), otherwise it
+opens the platform in this process.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 import typer
 
-from stitchwork.data.reports import REPORTS
+from stitchwork.audit.reports import REPORTS
 from stitchwork.errors import ConfigError, StitchworkError
+from stitchwork.interfaces.cli._common import ConfigOpt, client_for, config_from, console, err, fail, print_rows
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -47,20 +48,13 @@ def parse_time(text: str | None, *, now: float | None = None) -> float | None:
     return moment.timestamp()
 
 
-def _find_audit_app(app: typer.Typer) -> typer.Typer:
-    for group in app.registered_groups:
-        if group.name == "audit" and group.typer_instance is not None:
-            return group.typer_instance
-    audit = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
-    app.add_typer(audit, name="audit")
-    return audit
-
-
 def register(app: typer.Typer) -> None:
-    """Adds ``report``, ``export`` and ``compact`` to ``stitchwork audit`` and a ``data`` group."""
-    from stitchwork.cli import ConfigOpt, _client, _config, console, fail, print_rows
-
-    audit_app = _find_audit_app(app)
+    """Adds the ``audit`` group (tail, query, verify, report, export, compact) and the ``data`` group."""
+    audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
+    app.add_typer(audit_app, name="audit")
+    audit_app.command("tail")(audit_tail)
+    audit_app.command("query")(audit_query)
+    audit_app.command("verify")(audit_verify)
     names = ", ".join(f"{name} ({r.title.lower()})" for name, r in REPORTS.items())
 
     @audit_app.command("report")
@@ -73,7 +67,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """A ready report over the audit log: denied, approvals, tools, tokens, runs."""
         try:
-            rows = _client(_config(config_path)).audit_report(name, parse_time(since), parse_time(until))
+            rows = client_for(config_from(config_path)).audit_report(name, parse_time(since), parse_time(until))
         except StitchworkError as exc:
             fail(exc)
         report = REPORTS.get(name)
@@ -89,7 +83,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Append new audit events to an Iceberg table (incremental: no duplicates on re-run)."""
         try:
-            result: dict[str, Any] = _client(_config(config_path)).audit_export(to, parse_time(since))
+            result: dict[str, Any] = client_for(config_from(config_path)).audit_export(to, parse_time(since))
         except StitchworkError as exc:
             fail(exc)
         if result["exported"]:
@@ -109,7 +103,7 @@ def register(app: typer.Typer) -> None:
         if older_than_days is None and upto_seq is None:
             fail(ConfigError("give --older-than-days or --upto-seq"))
         try:
-            result = _client(_config(config_path)).audit_compact(to, older_than_days, upto_seq)
+            result = client_for(config_from(config_path)).audit_compact(to, older_than_days, upto_seq)
         except StitchworkError as exc:
             fail(exc)
         console.print(f"checkpoint at seq {result['checkpoint_seq']}: {result['exported']} exported, "
@@ -122,7 +116,47 @@ def register(app: typer.Typer) -> None:
     def data_retention(config_path: Path | None = ConfigOpt) -> None:
         """Apply [data.retention]: old finished runs, decided approvals, revocations, memory; compact the audit log."""
         try:
-            deleted = _client(_config(config_path)).data_retention()
+            deleted = client_for(config_from(config_path)).data_retention()
         except StitchworkError as exc:
             fail(exc)
         print_rows([{"table": t, "deleted": n} for t, n in deleted.items()], "table", title="retention")
+
+
+def audit_tail(n: int = typer.Option(20, "-n", help="How many events."),
+               fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+               config_path: Path | None = ConfigOpt) -> None:
+    """The newest audit events."""
+    try:
+        rows = client_for(config_from(config_path)).audit_tail(n)
+    except StitchworkError as exc:
+        fail(exc)
+    if fmt == "table":
+        rows = [{k: r[k] for k in ("seq", "kind", "agent", "run_id", "tool", "decision")} for r in rows]
+    print_rows(rows, fmt, title="audit")
+
+
+def audit_query(sql: str = typer.Argument(..., help="One SELECT over audit_events, runs, approvals, ..."),
+                fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+                config_path: Path | None = ConfigOpt) -> None:
+    """Run a read-only SQL query over the audit store."""
+    try:
+        rows = client_for(config_from(config_path)).audit_query(sql)
+    except StitchworkError as exc:
+        fail(exc)
+    print_rows(rows, fmt)
+
+
+def audit_verify(config_path: Path | None = ConfigOpt) -> None:
+    """Verify the hash chain and the signed head; names the first bad event."""
+    try:
+        report = client_for(config_from(config_path)).audit_verify()
+    except StitchworkError as exc:
+        fail(exc)
+    if report["ok"]:
+        console.print(f"[green]audit chain verified[/]: {report['events']} events, signed head at "
+                      f"{report['head_seq']}")
+        return
+    err.print(f"[bold red]audit chain BROKEN[/] at event {report['first_bad_seq']}: {report['reason']}")
+    raise typer.Exit(1)
+
+

@@ -1,7 +1,7 @@
 """Agent-to-agent messages through the gateway: signed envelopes, Cedar decides who may talk to whom.
 
 An agent sends with its run token: the sender is the token's SPIFFE id (never a field the agent fills in). The
-messaging policy (``messaging/policies/*.cedar`` plus ``<policy_dir>/messaging/*.cedar`` of each configured policy
+messaging policy (``workers/policies/*.cedar`` plus ``<policy_dir>/messaging/*.cedar`` of each configured policy
 directory) decides ``send_message`` with the recipient as the resource and the run's taint of the recipient.
 Allowed messages are signed by the platform's CA over a canonical JSON encoding, published on
 ``<p>msg.agent.<name>`` or ``<p>msg.topic.<name>``, and audited. A receiver verifies the signature and the
@@ -17,16 +17,18 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from stitchwork.errors import AuthError, InvalidArguments, PolicyDenied, TokenInvalid
+from stitchwork.gateway.core import Gateway
 from stitchwork.messaging._base import Bus, Consumer
-from stitchwork.messaging.durable import Subjects
-from stitchwork.platform import Platform
+from stitchwork.security.identity import CertificateAuthority
 from stitchwork.security.policy import Effect, PolicyEngine, Request, ToolAction
 from stitchwork.security.taint import Label
+from stitchwork.workers.subjects import Subjects
 
 ACTION = "send_message"
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -71,16 +73,18 @@ class Envelope:
 class AgentMessenger:
     """Sends and receives agent messages for one platform over one bus."""
 
-    def __init__(self, platform: Platform, bus: Bus, *, subjects: Subjects = Subjects()) -> None:
-        self.platform = platform
+    def __init__(self, gateway: Gateway, bus: Bus, *, ca: CertificateAuthority, agents: Sequence[str],
+                 policy_dirs: Sequence[str | Path] = (), subjects: Subjects = Subjects()) -> None:
+        self.gateway = gateway
+        self.audit = gateway.audit
+        self.ca = ca
+        self.agents = frozenset(agents)
         self.bus = bus
         self.subjects = subjects
-        dirs = [POLICY_DIR] + [Path(d) / "messaging" for d in platform.config.security.policy_dirs
-                               if (Path(d) / "messaging").is_dir()]
+        dirs = [POLICY_DIR] + [Path(d) / "messaging" for d in policy_dirs if (Path(d) / "messaging").is_dir()]
         schema = {"type": "object", "properties": {"to": {"type": "string"}, "body": {"type": "string"}},
                   "required": ["to", "body"]}
-        self.policy = PolicyEngine.load(dirs, [ToolAction(ACTION, "external", schema)],
-                                        agents=platform.agents.names())
+        self.policy = PolicyEngine.load(dirs, [ToolAction(ACTION, "external", schema)], agents=sorted(self.agents))
 
     def subject(self, recipient: str) -> str:
         kind, name = self._parse(recipient)
@@ -91,7 +95,7 @@ class AgentMessenger:
         if not match:
             raise InvalidArguments(f"recipient {recipient!r} must be agent:<name> or topic:<name>")
         kind, name = match.group(1), match.group(2)
-        if kind == "agent" and name not in self.platform.agents.names():
+        if kind == "agent" and name not in self.agents:
             raise InvalidArguments(f"recipient {recipient!r}: no such agent")
         return kind, name
 
@@ -103,7 +107,7 @@ class AgentMessenger:
             InvalidArguments: bad recipient or body.
             PolicyDenied: policy forbids this sender to message this recipient (audited).
         """
-        gateway = self.platform.gateway
+        gateway = self.gateway
         claims = await gateway.authenticate(token, action=ACTION)
         base = {"agent": claims.agent, "run_id": claims.run_id, "tool": ACTION}
         try:
@@ -111,7 +115,7 @@ class AgentMessenger:
             if not isinstance(body, str) or len(body.encode()) > MAX_BODY:
                 raise InvalidArguments(f"a message body is a string of at most {MAX_BODY} bytes")
         except InvalidArguments as exc:
-            await self.platform.audit.aappend("message", **base, decision="deny",
+            await self.audit.aappend("message", **base, decision="deny",
                                               data={"error": exc.code, "reason": str(exc)})
             raise
         run = gateway.runs.get(claims.run_id)
@@ -126,16 +130,16 @@ class AgentMessenger:
         data: dict[str, Any] = {"to": to, "policy_ids": list(decision.policy_ids), "reasons": list(decision.reasons),
                                 "body_sha256": hashlib.sha256(body.encode()).hexdigest()}
         if decision.effect is not Effect.ALLOW:
-            await self.platform.audit.aappend("message", **base, decision="deny", data=data)
+            await self.audit.aappend("message", **base, decision="deny", data=data)
             raise PolicyDenied(f"policy forbids {claims.agent} to message {to}: "
                                f"{'; '.join(decision.reasons) or 'no policy permits it'}",
                                policy_ids=decision.policy_ids)
         envelope = Envelope(id="msg_" + uuid.uuid4().hex, sender=claims.sub, recipient=to, body=body,
                             run_id=claims.run_id, sent_at=time.time())
-        signature = base64.b64encode(self.platform.ca.sign(envelope.signed_bytes())).decode()
+        signature = base64.b64encode(self.ca.sign(envelope.signed_bytes())).decode()
         envelope = replace(envelope, signature=signature)
         seq = await self.bus.publish(self.subject(to), envelope.to_bytes(), msg_id=envelope.id)
-        await self.platform.audit.aappend("message", **base, decision="allow",
+        await self.audit.aappend("message", **base, decision="allow",
                                           data={**data, "message_id": envelope.id, "seq": seq})
         return envelope
 
@@ -149,12 +153,12 @@ class AgentMessenger:
             signature = base64.b64decode(envelope.signature, validate=True)
         except (ValueError, TypeError) as exc:
             raise TokenInvalid("the message signature is not base64") from exc
-        if not self.platform.ca.verify(envelope.signed_bytes(), signature):
+        if not self.ca.verify(envelope.signed_bytes(), signature):
             raise TokenInvalid(f"message {envelope.id[:64]!r}: the signature does not match (altered or forged)")
-        prefix = f"spiffe://{self.platform.ca.trust_domain}/agent/"
+        prefix = f"spiffe://{self.ca.trust_domain}/agent/"
         if not envelope.sender.startswith(prefix):
             raise TokenInvalid(f"message {envelope.id[:64]!r}: sender {envelope.sender[:120]!r} is not an agent of "
-                               f"{self.platform.ca.trust_domain}")
+                               f"{self.ca.trust_domain}")
         return Label(f"agent:{envelope.sender}", False)
 
     async def receive(self, data: bytes, *, run_id: str = "") -> tuple[Envelope, Label]:
@@ -163,12 +167,12 @@ class AgentMessenger:
         try:
             label = self.verify(envelope)
         except AuthError as exc:
-            await self.platform.audit.aappend("message", run_id=run_id, tool=ACTION, decision="rejected",
+            await self.audit.aappend("message", run_id=run_id, tool=ACTION, decision="rejected",
                                               data={"message_id": envelope.id[:64], "reason": str(exc)})
             raise
-        if run_id and run_id in self.platform.gateway.runs:
-            label = self.platform.gateway.record_content(run_id, envelope.body, label)
-        await self.platform.audit.aappend("message", run_id=run_id, tool=ACTION, decision="received",
+        if run_id and run_id in self.gateway.runs:
+            label = self.gateway.record_content(run_id, envelope.body, label)
+        await self.audit.aappend("message", run_id=run_id, tool=ACTION, decision="received",
                                           data={"message_id": envelope.id, "from": envelope.sender,
                                                 "to": envelope.recipient, "label": str(label)})
         return envelope, label

@@ -12,11 +12,12 @@ from typing import Any
 import duckdb
 
 from stitchwork.agents.runs import RunStatus
+from stitchwork.audit.log import AuditEvent
 from stitchwork.errors import ApprovalError, StitchworkError, StoreError
 from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
-from stitchwork.security.audit import AuditEvent
 from stitchwork.security.vault import validate_secret_name
+from stitchwork.service import audit as audit_ops
 
 OPERATOR_TABLE = """
 CREATE TABLE IF NOT EXISTS operator_tokens (
@@ -147,32 +148,22 @@ class Service:
         return [self.platform.gateway.redactor.redact(r) for r in rows]
 
     def audit_verify(self) -> dict[str, Any]:
-        from stitchwork.data.api import verify  # across the Iceberg archive once the log was compacted
-
-        report = verify(self.platform)
+        report = audit_ops.verify(self.platform)
         return {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq,
                 "reason": report.reason, "head_seq": report.head_seq, "head_signed": report.head_signed}
 
     def audit_report(self, name: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
-        from stitchwork.data.api import report
-
-        return report(self.platform, name, since, until)
+        return audit_ops.report(self.platform, name, since, until)
 
     def audit_export(self, to: str, since: float | None = None) -> dict[str, Any]:
-        from stitchwork.data.api import export
-
-        return export(self.platform, to, since)
+        return audit_ops.export(self.platform, to, since)
 
     def audit_compact(self, to: str, older_than_days: float | None = None, upto_seq: int | None = None
                       ) -> dict[str, Any]:
-        from stitchwork.data.api import compact
-
-        return compact(self.platform, to, older_than_days, upto_seq)
+        return audit_ops.compact(self.platform, to, older_than_days, upto_seq)
 
     def data_retention(self) -> dict[str, int]:
-        from stitchwork.data.api import retain
-
-        return retain(self.platform)
+        return audit_ops.retain(self.platform)
 
     # secrets ------------------------------------------------------------------------------------------------
     async def secret_set(self, name: str, value: str, *, by: str) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 
-from stitchwork.client import running_server, token_file
 from stitchwork.config import Config
 from stitchwork.errors import AuthError, ConfigError, RunError
+from stitchwork.interfaces.cli.client import running_server, token_file
 
 STOP_KINDS = {"finished", "waiting_approval"}
 

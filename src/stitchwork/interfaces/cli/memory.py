@@ -1,7 +1,7 @@
 """``stitchwork memory ls | search | grant | revoke | grants``: the operator's view of agent memory.
 
 Each command goes through the API when ``stitchwork up`` runs (DuckDB has one writer), otherwise it opens the
-platform in this process (:mod:`stitchwork.data.memory_api` does the work either way).
+platform in this process (:mod:`stitchwork.service.memory` does the work either way).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["register"]
 
 def _call(config: Config, method: str, path: str, local: Callable[[Platform], Any], **http: Any) -> Any:
     """``method path`` on the running server, else ``local(platform)`` on a platform opened here."""
-    from stitchwork.client import HttpClient, LocalClient, connect
+    from stitchwork.interfaces.cli.client import HttpClient, LocalClient, connect
 
     client = connect(config)
     if isinstance(client, HttpClient):
@@ -38,8 +38,8 @@ def _call(config: Config, method: str, path: str, local: Callable[[Platform], An
 
 def register(app: typer.Typer) -> None:
     """Adds the ``memory`` command group."""
-    from stitchwork.cli import ConfigOpt, _config, console, fail, print_rows
-    from stitchwork.data import memory_api as api
+    from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail, print_rows
+    from stitchwork.service import memory as api
 
     memory_app = typer.Typer(help="Agent memory: list, search, and who may read whose.", no_args_is_help=True)
     app.add_typer(memory_app, name="memory")
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         path = "/v1/memory" if agent is None else f"/v1/memory/{agent}"
         params = {k: v for k, v in (("namespace", namespace), ("limit", limit)) if v is not None and agent}
         try:
-            rows = _call(_config(config_path), "GET", path, lambda p: api.list_memory(p, agent, namespace, limit),
+            rows = _call(config_from(config_path), "GET", path, lambda p: api.list_memory(p, agent, namespace, limit),
                          params=params)
         except StitchworkError as exc:
             fail(exc)
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Full-text search of one agent's memory."""
         try:
-            rows = _call(_config(config_path), "GET", f"/v1/memory/{agent}/search",
+            rows = _call(config_from(config_path), "GET", f"/v1/memory/{agent}/search",
                          lambda p: api.search(p, agent, query, limit), params={"q": query, "limit": limit})
         except StitchworkError as exc:
             fail(exc)
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         path = "/v1/memory/grants" if verb == "grant" else "/v1/memory/grants/revoke"
         fn = api.grant if verb == "grant" else api.revoke
         try:
-            _call(_config(config_path), "POST", path,
+            _call(config_from(config_path), "POST", path,
                   lambda p: fn(p, owner, grantee, namespace=namespace, mode=mode, by="operator:cli"), json=body)
         except StitchworkError as exc:
             fail(exc)
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Who may read whose memory."""
         try:
-            rows = _call(_config(config_path), "GET", "/v1/memory/grants", lambda p: api.grants(p, owner),
+            rows = _call(config_from(config_path), "GET", "/v1/memory/grants", lambda p: api.grants(p, owner),
                          params={"owner": owner} if owner else {})
         except StitchworkError as exc:
             fail(exc)

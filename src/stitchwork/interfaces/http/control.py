@@ -1,50 +1,15 @@
-"""The control plane: HTTP + JSON API (OpenAPI at /openapi.json), loopback by default, a token on every endpoint.
-
-Operators authenticate with an operator token (``Authorization: Bearer swo_...``). Agents that run outside the
-platform call tools with their run token at ``POST /v1/agent/tools/{name}``.
-"""
+"""The control plane's own routes: health, runs, approvals, the audit log, secrets, and agents' tool calls."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from stitchwork.compute.http import RUN_TOKEN_PATHS
-from stitchwork.compute.http import mount as _mount_compute
-from stitchwork.data.api import mount as _mount_data
-from stitchwork.data.memory_api import mount as _mount_memory
-from stitchwork.errors import (
-    ApprovalError,
-    AuthError,
-    ConfigError,
-    InvalidArguments,
-    RunError,
-    SecretNotFound,
-    StitchworkError,
-    StoreError,
-    UnknownAgent,
-    UnknownTool,
-)
-from stitchwork.messaging.web import mount as _mount_messaging
+from stitchwork.errors import ApprovalError
 from stitchwork.service import Service
-
-STATUS = {
-    AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
-    InvalidArguments: 422, ConfigError: 400, StoreError: 400,
-}
-
-
-def _status_for(exc: StitchworkError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 400
 
 
 class RunIn(BaseModel):
@@ -66,49 +31,9 @@ class SecretIn(BaseModel):
     value: str = Field(min_length=1, max_length=65_536)
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
-    """Builds the API around an open :class:`Service`."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def expire_loop() -> None:
-            while True:
-                await asyncio.sleep(expiry_interval_s)
-                with contextlib.suppress(StitchworkError):
-                    await service.expire_and_resume()
-
-        task = asyncio.create_task(expire_loop())
-        try:
-            yield
-        finally:
-            task.cancel()
-
-    app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        token = _bearer(request)
-        if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
-            request.state.run_token = token
-            return await call_next(request)
-        if not token or not service.check_operator_token(token):
-            await service.platform.audit.aappend(
-                "auth", tool=request.url.path, decision="deny",
-                data={"error": "operator_token", "reason": "missing or invalid operator token"},
-            )
-            return JSONResponse({"error": "unauthenticated", "message": "a valid operator token is required "
-                                 "(Authorization: Bearer <token>)"}, status_code=401)
-        return await call_next(request)
-
-    @app.exception_handler(StitchworkError)
-    async def on_error(request: Request, exc: StitchworkError) -> JSONResponse:
-        return JSONResponse(service.platform.gateway.redactor.redact(exc.to_dict()), status_code=_status_for(exc))
+def mount(app: FastAPI, service: Service) -> None:
+    """Adds ``/v1/health``, ``/v1/runs``, ``/v1/approvals``, ``/v1/audit/{tail,query,verify}``, ``/v1/secrets``
+    and ``/v1/agent/tools/{name}`` (run token)."""
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -183,10 +108,3 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                 "approval_id": outcome.approval_id or None, "label": outcome.label,
                 "policy_ids": list(outcome.policy_ids)}
         return JSONResponse(body, status_code=code)
-
-    # Layer routes mount here, one line each: ``mount(app, service)``.
-    _mount_compute(app, service)
-    _mount_data(app, service)
-    _mount_messaging(app, service)
-    _mount_memory(app, service)
-    return app

@@ -34,7 +34,7 @@ from stitchwork.messaging.bridge import SyncBus
 from stitchwork.security.approvals import Approval, ApprovalStatus, ApprovalStore, call_hash
 
 if TYPE_CHECKING:
-    from stitchwork.messaging.durable import Subjects
+    from stitchwork.workers.subjects import Subjects
 
 _CAS_TRIES = 20
 

@@ -17,7 +17,7 @@ Verification across both (:func:`verify_across`): the archived events are re-has
 checkpoint (read back from Iceberg), the checkpoint's signature and hash are checked against them, and the chain
 continues in the live store from ``checkpoint.seq + 1`` with ``prev_hash = checkpoint.hash`` up to the signed head
 in ``audit_heads``. Any edit, deletion, insertion or reordering in either part is named by its ``seq``; a forged or
-moved checkpoint is reported as such. The hash rule is the one documented in :mod:`stitchwork.security.audit`.
+moved checkpoint is reported as such. The hash rule is the one documented in :mod:`stitchwork.audit.log`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stitchwork.audit.log import EVENTS_TABLE, GENESIS_HASH, SIGNED_HEAD_TABLE, Signer, VerifyReport, canonical
 from stitchwork.config import RetentionConfig
 from stitchwork.data._base import Store
 from stitchwork.data.iceberg import IcebergArchive
 from stitchwork.data.schema import Column, Table
 from stitchwork.errors import AuditError, StoreError
-from stitchwork.security.audit import EVENTS_TABLE, GENESIS_HASH, SIGNED_HEAD_TABLE, Signer, VerifyReport, canonical
 
 __all__ = [
     "CHECKPOINTS",
@@ -84,7 +84,7 @@ DEFAULT_POLICIES = (
 
 def policies_from(config: RetentionConfig) -> tuple[RetentionPolicy, ...]:
     """The table policies ``[data.retention]`` names (an age of 0 keeps the table; memory and audit are handled
-    apart: :meth:`~stitchwork.data.memory.AgentMemory.expire` and :func:`compact_audit`)."""
+    apart: :meth:`~stitchwork.memory.store.AgentMemory.expire` and :func:`compact_audit`)."""
     ages = {"runs": config.runs_days, "approvals": config.approvals_days,
             "revoked_tokens": config.revoked_tokens_days}
     return tuple(dataclasses.replace(p, max_age_days=ages[p.table]) for p in DEFAULT_POLICIES if ages[p.table] > 0)
@@ -241,7 +241,7 @@ def compact_audit(
     signature = signer.sign(canonical({"seq": cut, "hash": chain.prev, "key_id": signer.key_id})).hex()
     store.append(CHECKPOINTS.name, [{"seq": cut, "hash": chain.prev, "key_id": signer.key_id,
                                      "signature": signature, "archive": archive.uri, "ts": now}])
-    from stitchwork.data.reports import refresh_facts  # reports keep the facts of events that leave the store
+    from stitchwork.audit.reports import refresh_facts  # reports keep the facts of events that leave the store
 
     refresh_facts(store)
     deleted = store.query(f"SELECT count(*) AS n FROM {EVENTS_TABLE} WHERE seq <= ?", [cut])[0]["n"]

@@ -1,0 +1,1 @@
+"""What people and programs use: the command line (``cli/``) and the HTTP server (``http/``)."""

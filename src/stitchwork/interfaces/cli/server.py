@@ -1,0 +1,66 @@
+"""``stitchwork up``: serve the control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from stitchwork.errors import StitchworkError
+from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, err, fail
+
+
+def up(
+    host: str = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port (default 8470)."),
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Serve the control plane (HTTP API + OpenAPI) until interrupted."""
+    import uvicorn
+
+    from stitchwork.interfaces.cli.client import server_file, token_file
+    from stitchwork.interfaces.http.app import create_app
+    from stitchwork.messaging.embedded import start_local_bus
+    from stitchwork.platform import Platform
+    from stitchwork.service import Service
+
+    try:
+        config = config_from(config_path)
+        bind_host = host or config.server.host
+        bind_port = port or config.server.port
+        if bind_host not in {"127.0.0.1", "localhost", "::1"}:
+            err.print(f"[yellow]warning:[/] binding to {bind_host}: the API is reachable from other machines")
+        # The embedded nats-server (unless [messaging] bus names one) starts first: the platform's events hub uses it.
+        local_bus = start_local_bus(config)
+        try:
+            platform = Platform.open(config, role="server")
+        except BaseException:
+            local_bus.stop()
+            raise
+    except StitchworkError as exc:
+        fail(exc)
+    service = Service(platform)
+    if not service.has_operator_token():
+        token = service.create_operator_token()
+        path = token_file(config)
+        path.write_text(token + "\n")
+        os.chmod(path, 0o600)
+        console.print(f"[bold]operator token (shown once; also saved to {path}, mode 0600):[/] {token}")
+    url = f"http://{bind_host}:{bind_port}"
+    server_file(config).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    console.print(f"Stitchwork control plane on {url} (OpenAPI: {url}/openapi.json); state in {config.state_dir}")
+    console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False)
+    try:
+        uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")
+    finally:
+        local_bus.stop()
+        server_file(config).unlink(missing_ok=True)
+        import asyncio
+
+        asyncio.run(platform.aclose())
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
