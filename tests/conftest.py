@@ -14,6 +14,8 @@ from stitchwork.config import Config, DataConfig, IsolationConfig, SecurityConfi
 from stitchwork.errors import ConfigError
 from stitchwork.platform import BUILTIN_TOOLS
 
+pytest_plugins = ("tests.plugins.stores", "tests.plugins.buses", "tests.plugins.models")  # stores, buses, fake models
+
 NOTE_TOOL = '''
 import os
 

@@ -15,8 +15,7 @@ from stitchwork.compute._keys import provider_keys
 from stitchwork.compute._wire import assemble
 from stitchwork.compute.fake import STYLES, Fault
 from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
-
-from .conftest import TOOLS, USER
+from tests.plugins.models import TOOLS, USER
 
 ADAPTERS = [f"openai:{style}:{mode}" for style in STYLES for mode in ("plain", "stream")]
 ADAPTERS += ["runpod:sync", "runpod:queue", "scripted", "llamacpp"]

@@ -12,8 +12,7 @@ from stitchwork.compute._wire import assemble
 from stitchwork.compute.fake import Fault
 from stitchwork.compute.router import Deployment, Routed, Router, RouterSettings, parse_deployments
 from stitchwork.errors import ConfigError, ModelRejected, ModelUnavailable
-
-from .conftest import TOOLS
+from tests.plugins.models import TOOLS
 
 DEAD = "openai+http://127.0.0.1:9/v1?profile=generic&model=m&connect_timeout=0.5"
 

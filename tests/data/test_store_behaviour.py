@@ -10,9 +10,8 @@ from stitchwork.audit.log import EVENTS_TABLE, SIGNED_HEAD_TABLE, AuditLog
 from stitchwork.data._base import Store
 from stitchwork.data.schema import Column, Table
 from stitchwork.errors import StoreError
+from tests.plugins.stores import StoreFactory
 from tests.signing import Ed25519Signer
-
-from .conftest import StoreFactory
 
 THINGS = Table("things", (Column("id", "VARCHAR", False), Column("n", "BIGINT", False), Column("x", "DOUBLE"),
                           Column("ok", "BOOLEAN")), key=("id",))

@@ -25,8 +25,8 @@ pytest.importorskip("pyiceberg", reason="needs pip install 'stitchwork[iceberg]'
 
 
 @pytest.fixture(autouse=True)
-def _not_twice_on_duckdb(backend: str) -> None:
-    if backend == "memory":
+def _not_twice_on_duckdb(store_backend: str) -> None:
+    if store_backend == "memory":
         pytest.skip("memory:// is the DuckDB engine in RAM; the archive tests run on duckdb:// (saves CI time)")
 
 

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from stitchwork.compute.fake import FakeOpenAIServer
 from stitchwork.interfaces.cli.app import app
-
-from .conftest import FIXTURES
+from tests.plugins.models import FIXTURES
 
 
 @pytest.fixture

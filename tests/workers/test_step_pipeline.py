@@ -16,7 +16,7 @@ from stitchwork.platform import open_worker
 from stitchwork.workers.ledger import BusLedger
 from stitchwork.workers.runstore import BusRunStore
 from stitchwork.workers.subjects import Subjects
-from tests.messaging.durable_fixtures import build
+from tests.workers.durable_fixtures import build
 
 
 def test_checkpoint_bodies_equal_the_plain_encoding_while_messages_grow_or_change() -> None:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from stitchwork.interfaces.cli.app import app
 from stitchwork.messaging.server import free_port
-from tests.messaging.conftest import nats_available
-from tests.messaging.durable_fixtures import build, call, cli_env, lines, spawn_worker, wait_until
+from tests.conftest import nats_available
+from tests.workers.durable_fixtures import build, call, cli_env, lines, spawn_worker, wait_until
 
 pytestmark = pytest.mark.skipif(bool(nats_available()), reason=nats_available() or "nats available")
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.gateway.test_gateway import APPROVAL_RUN
 
 from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import Platform
 from stitchwork.service import Service
+from tests.gateway.test_gateway import APPROVAL_RUN
 
 
 @pytest.fixture

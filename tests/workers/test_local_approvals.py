@@ -11,7 +11,7 @@ from stitchwork.messaging.bridge import SyncBus
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.workers.approvals import BusApprovalStore
 from stitchwork.workers.subjects import Subjects
-from tests.messaging.durable_fixtures import build
+from tests.workers.durable_fixtures import build
 
 
 def test_local_client_lists_and_decides_bus_approvals(tmp_path: Path, nats_url: str) -> None:

@@ -106,7 +106,7 @@ async def test_run_events_are_exported_in_order_and_an_interrupted_export_resume
 async def test_the_audit_log_streams_to_kafka_after_a_sequence_number(kafka_uri: str, sink, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from stitchwork.platform import Platform
     from stitchwork.workers.export import export_audit
-    from tests.messaging.durable_fixtures import build
+    from tests.workers.durable_fixtures import build
 
     platform = Platform.open(build(tmp_path, [{"content": "x"}]))
     try:
@@ -140,7 +140,7 @@ async def test_the_kafka_export_command_streams_bus_events_and_the_audit_log(kaf
 
     from stitchwork.interfaces.cli.app import app
     from stitchwork.messaging._base import open_bus
-    from tests.messaging.durable_fixtures import build
+    from tests.workers.durable_fixtures import build
 
     build(tmp_path, [{"content": "x"}], bus=nats_url)
     bus = await open_bus(nats_url)

@@ -12,7 +12,7 @@ from stitchwork.errors import InvalidArguments, PolicyDenied, TokenInvalid, Toke
 from stitchwork.messaging._base import open_bus
 from stitchwork.platform import Platform
 from stitchwork.workers.messages import AgentMessenger, Envelope
-from tests.messaging.durable_fixtures import build
+from tests.workers.durable_fixtures import build
 
 
 @pytest.fixture

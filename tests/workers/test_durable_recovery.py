@@ -25,7 +25,7 @@ from stitchwork.workers.deadletters import dead_letters, resubmit
 from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
 from stitchwork.workers.subjects import Subjects
 from stitchwork.workers.worker import Worker
-from tests.messaging.durable_fixtures import build, call, lines
+from tests.workers.durable_fixtures import build, call, lines
 
 
 def _uri(bus_uri: str, root: str) -> str:

@@ -25,9 +25,9 @@ StoreFactory = Callable[[], Store]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames:
+    if "store_backend" in metafunc.fixturenames:
         chosen = metafunc.config.getoption("--store") or list(ADAPTERS)
-        metafunc.parametrize("backend", chosen, ids=[urlsplit(c).scheme or c for c in chosen])
+        metafunc.parametrize("store_backend", chosen, ids=[urlsplit(c).scheme or c for c in chosen])
 
 
 @pytest.fixture(scope="session")
@@ -40,36 +40,36 @@ def _unique_db() -> str:
 
 
 @pytest.fixture
-def store_uri(backend: str, tmp_path: Path, chdb_dir: Path) -> Iterator[str]:
-    """A fresh, empty store URI for ``backend`` (an adapter name or a URI given with ``--store``)."""
-    scheme = urlsplit(backend).scheme if "://" in backend else backend
+def store_uri(store_backend: str, tmp_path: Path, chdb_dir: Path) -> Iterator[str]:
+    """A fresh, empty store URI for ``store_backend`` (an adapter name or a URI given with ``--store``)."""
+    scheme = urlsplit(store_backend).scheme if "://" in store_backend else store_backend
     if scheme in ("chdb", "clickhouse"):
         missing = "chdb" if scheme == "chdb" else "clickhouse_connect"
         if importlib.util.find_spec(missing) is None:
             pytest.skip(f"{scheme}:// needs the {missing} package (pip install 'stitchwork[{scheme}]')")
-    if "://" in backend:
-        parts = urlsplit(backend)
+    if "://" in store_backend:
+        parts = urlsplit(store_backend)
         if scheme == "chdb":
             yield f"chdb://{parts.netloc}{parts.path}?database={_unique_db()}"
         elif scheme == "clickhouse":
             yield from _clickhouse(f"clickhouse://{parts.netloc}")
         else:
-            yield backend
+            yield store_backend
         return
-    if backend == "memory":
+    if store_backend == "memory":
         yield "memory://"
-    elif backend == "duckdb":
+    elif store_backend == "duckdb":
         yield f"duckdb://{tmp_path / 'store.duckdb'}"
-    elif backend == "chdb":
+    elif store_backend == "chdb":
         yield f"chdb://{chdb_dir}?database={_unique_db()}"
-    elif backend == "clickhouse":
+    elif store_backend == "clickhouse":
         server = os.environ.get(CLICKHOUSE_ENV, "")
         if not server:
             pytest.skip(f"no ClickHouse server: set {CLICKHOUSE_ENV}=clickhouse://host:8123 to run this contract test "
                         "(Debian's clickhouse-server 18.16 is too old for clickhouse-connect)")
         yield from _clickhouse(server.rstrip("/"))
     else:
-        raise pytest.UsageError(f"unknown store backend {backend!r}")
+        raise pytest.UsageError(f"unknown store store_backend {store_backend!r}")
 
 
 def _clickhouse(base: str) -> Iterator[str]:

@@ -22,8 +22,7 @@ from stitchwork.config import ComputeConfig, Config, DataConfig, IsolationConfig
 from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import BUILTIN_TOOLS, Platform
 from stitchwork.service import Service, event_dict
-
-from .conftest import TOOLS
+from tests.plugins.models import TOOLS
 
 KEY = "sk-prov-Zq8xW2vN5mR7tY1uI3oP"
 TASK = "What is in my inbox? Read the first mail."

@@ -14,8 +14,8 @@ import pytest
 from stitchwork.messaging._base import open_bus
 from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
 from stitchwork.workers.subjects import Subjects
-from tests.messaging.conftest import nats_available
-from tests.messaging.durable_fixtures import build, call, lines, spawn_worker, wait_until
+from tests.conftest import nats_available
+from tests.workers.durable_fixtures import build, call, lines, spawn_worker, wait_until
 
 pytestmark = pytest.mark.skipif(bool(nats_available()), reason=nats_available() or "nats available")
 

@@ -18,7 +18,7 @@ from stitchwork.platform import Platform, open_worker
 from stitchwork.workers.deadletters import dead_letters
 from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
 from stitchwork.workers.subjects import Subjects
-from tests.messaging.durable_fixtures import build, call, lines
+from tests.workers.durable_fixtures import build, call, lines
 
 
 async def test_the_gateway_honours_an_idempotency_key_across_a_restart(tmp_path: Path) -> None:

@@ -24,12 +24,12 @@ from typing import Any
 
 import orjson
 import pytest
-from tests.signing import Ed25519Signer
 
 import stitchwork.audit.log as audit_module
 from stitchwork.audit.log import EVENTS_TABLE, AuditEvent, AuditLog, canonical
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import AuditError
+from tests.signing import Ed25519Signer
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from typing import Any
 
 import duckdb
 import pytest
-from tests.signing import Ed25519Signer
 
 import stitchwork.audit.log as audit_module
 from stitchwork.audit.log import (
@@ -36,6 +35,7 @@ from stitchwork.audit.log import (
 )
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import AuditError, StoreError
+from tests.signing import Ed25519Signer
 
 # A child process that appends events and dies without flushing or closing: a real crash. With "rotate",
 # a store copy fails half way, so the first half sits in a sealed journal file (with its signed head line)
