@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tests.signing import Ed25519Signer
 
+from stitchwork.audit.batch import _prepare_events
 from stitchwork.audit.log import AuditLog
 from stitchwork.audit.reports import REPORTS, refresh_facts, run_report
 from stitchwork.data._base import Store, open_store
@@ -115,7 +116,7 @@ def bench_ingest_stages(adapter: str, root: Path, total: int, batch: int = 1000)
         chunks = [events[i : i + batch] for i in range(0, total, batch)]
         started = time.process_time()
         for chunk in chunks:
-            log._prepare_many(chunk)  # what append_many does first, in the caller's thread
+            _prepare_events(chunk)  # what append_many does first, in the caller's thread
         prepare = time.process_time() - started
         started = time.process_time()
         for chunk in chunks:

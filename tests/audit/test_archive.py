@@ -8,7 +8,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from stitchwork.audit.log import EVENTS_TABLE, AuditLog
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.records import EVENTS_TABLE
 from stitchwork.audit.retention import (
     RetentionPolicy,
     apply_retention,

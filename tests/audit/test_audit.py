@@ -23,16 +23,12 @@ import duckdb
 import pytest
 
 import stitchwork.audit.log as audit_module
-from stitchwork.audit.log import (
-    EVENTS_TABLE,
-    GENESIS_HASH,
-    JOURNAL_PREALLOC,
-    SIGNED_HEAD_TABLE,
-    AuditEvent,
-    AuditLog,
-    VerifyReport,
-    canonical,
-)
+import stitchwork.audit.verify as verify_module
+from stitchwork.audit.canonical import GENESIS_HASH, canonical
+from stitchwork.audit.journal import JOURNAL_PREALLOC
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.records import EVENTS_TABLE, SIGNED_HEAD_TABLE, AuditEvent
+from stitchwork.audit.verify import VerifyReport
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import AuditError, StoreError
 from tests.signing import Ed25519Signer
@@ -86,7 +82,7 @@ def journal(tmp_path: Path) -> Path:
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Verify reads 4 rows per query, so every test crosses chunk boundaries."""
-    monkeypatch.setattr(audit_module, "VERIFY_CHUNK", 4)
+    monkeypatch.setattr(verify_module, "VERIFY_CHUNK", 4)
 
 
 def open_log(db: Path, journal: Path | None, signer: Ed25519Signer, **kw: Any) -> tuple[Store, AuditLog]:
@@ -605,7 +601,7 @@ def test_torn_final_line_is_ignored(
     if gap:  # only the second page of the unfinished write reached the disk
         torn = torn[:8] + bytes(4096) + b'1},"decision":"allow"'
     journal.write_bytes(data + torn + bytes(1000))
-    with caplog.at_level(logging.WARNING, logger="stitchwork.audit.log"):
+    with caplog.at_level(logging.WARNING, logger="stitchwork.audit.journal"):
         store, log = open_log(db, journal, signer)
     try:
         assert "torn final line" in caplog.text
@@ -623,7 +619,7 @@ def test_event_cut_mid_line_is_dropped(
     db, journal = crash_copy / "audit.duckdb", crash_copy / "audit.journal"
     data = journal.read_bytes().rstrip(b"\0")
     journal.write_bytes(data[: data.rindex(b'{"event"') + 30])  # the last event's line is cut short
-    with caplog.at_level(logging.WARNING, logger="stitchwork.audit.log"):
+    with caplog.at_level(logging.WARNING, logger="stitchwork.audit.journal"):
         store, log = open_log(db, journal, signer)
     try:
         # its write never completed, so its append never returned: dropping it is safe

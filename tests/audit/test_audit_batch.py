@@ -25,8 +25,12 @@ from typing import Any
 import orjson
 import pytest
 
+import stitchwork.audit.batch as batch_module
+import stitchwork.audit.canonical as canonical_module
 import stitchwork.audit.log as audit_module
-from stitchwork.audit.log import EVENTS_TABLE, AuditEvent, AuditLog, canonical
+from stitchwork.audit.canonical import canonical
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.records import EVENTS_TABLE, AuditEvent
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import AuditError
 from tests.signing import Ed25519Signer
@@ -44,17 +48,17 @@ def log(tmp_path: Path) -> Iterator[AuditLog]:
 def slow_text(data: Any) -> str | None:
     """What the audit log recorded as ``data`` before the fast path: sanitise, then the standard encoder."""
     try:
-        return canonical(audit_module._sanitise(data)).decode("utf-8")
+        return canonical(canonical_module._sanitise(data)).decode("utf-8")
     except AuditError:
         return None
 
 
 def fast_text(data: Any) -> str | None:
-    return audit_module._fast_canonical(data)
+    return canonical_module._fast_canonical(data)
 
 
 def batch_text(data: Any) -> str | None:
-    batch = audit_module._prepare_plain_batch([{"kind": "tool", "data": data}])
+    batch = batch_module._prepare_plain_batch([{"kind": "tool", "data": data}])
     return None if batch is None else batch.data_jsons[0]
 
 
@@ -126,7 +130,7 @@ def test_fast_path_is_taken_for_plain_data() -> None:
     assert fast_text(plain) == slow_text(plain)
     assert batch_text(plain) == slow_text(plain)
     flat = [{"kind": "tool", "agent": "a", "data": {"i": i, "s": str(i)}} for i in range(5)]
-    batch = audit_module._prepare_plain_batch(flat)
+    batch = batch_module._prepare_plain_batch(flat)
     assert batch is not None and batch.data_jsons == [slow_text(e["data"]) for e in flat]
 
 
@@ -234,15 +238,15 @@ def test_append_many_matches_append_and_the_slow_path_event_for_event(
     accepted = [data for data in NASTY if slow_text(data) is not None]
     plain = [{"kind": "tool", "agent": "a", "data": d} for d in accepted if batch_text(d) is not None]
     plain.append({"kind": "tool", "agent": "ä", "run_id": "r\udc80", "tool": "t\ud800", "data": {"i": 1}})
-    assert audit_module._prepare_plain_batch(plain) is not None
+    assert batch_module._prepare_plain_batch(plain) is not None
     odd = [{"kind": "tool", "agent": "ä", "tool": "t\ud800", "data": d} for d in accepted if batch_text(d) is None]
     assert len(plain) > 5 and len(odd) > 10
     monkeypatch.setattr(audit_module.time, "time", lambda: 1_700_000_000.25)
     hashes: dict[str, list[str]] = {}
     for mode in ("batch", "single", "slow"):
         if mode == "slow":
-            monkeypatch.setattr(audit_module, "_fast_canonical", lambda data: None)
-            monkeypatch.setattr(audit_module, "_prepare_plain_batch", lambda events: None)
+            monkeypatch.setattr(batch_module, "_fast_canonical", lambda data: None)
+            monkeypatch.setattr(batch_module, "_prepare_plain_batch", lambda events: None)
         store = open_store(f"duckdb://{tmp_path / mode}.duckdb")
         with AuditLog(store, signer=Ed25519Signer("batch-key"), journal_path=None) as audit:
             if mode == "batch":
@@ -413,7 +417,7 @@ def test_batch_cut_mid_journal_write_recovers_a_prefix(
 
     store = open_store(f"duckdb://{directory / 'audit.duckdb'}")
     try:
-        with caplog.at_level(logging.WARNING, logger="stitchwork.audit.log"):
+        with caplog.at_level(logging.WARNING, logger="stitchwork.audit.journal"):
             audit = AuditLog(store, signer=Ed25519Signer("batch-key"), journal_path=journal)
         try:
             events = audit.tail(1000)

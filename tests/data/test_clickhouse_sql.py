@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from stitchwork.audit.log import _EVENTS_DDL, _HEADS_DDL
+from stitchwork.audit.records import _EVENTS_DDL, _HEADS_DDL
 from stitchwork.data._clickhouse import bind, literal, translate
 from stitchwork.data.schema import parse_create_table
 from stitchwork.errors import ConfigError, StoreError

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stitchwork.audit.log import EVENTS_TABLE, SIGNED_HEAD_TABLE, AuditLog
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.records import EVENTS_TABLE, SIGNED_HEAD_TABLE
 from stitchwork.data._base import Store
 from stitchwork.data.schema import Column, Table
 from stitchwork.errors import StoreError

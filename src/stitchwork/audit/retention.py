@@ -17,7 +17,7 @@ Verification across both (:func:`verify_across`): the archived events are re-has
 checkpoint (read back from Iceberg), the checkpoint's signature and hash are checked against them, and the chain
 continues in the live store from ``checkpoint.seq + 1`` with ``prev_hash = checkpoint.hash`` up to the signed head
 in ``audit_heads``. Any edit, deletion, insertion or reordering in either part is named by its ``seq``; a forged or
-moved checkpoint is reported as such. The hash rule is the one documented in :mod:`stitchwork.audit.log`.
+moved checkpoint is reported as such. The hash rule is the one documented in :mod:`stitchwork.audit.canonical`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stitchwork.audit.log import EVENTS_TABLE, GENESIS_HASH, SIGNED_HEAD_TABLE, Signer, VerifyReport, canonical
+from stitchwork.audit.canonical import GENESIS_HASH, canonical
+from stitchwork.audit.records import EVENTS_TABLE, SIGNED_HEAD_TABLE, Signer
+from stitchwork.audit.verify import VerifyReport
 from stitchwork.config import RetentionConfig
 from stitchwork.data._base import Store
 from stitchwork.data.iceberg import IcebergArchive

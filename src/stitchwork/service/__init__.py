@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 
 from stitchwork.agents.runs import RunStatus
-from stitchwork.audit.log import AuditEvent
+from stitchwork.audit.records import AuditEvent
 from stitchwork.errors import ApprovalError, StitchworkError, StoreError
 from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus

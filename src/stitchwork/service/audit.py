@@ -14,7 +14,7 @@ from stitchwork.audit.reports import run_report
 from stitchwork.errors import AuditError, ConfigError
 
 if TYPE_CHECKING:
-    from stitchwork.audit.log import VerifyReport
+    from stitchwork.audit.verify import VerifyReport
     from stitchwork.platform import Platform
 
 

@@ -13,7 +13,8 @@ import asyncio
 import json
 from typing import Any
 
-from stitchwork.audit.log import EVENTS_TABLE, AuditLog
+from stitchwork.audit.log import AuditLog
+from stitchwork.audit.records import EVENTS_TABLE
 from stitchwork.data._base import Store
 from stitchwork.errors import BusError
 from stitchwork.messaging._base import Bus
