@@ -43,7 +43,8 @@ from stitchwork.messaging._base import Bus, open_bus
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.messaging.embedded import bus_uri as configured_bus_uri
 from stitchwork.security.approvals import ApprovalStore
-from stitchwork.security.identity import CertificateAuthority, TokenService
+from stitchwork.security.identity.ca import CertificateAuthority
+from stitchwork.security.identity.tokens import TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.vault import Vault, open_vault
 from stitchwork.tools.manifest import SideEffect, ToolRegistry, load_tools

@@ -30,12 +30,9 @@ from stitchwork.errors import (
     TokenWrongAudience,
     UnknownAgent,
 )
-from stitchwork.security.identity import (
-    CertificateAuthority,
-    TokenClaims,
-    TokenService,
-    agent_spiffe_id,
-)
+from stitchwork.security.identity.ca import CertificateAuthority
+from stitchwork.security.identity.spiffe import agent_spiffe_id
+from stitchwork.security.identity.tokens import TokenClaims, TokenService
 
 TD = "stitchwork.local"
 AUD = "stitchwork-gateway"

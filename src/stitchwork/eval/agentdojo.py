@@ -44,7 +44,8 @@ from stitchwork.eval.classify import classify
 from stitchwork.gateway.core import Gateway
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.security.approvals import ApprovalStore
-from stitchwork.security.identity import CertificateAuthority, TokenService
+from stitchwork.security.identity.ca import CertificateAuthority
+from stitchwork.security.identity.tokens import TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.taint import Label
 from stitchwork.security.vault import open_vault

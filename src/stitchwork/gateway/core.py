@@ -34,7 +34,7 @@ from stitchwork.errors import (
 from stitchwork.gateway.idempotency import IdempotencyLedger, ledger_get, ledger_put
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
 from stitchwork.security.approvals import ApprovalStore
-from stitchwork.security.identity import TokenClaims, TokenService
+from stitchwork.security.identity.tokens import TokenClaims, TokenService
 from stitchwork.security.policy import Decision, Effect, PolicyEngine, Request
 from stitchwork.security.redact import Redactor
 from stitchwork.security.taint import ArgumentTaint, Label, ProvenanceTracker

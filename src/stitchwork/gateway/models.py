@@ -29,7 +29,7 @@ from stitchwork.compute._wire import turn_from_completion, usage_from
 from stitchwork.compute.router import Deployment, Routed, RoutedModel, Router, RouterSettings, parse_deployments
 from stitchwork.config import ComputeConfig
 from stitchwork.errors import ConfigError, ModelError, PolicyDenied, StitchworkError
-from stitchwork.security.identity import TokenClaims
+from stitchwork.security.identity.tokens import TokenClaims
 from stitchwork.security.policy import Effect, Request, ToolAction
 
 if TYPE_CHECKING:

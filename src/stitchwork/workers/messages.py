@@ -25,7 +25,7 @@ from typing import Any
 from stitchwork.errors import AuthError, InvalidArguments, PolicyDenied, TokenInvalid
 from stitchwork.gateway.core import Gateway
 from stitchwork.messaging._base import Bus, Consumer
-from stitchwork.security.identity import CertificateAuthority
+from stitchwork.security.identity.ca import CertificateAuthority
 from stitchwork.security.policy import Effect, PolicyEngine, Request, ToolAction
 from stitchwork.security.taint import Label
 from stitchwork.workers.subjects import Subjects
