@@ -48,7 +48,8 @@ class SecurityConfig:
     builtin_policies: bool = True
     """Load the default policy pack shipped with Stitchwork."""
     vault: str = ""
-    """Vault URI; empty means ``vault+file://<state_dir>/vault.enc``."""
+    """Vault URI (``vault+file:///path/vault.enc``, ``vault+memory://[name]``); empty means
+    ``vault+file://<state_dir>/vault.enc``."""
     approval_timeout_s: int = 3600
     """An approval not answered within this time expires to deny."""
     trusted_sources: tuple[str, ...] = ()

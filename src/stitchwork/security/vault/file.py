@@ -1,7 +1,4 @@
-"""Secret vault port and the embedded file adapter (``vault+file:///path/vault.enc``).
-
-A vault maps secret names (``[A-Za-z0-9_.-]{1,128}``) to string values. Values never appear in exceptions,
-``repr`` or logs; only names do.
+"""``vault+file:///path/vault.enc``: the embedded vault, an AES-256-GCM encrypted file (the default adapter).
 
 File format of :class:`FileVault` (all integers unsigned bytes)::
 
@@ -51,22 +48,21 @@ import struct
 import tempfile
 import threading
 import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from secrets import token_hex
-from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from stitchwork._registry import Registry
+from stitchwork._files import fsync_dir
 from stitchwork.errors import ConfigError, SecretError, SecretNotFound, VaultCorrupt, VaultKeyError
+from stitchwork.security.vault._base import Vault, validate_secret_name, validate_secret_value
 
-__all__ = ["KEY_ENV", "VAULTS", "FileVault", "Vault", "open_vault", "validate_secret_name"]
+__all__ = ["KEY_ENV", "MAGIC", "FileVault"]
 
 log = logging.getLogger(__name__)
 
@@ -88,66 +84,6 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 _SCRYPT_MAX_MEM = 256 * 1024 * 1024
 """Largest scrypt memory (128 * r * n) accepted from a file header, so a damaged header cannot exhaust RAM."""
-
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-
-
-def validate_secret_name(name: str) -> str:
-    """Checks a secret name and returns it unchanged.
-
-    Args:
-        name: 1 to 128 characters from ``A-Z a-z 0-9 _ . -``.
-
-    Returns:
-        ``name``.
-
-    Raises:
-        SecretError: the name is not a string or has other characters or length.
-    """
-    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise SecretError(f"invalid secret name {shown}: use 1-128 characters from A-Z a-z 0-9 _ . -")
-    return name
-
-
-class Vault(ABC):
-    """A store of named secrets. Implementations are thread-safe."""
-
-    uri: str
-
-    @abstractmethod
-    def get(self, name: str) -> str:
-        """Returns the value of secret ``name``.
-
-        Raises:
-            SecretNotFound: no secret has that name.
-            SecretError: the name is invalid, or the vault cannot be read (see subclasses).
-        """
-
-    @abstractmethod
-    def set(self, name: str, value: str) -> None:
-        """Stores ``value`` under ``name``, replacing any previous value."""
-
-    @abstractmethod
-    def delete(self, name: str) -> None:
-        """Removes secret ``name``.
-
-        Raises:
-            SecretNotFound: no secret has that name.
-        """
-
-    @abstractmethod
-    def names(self) -> list[str]:
-        """Returns the sorted names of all secrets (never their values)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Releases resources; the vault must not be used afterwards."""
-
-    def __enter__(self) -> Vault:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
@@ -258,19 +194,6 @@ def _derive(passphrase: bytes, header: _Header) -> bytes:
     return kdf.derive(passphrase)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _path_from_uri(uri: str) -> Path:
     parts = urlsplit(uri)
     if parts.scheme != "vault+file":
@@ -330,9 +253,6 @@ class FileVault(Vault):
         self._closed = False
         self._lock = threading.RLock()
 
-    def __repr__(self) -> str:
-        return f"FileVault({self.uri!r})"
-
     # -- port ---------------------------------------------------------------------------------------------
 
     def get(self, name: str) -> str:
@@ -345,8 +265,7 @@ class FileVault(Vault):
 
     def set(self, name: str, value: str) -> None:
         validate_secret_name(name)
-        if not isinstance(value, str):
-            raise SecretError(f"secret {name!r}: value must be a string, got {type(value).__name__}")
+        validate_secret_value(name, value)
         with self._lock, self._transaction():
             loaded = self._load()
             secrets = dict(loaded.secrets) if loaded is not None else {}
@@ -525,7 +444,7 @@ class FileVault(Vault):
                     os.unlink(tmp)
         except OSError as exc:
             raise VaultKeyError(f"cannot create vault key file {path}: {exc.strerror}") from exc
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent, best_effort=True)
         log.info("created vault key file %s", path)
         return self._read_key_file(create=False)
 
@@ -592,7 +511,7 @@ class FileVault(Vault):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory, best_effort=True)
         self._cache = _Loaded(signature=signature, header=header, secrets=secrets, key=key)
 
     def _backup(self) -> None:
@@ -611,20 +530,3 @@ class FileVault(Vault):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-
-
-VAULTS = Registry("vault", {"vault+file": ("stitchwork.security.vault:FileVault", None)})
-
-
-def open_vault(uri: str, **options: Any) -> Vault:
-    """Opens the vault named by ``uri`` (``vault+file:///path/vault.enc``).
-
-    Args:
-        uri: Vault URI; the scheme selects the adapter.
-        **options: Passed to the adapter (for ``FileVault``: ``key``, ``key_file``, ``environ``).
-
-    Raises:
-        ConfigError: unknown scheme or bad URI.
-    """
-    vault: Vault = VAULTS.load(uri)(uri, **options)
-    return vault
