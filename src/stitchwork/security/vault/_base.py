@@ -41,7 +41,6 @@ def validate_secret_name(name: str) -> str:
     return name
 
 
-
 def validate_secret_value(name: str, value: str) -> str:
     """Checks that the value of secret ``name`` is a string and returns it unchanged (the value is never shown).
 
@@ -56,8 +55,8 @@ def validate_secret_value(name: str, value: str) -> str:
 class Vault(ABC):
     """A store of named secrets. Implementations are thread-safe.
 
-    Every method checks the name first (:func:`validate_secret_name`). Values never appear in exceptions, ``repr``
-    or logs; only names do. After :meth:`close`, every method raises :class:`SecretError`.
+    Every method that takes a name checks it first (:func:`validate_secret_name`). Values never appear in
+    exceptions, ``repr`` or logs; only names do. After :meth:`close`, every method raises :class:`SecretError`.
 
     Attributes:
         uri: The URI the vault was opened with (it names no value).
