@@ -24,7 +24,7 @@ schema generated from the tools, entity types), :mod:`.context` (a call's Cedar 
 """
 
 from stitchwork.security.policy.engine import Decision, Effect, PolicyEngine, Request
-from stitchwork.security.policy.schema import NAMESPACE, SIDE_EFFECTS, ToolAction
+from stitchwork.security.policy.schema import NAMESPACE, SIDE_EFFECTS, SideEffect, ToolAction
 from stitchwork.security.policy.text import PolicyInfo, builtin_policy_dir
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "PolicyEngine",
     "PolicyInfo",
     "Request",
+    "SideEffect",
     "ToolAction",
     "builtin_policy_dir",
 ]

@@ -8,14 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from stitchwork.errors import ConfigError
 from stitchwork.security.policy.text import cedar_string
 
 NAMESPACE = "Stitchwork"
-SIDE_EFFECTS = ("read", "write", "external", "irreversible")
-"""The side-effect classes; each is also the id of the action group its tools belong to."""
+
+
+class SideEffect(StrEnum):
+    """What a tool does to the world, from harmless to permanent.
+
+    Each class is also the id of the Cedar action group its tools belong to.
+    """
+
+    READ = "read"
+    WRITE = "write"
+    EXTERNAL = "external"
+    IRREVERSIBLE = "irreversible"
+
+
+SIDE_EFFECTS = tuple(effect.value for effect in SideEffect)
+"""The side-effect classes, from harmless to permanent; each is also the id of the action group of its tools."""
 
 AGENT = f"{NAMESPACE}::Agent"
 GROUP = f"{NAMESPACE}::Group"
@@ -136,7 +151,7 @@ namespace {NAMESPACE} {{
   type Time = {{ unix: Long, hour: Long, weekday: Long }};
 
   // Side-effect classes: every tool action is a member of exactly one.
-  action "read", "write", "external", "irreversible";
+  action {", ".join(cedar_string(effect) for effect in SIDE_EFFECTS)};
 """
 
 
