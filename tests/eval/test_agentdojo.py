@@ -10,7 +10,6 @@ import pytest
 pytest.importorskip("agentdojo", reason="the agentdojo extra is not installed")
 
 from stitchwork.eval.agentdojo import Report, evaluate, tool_manifests
-from stitchwork.eval.classify import classify
 
 KEYS = {
     "benchmark_version", "pairs", "scorable_pairs", "output_only_pairs", "attacks_succeeded",
@@ -52,19 +51,6 @@ async def test_empty_ground_truth_is_not_scorable_and_denied_calls_leave_no_trac
 def test_report_of_nothing_has_zero_fractions() -> None:
     totals = Report("v1.2.2", [], 0.0).totals()
     assert totals["pairs"] == 0 and totals["utility_no_attack"] == 0.0
-
-
-def test_classification_is_by_verb_and_argument_role() -> None:
-    url = {"properties": {"url": {"type": "string"}}}
-    assert classify("get_webpage", url).side_effect == "external"
-    assert classify("fetch_page", url).target == "url"
-    assert classify("get_balance", {}).side_effect == "read"
-    money = classify("send_money", {"properties": {"recipient": {}, "amount": {}}})
-    assert (money.side_effect, money.target) == ("irreversible", "recipient")
-    invite = classify("create_meeting", {"properties": {"title": {}, "attendees": {}}})
-    assert (invite.side_effect, invite.target) == ("external", "attendees")
-    assert classify("create_note", {"properties": {"title": {}}}).side_effect == "write"
-    assert classify("frobnicate", {}).side_effect == "irreversible"
 
 
 def test_every_agentdojo_tool_gets_a_class_and_a_valid_target() -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import cedarpy
 import pytest
 
-from stitchwork.security.policy import PolicyEngine, Request, ToolAction, _context_projection, builtin_policy_dir
+from stitchwork.security.policy import PolicyEngine, Request, ToolAction, builtin_policy_dir
+from stitchwork.security.policy.projection import context_projection
 
 TOOLS = (
     ToolAction(
@@ -64,7 +65,7 @@ def parsed(text: str) -> list[dict[str, Any]]:
     ],
 )
 def test_projection_keeps_every_path_a_policy_reads(text: str, expected: dict[str, Any] | None) -> None:
-    assert _context_projection(parsed(text)) == expected
+    assert context_projection(parsed(text)) == expected
 
 
 def test_projected_decisions_equal_whole_context_decisions(tmp_path: Path) -> None:

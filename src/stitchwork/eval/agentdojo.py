@@ -2,7 +2,7 @@
 
 For every suite of an AgentDojo benchmark version, each AgentDojo tool becomes a Stitchwork tool (its argument
 schema from AgentDojo's function schema; side-effect class and target argument from the general rule in
-:mod:`stitchwork.eval.classify`) that runs in-process through the ``agentdojo://`` sandbox: the sandbox calls
+:mod:`stitchwork.tools.classify`) that runs in-process through the ``agentdojo://`` sandbox: the sandbox calls
 ``FunctionsRuntime.run_function`` on the pair's environment. Every call goes through :meth:`Gateway.call_tool`
 (token, argument validation, taint, Cedar, approvals, audit) and every result is labelled untrusted.
 
@@ -40,7 +40,6 @@ from typing import Any
 from stitchwork.audit.log import AuditLog
 from stitchwork.data._base import open_store
 from stitchwork.errors import ConfigError
-from stitchwork.eval.classify import classify
 from stitchwork.gateway.core import Gateway
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.security.approvals import ApprovalStore
@@ -49,6 +48,7 @@ from stitchwork.security.identity.tokens import TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.taint import Label
 from stitchwork.security.vault import open_vault
+from stitchwork.tools.classify import classify
 from stitchwork.tools.manifest import SideEffect, ToolManifest, ToolRegistry
 
 try:  # the optional extra

@@ -38,7 +38,6 @@ import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -47,19 +46,11 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from stitchwork.errors import ConfigError, InvalidArguments, UnknownTool
 from stitchwork.isolation._base import Limits
+from stitchwork.security.policy import SideEffect as SideEffect  # the classes are the policy's action groups
 from stitchwork.tools._fastcheck import Check, compile_check
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-
-
-class SideEffect(StrEnum):
-    """What a tool does to the world, from harmless to permanent."""
-
-    READ = "read"
-    WRITE = "write"
-    EXTERNAL = "external"
-    IRREVERSIBLE = "irreversible"
 
 
 FORMATS = FormatChecker()

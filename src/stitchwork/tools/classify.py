@@ -39,6 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stitchwork.security.policy import SideEffect
+
 MONEY = frozenset({"money", "payment", "payments", "transaction", "transactions", "transfer", "pay", "wire"})
 CREDENTIAL = frozenset({"password", "passwd", "credential", "credentials", "secret", "passphrase"})
 DESTROY = frozenset({"delete", "remove", "cancel", "drop", "destroy", "purge", "revoke", "erase", "wipe"})
@@ -64,7 +66,7 @@ _OBJECT = re.compile(r"^(.*_id|id|ids|.*_path|path|file(name)?|.*_name|name|chan
 class Classification:
     """What the rule decided for one tool, and why (for operators)."""
 
-    side_effect: str
+    side_effect: SideEffect
     target: str
     reason: str
 
@@ -90,22 +92,22 @@ def classify(name: str, schema: Mapping[str, Any]) -> Classification:
     target = (recipients or urls or credential or objects or [""])[0]
     first = words[0] if words else ""
     if first in LOOK and not urls:
-        return Classification("read", target, "looks only")
+        return Classification(SideEffect.READ, target, "looks only")
     if set(words) & MONEY:
-        return Classification("irreversible", target, "moves money")
+        return Classification(SideEffect.IRREVERSIBLE, target, "moves money")
     if set(words) & CREDENTIAL:
-        return Classification("irreversible", (credential or [target])[0], "changes a credential")
+        return Classification(SideEffect.IRREVERSIBLE, (credential or [target])[0], "changes a credential")
     if first in DESTROY or set(words) & DESTROY:
-        return Classification("irreversible", target, "destroys or cancels")
+        return Classification(SideEffect.IRREVERSIBLE, target, "destroys or cancels")
     if set(words) & SEND:
-        return Classification("external", target, "sends to or commits with a third party")
+        return Classification(SideEffect.EXTERNAL, target, "sends to or commits with a third party")
     if recipients and first not in LOOK:
-        return Classification("external", target, f"names a recipient ({recipients[0]})")
+        return Classification(SideEffect.EXTERNAL, target, f"names a recipient ({recipients[0]})")
     if urls:
-        return Classification("external", target, f"reaches the network ({urls[0]})")
+        return Classification(SideEffect.EXTERNAL, target, f"reaches the network ({urls[0]})")
     if first in CHANGE:
-        return Classification("write", target, "changes local state")
-    return Classification("irreversible", target, "unknown verb (fail closed)")
+        return Classification(SideEffect.WRITE, target, "changes local state")
+    return Classification(SideEffect.IRREVERSIBLE, target, "unknown verb (fail closed)")
 
 
 __all__ = ["Classification", "classify"]
