@@ -13,8 +13,8 @@ import pytest
 from stitchwork.compute._base import Model, open_model
 from stitchwork.compute._keys import provider_keys
 from stitchwork.compute._wire import assemble
-from stitchwork.compute.fake import STYLES, Fault
 from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
+from tests.fakes.openai_server import STYLES, Fault
 from tests.plugins.models import TOOLS, USER
 
 ADAPTERS = [f"openai:{style}:{mode}" for style in STYLES for mode in ("plain", "stream")]
