@@ -49,7 +49,8 @@ def free_port() -> int:
 
 
 def serve_fake(style: str, port: int) -> None:
-    from stitchwork.compute.fake import FakeOpenAIServer
+    sys.path.insert(0, str(ROOT))  # the fake server is a test server: tests/fakes/openai_server.py
+    from tests.fakes.openai_server import FakeOpenAIServer
 
     async def main() -> None:
         server = FakeOpenAIServer.from_fixture(style, FIXTURES)

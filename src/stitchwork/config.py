@@ -15,7 +15,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,32 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
-class ComputeConfig:
-    """Models: deployments, the router and the model gateway (see ``stitchwork.compute.router``)::
+class RouterConfig:
+    """How the model router picks and retries deployments: the router's keys of ``[compute]``.
+
+    ``stitchwork.compute.router.RouterSettings`` extends it (values checked, two knobs only code sets).
+    """
+
+    strategy: str = "failover"
+    """failover | least_outstanding | latency | cost (see ``stitchwork.compute.router``)."""
+    retries: int = 2
+    """Extra attempts after the first, across the group's deployments."""
+    backoff_s: float = 0.05
+    """First backoff; doubles per attempt."""
+    cooldown_s: float = 30.0
+    """How long a failing deployment is tried last."""
+    failures_to_cooldown: int = 1
+    """Failures in a row that put a deployment in cooldown."""
+    affinity: str = "prefix"
+    """none | prefix (same first messages, same deployment: warm KV cache) | session (the request's user)."""
+    fallbacks: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Model name → the model names tried in order when all of its deployments failed."""
+
+
+@dataclass(frozen=True)
+class ComputeConfig(RouterConfig):
+    """Models: deployments, the router (the keys of :class:`RouterConfig`) and the model gateway (see
+    ``stitchwork.compute.router``)::
 
         [compute]
         strategy = "least_outstanding"     # failover | least_outstanding | latency | cost
@@ -147,17 +171,9 @@ class ComputeConfig:
 
     default_model: str = ""
     """Model URI for runs whose agent names none and no --model is given."""
-    strategy: str = "failover"
-    retries: int = 2
-    backoff_s: float = 0.05
-    cooldown_s: float = 30.0
-    failures_to_cooldown: int = 1
-    affinity: str = "prefix"
-    """none | prefix (same first messages, same deployment: warm KV cache) | session (the request's user)."""
     record_text: bool = False
     """Also audit the full prompt and completion text (hashes are always audited)."""
     deployments: list[dict[str, Any]] = field(default_factory=list)
-    fallbacks: dict[str, list[str]] = field(default_factory=dict)
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from stitchwork.agents.assistant import with_default_assistant
 from stitchwork.agents.definition import AgentRegistry, load_agents
 from stitchwork.agents.loop import Runner
-from stitchwork.agents.runs import RunStore
+from stitchwork.agents.runs import DatabaseRunStore, RunStore
 from stitchwork.audit.log import AuditLog
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
@@ -223,7 +223,7 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         if bus is None or not bus_uri:
             raise ConfigError("a worker's platform needs its open bus and the bus URI")
         sync = SyncBus(bus_uri, bus=bus)
-        runs = BusRunStore(store, sync, subjects, abus=bus)
+        runs = BusRunStore(sync, subjects, abus=bus)
         ledger = BusLedger(sync, subjects, abus=bus)
         runs.ledger = ledger
         runs.side_effecting = lambda name: name in tools and tools.get(name).side_effect is not SideEffect.READ
@@ -236,7 +236,7 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         hub = EventHub(resolve_events_uri(config), subjects)
         # Approvals of durable runs (requested inside workers) are listed and decided here like the platform's own.
         approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout))
-        return _RoleParts(RunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub)
+        return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub)
     if bus_approvals:
         try:
             uri = configured_bus_uri(config)
@@ -247,8 +247,8 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         if uri and urlsplit(uri).scheme != "memory":
             sync = SyncBus(uri)
             approvals = FederatedApprovals(local, BusApprovalStore(sync, subjects, timeout_s=timeout))
-            return _RoleParts(RunStore(store), approvals, StoreLedger(store), closers=(sync.close,))
-    return _RoleParts(RunStore(store), local, StoreLedger(store))
+            return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), closers=(sync.close,))
+    return _RoleParts(DatabaseRunStore(store), local, StoreLedger(store))
 
 
 def default_worker_name() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stitchwork.agents.runs import RunStatus, RunStore
+from stitchwork.agents.runs import DatabaseRunStore, RunStatus
 from stitchwork.audit.log import AuditLog
 from stitchwork.audit.reports import REPORTS, run_report
 from stitchwork.data._base import Store
@@ -40,7 +40,7 @@ def seed(store: Store) -> None:
                        data={"model": "scripted://tester.jsonl", "prompt_tokens": 10, "completion_tokens": 5})
         log.append("model", agent="b", run_id="r3", decision="ok",
                    data={"model": "openai+http://127.0.0.1:8000/v1", "prompt_tokens": 100, "completion_tokens": 50})
-    runs = RunStore(store)
+    runs = DatabaseRunStore(store)
     first = runs.create("a", "task", "scripted://x")
     runs.create("a", "task", "scripted://x")
     runs.save(replace(first, status=RunStatus.COMPLETED, steps=4))

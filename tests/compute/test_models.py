@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -13,17 +14,21 @@ import pytest
 from stitchwork.compute._base import Model, open_model
 from stitchwork.compute._keys import provider_keys
 from stitchwork.compute._wire import assemble
-from stitchwork.compute.fake import STYLES, Fault
+from stitchwork.compute.router import Deployment, Router, RouterSettings, router_scope
 from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
+from tests.fakes.openai_server import STYLES, Fault
 from tests.plugins.models import TOOLS, USER
 
 ADAPTERS = [f"openai:{style}:{mode}" for style in STYLES for mode in ("plain", "stream")]
-ADAPTERS += ["runpod:sync", "runpod:queue", "scripted", "llamacpp"]
+ADAPTERS += ["runpod:sync", "runpod:queue", "scripted", "llamacpp", "router:vllm", "router:failover"]
+DEAD = "openai+http://127.0.0.1:9/v1?profile=generic&model=m&connect_timeout=0.5"
+"""A deployment that refuses connections."""
 
 
 @pytest.fixture(params=ADAPTERS)
 async def model(request: pytest.FixtureRequest, fake: Callable[..., Any], tmp_path: Path) -> AsyncIterator[Model]:
     kind, _, rest = request.param.partition(":")
+    router: Router | None = None
     if kind == "openai":
         style, _, mode = rest.partition(":")
         server = await fake(style)
@@ -38,14 +43,24 @@ async def model(request: pytest.FixtureRequest, fake: Callable[..., Any], tmp_pa
                                                      {"id": "b", "name": "read_email", "arguments": {"id": "m1"}}]})
                           + "\n" + json.dumps({"content": "You have 3 messages."}) + "\n")
         opened = open_model(f"scripted://{script}")
+    elif kind == "router":  # router://llama, served by the model gateway's router (here: its scope)
+        if rest == "vllm":
+            deployments = [Deployment("llama", (await fake("vllm")).uri(), "vllm")]
+        else:  # the first deployment refuses connections: every call of the suite is failed over
+            deployments = [Deployment("llama", DEAD, "dead"),
+                           Deployment("llama", (await fake("sglang")).uri(stream="1"), "sglang")]
+        router = Router(deployments, RouterSettings(affinity="none", backoff_s=0.0, cooldown_s=0.0))
+        opened = open_model("router://llama")
     else:
         if shutil.which("llama-server") is None:
             pytest.skip("llama.cpp's llama-server is not installed on this host (no Linux wheel; building takes "
                         "~30 min), and no GGUF model is configured")
         pytest.skip("llamacpp:// needs a GGUF file; set one up to run this case")  # pragma: no cover
-    with provider_keys(lambda name: "rp-test-key"):
+    with provider_keys(lambda name: "rp-test-key"), router_scope(router) if router else contextlib.nullcontext():
         yield opened
     await opened.aclose()
+    if router is not None:
+        await router.aclose()
 
 
 async def test_parallel_tool_calls_then_an_answer(model: Model) -> None:
@@ -160,6 +175,51 @@ async def test_failures_are_unavailable(fake: Callable[..., Any], fault: Fault, 
         assert caught.value.retry_after_s == 1
     assert (await model.complete(USER, TOOLS)).tool_calls  # the next call is fine
     await model.aclose()
+
+
+@pytest.mark.parametrize(("fault", "stream", "match"), [
+    (Fault("status", 429, retry_after_s=0), False, "HTTP 429"),
+    (Fault("status", 500), True, "HTTP 500"),
+    (Fault("timeout", delay_s=2), False, "timed out"),
+    (Fault("truncate"), True, "cut the stream"),
+    (Fault("truncate"), False, "invalid JSON"),
+])
+async def test_router_model_failures_are_unavailable_once_its_retries_are_spent(
+        fake: Callable[..., Any], fault: Fault, stream: bool, match: str) -> None:
+    server = await fake("generic")
+    server.inject(fault, times=2)
+    router = Router([Deployment("llama", server.uri(stream="1" if stream else "0", timeout="0.5"), "only")],
+                    RouterSettings(retries=1, backoff_s=0.0, affinity="none"))
+    model = open_model("router://llama")
+    with router_scope(router):
+        with pytest.raises(ModelUnavailable, match=f"model 'llama': every deployment failed .*{match}"):
+            await model.complete(USER, TOOLS)
+        assert len(server.requests) == 2  # the first attempt and one retry
+        assert (await model.complete(USER, TOOLS)).tool_calls  # the next call is fine
+    await model.aclose()
+    await router.aclose()
+
+
+async def test_router_model_refusals_are_not_retried_and_it_is_served_only_by_a_router(
+        fake: Callable[..., Any]) -> None:
+    with pytest.raises(ConfigError, match="router://MODEL_NAME"):
+        open_model("router://")
+    server = await fake("vllm")
+    router = Router([Deployment("llama", server.uri(profile="generic"), "generic")],
+                    RouterSettings(retries=2, backoff_s=0.0, affinity="none"))
+    model = open_model("router://llama")
+    with pytest.raises(ModelError, match="through the gateway"):
+        await model.complete(USER, TOOLS)
+    with router_scope(router):
+        with pytest.raises(ModelRejected, match="tool-call-parser"):
+            await model.chat({"messages": USER, "tools": TOOLS, "tool_choice": "auto"})
+        assert len(server.requests) == 1  # a refused request fails alike everywhere: not retried
+        with pytest.raises(ModelRejected, match="no deployment serves model 'nope'"):
+            await open_model("router://nope").complete(USER, TOOLS)
+    with pytest.raises(ModelError, match="through the gateway"):  # the scope ended
+        await model.complete(USER, TOOLS)
+    await model.aclose()
+    await router.aclose()
 
 
 async def test_refused_connection_is_unavailable() -> None:

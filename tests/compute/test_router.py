@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from stitchwork.compute._wire import assemble
-from stitchwork.compute.fake import Fault
 from stitchwork.compute.router import Deployment, Routed, Router, RouterSettings, parse_deployments
 from stitchwork.errors import ConfigError, ModelRejected, ModelUnavailable
+from tests.fakes.openai_server import Fault
 from tests.plugins.models import TOOLS
 
 DEAD = "openai+http://127.0.0.1:9/v1?profile=generic&model=m&connect_timeout=0.5"

@@ -17,11 +17,11 @@ import pytest
 import uvicorn
 
 from stitchwork.agents.runs import RunStatus
-from stitchwork.compute.fake import STYLES, FakeOpenAIServer
 from stitchwork.config import ComputeConfig, Config, DataConfig, IsolationConfig
 from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import BUILTIN_TOOLS, Platform
 from stitchwork.service import Service, event_dict
+from tests.fakes.openai_server import STYLES, FakeOpenAIServer
 from tests.plugins.models import TOOLS
 
 KEY = "sk-prov-Zq8xW2vN5mR7tY1uI3oP"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stitchwork.compute.fake import FakeOpenAIServer
 from stitchwork.interfaces.cli.app import app
+from tests.fakes.openai_server import FakeOpenAIServer
 from tests.plugins.models import FIXTURES
 
 

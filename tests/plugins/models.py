@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from stitchwork.compute.fake import STYLES, FakeOpenAIServer
+from tests.fakes.openai_server import STYLES, FakeOpenAIServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "compute"
 TOOLS = [

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from stitchwork.compute.fake import Backend, FakeOpenAIServer, Fault
 from stitchwork.config import Config
 from stitchwork.errors import ApprovalError, RunError
 from stitchwork.messaging._base import Bus, open_bus
@@ -25,6 +24,7 @@ from stitchwork.workers.deadletters import dead_letters, resubmit
 from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
 from stitchwork.workers.subjects import Subjects
 from stitchwork.workers.worker import Worker
+from tests.fakes.openai_server import Backend, FakeOpenAIServer, Fault
 from tests.workers.durable_fixtures import build, call, lines
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stitchwork.agents.runs import RunRecord, RunStatus, RunStore
+from stitchwork.agents.runs import RunRecord, RunStatus, record_to_row
 from stitchwork.messaging._base import open_bus
 from stitchwork.platform import Platform, open_worker
 from stitchwork.workers.deadletters import dead_letters
@@ -119,7 +119,7 @@ async def test_a_resume_job_never_drives_a_running_run_and_comes_back_later(tmp_
                         updated_at=now, messages=({"role": "user", "content": "t"},))
 
     async def checkpoint(record: RunRecord) -> None:
-        await client.publish(subjects.state(record.id), json.dumps(RunStore._row(record), default=str).encode())
+        await client.publish(subjects.state(record.id), json.dumps(record_to_row(record), default=str).encode())
 
     await checkpoint(running)
     worker = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects, ack_wait_s=0.5)

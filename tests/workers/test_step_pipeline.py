@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from stitchwork.agents.runs import RunRecord, RunStore
+from stitchwork.agents.runs import RunRecord, record_to_row
 from stitchwork.errors import BusError
 from stitchwork.messaging._base import open_bus
 from stitchwork.platform import open_worker
@@ -25,7 +25,7 @@ def test_checkpoint_bodies_equal_the_plain_encoding_while_messages_grow_or_chang
     record = RunRecord(id="run_1", agent="a", task="t", model="m", messages=({"role": "user", "content": "é"},))
     for i in range(5):
         body = json.loads(store._body(record))
-        assert body == json.loads(json.dumps(RunStore._row(record), ensure_ascii=False, default=str))
+        assert body == json.loads(json.dumps(record_to_row(record), ensure_ascii=False, default=str))
         assert body["messages"] == json.dumps(list(record.messages), ensure_ascii=False)
         record = replace(record, messages=(*record.messages, {"role": "tool", "content": {"i": i}}))
     resumed = replace(record, messages=(*record.messages[:3], {"role": "user"}))  # a shared prefix, then new

@@ -1,14 +1,21 @@
-"""Run records and checkpoints in the store."""
+"""Runs and their checkpoints: the record, the run store port and its database adapter.
+
+A :class:`RunStore` keeps one checkpoint per run, replaced after each step: the run loop creates and saves runs,
+the service gets and lists them. Two adapters implement it: :class:`DatabaseRunStore` (the ``runs`` table of the
+platform's store) and :class:`~stitchwork.workers.runstore.BusRunStore` (checkpoints on the bus, fenced by a
+compare-and-set; a worker's). Both encode a record as the same row (:func:`record_to_row`).
+"""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from stitchwork.data._base import Store
 from stitchwork.errors import RunError
@@ -74,37 +81,101 @@ class RunRecord:
         return out
 
 
-class RunStore:
-    """Persists run checkpoints (one row per run, replaced after each step)."""
+def new_run_id() -> str:
+    """A fresh run id (``run_`` and 16 hex digits)."""
+    return "run_" + uuid.uuid4().hex[:16]
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        store.execute(SCHEMA)
+
+def record_to_row(r: RunRecord) -> dict[str, Any]:
+    """The ``runs`` row of a record (messages, provenance and pending as JSON text); a bus checkpoint's body too."""
+    return {
+        "id": r.id, "agent": r.agent, "task": r.task, "model": r.model, "status": r.status.value,
+        "steps": r.steps, "messages": json.dumps(list(r.messages), ensure_ascii=False),
+        "provenance": json.dumps(r.provenance, ensure_ascii=False), "pending": json.dumps(r.pending),
+        "result": r.result, "error": r.error, "created_at": r.created_at, "updated_at": r.updated_at,
+    }
+
+
+def record_from_row(row: Mapping[str, Any]) -> RunRecord:
+    """The record of a ``runs`` row (the inverse of :func:`record_to_row`)."""
+    return RunRecord(
+        id=row["id"], agent=row["agent"], task=row["task"], model=row["model"], status=RunStatus(row["status"]),
+        steps=row["steps"], messages=tuple(json.loads(row["messages"])),
+        provenance=json.loads(row["provenance"]), pending=json.loads(row["pending"]), result=row["result"],
+        error=row["error"], created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+class RunStore(ABC):
+    """Where run checkpoints are kept: one per run, replaced after each step.
+
+    Adapters implement :meth:`insert`, :meth:`save`, :meth:`fetch` and :meth:`list`; :meth:`create`, :meth:`get`
+    and :meth:`asave` are built on them.
+    """
+
+    missing_suffix: ClassVar[str] = ""
+    """Appended to the "no run with id" error of :meth:`get` (where the run was looked for)."""
 
     def create(self, agent: str, task: str, model: str) -> RunRecord:
+        """A new run (``running``, a fresh id, created and updated now), stored."""
         now = time.time()
-        record = RunRecord(id="run_" + uuid.uuid4().hex[:16], agent=agent, task=task, model=model,
-                           created_at=now, updated_at=now)
-        self.store.append("runs", [self._row(record)])
-        return record
+        return self.insert(RunRecord(id=new_run_id(), agent=agent, task=task, model=model, created_at=now,
+                                     updated_at=now))
 
+    @abstractmethod
+    def insert(self, record: RunRecord) -> RunRecord:
+        """Stores a new run as it is; returns it."""
+
+    @abstractmethod
     def save(self, record: RunRecord) -> RunRecord:
-        record = replace(record, updated_at=time.time())
-        row = self._row(record)
-        sets = ", ".join(f"{k} = ?" for k in row if k != "id")
-        values = [v for k, v in row.items() if k != "id"]
-        self.store.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*values, record.id])
-        return record
+        """Stores the run's new checkpoint with ``updated_at`` set to now; returns what was stored."""
 
     async def asave(self, record: RunRecord) -> RunRecord:
         """:meth:`save` for the run loop; a store on a network bus overrides it to wait without blocking."""
         return self.save(record)
 
+    @abstractmethod
+    def fetch(self, run_id: str) -> RunRecord | None:
+        """The run's newest checkpoint, or ``None``."""
+
     def get(self, run_id: str) -> RunRecord:
+        """The run's newest checkpoint.
+
+        Raises:
+            RunError: no run has this id.
+        """
+        record = self.fetch(run_id)
+        if record is None:
+            raise RunError(f"no run with id {run_id!r}{self.missing_suffix}")
+        return record
+
+    @abstractmethod
+    def list(self, *, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
+        """Runs, newest (by ``created_at``) first; only those in ``status`` when given; at most ``limit``."""
+
+
+class DatabaseRunStore(RunStore):
+    """Run checkpoints in the ``runs`` table of the platform's store (one row per run, replaced after each step)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.execute(SCHEMA)
+
+    def insert(self, record: RunRecord) -> RunRecord:
+        self.store.append("runs", [record_to_row(record)])
+        return record
+
+    def save(self, record: RunRecord) -> RunRecord:
+        record = replace(record, updated_at=time.time())
+        row = record_to_row(record)
+        sets = ", ".join(f"{k} = ?" for k in row if k != "id")
+        values = [v for k, v in row.items() if k != "id"]
+        self.store.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*values, record.id])
+        return record
+
+    def fetch(self, run_id: str) -> RunRecord | None:
         rows = self.store.query("SELECT * FROM runs WHERE id = ?", [run_id])
-        if not rows:
-            raise RunError(f"no run with id {run_id!r}")
-        return self._record(rows[0])
+        return record_from_row(rows[0]) if rows else None
 
     def list(self, *, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
         if status is None:
@@ -113,22 +184,4 @@ class RunStore:
             rows = self.store.query(
                 "SELECT * FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?", [status.value, limit]
             )
-        return [self._record(r) for r in rows]
-
-    @staticmethod
-    def _row(r: RunRecord) -> dict[str, Any]:
-        return {
-            "id": r.id, "agent": r.agent, "task": r.task, "model": r.model, "status": r.status.value,
-            "steps": r.steps, "messages": json.dumps(list(r.messages), ensure_ascii=False),
-            "provenance": json.dumps(r.provenance, ensure_ascii=False), "pending": json.dumps(r.pending),
-            "result": r.result, "error": r.error, "created_at": r.created_at, "updated_at": r.updated_at,
-        }
-
-    @staticmethod
-    def _record(row: Mapping[str, Any]) -> RunRecord:
-        return RunRecord(
-            id=row["id"], agent=row["agent"], task=row["task"], model=row["model"], status=RunStatus(row["status"]),
-            steps=row["steps"], messages=tuple(json.loads(row["messages"])),
-            provenance=json.loads(row["provenance"]), pending=json.loads(row["pending"]), result=row["result"],
-            error=row["error"], created_at=row["created_at"], updated_at=row["updated_at"],
-        )
+        return [record_from_row(r) for r in rows]

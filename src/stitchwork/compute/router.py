@@ -29,12 +29,13 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
 from stitchwork.compute._base import Model, ModelTurn, open_model
 from stitchwork.compute._wire import StreamAssembler, turn_from_completion
+from stitchwork.config import RouterConfig
 from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
 
 STRATEGIES = ("failover", "least_outstanding", "latency", "cost")
@@ -66,21 +67,26 @@ class Deployment:
 
 
 @dataclass(frozen=True)
-class RouterSettings:
-    """How the router picks and retries (``[compute]`` in the config)."""
+class RouterSettings(RouterConfig):
+    """How the router picks and retries: the router's keys of ``[compute]`` (:class:`RouterConfig`), checked,
+    and two knobs only code sets."""
 
-    strategy: str = "failover"
-    retries: int = 2
-    """Extra attempts after the first, across the group's deployments."""
-    backoff_s: float = 0.05
-    """First backoff; doubles per attempt."""
     max_backoff_s: float = 2.0
-    cooldown_s: float = 30.0
-    failures_to_cooldown: int = 1
-    affinity: str = "prefix"
+    """Longest backoff (a server's ``Retry-After`` included)."""
     affinity_chars: int = 4096
     """How much of the serialised messages forms the prefix key."""
-    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: RouterConfig) -> RouterSettings:
+        """The router's settings from ``[compute]`` (a :class:`~stitchwork.config.ComputeConfig` is a
+        :class:`RouterConfig`).
+
+        Raises:
+            ConfigError: a strategy, affinity or number out of range.
+        """
+        values = {f.name: getattr(config, f.name) for f in fields(RouterConfig)}
+        values["fallbacks"] = {name: tuple(targets) for name, targets in config.fallbacks.items()}
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -269,29 +275,26 @@ class Router:
             ModelRejected: the request itself was refused, or no deployment serves ``name``.
             ModelUnavailable: every attempt failed.
         """
-        errors: list[str] = []
-        last = ModelUnavailable("")
-        for attempt, state in enumerate(self._plan(name, request)):
-            if attempt:
-                await self.sleep(self._backoff(attempt - 1, last))
-            started = self.clock()
-            try:
-                with self._track(state):
-                    completion = await state.model.chat(request)
-            except ModelUnavailable as exc:
-                self._failed(state, exc)
-                errors.append(f"{state.deployment.id}: {exc}")
-                last = exc
-                continue
-            self._succeeded(state, started)
-            return Routed(completion, state.deployment, attempt + 1)
-        raise ModelUnavailable(f"model {name!r}: every deployment failed ({'; '.join(errors[-4:])})")
+        routed: list[Routed] = []
+        async for _ in self._attempts(name, request, routed, stream=False):
+            pass  # an unstreamed call passes nothing on
+        return routed[0]
 
-    async def chat_stream(self, name: str, request: Mapping[str, Any], routed: list[Routed]) -> AsyncIterator[
+    def chat_stream(self, name: str, request: Mapping[str, Any], routed: list[Routed]) -> AsyncIterator[
             dict[str, Any]]:
         """Streams a completion; fails over only until the first chunk has been passed on.
 
         The deployment used is appended to ``routed`` (with the assembled completion) once the stream ends.
+        """
+        return self._attempts(name, request, routed, stream=True)
+
+    async def _attempts(self, name: str, request: Mapping[str, Any], routed: list[Routed], *,
+                        stream: bool) -> AsyncIterator[dict[str, Any]]:
+        """The retry loop: tries the :meth:`_plan` in turn, with backoff, until a deployment answers.
+
+        A :class:`ModelUnavailable` counts a failure and the next deployment is tried, unless chunks of a stream
+        were passed on already (then it is raised). The deployment that answered is appended to ``routed`` with
+        its completion (a stream's assembled), once its stream ended.
         """
         errors: list[str] = []
         last = ModelUnavailable("")
@@ -300,11 +303,15 @@ class Router:
                 await self.sleep(self._backoff(attempt - 1, last))
             started = self.clock()
             assembler = StreamAssembler()
+            completion: dict[str, Any] = {}
             try:
                 with self._track(state):
-                    async for chunk in state.model.chat_stream(request):
-                        assembler.feed(chunk)
-                        yield chunk
+                    if stream:
+                        async for chunk in state.model.chat_stream(request):
+                            assembler.feed(chunk)
+                            yield chunk
+                    else:
+                        completion = await state.model.chat(request)
             except ModelUnavailable as exc:
                 self._failed(state, exc)
                 if assembler.chunks:
@@ -313,7 +320,7 @@ class Router:
                 last = exc
                 continue
             self._succeeded(state, started)
-            routed.append(Routed(assembler.completion(), state.deployment, attempt + 1))
+            routed.append(Routed(assembler.completion() if stream else completion, state.deployment, attempt + 1))
             return
         raise ModelUnavailable(f"model {name!r}: every deployment failed ({'; '.join(errors[-4:])})")
 

@@ -134,10 +134,7 @@ class ModelGateway:
         self.config = config
         self.router = router or Router(
             parse_deployments(config.deployments),
-            RouterSettings(strategy=config.strategy, retries=config.retries, backoff_s=config.backoff_s,
-                           cooldown_s=config.cooldown_s, failures_to_cooldown=config.failures_to_cooldown,
-                           affinity=config.affinity,
-                           fallbacks={k: tuple(v) for k, v in config.fallbacks.items()}),
+            RouterSettings.from_config(config),
         )
         self.limits = _agent_limits(config.agents)
         self.meters: dict[str, Meter] = {}

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from stitchwork.agents.runs import RunStatus, RunStore
+from stitchwork.agents.runs import RunStatus, record_from_row, record_to_row
 from stitchwork.errors import BusConflict, RunError
 from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus
 from stitchwork.workers.subjects import Subjects
@@ -48,10 +48,10 @@ async def resubmit(bus: Bus, run_id: str, *, subjects: Subjects = Subjects(), by
         raise RunError(f"run {run_id} was re-submitted meanwhile") from exc
     state = await bus.last(subjects.state(run_id))
     if state is not None:
-        record = RunStore._record(json.loads(state.data))
+        record = record_from_row(json.loads(state.data))
         if record.status is RunStatus.FAILED:
             again = replace(record, status=RunStatus.RUNNING, error=None, updated_at=time.time())
-            body = json.dumps(RunStore._row(again), ensure_ascii=False, default=str).encode()
+            body = json.dumps(record_to_row(again), ensure_ascii=False, default=str).encode()
             await bus.publish(subjects.state(run_id), body, headers={EXPECTED_LAST_SUBJECT_SEQ: str(state.seq)},
                               msg_id=f"resubmit-state:{run_id}:{found.seq}")
     job = letter.get("job") if isinstance(letter.get("job"), dict) else {"run_id": run_id}

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any
 
-from stitchwork.agents.runs import RunStore
+from stitchwork.agents.runs import record_from_row
 from stitchwork.errors import RunError
 from stitchwork.messaging._base import Bus
 from stitchwork.workers.subjects import Subjects
@@ -33,7 +33,7 @@ async def run_state(bus: Bus, run_id: str, *, subjects: Subjects = Subjects()) -
     found = await bus.last(subjects.state(run_id))
     if found is None:
         return None
-    return RunStore._record(json.loads(found.data)).to_dict()
+    return record_from_row(json.loads(found.data)).to_dict()
 
 
 async def wait_for_run(bus: Bus, run_id: str, *, subjects: Subjects = Subjects(),

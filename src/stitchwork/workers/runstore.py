@@ -12,9 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from stitchwork.agents.loop import idempotency_key
-from stitchwork.agents.runs import RunRecord, RunStatus, RunStore
-from stitchwork.data._base import Store
-from stitchwork.errors import RunError
+from stitchwork.agents.runs import RunRecord, RunStatus, RunStore, record_from_row, record_to_row
 from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.ledger import BusLedger
@@ -28,11 +26,12 @@ class BusRunStore(RunStore):
 
     :meth:`get` reads the newest checkpoint from the bus (another worker may have advanced the run); :meth:`save`
     returns only once the checkpoint is stored on the bus. Nothing goes to the worker's database: one autocommitted
-    DuckDB ``UPDATE`` costs more than the JetStream publish.
+    DuckDB ``UPDATE`` costs more than the JetStream publish. :meth:`list` lists the runs this worker has seen.
     """
 
-    def __init__(self, store: Store, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:
-        self.store = store
+    missing_suffix = " on the bus"
+
+    def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:
         self.bus = bus
         self.subjects = subjects
         self.abus = abus
@@ -79,7 +78,7 @@ class BusRunStore(RunStore):
 
     def _body(self, record: RunRecord) -> bytes:
         """The checkpoint: the ``runs`` row of ``record`` as JSON (``messages`` placed last)."""
-        row = self._row(replace(record, messages=()))
+        row = record_to_row(replace(record, messages=()))
         del row["messages"]
         head = json.dumps(row, ensure_ascii=False, default=str)
         return (head[:-1] + ', "messages": "' + self._messages_escaped(record) + '"}').encode()
@@ -135,11 +134,6 @@ class BusRunStore(RunStore):
         self._encoded.pop(run_id, None)
         self._seq.pop(run_id, None)
 
-    def create(self, agent: str, task: str, model: str) -> RunRecord:
-        now = time.time()
-        return self.insert(RunRecord(id="run_" + uuid.uuid4().hex[:16], agent=agent, task=task, model=model,
-                                     created_at=now, updated_at=now))
-
     def save(self, record: RunRecord) -> RunRecord:
         record = replace(record, updated_at=time.time())
         self.publish(record)
@@ -154,19 +148,13 @@ class BusRunStore(RunStore):
         self._seq[run_id] = found.seq if found is not None else 0
         if found is None:
             return None
-        record = self._record(json.loads(found.data))
+        record = record_from_row(json.loads(found.data))
         self._latest[run_id] = record
         return record
 
     def insert(self, record: RunRecord) -> RunRecord:
         """A new run, published."""
         self.publish(record)
-        return record
-
-    def get(self, run_id: str) -> RunRecord:
-        record = self.fetch(run_id)
-        if record is None:
-            raise RunError(f"no run with id {run_id!r} on the bus")
         return record
 
     def list(self, *, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
