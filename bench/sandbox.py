@@ -129,6 +129,7 @@ def _max_map_count() -> str:
 
 def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> None:
     from stitchwork.isolation import wasm
+    from stitchwork.isolation._wasm_instance import RUNNER_ARGV, Instance
 
     print(f"\ndensity (stop at {target} live, {seconds:g} s or {budget_mb} MiB of RSS growth):")
     procs = []
@@ -153,7 +154,7 @@ def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> Non
         return
     rt = wasm.runtime()
     staging = Path(tempfile.mkdtemp(prefix="stitchwork-bench-"))
-    live: list[wasm._Instance] = []
+    live: list[Instance] = []
     start_rss = rss_kb()
     started = time.perf_counter()
     why = "count reached"
@@ -166,7 +167,7 @@ def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> Non
                 why = "memory budget"
                 break
             try:
-                batch = [wasm._Instance(rt, staging, wasm._RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
+                batch = [Instance(rt, staging, RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
             except Exception as exc:
                 why = f"start failed: {exc}"
                 break
@@ -198,12 +199,13 @@ PER_PROCESS = 480
 def density_worker(count: int, seconds: float) -> None:
     """Holds up to ``count`` parked interpreters; prints ``live rss_kb``; waits for stdin to close."""
     from stitchwork.isolation import wasm
+    from stitchwork.isolation._wasm_instance import RUNNER_ARGV, Instance
 
     rt = wasm.runtime()
     staging = Path(tempfile.mkdtemp(prefix="stitchwork-bench-"))
     start_rss, started, live = rss_kb(), time.perf_counter(), []
     while len(live) < count and time.perf_counter() - started < seconds:
-        batch = [wasm._Instance(rt, staging, wasm._RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
+        batch = [Instance(rt, staging, RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
         if [i for i in batch if not i.ready.wait(15)]:
             break
         live += batch

@@ -57,16 +57,36 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
-class IsolationConfig:
-    """Default sandbox and limits for tools that do not set their own."""
+class Limits:
+    """Resource limits for one sandboxed program.
+
+    The isolation port's type (``stitchwork.isolation._base`` re-exports it), defined in this bottom layer so that
+    :class:`IsolationConfig` takes its fields from it. A tool manifest's ``[limits]`` overrides them per tool.
+    """
+
+    mem_mb: int = 512
+    """Memory, in MiB."""
+    cpu_s: float = 10.0
+    """CPU time, in seconds."""
+    timeout_s: float = 20.0
+    """Wall-clock time, in seconds."""
+    max_output_bytes: int = 1_000_000
+    """stdout and stderr together."""
+    max_pids: int = 64
+    """Processes (and threads, where a cgroup counts them)."""
+
+
+@dataclass(frozen=True)
+class IsolationConfig(Limits):
+    """Default sandbox, and the :class:`Limits` (every field of it) for tools that do not set their own."""
 
     default: str = "wasm://"
     """Sandbox for tools that name none: ``wasm://`` (CPython on wasmtime; Python tools only), ``bwrap://``..."""
-    mem_mb: int = 512
-    cpu_s: float = 10.0
-    timeout_s: float = 20.0
-    max_output_bytes: int = 1_000_000
-    max_pids: int = 64
+
+    @property
+    def limits(self) -> Limits:
+        """The default limits, as plain :class:`Limits`."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
 
 @dataclass(frozen=True)

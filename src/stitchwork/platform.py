@@ -35,7 +35,6 @@ from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
 from stitchwork.gateway.models import MODEL_TOOL_ACTION
 from stitchwork.gateway.models import attach as attach_model_gateway
-from stitchwork.isolation._base import Limits
 from stitchwork.memory.store import AgentMemory
 from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
 from stitchwork.memory.tools import MemoryTools
@@ -177,8 +176,7 @@ class Platform:
             gateway = Gateway(
                 tokens=tokens, policy=policy, audit=audit, approvals=parts.approvals, vault=vault, tools=tools,
                 agents={a.name: a.tools for a in agents}, default_sandbox=iso.default,
-                limits=Limits(mem_mb=iso.mem_mb, cpu_s=iso.cpu_s, timeout_s=iso.timeout_s,
-                              max_output_bytes=iso.max_output_bytes, max_pids=iso.max_pids),
+                limits=iso.limits,
                 trusted_sources=frozenset(config.security.trusted_sources),
                 audience=config.security.audience,
                 idempotency=parts.ledger,

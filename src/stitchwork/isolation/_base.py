@@ -14,17 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stitchwork._registry import Registry
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits for one sandboxed program."""
-
-    mem_mb: int = 512
-    cpu_s: float = 10.0
-    timeout_s: float = 20.0
-    max_output_bytes: int = 1_000_000
-    max_pids: int = 64
+from stitchwork.config import Limits as Limits  # the port's limits; defined below us so config can derive from it
 
 
 @dataclass(frozen=True)

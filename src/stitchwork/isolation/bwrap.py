@@ -27,7 +27,7 @@ secrets never appear in a command line (``/proc/<pid>/cmdline`` is world-readabl
 
 Seccomp (pyseccomp; compiled once per process; loaded by bwrap with ``--seccomp``): default allow; ``EPERM``
 for ``socket()`` of every family but ``AF_UNIX``, for namespace, mount, module, kexec, bpf, perf, keyring,
-ptrace/``process_vm_*``, io_uring, clock, swap, reboot and file-handle syscalls (see ``_DENIED_SYSCALLS``), for
+ptrace/``process_vm_*``, io_uring, clock, swap, reboot and file-handle syscalls (see :mod:`._seccomp`), for
 ``clone`` with namespace flags, for ``personality`` changes and the ``TIOCSTI`` ioctl; ``ENOSYS`` for ``clone3``
 (its flags cannot be inspected, libc falls back to ``clone``). Other architectures' syscalls kill the process.
 
@@ -43,17 +43,12 @@ process, and threads count. :meth:`BwrapSandbox.features` tells which mechanism 
 wall-clock: the bwrap process group is SIGKILLed, which takes the whole pid namespace with it. Output past
 ``max_output_bytes`` (stdout and stderr together) is dropped and the sandbox killed.
 
-``killed``: ``"timeout"``/``"output"`` when this class killed the sandbox; ``"memory"`` for a Python
-``MemoryError`` (or a failed program whose stderr ends with an out-of-memory message such as ``Cannot allocate
-memory``); ``"pids"`` when the program failed after the cgroup refused a fork; ``"cpu"`` for death by
-``SIGXCPU``, or by ``SIGKILL`` with the CPU limit used up; ``"signal"`` for other deaths by a fatal signal.
-Like a shell, bwrap reports a signal death as exit code ``128 + signal``; so does ``exit_code``.
-
-``duration_s`` is wall-clock. ``cpu_s`` and ``max_rss_kb`` of a Python call are measured by the runner itself;
-otherwise they come from ``wait4()`` on the bwrap monitor, which reaps the program: ``cpu_s`` is then exact
-for programs that exit, but misses the program's share when the sandbox is killed; ``max_rss_kb`` is reported
-as 0 when it does not exceed this process's own peak RSS (``exec`` folds the spawning process's peak into the
-child's figure, so a smaller value cannot be told apart from it).
+Results follow the process supervisor's rules (:mod:`stitchwork.isolation._process`): ``killed`` is
+``"timeout"``/``"output"`` when the supervisor killed the sandbox, ``"memory"``, ``"pids"``, ``"cpu"`` or
+``"signal"`` as it classifies the program's end. Like a shell, bwrap reports a signal death as exit code
+``128 + signal``; so does ``exit_code``. ``duration_s`` is wall-clock. ``cpu_s`` and ``max_rss_kb`` of a Python
+call are measured by the runner itself; otherwise they come from ``wait4()`` on the bwrap monitor, which reaps
+the program (exact for programs that exit; see the supervisor for what is missed when the sandbox is killed).
 
 Landlock is not applied: the mount namespace already hides every path that is not bound, and every bind but
 ``/work``, ``/tmp``, ``/dev/shm`` and writable mounts is read-only, so it would add defence in depth only.
@@ -65,41 +60,25 @@ gets network); an egress proxy comes with a later issue.
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import contextlib
 import ctypes
-import errno
 import functools
-import glob
-import itertools
-import json
 import logging
-import math
 import os
-import posixpath
-import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
-from stitchwork.isolation import _runner
-from stitchwork.isolation._base import Command, Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
+from stitchwork.isolation import _cgroup, _process, _protocol, _rootfs
+from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
+from stitchwork.isolation._seccomp import seccomp_bpf
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
-_RUNNER_HOST_PATH = str(Path(_runner.__file__).resolve())
 #: ``/etc`` entries bound read-only when they exist: the dynamic loader's cache and config, time zone,
 #: Debian's alternatives symlinks and the NSS switch. No passwd/shadow/hosts/resolv.conf of the host.
 _ETC_FILES = (
@@ -110,74 +89,12 @@ _ETC_FILES = (
     "/etc/alternatives",
     "/etc/nsswitch.conf",
 )
-_ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _RESERVED_TARGETS = ("/proc", "/dev", "/stitchwork", "/tool")
-_BWRAP_OVERHEAD_PIDS = 1  # the bwrap monitor process (the program itself is pid 1: --as-pid-1)
-_PIPE_GRACE_S = 1.0
-_CHUNK = 65536
-_FATAL_SIGNALS = frozenset(
-    {
-        signal.SIGSEGV,
-        signal.SIGBUS,
-        signal.SIGILL,
-        signal.SIGFPE,
-        signal.SIGABRT,
-        signal.SIGKILL,
-        signal.SIGSYS,
-    }
-)
-
-# Syscalls that fail with EPERM inside the sandbox. Names unknown on this architecture are skipped.
-_DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
-    "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns",
-    "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
-    "open_by_handle_at", "name_to_handle_at",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "create_module",
-    "bpf", "perf_event_open", "userfaultfd", "fanotify_init", "lookup_dcookie",
-    "keyctl", "add_key", "request_key",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "reboot", "swapon", "swapoff", "acct", "syslog", "quotactl", "vhangup",
-    "clock_settime", "clock_adjtime", "settimeofday", "adjtimex", "stime",
-    "sethostname", "setdomainname", "iopl", "ioperm", "uselib", "nfsservctl", "vm86", "vm86old",
-)  # fmt: skip
-_CLONE_NAMESPACE_FLAGS = (
-    0x00000080,  # CLONE_NEWTIME
-    0x00020000,  # CLONE_NEWNS
-    0x02000000,  # CLONE_NEWCGROUP
-    0x04000000,  # CLONE_NEWUTS
-    0x08000000,  # CLONE_NEWIPC
-    0x10000000,  # CLONE_NEWUSER
-    0x20000000,  # CLONE_NEWPID
-    0x40000000,  # CLONE_NEWNET
-)
-_TIOCSTI = 0x5412
-_PERSONALITY_QUERY = 0xFFFFFFFF
+#: The bwrap monitor process counts against the pids cgroup (the program itself is pid 1: --as-pid-1).
+_CONFINEMENT = _process.Confinement(pids_cgroup=True, overhead_pids=1)
 
 
 # -- host facts (computed once per process) ---------------------------------------------------------------
-
-
-@functools.cache
-def _seccomp_bpf() -> bytes:
-    """The compiled seccomp filter (classic BPF) for ``bwrap --seccomp``."""
-    import pyseccomp as sc
-
-    filt = sc.SyscallFilter(sc.ALLOW)
-    for name in _DENIED_SYSCALLS:
-        with contextlib.suppress(OSError):  # EINVAL: no such syscall on this architecture
-            filt.add_rule(sc.ERRNO(errno.EPERM), name)
-    filt.add_rule(sc.ERRNO(errno.EPERM), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
-    filt.add_rule(sc.ERRNO(errno.EPERM), "personality", sc.Arg(0, sc.NE, _PERSONALITY_QUERY))
-    filt.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, _TIOCSTI))
-    for flag in _CLONE_NAMESPACE_FLAGS:
-        filt.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
-    with contextlib.suppress(OSError):
-        filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    with tempfile.TemporaryFile() as out:
-        filt.export_bpf(out)
-        out.seek(0)
-        return out.read()
 
 
 def _landlock_abi() -> int:
@@ -189,123 +106,6 @@ def _landlock_abi() -> int:
     except (OSError, AttributeError):
         return 0
     return max(int(version), 0)
-
-
-@dataclass(frozen=True)
-class _PidsCgroup:
-    """A writable ``pids`` cgroup directory under which each sandbox gets its own child cgroup."""
-
-    base: Path
-    version: int
-    _counter: itertools.count[int] = field(default_factory=itertools.count, compare=False)
-
-    def create(self, max_pids: int) -> Path:
-        path = self.base / f"sbx-{next(self._counter)}"
-        path.mkdir()
-        (path / "pids.max").write_text(f"{max_pids}\n")
-        return path
-
-    @staticmethod
-    def refused_forks(path: Path) -> int:
-        """How often the cgroup refused a fork (``max`` in ``pids.events``)."""
-        try:
-            text = (path / "pids.events").read_text()
-        except OSError:
-            return 0
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "max":
-                return int(value)
-        return 0
-
-    @staticmethod
-    def remove(path: Path) -> bool:
-        """Kills what is left in the cgroup and removes it; False while tasks are still exiting."""
-        with contextlib.suppress(OSError):
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        try:
-            path.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        return True
-
-
-def _own_cgroup_paths() -> dict[str, str]:
-    """``controller → path`` from ``/proc/self/cgroup`` (``""`` is the v2 unified hierarchy)."""
-    paths: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                paths[controller] = path
-    return paths
-
-
-def _try_cgroup_dir(base: Path, version: int) -> _PidsCgroup | None:
-    probe = base / f"probe-{os.getpid()}"
-    try:
-        base.mkdir(exist_ok=True)
-        if version == 2:
-            controllers = (base / "cgroup.subtree_control").read_text().split()
-            if "pids" not in controllers:
-                (base / "cgroup.subtree_control").write_text("+pids\n")
-        probe.mkdir()
-        (probe / "pids.max").write_text("1\n")
-    except OSError:
-        return None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.rmdir()
-    return _PidsCgroup(base, version)
-
-
-@functools.cache
-def _pids_cgroup() -> _PidsCgroup | None:
-    """The first writable pids cgroup hierarchy for this process, or None."""
-    own = _own_cgroup_paths()
-    name = f"stitchwork-{os.getpid()}"
-    candidates: list[tuple[Path, int]] = []
-    if "" in own:  # v2: a child of our own cgroup (works when the cgroup is delegated to us, or is the root)
-        for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-            if (mount / "cgroup.controllers").exists() and "pids" in (mount / "cgroup.controllers").read_text():
-                candidates.append((mount / own[""].lstrip("/") / name, 2))
-    if "pids" in own:
-        candidates.append((Path("/sys/fs/cgroup/pids") / own["pids"].lstrip("/") / name, 1))
-    for base, version in candidates:
-        _sweep_stale_cgroups(base.parent)
-        found = _try_cgroup_dir(base, version)
-        if found is not None:
-            atexit.register(_remove_cgroup_tree, base)
-            return found
-    return None
-
-
-def _remove_cgroup_tree(base: Path) -> None:
-    """Removes a process's ``stitchwork-<pid>`` cgroup and what is left under it."""
-    with contextlib.suppress(OSError):
-        for child in base.iterdir():
-            if child.is_dir():
-                _PidsCgroup.remove(child)
-    with contextlib.suppress(OSError):
-        base.rmdir()
-
-
-def _sweep_stale_cgroups(parent: Path) -> None:
-    """Removes ``stitchwork-<pid>`` cgroups of processes that are gone (killed before their atexit ran)."""
-    with contextlib.suppress(OSError):
-        for stale in parent.glob("stitchwork-*"):
-            try:
-                os.kill(int(stale.name.removeprefix("stitchwork-")), 0)
-            except ValueError:
-                continue
-            except ProcessLookupError:
-                _remove_cgroup_tree(stale)
-            except PermissionError:  # alive, someone else's
-                continue
 
 
 @functools.cache
@@ -325,20 +125,6 @@ def _check_bwrap(bwrap: str) -> tuple[bool, str]:
             return False, f"user namespaces disabled or not permitted here ({text})"
         return False, f"bwrap does not work on this host: {text or f'exit code {probe.returncode}'}"
     return True, ""
-
-
-@functools.cache
-def _generated_etc() -> Path:
-    """A private directory with a minimal ``passwd`` and ``group`` for the sandbox (created once)."""
-    directory = Path(tempfile.mkdtemp(prefix="stitchwork-bwrap-etc-"))
-    atexit.register(shutil.rmtree, directory, True)
-    (directory / "passwd").write_text(
-        "root:x:0:0:sandbox:/work:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-    )
-    (directory / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    for entry in directory.iterdir():
-        entry.chmod(0o444)
-    return directory
 
 
 # -- options ----------------------------------------------------------------------------------------------
@@ -380,35 +166,7 @@ class BwrapOptions:
         return cls(python=python, bwrap=bwrap, **numbers)
 
 
-def _python_prefix(python: str) -> str | None:
-    """The installation prefix to bind for ``python`` (None when it is under ``/usr``)."""
-    if python.startswith("/usr/"):
-        return None
-    if python == os.path.realpath(sys.executable) and not sys.base_prefix.startswith("/usr"):
-        return sys.base_prefix
-    prefix = os.path.dirname(os.path.dirname(python))
-    if prefix in ("/", ""):
-        raise ConfigError(f"bwrap sandbox: cannot tell the installation prefix of {python}")
-    return prefix
-
-
 # -- the sandbox ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Exit:
-    status: int
-    rusage: resource.struct_rusage | None
-
-
-@dataclass
-class _Outcome:
-    stdout: bytes
-    stderr: bytes
-    exit: _Exit
-    killed: str | None
-    duration_s: float
-    spawner_rss_kb: int
 
 
 class BwrapSandbox(Sandbox):
@@ -433,8 +191,7 @@ class BwrapSandbox(Sandbox):
         if not os.access(self.options.python, os.X_OK):
             raise ConfigError(f"bwrap sandbox: python interpreter {self.options.python} is not executable")
         self._prlimit = _prlimit_path() or "/usr/bin/prlimit"  # checked by _check_tools
-        self._cgroup = _pids_cgroup()
-        if self._cgroup is None and os.getuid() == 0:
+        if _cgroup.pids_cgroup() is None and os.getuid() == 0:
             log.warning(
                 "bwrap sandbox: no writable pids cgroup and running as root, so max_pids is NOT enforced "
                 "(RLIMIT_NPROC does not apply to root); fork bombs are only stopped by timeout_s"
@@ -450,7 +207,7 @@ class BwrapSandbox(Sandbox):
     def features(cls) -> dict[str, Any]:
         """Which protection mechanisms are active on this host (for ``stitchwork doctor`` and the docs)."""
         ok, reason = cls.available()
-        cgroup = _pids_cgroup()
+        cgroup = _cgroup.pids_cgroup()
         if cgroup is not None:
             pids = f"cgroup v{cgroup.version} ({cgroup.base})"
         elif os.getuid() != 0:
@@ -482,7 +239,7 @@ class BwrapSandbox(Sandbox):
             "/usr",
             "/usr",
         ]
-        for name in _ROOT_LINKS:
+        for name in _rootfs.ROOT_LINKS:
             path = "/" + name
             if os.path.islink(path):
                 args += ["--symlink", os.readlink(path), path]
@@ -491,7 +248,7 @@ class BwrapSandbox(Sandbox):
         for path in _ETC_FILES:
             if os.path.exists(path):
                 args += ["--ro-bind", path, path]
-        etc = _generated_etc()
+        etc = _rootfs.generated_etc()
         args += [
             "--ro-bind",
             str(etc / "passwd"),
@@ -500,10 +257,10 @@ class BwrapSandbox(Sandbox):
             str(etc / "group"),
             "/etc/group",
         ]
-        prefix = _python_prefix(self.options.python)
+        prefix = _rootfs.python_prefix(self.options.python)
         if prefix is not None:
             args += ["--ro-bind", prefix, prefix]
-            for site in sorted(glob.glob(os.path.join(glob.escape(prefix), "lib", "python3*", "site-packages"))):
+            for site in _rootfs.site_packages(prefix):
                 args += ["--tmpfs", site, "--remount-ro", site]
         tmp_bytes = str(self.options.tmp_mb * 1024 * 1024)
         # /dev itself is an unbounded tmpfs: read-only after /dev/shm is in place (device nodes stay usable).
@@ -528,57 +285,38 @@ class BwrapSandbox(Sandbox):
         if isinstance(program, PythonCall):
             if not program.file.is_file():
                 raise SandboxError(f"tool file {program.file} does not exist")
-            tool_path = f"/tool/{program.file.name}"
             args += [
                 "--ro-bind",
-                _RUNNER_HOST_PATH,
-                _runner.SANDBOX_PATH,
+                _protocol.RUNNER_HOST_PATH,
+                _protocol.SANDBOX_PATH,
                 "--ro-bind",
                 str(program.file),
-                tool_path,
+                _protocol.tool_path(program),
             ]
-            inner = [self.options.python, "-I", "-S", "-B", _runner.SANDBOX_PATH]
-            request = {"file": tool_path, "function": program.function, "payload": program.payload}
-            try:
-                stdin = json.dumps(request).encode()
-            except (TypeError, ValueError) as exc:
-                raise SandboxError(f"payload for {program.file}:{program.function} is not JSON: {exc}") from exc
+            inner = _protocol.runner_argv(self.options.python)
+            stdin = _protocol.encode_request(program)
         else:
             if not program.argv:
                 raise SandboxError("command has an empty argv")
             inner, stdin = list(program.argv), program.stdin
         args += ["--remount-ro", "/", "--chdir", "/work"]
         limits = spec.limits
-        env = _sandbox_env(spec.env)
-        cgroup = self._cgroup.create(limits.max_pids + _BWRAP_OVERHEAD_PIDS) if self._cgroup else None
-        try:
-            outcome = await self._execute(args, inner, stdin, env, limits, cgroup)
-            refused_forks = _PidsCgroup.refused_forks(cgroup) if cgroup else 0
-        finally:
-            if cgroup is not None:
-                _remove_cgroup_later(cgroup)
-        return _result(program, outcome, limits, refused_forks)
+        outcome = await self._execute(args, inner, stdin, _process.program_env(spec.env), limits)
+        if outcome.killed is None and _setup_failed(outcome):
+            text = outcome.stderr.decode(errors="replace").strip()
+            raise SandboxError(f"bwrap could not set up the sandbox: {text}")
+        return _process.sandbox_result(program, outcome, limits)
 
     def _mount_args(self, spec: SandboxSpec) -> list[str]:
         args: list[str] = []
+        _rootfs.check_workdir(spec.workdir)
         if spec.workdir is not None:
-            if not spec.workdir.is_dir():
-                raise SandboxError(f"workdir {spec.workdir} is not a directory")
             args += ["--bind", str(spec.workdir), "/work"]
         else:
             args += ["--size", str(self.options.tmp_mb * 1024 * 1024), "--tmpfs", "/work"]
         for mount in spec.mounts:
-            target = mount.target
-            if (
-                not target.startswith("/")
-                or posixpath.normpath(target) != target
-                or target in ("/", "/work", "/tmp")
-                or any(target == r or target.startswith(r + "/") for r in _RESERVED_TARGETS)
-            ):
-                raise SandboxError(f"mount target {target!r} is not allowed (absolute, normalised, not reserved)")
-            if not mount.source.exists():
-                raise SandboxError(f"mount source {mount.source} does not exist")
-            args += ["--bind" if mount.writable else "--ro-bind", str(mount.source), target]
+            _rootfs.check_mount(mount, reserved=("/work", "/tmp"), reserved_trees=_RESERVED_TARGETS)
+            args += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
         return args
 
     async def _execute(
@@ -588,11 +326,10 @@ class BwrapSandbox(Sandbox):
         stdin: bytes,
         env: dict[str, str],
         limits: Limits,
-        cgroup: Path | None,
-    ) -> _Outcome:
+    ) -> _process.Outcome:
         seccomp_read, seccomp_write = os.pipe()
         try:
-            bpf = _seccomp_bpf()
+            bpf = seccomp_bpf()
             os.write(seccomp_write, bpf)  # a few hundred bytes: fits the pipe buffer
             os.close(seccomp_write)
             seccomp_write = -1
@@ -605,26 +342,18 @@ class BwrapSandbox(Sandbox):
                 *self._prlimit_argv(limits),
                 *inner,
             ]
-            if cgroup is not None:
-                argv = ["/bin/sh", "-c", 'unset PWD; echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
-            return await _supervise(argv, env, stdin, (seccomp_read,), limits, cgroup)
+            return await _process.supervise(
+                argv, env=env, stdin=stdin, limits=limits, pass_fds=(seccomp_read,), confinement=_CONFINEMENT
+            )
         finally:
             os.close(seccomp_read)
             if seccomp_write != -1:
                 os.close(seccomp_write)
 
     def _prlimit_argv(self, limits: Limits) -> list[str]:
-        cpu = _cpu_rlimit(limits)
-        return [
-            self._prlimit,
-            f"--as={limits.mem_mb * 1024 * 1024}",
-            f"--cpu={cpu}",
-            f"--nproc={limits.max_pids}",
-            f"--fsize={self.options.fsize_mb * 1024 * 1024}",
-            f"--nofile={self.options.nofile}",
-            "--core=0",
-            "--",
-        ]
+        """``prlimit --as=... --cpu=... ... --``: the rlimits, set inside the sandbox just before the program."""
+        values = _process.rlimits(limits, fsize_mb=self.options.fsize_mb, nofile=self.options.nofile)
+        return [self._prlimit, *(f"--{name.lower()}={value}" for name, value in values.items()), "--"]
 
 
 def _prlimit_path() -> str | None:
@@ -642,7 +371,7 @@ def _check_tools(bwrap: str) -> tuple[bool, str]:
     if _prlimit_path() is None:
         return False, "prlimit not installed in /usr/bin: apt-get install util-linux"
     try:
-        _seccomp_bpf()
+        seccomp_bpf()
     except ImportError:
         return False, "pyseccomp not installed: pip install 'stitchwork[bwrap]'"
     except OSError as exc:
@@ -653,275 +382,6 @@ def _check_tools(bwrap: str) -> tuple[bool, str]:
     return _check_bwrap(bwrap)
 
 
-def _cpu_rlimit(limits: Limits) -> int:
-    """``RLIMIT_CPU`` counts whole seconds: the limit rounded up, at least one."""
-    return max(1, math.ceil(limits.cpu_s))
-
-
-def _sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {"PATH": _DEFAULT_PATH, "HOME": "/work", "LANG": "C.UTF-8"}
-    for key, value in extra.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise SandboxError(f"invalid environment variable name or value: {key!r}")
-        env[key] = value
-    return env
-
-
-def _remove_cgroup_later(path: Path, attempt: int = 0) -> None:
-    """Removes a finished sandbox's cgroup; retries for a while if its tasks are still being reaped."""
-    if _PidsCgroup.remove(path) or attempt >= 50:
-        return
-    with contextlib.suppress(RuntimeError):  # no running loop (interpreter shutdown): leave it
-        asyncio.get_running_loop().call_later(0.05, _remove_cgroup_later, path, attempt + 1)
-
-
-# -- process supervision ----------------------------------------------------------------------------------
-
-
-async def _supervise(
-    argv: list[str],
-    env: dict[str, str],
-    stdin: bytes,
-    pass_fds: tuple[int, ...],
-    limits: Limits,
-    cgroup: Path | None,
-) -> _Outcome:
-    """Runs ``argv`` in its own process group, feeding ``stdin``, collecting capped output, enforcing the timeout.
-
-    The exit status and resource usage come from ``wait4()``, driven by a pidfd in the event loop (or a worker
-    thread where pidfds are not available).
-    """
-    loop = asyncio.get_running_loop()
-    start = time.perf_counter()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            pass_fds=pass_fds,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise SandboxError(f"cannot start bwrap: {exc}") from exc
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    pid = proc.pid
-    killed: list[str] = []
-    budget = [limits.max_output_bytes]
-    chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
-    eof: dict[int, asyncio.Future[None]] = {fd: loop.create_future() for fd in chunks}
-    exited: asyncio.Future[_Exit] = loop.create_future()
-    pending_stdin = [memoryview(stdin)]
-    in_fd, out_fd, err_fd = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
-    pidfd = -1
-
-    def kill(reason: str) -> None:
-        if exited.done():
-            return
-        if not killed:
-            killed.append(reason)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        if cgroup is not None:
-            _PidsCgroup.remove(cgroup)  # belt and braces: anything that is still in the cgroup
-
-    def on_readable(fd: int) -> None:
-        try:
-            data = os.read(fd, _CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data and len(data) > budget[0]:
-            data = data[: budget[0]]
-            kill("output")
-        if data:
-            budget[0] -= len(data)
-            chunks[fd].append(data)
-        if not data or (budget[0] <= 0 and killed):
-            loop.remove_reader(fd)
-            if not eof[fd].done():
-                eof[fd].set_result(None)
-
-    def on_writable() -> None:
-        view = pending_stdin[0]
-        try:
-            written = os.write(in_fd, view[:_CHUNK]) if view else 0
-        except BlockingIOError:
-            return
-        except OSError:  # EPIPE: the program does not read its stdin
-            written, view = 0, memoryview(b"")
-        pending_stdin[0] = view = view[written:]
-        if not view:
-            loop.remove_writer(in_fd)
-            proc.stdin.close()  # type: ignore[union-attr]
-
-    def record(status: int, usage: resource.struct_rusage | None) -> None:
-        proc.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen from ever waiting for this pid
-        if not exited.done():
-            exited.set_result(_Exit(status, usage))
-
-    def reap(options: int) -> bool:
-        try:
-            got, status, usage = os.wait4(pid, options)
-        except ChildProcessError:  # already reaped by the other path
-            record(0, None)
-            return True
-        if got == 0:
-            return False
-        record(status, usage)
-        return True
-
-    def on_exit() -> None:
-        if reap(os.WNOHANG):
-            loop.remove_reader(pidfd)
-
-    for fd in chunks:
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, on_readable, fd)
-    os.set_blocking(in_fd, False)
-    loop.add_writer(in_fd, on_writable)
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # no pidfd: a worker thread blocks in wait4 instead
-        waiter = loop.run_in_executor(None, os.wait4, pid, 0)
-
-        def waited(future: asyncio.Future[tuple[int, int, resource.struct_rusage]]) -> None:
-            if not future.cancelled() and future.exception() is None:
-                record(*future.result()[1:])
-
-        waiter.add_done_callback(waited)
-    else:
-        loop.add_reader(pidfd, on_exit)
-    timer = loop.call_later(limits.timeout_s, kill, "timeout")
-    try:
-        done = await exited
-        with contextlib.suppress(TimeoutError):
-            # Pipes reach EOF once every process in the pid namespace is gone, which is right after bwrap.
-            await asyncio.wait_for(asyncio.gather(*eof.values()), _PIPE_GRACE_S)
-    finally:
-        timer.cancel()
-        if not exited.done():  # cancelled: do not leave a sandbox behind
-            kill("cancelled")
-            reap(0)
-        for fd in chunks:
-            loop.remove_reader(fd)
-        loop.remove_writer(in_fd)
-        if pidfd != -1:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
-    return _Outcome(
-        stdout=b"".join(chunks[out_fd]),
-        stderr=b"".join(chunks[err_fd]),
-        exit=done,
-        killed=killed[0] if killed else None,
-        duration_s=time.perf_counter() - start,
-        spawner_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    )
-
-
-# -- classification ---------------------------------------------------------------------------------------
-
-
-def _exit_code(status: int) -> int:
-    """The shell-style exit code: bwrap already maps its child's signal death to ``128 + signal``."""
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
-def _setup_failed(code: int, stdout: bytes, stderr: bytes) -> bool:
+def _setup_failed(outcome: _process.Outcome) -> bool:
     """bwrap itself failed (bad bind source, no namespaces...): it exits 1 with ``bwrap: ...`` and no output."""
-    return code == 1 and not stdout and stderr.startswith(b"bwrap: ")
-
-
-def _answer(stdout: bytes) -> dict[str, Any] | None:
-    """The runner's result line (the last line of stdout), if there is a valid one."""
-    try:
-        message = json.loads(stdout.rstrip(b"\n").rsplit(b"\n", 1)[-1])
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) and isinstance(message.get("ok"), bool) else None
-
-
-def _result(program: PythonCall | Command, outcome: _Outcome, limits: Limits, refused_forks: int) -> SandboxResult:
-    code = _exit_code(outcome.exit.status)
-    stdout, stderr = outcome.stdout, outcome.stderr
-    if outcome.killed is None and _setup_failed(code, stdout, stderr):
-        raise SandboxError(f"bwrap could not set up the sandbox: {stderr.decode(errors='replace').strip()}")
-    usage = outcome.exit.rusage
-    cpu_s = usage.ru_utime + usage.ru_stime if usage is not None else 0.0
-    # wait4()'s peak RSS is at least the spawning process's own (exec records the old mm's peak): only a
-    # larger figure can be the sandbox's.
-    max_rss_kb = usage.ru_maxrss if usage is not None and usage.ru_maxrss > outcome.spawner_rss_kb else 0
-    value: Any = None
-    error: str | None = None
-    answer = _answer(stdout) if isinstance(program, PythonCall) and outcome.killed is None else None
-    if answer is not None:
-        value = answer.get("value")
-        error = None if answer["ok"] else str(answer.get("error"))
-        reported = answer.get("usage")
-        if isinstance(reported, dict):
-            cpu_s = float(reported.get("cpu_s", cpu_s))
-            max_rss_kb = int(reported.get("max_rss_kb", max_rss_kb))
-    killed = outcome.killed
-    signum = code - 128 if 128 < code < 128 + 65 else 0
-    if killed is None:
-        if error is not None and error.startswith("MemoryError"):
-            killed = "memory"
-        elif refused_forks and (code != 0 or error is not None):
-            killed = "pids"
-        elif signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= 0.8 * _cpu_rlimit(limits)):
-            killed = "cpu"
-        elif signum in _FATAL_SIGNALS and answer is None:
-            killed = "signal"
-        elif answer is None and code != 0 and _mentions_memory(stderr):
-            killed = "memory"
-    if isinstance(program, PythonCall) and answer is None:
-        error = _why_no_answer(killed, code, limits)
-    return SandboxResult(
-        exit_code=code,
-        stdout=stdout,
-        stderr=stderr,
-        value=value,
-        error=error,
-        killed=killed,
-        truncated=killed == "output",
-        duration_s=outcome.duration_s,
-        cpu_s=cpu_s,
-        max_rss_kb=max_rss_kb,
-    )
-
-
-_OUT_OF_MEMORY_MESSAGES = (
-    b"MemoryError",
-    b"Cannot allocate memory",
-    b"std::bad_alloc",
-    b"out of memory",
-    b"failed to map segment",  # the dynamic loader, when RLIMIT_AS is below what the program needs to start
-)
-
-
-def _mentions_memory(stderr: bytes) -> bool:
-    """Whether a failed program said it ran out of memory (RLIMIT_AS makes allocations fail)."""
-    tail = stderr[-4096:]
-    return any(message in tail for message in _OUT_OF_MEMORY_MESSAGES)
-
-
-def _why_no_answer(killed: str | None, code: int, limits: Limits) -> str:
-    reasons = {
-        "timeout": f"timed out after {limits.timeout_s:g} s",
-        "output": f"output exceeded {limits.max_output_bytes} bytes",
-        "cpu": f"CPU time limit of {limits.cpu_s:g} s exceeded",
-        "pids": f"process limit of {limits.max_pids} reached",
-        "memory": f"memory limit of {limits.mem_mb} MB exceeded",
-        "cancelled": "cancelled",
-    }
-    if killed in reasons:
-        return reasons[killed]
-    if killed == "signal":
-        return f"killed by signal {signal.Signals(code - 128).name}"
-    return f"the tool process exited with code {code} without a result"
+    return outcome.exit.code == 1 and not outcome.stdout and outcome.stderr.startswith(b"bwrap: ")

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -31,8 +29,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
+from stitchwork.isolation import _protocol
 from stitchwork.isolation._base import Command, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.isolation._kvm import kvm_and_binary
+from stitchwork.isolation._process import run_with_timeout
 
 RESULT_MARKER = "\x1estitchwork-vm-result\x1e"
 _OPTIONS = frozenset({"kernel", "rootfs", "firecracker", "vcpus"})
@@ -45,8 +45,8 @@ def _request(spec: SandboxSpec) -> dict[str, Any]:
             source = program.file.read_text(encoding="utf-8")
         except OSError as exc:
             raise SandboxError(f"cannot read the tool file {program.file}: {exc}") from exc
-        return {"python": True, "file": f"/tool/{program.file.name}", "source": source,
-                "function": program.function, "payload": dict(program.payload), "env": dict(spec.env)}  # fmt: skip
+        request = _protocol.request(program, env=spec.env)
+        return {"python": True, **request, "payload": dict(program.payload), "source": source}
     assert isinstance(program, Command)
     if not program.argv:
         raise SandboxError("command has an empty argv")
@@ -123,25 +123,16 @@ class FirecrackerSandbox(Sandbox):
             await _make_work_image(work_image, spec.workdir)
             config = scratch / "vm.json"
             config.write_text(json.dumps(self.vm_config(spec, work_image)))
-            proc = await asyncio.create_subprocess_exec(
-                self.firecracker, "--no-api", "--config-file", str(config),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )  # fmt: skip
-            killed = None
-            try:
-                console, stderr = await asyncio.wait_for(proc.communicate(), spec.limits.timeout_s)
-            except TimeoutError:
-                killed = "timeout"
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                console, stderr = await proc.communicate()
+            vm = await run_with_timeout(
+                (self.firecracker, "--no-api", "--config-file", str(config)), spec.limits.timeout_s
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         duration = time.perf_counter() - started
+        console, stderr, killed = vm.stdout, vm.stderr, vm.killed
         answer = parse_console(console)
         if killed or answer is None:
-            return SandboxResult(exit_code=-signal.SIGKILL if killed else (proc.returncode or 1),
+            return SandboxResult(exit_code=-signal.SIGKILL if killed else (vm.returncode or 1),
                                  stdout=console[-spec.limits.max_output_bytes:], stderr=stderr[-65536:],
                                  error=f"timed out after {spec.limits.timeout_s:g} s" if killed
                                  else "the VM printed no result", killed=killed, duration_s=duration)  # fmt: skip

@@ -14,7 +14,7 @@ kernel (the Sentry), not the host kernel.
 Limits are OCI rlimits enforced by the Sentry: ``RLIMIT_AS`` (``mem_mb``), ``RLIMIT_CPU`` (``cpu_s``),
 ``RLIMIT_NPROC`` (``max_pids``), ``RLIMIT_FSIZE`` (64 MiB), ``RLIMIT_NOFILE`` (256), ``RLIMIT_CORE`` 0.
 ``timeout_s`` and ``max_output_bytes`` are enforced here as for ``bwrap://`` (same supervisor, same result
-rules: see :mod:`stitchwork.isolation.bwrap`); a killed sandbox is then removed with ``runsc delete --force``.
+rules: see :mod:`stitchwork.isolation._process`); a killed sandbox is then removed with ``runsc delete --force``.
 
 The environment (``spec.env``, where the gateway puts secrets) has to be in the bundle's ``config.json``; the
 bundle lives in ``/dev/shm`` (memory, mode 0700) and is deleted when the run ends. ``spec.egress`` is refused.
@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import posixpath
 import shutil
 import sys
 import tempfile
@@ -38,13 +37,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
-from stitchwork.isolation import _runner, bwrap
+from stitchwork.isolation import _process, _protocol, _rootfs
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 
 _OPTIONS = frozenset({"platform", "runsc", "python"})
-_ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 _RESERVED = ("/proc", "/dev", "/stitchwork", "/tool", "/usr", "/etc", "/work", "/tmp")
-_RUNNER_HOST_PATH = str(Path(_runner.__file__).resolve())
 _FSIZE_MB = 64
 _AF_UNIX = 1
 #: OCI seccomp profile applied by the Sentry (``--oci-seccomp``): no sockets but ``AF_UNIX`` (``--network=none``
@@ -94,8 +91,8 @@ class GvisorSandbox(Sandbox):
         self.platform = merged.get("platform", "ptrace")
         self.python = merged.get("python") or os.path.realpath(sys.executable)
         self._state = Path(tempfile.mkdtemp(prefix="stitchwork-runsc-state-"))
-        self._etc = bwrap._generated_etc()
-        self._prefix = bwrap._python_prefix(self.python)
+        self._etc = _rootfs.generated_etc()
+        self._prefix = _rootfs.python_prefix(self.python)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -127,44 +124,25 @@ class GvisorSandbox(Sandbox):
                 mounts.append(bind(os.path.realpath(f"/etc/{name}"), f"/etc/{name}"))
         if self._prefix is not None:
             mounts.append(bind(self._prefix, self._prefix))
-            for site in Path(self._prefix).glob("lib/python3*/site-packages"):
-                mounts.append({"destination": str(site), "type": "tmpfs", "source": "tmpfs", "options": ["size=1k"]})
+            for site in _rootfs.site_packages(self._prefix):
+                mounts.append({"destination": site, "type": "tmpfs", "source": "tmpfs", "options": ["size=1k"]})
+        _rootfs.check_workdir(spec.workdir)
         if spec.workdir is not None:
-            if not spec.workdir.is_dir():
-                raise SandboxError(f"workdir {spec.workdir} is not a directory")
             mounts.append(bind(str(spec.workdir), "/work", writable=True))
         else:
             mounts.append({"destination": "/work", "type": "tmpfs", "source": "tmpfs", "options": ["size=64m"]})
         if tool is not None:
-            mounts.append(bind(_RUNNER_HOST_PATH, _runner.SANDBOX_PATH))
+            mounts.append(bind(_protocol.RUNNER_HOST_PATH, _protocol.SANDBOX_PATH))
             mounts.append(bind(str(tool), f"/tool/{tool.name}"))
         for mount in spec.mounts:
-            target = mount.target
-            if (
-                not target.startswith("/")
-                or posixpath.normpath(target) != target
-                or any(target == r or target.startswith(r + "/") for r in ("/", *_RESERVED) if r != "/")
-                or target == "/"
-            ):
-                raise SandboxError(f"mount target {target!r} is not allowed (absolute, normalised, not reserved)")
-            if not mount.source.exists():
-                raise SandboxError(f"mount source {mount.source} does not exist")
-            mounts.append(bind(str(mount.source), target, mount.writable))
+            _rootfs.check_mount(mount, reserved=(), reserved_trees=_RESERVED)
+            mounts.append(bind(str(mount.source), mount.target, mount.writable))
         return mounts
 
     @staticmethod
     def _rlimits(limits: Limits) -> list[dict[str, Any]]:
-        def rl(kind: str, value: int) -> dict[str, Any]:
-            return {"type": kind, "hard": value, "soft": value}
-
-        return [
-            rl("RLIMIT_AS", limits.mem_mb * 1024 * 1024),
-            rl("RLIMIT_CPU", bwrap._cpu_rlimit(limits)),
-            rl("RLIMIT_NPROC", limits.max_pids),
-            rl("RLIMIT_FSIZE", _FSIZE_MB * 1024 * 1024),
-            rl("RLIMIT_NOFILE", _NOFILE),
-            rl("RLIMIT_CORE", 0),
-        ]
+        values = _process.rlimits(limits, fsize_mb=_FSIZE_MB, nofile=_NOFILE)
+        return [{"type": f"RLIMIT_{name}", "hard": value, "soft": value} for name, value in values.items()]
 
     def _bundle(self, root: Path, spec: SandboxSpec, args: list[str], tool: Path | None) -> None:
         rootfs = root / "rootfs"
@@ -172,10 +150,10 @@ class GvisorSandbox(Sandbox):
             (rootfs / directory).mkdir(parents=True, exist_ok=True)
         if self._prefix is not None:
             (rootfs / self._prefix.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        for link in _ROOT_LINKS:
+        for link in _rootfs.ROOT_LINKS:
             if os.path.islink(f"/{link}"):
                 (rootfs / link).symlink_to(os.readlink(f"/{link}").lstrip("/"))
-        env = bwrap._sandbox_env(spec.env)
+        env = _process.program_env(spec.env)
         config = {
             "ociVersion": "1.0.0",
             "process": {
@@ -210,12 +188,8 @@ class GvisorSandbox(Sandbox):
             if not program.file.is_file():
                 raise SandboxError(f"tool file {program.file} does not exist")
             tool = program.file.resolve()
-            args = [self.python, "-I", "-S", "-B", _runner.SANDBOX_PATH]
-            request = {"file": f"/tool/{tool.name}", "function": program.function, "payload": program.payload}
-            try:
-                stdin = json.dumps(request).encode()
-            except (TypeError, ValueError) as exc:
-                raise SandboxError(f"payload for {program.file}:{program.function} is not JSON: {exc}") from exc
+            args = _protocol.runner_argv(self.python)
+            stdin = _protocol.encode_request(program, tool=f"/tool/{tool.name}")
         else:
             if not program.argv:
                 raise SandboxError("command has an empty argv")
@@ -231,12 +205,13 @@ class GvisorSandbox(Sandbox):
             # RLIMIT_CPU is not enforced by the Sentry on the ptrace platform: cpu_s becomes a wall-clock bound.
             limits = spec.limits
             wall = dataclasses.replace(limits, timeout_s=min(limits.timeout_s, limits.cpu_s))
-            outcome = await bwrap._supervise(argv, {"PATH": "/usr/bin:/bin"}, stdin, (), wall, None)
+            env = {"PATH": "/usr/bin:/bin"}
+            outcome = await _process.supervise(argv, env=env, stdin=stdin, limits=wall, name="runsc")
         finally:
             if outcome is None or outcome.killed:  # `runsc run` removes a container that exited by itself
                 await self._delete(name)
             shutil.rmtree(root, ignore_errors=True)
-        result = bwrap._result(program, outcome, wall, 0)
+        result = _process.sandbox_result(program, outcome, wall)
         if result.killed == "timeout" and limits.cpu_s < limits.timeout_s:
             message = f"CPU time limit exceeded ({limits.cpu_s:g} s, enforced as wall time under gVisor)"
             result = dataclasses.replace(result, killed="cpu", error=message)

@@ -58,7 +58,6 @@ import contextvars
 import hashlib
 import inspect
 import io
-import json
 import os
 import queue
 import shutil
@@ -74,7 +73,7 @@ from typing import Any, TextIO
 from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import ConfigError, SandboxError
-from stitchwork.isolation import _runner
+from stitchwork.isolation import _process, _protocol, _runner
 from stitchwork.isolation._base import Command, Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 
 #: A direct (in-loop) call must stay below this many seconds to keep running in the loop in ``auto`` mode.
@@ -83,7 +82,6 @@ CHEAP_CALL_S = 0.002
 BLOCKING_CALL_S = 0.02
 _CHEAP_STREAK = 3
 _MODES = ("auto", "thread", "direct")
-_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PIPE_GRACE_S = 2.0
 
 _ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("sw_inline_env", default=None)
@@ -322,7 +320,7 @@ def _parse_mode(uri: str, options: Mapping[str, Any]) -> str:
 
 def _call_env(spec: SandboxSpec, home: str) -> dict[str, str]:
     """The environment a program sees: ``spec.env`` over ``PATH``, ``HOME`` and ``LANG`` defaults."""
-    return {"PATH": _DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", **spec.env}
+    return _process.program_env(spec.env, home=home, check=False)
 
 
 def _capped(stderr: bytes, stdout: bytes, cap: int) -> tuple[bytes, bytes, bool]:
@@ -356,10 +354,7 @@ class InlineSandbox(Sandbox):
     # -- Python calls ---------------------------------------------------------------------------------------
 
     async def _run_python(self, call: PythonCall, spec: SandboxSpec) -> SandboxResult:
-        try:
-            payload = json.loads(json.dumps(call.payload))
-        except (TypeError, ValueError) as exc:
-            raise SandboxError(f"payload for {call.file}:{call.function} is not JSON: {exc}") from exc
+        payload = _protocol.json_payload(call)
         limits = spec.limits
         _route_std_streams()
         _install_context_environ()
@@ -466,15 +461,16 @@ class InlineSandbox(Sandbox):
                 duration_s=duration,
                 cpu_s=cpu,
             )
-        message = json.loads(line)
-        error = None if message["ok"] else str(message["error"])
+        answer = _protocol.parse_answer(line)
+        if answer is None:  # the runner's own encoder wrote the line: cannot happen
+            raise SandboxError(f"inline://: not a result line: {line[:200]!r}")
         return SandboxResult(
             exit_code=0,
             stdout=line,
             stderr=stderr,
-            value=message.get("value"),
-            error=error,
-            killed="memory" if error is not None and error.startswith("MemoryError") else None,
+            value=answer.value,
+            error=answer.error,
+            killed="memory" if _protocol.is_memory_error(answer.error) else None,
             duration_s=duration,
             cpu_s=cpu,
         )

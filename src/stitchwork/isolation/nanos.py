@@ -12,8 +12,6 @@ the ``ops run -c`` JSON: the files, ``/work`` mapped from ``spec.workdir``, ``En
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -26,12 +24,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
-from stitchwork.isolation import _runner
+from stitchwork.isolation import _protocol
 from stitchwork.isolation._base import Command, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.isolation._kvm import kvm_and_binary
+from stitchwork.isolation._process import run_with_timeout
 
 _OPTIONS = frozenset({"ops", "python"})
-_RUNNER_HOST_PATH = str(Path(_runner.__file__).resolve())
+_REQUEST_PATH = "/stitchwork/request.json"
 
 
 class NanosSandbox(Sandbox):
@@ -63,11 +62,11 @@ class NanosSandbox(Sandbox):
         program = spec.program
         files: dict[str, str] = {}
         if isinstance(program, PythonCall):
-            args = ["-I", "-S", "-B", _runner.SANDBOX_PATH, "/stitchwork/request.json"]
-            files[_runner.SANDBOX_PATH] = _RUNNER_HOST_PATH
-            files[f"/tool/{program.file.name}"] = str(program.file)
+            args = [*_protocol.RUNNER_FLAGS, _protocol.SANDBOX_PATH, _REQUEST_PATH]
+            files[_protocol.SANDBOX_PATH] = _protocol.RUNNER_HOST_PATH
+            files[_protocol.tool_path(program)] = str(program.file)
             if request_file is not None:
-                files["/stitchwork/request.json"] = str(request_file)
+                files[_REQUEST_PATH] = str(request_file)
         else:
             assert isinstance(program, Command)
             args = list(program.argv[1:])
@@ -92,8 +91,7 @@ class NanosSandbox(Sandbox):
             request_file = None
             if isinstance(program, PythonCall):
                 request_file = scratch / "request.json"
-                request = {"file": f"/tool/{program.file.name}", "function": program.function,
-                           "payload": dict(program.payload)}  # fmt: skip
+                request = {**_protocol.request(program), "payload": dict(program.payload)}
                 request_file.write_text(json.dumps(request))
                 target = self.python
             else:
@@ -102,33 +100,20 @@ class NanosSandbox(Sandbox):
                 target = program.argv[0]
             config = scratch / "config.json"
             config.write_text(json.dumps(self.ops_config(spec, request_file)))
-            proc = await asyncio.create_subprocess_exec(
-                self.ops, "run", target, "-c", str(config),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            )  # fmt: skip
-            killed = None
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), spec.limits.timeout_s)
-            except TimeoutError:
-                killed = "timeout"
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                out, err = await proc.communicate()
+            argv = (self.ops, "run", target, "-c", str(config))
+            vm = await run_with_timeout(argv, spec.limits.timeout_s, stdin=None)  # ops inherits this stdin
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        out, err, killed = vm.stdout, vm.stderr, vm.killed
         cap = spec.limits.max_output_bytes
         if isinstance(program, PythonCall) and killed is None:
-            lines = out.decode("utf-8", "replace").strip().splitlines()
-            try:
-                answer = json.loads(lines[-1]) if lines else None
-            except ValueError:
-                answer = None
-            if isinstance(answer, dict):
-                return SandboxResult(exit_code=proc.returncode or 0, stdout=out[:cap], stderr=err[:cap],
-                                     value=answer.get("value"), error=answer.get("error"),
+            answer = _protocol.last_line_answer(out)
+            if answer is not None:
+                return SandboxResult(exit_code=vm.returncode or 0, stdout=out[:cap], stderr=err[:cap],
+                                     value=answer.value, error=answer.error,
                                      duration_s=time.perf_counter() - started)  # fmt: skip
         return SandboxResult(
-            exit_code=-signal.SIGKILL if killed else (proc.returncode or 0),
+            exit_code=-signal.SIGKILL if killed else (vm.returncode or 0),
             stdout=out[:cap], stderr=err[:cap], killed=killed, truncated=len(out) + len(err) > cap,
             error=f"timed out after {spec.limits.timeout_s:g} s" if killed else None,
             duration_s=time.perf_counter() - started,
