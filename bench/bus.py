@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from tests.messaging.durable_fixtures import build, call  # noqa: E402
+from tests.workers.durable_fixtures import build, call  # noqa: E402
 
 from stitchwork.config import DataConfig  # noqa: E402
 from stitchwork.messaging._base import open_bus  # noqa: E402
