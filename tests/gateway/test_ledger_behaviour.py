@@ -32,13 +32,11 @@ class LedgerBehaviour:
     async def test_a_missing_key_is_none(self, open_ledger: OpenLedger) -> None:
         assert await open_ledger().aget("run_1", "run_1:c1") is None
 
-
     async def test_an_outcome_put_is_found_as_it_was_put(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()
         await ledger.aput("run_1", "run_1:c1", OUTCOME)
         assert await ledger.aget("run_1", "run_1:c1") == OUTCOME
         assert await ledger.aget("run_1", "run_1:c2") is None
-
 
     async def test_the_first_put_of_a_key_wins(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()
@@ -46,7 +44,6 @@ class LedgerBehaviour:
         await ledger.aput("run_1", "k", {**OUTCOME, "audit_seq": 2})
         assert await ledger.aget("run_1", "k") == {**OUTCOME, "audit_seq": 1}
         assert await open_ledger().aget("run_1", "k") == {**OUTCOME, "audit_seq": 1}
-
 
     async def test_keys_are_scoped_to_their_run(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()
@@ -56,13 +53,11 @@ class LedgerBehaviour:
         assert (await ledger.aget("run_a", "k") or {})["tool"] == "a"
         assert (await ledger.aget("run_b", "k") or {})["tool"] == "b"
 
-
     async def test_an_outcome_is_durable_before_the_next_lookup(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()
         await ledger.aput("run_1", "run_1:c1", OUTCOME)
         assert await ledger.aget("run_1", "run_1:c2") is None  # the run's next lookup (before its next side effect)
         assert await open_ledger().aget("run_1", "run_1:c1") == OUTCOME  # stored: another ledger (a restart) finds it
-
 
     async def test_tuples_come_back_as_lists(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()

@@ -110,6 +110,18 @@ async def test_authenticate_refuses_a_bad_token_and_audits_one_event(stack: Stac
     assert set(event.data) == {"error", "reason"}
 
 
+async def test_authenticate_checks_the_audience_of_its_context(stack: Stack) -> None:
+    ctx = stack.context
+    door = GatewayContext(tokens=ctx.tokens, policy=ctx.policy, audit=ctx.audit, approvals=ctx.approvals,
+                          vault=ctx.vault, tools=ctx.tools, agents=ctx.agents, sandboxes=ctx.sandboxes,
+                          audience="door-b")
+    claims = await Authenticate(door)(ctx.tokens.issue("tester", RUN, audience="door-b"), action="x")
+    assert claims.run_id == RUN
+    with pytest.raises(AuthError) as refused:
+        await Authenticate(door)(stack.token, action="x")
+    assert refused.value.code == "token_wrong_audience"
+
+
 # -- validate --------------------------------------------------------------------------------------------------
 
 

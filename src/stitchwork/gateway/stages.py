@@ -61,17 +61,17 @@ def policy_context(
     return {
         "side_effect": side_effect,
         "approved": approved,
-        "taint": dict(taint) if taint is not None else untainted(),
+        "taint": taint if taint is not None else untainted(),
         "budget": {"steps": steps, "max_steps": max_steps},
         "time": {"unix": int(when), "hour": local.tm_hour, "weekday": local.tm_wday},
         "args": dict(args),
     }
 
 
-# -- what the stages hand each other -------------------------------------------------------------------------
+# -- what the stages hand each other (plain slotted records: one of each is built per call) -------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Checked:
     """A call that passed :class:`Validate`: a live run of the token's agent, a tool it is given, valid args."""
 
@@ -83,15 +83,17 @@ class Checked:
     """The audit fields of the caller: ``agent``, ``run_id`` and ``tool`` (the name as called)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tainted:
     """What :class:`Taint` found: the arguments' taint and the call's target (the tool's target argument)."""
 
     taint: ArgumentTaint
     target: str
+    record: dict[str, Any]
+    """``taint.context(<the tool's target argument>)``: the taint record of the Cedar context and the audit event."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Gate:
     """The decision :class:`Approve` settled on, and the human approval it consumed, or now waits for (ASK)."""
 
@@ -99,7 +101,7 @@ class Gate:
     approval_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolved:
     """The arguments with ``secret://`` references resolved, and the environment of the tool's sandbox."""
 
@@ -107,7 +109,7 @@ class Resolved:
     env: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Executed:
     """What an execute stage reports for a tool that ran (ok, or failed in the tool).
 
@@ -126,7 +128,7 @@ class Executed:
     labels: tuple[Label, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Labelled:
     """The output the agent gets (secrets redacted) and the provenance label(s) it was recorded under."""
 
@@ -176,7 +178,7 @@ class Audit:
         data = {
             "effect": decision.effect.value, "policy_ids": list(decision.policy_ids),
             "reasons": list(decision.reasons), "target": redactor.redact_text(tainted.target),
-            "taint": tainted.taint.context(call.tool.target), "side_effect": call.tool.side_effect.value,
+            "taint": tainted.record, "side_effect": call.tool.side_effect.value,
             "jti": call.claims.jti, "arguments": redactor.redact(call.args), "approval_id": gate.approval_id,
         }
         if decision.effect is Effect.ASK:
@@ -307,7 +309,8 @@ class Taint:
     def __call__(self, call: Checked) -> Tainted:
         tool = call.tool
         target = str(call.args.get(tool.target, "")) if tool.target else ""
-        return Tainted(call.run.tracker.check(call.args), target)
+        taint = call.run.tracker.check(call.args)
+        return Tainted(taint, target, taint.context(tool.target))
 
 
 class Authorize:
@@ -324,7 +327,7 @@ class Authorize:
         """The decision for a tool call."""
         tool, run = call.tool, call.run
         context = policy_context(
-            side_effect=tool.side_effect.value, approved=approved, taint=tainted.taint.context(tool.target),
+            side_effect=tool.side_effect.value, approved=approved, taint=tainted.record,
             steps=run.steps, max_steps=run.max_steps, args=call.args,
         )
         return await self.decide(run.agent, tool.name, tainted.target, context)
