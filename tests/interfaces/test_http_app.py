@@ -41,6 +41,15 @@ def test_every_endpoint_requires_the_operator_token(api, method: str, path: str)
     assert client.request(method, path, headers=auth("swo_wrong")).status_code == 401
 
 
+def test_the_liveness_probe_needs_no_token_and_says_nothing_else(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert client.get("/healthz/../v1/health").status_code == 401
+    assert client.get("/healthzx").status_code == 401
+    assert client.post("/healthz").status_code == 405
+
+
 def test_openapi_is_served_with_a_token(api) -> None:  # type: ignore[no-untyped-def]
     client, _, token = api
     spec = client.get("/openapi.json", headers=auth(token)).json()
