@@ -382,3 +382,19 @@ def test_report_names_in_help_match_the_reports() -> None:
     from stitchwork.interfaces.cli.audit import REPORT_NAMES
 
     assert {name: report.title for name, report in REPORTS.items()} == REPORT_NAMES
+
+
+def test_a_missing_package_anywhere_ends_with_the_extra_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from stitchwork.interfaces.cli import app as app_module
+    from stitchwork.interfaces.cli import runs
+
+    def missing(config: Any) -> Any:
+        raise ModuleNotFoundError("No module named 'duckdb'", name="duckdb")
+
+    monkeypatch.setattr(runs, "client_for", missing)
+    monkeypatch.setattr("sys.argv", ["stitchwork", "runs", "ls"])
+    with pytest.raises(SystemExit) as exited:
+        app_module.main()
+    assert exited.value.code == 2
+    assert "pip install 'stitchwork[server]'" in capsys.readouterr().err

@@ -111,7 +111,10 @@ def test_help_and_local_commands_need_no_server_side(light: Path, tmp_path: Path
 @pytest.mark.parametrize(("args", "extra"), [
     (["up"], "server"), (["demo"], "server"), (["worker"], "server"), (["sandbox", "prepare"], "server"),
     (["runs", "ls"], "server"), (["approvals"], "server"), (["audit", "verify"], "server"),
-    (["memory", "ls"], "server"),
+    (["memory", "ls"], "server"), (["eval", "agentdojo"], "server"),
+    (["kafka-export", "kafka://127.0.0.1:1"], "kafka"),
+    (["runs", "dead", "--bus", "nats://127.0.0.1:1"], "nats"), (["submit", "a", "task", "--bus", "nats://127.0.0.1:1"],
+                                                                 "nats"), (["data", "retention"], "server"),
 ])
 def test_server_side_commands_name_the_extra(light: Path, tmp_path: Path, args: list[str], extra: str) -> None:
     result = cli(light, *args, env={"STITCHWORK_STATE_DIR": str(tmp_path / "state")})

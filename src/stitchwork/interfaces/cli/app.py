@@ -19,7 +19,7 @@ from stitchwork.interfaces.cli import (
     server,
     workers,
 )
-from stitchwork.interfaces.cli._common import EXIT_CODES_HELP
+from stitchwork.interfaces.cli._common import EXIT_CODES_HELP, ExitCode, err, missing_extra
 
 REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
     server.register,  # up
@@ -58,7 +58,13 @@ app = build()
 
 
 def main() -> None:
-    app()
+    """The ``stitchwork`` script. A server-side package missing from a light install (``pip install stitchwork``
+    without extras) ends the command with exit 2 and the extra that provides it, never a traceback."""
+    try:
+        app()
+    except ImportError as exc:
+        err.print(f"error: {missing_extra(exc, 'this command')}", markup=False)
+        raise SystemExit(ExitCode.USAGE) from None
 
 
 __all__ = ["REGISTRATIONS", "app", "build", "main"]

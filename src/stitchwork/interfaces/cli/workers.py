@@ -170,9 +170,9 @@ def register(app: typer.Typer) -> None:
         config_path: Path | None = ConfigOpt,
     ) -> None:
         """Stream run events (and, with --audit-topic, the audit log) into Kafka; resumes where it stopped."""
+        KafkaSink = server_side("stitchwork.messaging.kafka", "stitchwork kafka-export").KafkaSink
         from stitchwork.messaging._base import open_bus
         from stitchwork.messaging.embedded import bus_uri
-        from stitchwork.messaging.kafka import KafkaSink
         from stitchwork.workers.export import export_audit, export_events
         from stitchwork.workers.subjects import Subjects
 
