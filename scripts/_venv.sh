@@ -80,6 +80,9 @@ sw_install() {
     run uv pip install -q --python "$VENV/bin/python" -c "$LOCK" setuptools wheel
     run uv pip install -q --python "$VENV/bin/python" -c "$LOCK" --no-build-isolation -e ".[$extras]"
   else
+    if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then  # a venv made by uv has no pip of its own
+      run "$VENV/bin/python" -m ensurepip -q || die "$VENV has no pip; install uv, or remove $VENV and run again"
+    fi
     run "$VENV/bin/python" -m pip install -qq --disable-pip-version-check -c "$LOCK" setuptools wheel
     run "$VENV/bin/python" -m pip install -qq --disable-pip-version-check -c "$LOCK" --no-build-isolation -e ".[$extras]"
   fi

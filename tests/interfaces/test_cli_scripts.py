@@ -167,6 +167,7 @@ def test_unknown_format_is_a_usage_error(root: Path) -> None:
     (["memory", "ls"], "no agent has memory yet"),
     (["memory", "grants"], "no memory grants"),
     (["audit", "query", "SELECT 1 AS one WHERE false"], "no rows"),
+    (["audit", "report", "denied"], "report denied: nothing in this window"),
     (["audit", "query", "SELECT 1 AS one WHERE false", "--format", "csv"], "no rows"),
 ])
 def test_empty_results_say_so_on_stderr_and_print_nothing(root: Path, args: list[str], message: str) -> None:
