@@ -40,9 +40,10 @@ def secrets_list(as_json: bool = JsonOpt, config_path: Path | None = ConfigOpt) 
         fail(exc)
     if as_json:
         print_json(names)
-    elif not names:
+        return
+    if not names:
         nothing("no secrets stored")
-    for name in [] if as_json else names:
+    for name in names:
         console.print(name, markup=False)
 
 
