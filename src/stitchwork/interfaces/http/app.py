@@ -39,6 +39,9 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
 )
 """Every route group of the control plane. A new group is one line here."""
 
+PUBLIC_PATHS = frozenset({"/healthz"})
+"""Paths served without a token: the liveness probe (containers, load balancers) says only that the server answers."""
+
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
     InvalidArguments: 422, ConfigError: 400, StoreError: 400,
@@ -73,6 +76,8 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path in PUBLIC_PATHS:
+            return await call_next(request)
         token = bearer(request)
         if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
             request.state.run_token = token
