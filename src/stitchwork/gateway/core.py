@@ -275,7 +275,8 @@ class Gateway:
         decision_data = {
             "effect": decision.effect.value, "policy_ids": list(decision.policy_ids),
             "reasons": list(decision.reasons), "target": self.redactor.redact_text(target),
-            "taint": taint.context(tool.target), "side_effect": tool.side_effect.value, "jti": claims.jti,
+            "taint": taint.context(tool.target), "provenance": taint.provenance(),
+            "side_effect": tool.side_effect.value, "jti": claims.jti,
             "arguments": audit_args, "approval_id": approval_id,
         }
         if decision.effect is Effect.ASK:

@@ -16,26 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from stitchwork.errors import StitchworkError
-from stitchwork.isolation._base import SANDBOXES, Command, Limits, Mount, SandboxResult, SandboxSpec, open_sandbox
+from stitchwork.isolation._base import Command, Limits, Mount, SandboxResult, SandboxSpec, open_sandbox
+from stitchwork.isolation.availability import backend_status
 
 console = Console()
 sandbox_app = typer.Typer(help="Run programs in sandboxes; prepare and benchmark the backends.", no_args_is_help=True)
-
-#: Every backend scheme, in the order ``doctor`` lists them.
-BACKENDS = ("wasm", "bwrap", "gvisor", "firecracker", "nanos", "inline")
-
-
-def backend_status() -> list[tuple[str, bool, str]]:
-    """(scheme, usable here, why not) for every backend."""
-    rows = []
-    for name in BACKENDS:
-        try:
-            cls = SANDBOXES.load(f"{name}://")
-            ok, reason = cls.available()
-        except StitchworkError as exc:
-            ok, reason = False, str(exc)
-        rows.append((name, bool(ok), reason))
-    return rows
 
 
 @sandbox_app.command("prepare")
