@@ -324,6 +324,8 @@ def test_the_runs_list_pages_through_every_run_once(board: Board) -> None:
         path = more.group(1).replace("&amp;", "&") if more else ""
         pages += 1
     assert pages == 3 and len(seen) == len(set(seen)) == 123 and set(seen) == ids
+    fresh = board.client.get(f"/ui/runs/{seen[0]}")  # a run that has not started: no model calls, no events
+    assert fresh.status_code == 200 and "No gateway decisions recorded" in fresh.text
     assert "123 runs" in board.client.get("/ui/runs").text
 
 
@@ -450,3 +452,42 @@ def _wait(check: Any, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.05)
+
+
+def test_expired_approvals_are_in_the_history(board: Board) -> None:
+    board.sign_in()
+    _, approval_id = _pending(board)
+    board.service.platform.store.execute("UPDATE approvals SET expires_at = 0 WHERE id = ?", [approval_id])
+    page = board.client.get("/ui/approvals").text
+    row = re.search(rf'<tr data-approval="{approval_id}">(.*?)</tr>', page, re.S)
+    assert row and "expired" in row.group(1) and "timeout" in row.group(1)
+    assert 'id="no-pending"' in page
+
+
+def test_a_run_driven_by_a_worker_shows_its_checkpoint_from_the_bus(board: Board) -> None:
+    import json
+
+    from stitchwork.agents.runs import RunRecord, RunStatus, record_to_row
+
+    board.sign_in()
+    hub = board.service.platform.events
+    record = RunRecord(id="run_worker00000001", agent="janitor", task="queued <b>task</b>", model="m",
+                       status=RunStatus.COMPLETED, messages=({"role": "user", "content": "hello <i>there</i>"},),
+                       created_at=1.0, updated_at=2.0)
+    hub.sync.publish(hub.subjects.state(record.id), json.dumps(record_to_row(record)).encode())
+    page = board.client.get(f"/ui/runs/{record.id}")
+    assert page.status_code == 200 and "A worker drives this run" in page.text
+    assert "hello &lt;i&gt;there&lt;/i&gt;" in page.text and "queued &lt;b&gt;task&lt;/b&gt;" in page.text
+
+
+def test_behind_a_proxy_the_public_url_is_our_origin(board: Board) -> None:
+    csrf = board.sign_in()
+    dashboard = board.client.app.state.dashboard  # type: ignore[attr-defined]
+    dashboard.config = replace(dashboard.config, public_url="https://sw.example")
+    _, approval_id = _pending(board)
+    path = f"/ui/approvals/{approval_id}/decide"
+    refused = board.client.post(path, data={"csrf": csrf, "decision": "deny"}, headers={"Origin": "https://evil.example"})
+    assert refused.status_code == 403
+    done = board.client.post(path, data={"csrf": csrf, "decision": "deny"}, headers={"Origin": "https://sw.example"},
+                             follow_redirects=False)
+    assert done.status_code == 303

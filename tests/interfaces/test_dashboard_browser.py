@@ -2,8 +2,9 @@
 
 Needs ``pip install 'playwright==1.65.*'`` and ``apt-get install -y chromium`` (Playwright cannot download its own
 browser here; it is pointed at ``/usr/bin/chromium``, or ``$STITCHWORK_CHROMIUM``). Skipped with the reason when
-either is missing. ``STITCHWORK_SCREENSHOTS=DIR`` saves a screenshot of each page into DIR (the README's are
-made this way: ``STITCHWORK_SCREENSHOTS=docs/dashboard``).
+either is missing. ``STITCHWORK_SCREENSHOTS=DIR`` saves a screenshot of each page into DIR, and
+``STITCHWORK_TEST_SANDBOX`` picks the tools' sandbox (default ``inline://``, the fast test double). The README's
+screenshots are made with ``STITCHWORK_SCREENSHOTS=docs/dashboard STITCHWORK_TEST_SANDBOX=wasm://``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.skipif(bool(_missing()), reason=_missing() or "browser
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("dashboard")
-    running = start(build(root), root)
+    running = start(build(root, sandbox=os.environ.get("STITCHWORK_TEST_SANDBOX", "inline://")), root)
     try:
         status, _ = running.api("PUT", "/v1/secrets/crm_api_key", {"value": "crm_live_0123456789abcdef"})
         assert status == 204

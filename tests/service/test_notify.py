@@ -289,3 +289,48 @@ def test_signatures_expire_and_reject_garbage() -> None:
 async def test_bad_settings_are_config_errors(platform: Platform, settings: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         ApprovalNotifier(platform, replace(NotificationsConfig(), **settings), base_url="http://x")
+
+
+def test_stitchwork_up_posts_pending_approvals_from_its_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from stitchwork.interfaces.http.app import create_app
+    from stitchwork.service import Service
+
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    hook = f"http://127.0.0.1:{http.server_address[1]}/slack"
+    config = load_config(build(tmp_path, extra_toml=f'[notifications]\nwebhooks = ["{hook}"]\npoll_s = 3600\n'
+                               '[dashboard]\npublic_url = "https://sw.example"\n'), environ={})
+    platform = Platform.open(config, role="server")
+    try:
+        platform.vault.set("notifications_hmac", KEY)
+        service = Service(platform)
+        token = service.create_operator_token()
+        with TestClient(create_app(service, expiry_interval_s=3600)) as client:
+            run = client.post("/v1/runs", json={"agent": "janitor", "task": "x", "wait": True},
+                              headers={"Authorization": f"Bearer {token}"}).json()
+            (approval_id,) = run["pending_approvals"]
+            for _ in range(500):  # woken by the run's "waiting_approval" event (the poll is an hour)
+                if got:
+                    break
+                threading.Event().wait(0.02)
+        ((headers, body),) = got
+        assert verify_signature(KEY.encode(), body, headers["x-stitchwork-signature"])
+        assert json.loads(body)["stitchwork"]["url"] == f"https://sw.example/ui/approvals/{approval_id}"
+    finally:
+        http.shutdown()
+        asyncio.run(platform.aclose())

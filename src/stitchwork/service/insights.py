@@ -15,13 +15,16 @@ from stitchwork.audit.activity import denials_over_time, refresh_activity, rule_
 from stitchwork.audit.reports import REPORTS
 from stitchwork.errors import StitchworkError
 from stitchwork.isolation.availability import backend_status
+from stitchwork.security.policy import builtin_policy_dir
 from stitchwork.service import audit as audit_ops
 from stitchwork.service import memory as memory_ops
 
 if TYPE_CHECKING:
     from stitchwork.platform import Platform
 
-__all__ = ["ChainCheck", "audit_overview", "chain_head", "platform_overview"]
+__all__ = ["HUMAN_REFUSAL", "ChainCheck", "audit_overview", "chain_head", "platform_overview"]
+
+HUMAN_REFUSAL = "approval:* (a human denied the call, or its approval expired)"
 
 
 @dataclass(frozen=True)
@@ -94,23 +97,28 @@ def audit_overview(platform: Platform, *, since: float | None = None, until: flo
 
 
 def _packs(platform: Platform) -> list[dict[str, Any]]:
-    hits: dict[str, dict[str, int]] = defaultdict(dict)
+    hits: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     last: dict[str, float] = {}
     refresh_activity(platform.store)
     for row in rule_hits(platform.store):
-        hits[row["rule"]][row["decision"]] = int(row["hits"])
-        last[row["rule"]] = max(last.get(row["rule"], 0.0), float(row["last_ts"] or 0.0))
+        # a call refused because a human denied (or let expire) its approval names that approval: one line for all
+        rule = HUMAN_REFUSAL if str(row["rule"]).startswith("approval:") else str(row["rule"])
+        hits[rule][row["decision"]] += int(row["hits"])
+        last[rule] = max(last.get(rule, 0.0), float(row["last_ts"] or 0.0))
     packs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    builtin = builtin_policy_dir().resolve()
     for policy in platform.policy.describe():
-        directory = str(Path(policy["path"]).parent) if policy["path"] else "(built in)"
+        folder = Path(policy["path"]).resolve().parent if policy["path"] else builtin
+        directory = f"built-in pack ({folder})" if folder == builtin else str(folder)
         packs[directory].append({**policy, "hits": dict(hits.get(policy["id"], {})),
                                  "total": sum(hits.get(policy["id"], {}).values()), "last_ts": last.get(policy["id"])})
     known = {p["id"] for rows in packs.values() for p in rows}
-    other = [{"id": rule, "hits": counts, "total": sum(counts.values()), "last_ts": last.get(rule)}
+    other = [{"id": rule, "hits": dict(counts), "total": sum(counts.values()), "last_ts": last.get(rule)}
              for rule, counts in hits.items() if rule not in known]
     out = [{"pack": name, "policies": rows} for name, rows in packs.items()]
     if other:
-        out.append({"pack": "rules no longer loaded (or built into the gateway)", "policies": other})
+        out.append({"pack": "decided outside the packs (gateway checks, human refusals, rules no longer loaded)",
+                    "policies": other})
     return out
 
 

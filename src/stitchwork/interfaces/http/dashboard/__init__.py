@@ -95,6 +95,10 @@ class Dashboard:
     async def session(self, conn: Request | WebSocket) -> Session | None:
         return await asyncio.to_thread(self.sessions.get, conn.cookies.get(COOKIE, ""))
 
+    def same_site(self, conn: Request | WebSocket) -> bool:
+        """False when the browser says the request comes from another site (see :func:`.sessions.same_origin`)."""
+        return same_origin(conn, self.config.public_url)
+
     def secure(self, conn: Request | WebSocket) -> bool:
         return conn.url.scheme in {"https", "wss"} or self.config.public_url.startswith("https://")
 
@@ -172,7 +176,7 @@ def mount(app: FastAPI, service: Service) -> None:
             return _login_page(board, request, "", str(exc), status=400)
         target = safe_next(fields.get("next", ""))
         presented = request.cookies.get(LOGIN_COOKIE, "")
-        if not same_origin(request) or not presented or not tokens_match(presented, fields.get("login", "")):
+        if not board.same_site(request) or not presented or not tokens_match(presented, fields.get("login", "")):
             return _login_page(board, request, target, "The sign-in form expired; try again.", status=403)
         if board.sessions.throttled(address):
             return _login_page(board, request, target, "Too many failed sign-ins from this address; wait a minute.",
@@ -201,7 +205,7 @@ def mount(app: FastAPI, service: Service) -> None:
                 fields = await board.form(request)
             except FormError:
                 fields = {}
-            if not same_origin(request) or not SessionStore.csrf_ok(session, fields.get("csrf", "")):
+            if not board.same_site(request) or not SessionStore.csrf_ok(session, fields.get("csrf", "")):
                 return pages.refused(board, session, "The sign-out form expired; reload the page and try again.")
             await asyncio.to_thread(board.sessions.close, request.cookies.get(COOKIE, ""))
         response = RedirectResponse(f"{PREFIX}/login", status_code=303, headers=SECURITY_HEADERS)
@@ -211,7 +215,7 @@ def mount(app: FastAPI, service: Service) -> None:
     @app.websocket(PREFIX + "/live")
     async def live(websocket: WebSocket) -> None:
         session = await board.session(websocket)
-        if session is None or not same_origin(websocket) or board.feed is None:
+        if session is None or not board.same_site(websocket) or board.feed is None:
             await websocket.close(code=4401, reason="sign in to the dashboard first")
             return
         await websocket.accept()

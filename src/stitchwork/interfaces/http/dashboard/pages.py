@@ -22,7 +22,7 @@ from stitchwork.agents.runs import RunStatus
 from stitchwork.errors import ApprovalError, RunError, StitchworkError, StoreError, UnknownAgent
 from stitchwork.interfaces.http.dashboard import charts
 from stitchwork.interfaces.http.dashboard.render import SECURITY_HEADERS, page, safe_next
-from stitchwork.interfaces.http.dashboard.sessions import Session, SessionStore, same_origin
+from stitchwork.interfaces.http.dashboard.sessions import Session, SessionStore
 from stitchwork.service import dashboard as views
 from stitchwork.service import insights
 
@@ -36,6 +36,7 @@ __all__ = ["operator_token_id", "refused", "register"]
 PREFIX = "/ui"
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _STATUS = {RunError: 404, UnknownAgent: 404, ApprovalError: 409, StoreError: 400}
+NO_USAGE = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 _TIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?$")
 
 
@@ -105,7 +106,7 @@ def register(app: FastAPI, board: Dashboard) -> None:
             fields = await board.form(request)
         except FormError as exc:
             return refused(board, session, str(exc), status=400)
-        if not same_origin(request) or not SessionStore.csrf_ok(session, fields.get("csrf", "")):
+        if not board.same_site(request) or not SessionStore.csrf_ok(session, fields.get("csrf", "")):
             await platform.audit.aappend("auth", tool=request.url.path, decision="deny",
                                          data={"error": "csrf", "reason": "dashboard change without a valid "
                                                "CSRF token or from another site"})
@@ -285,7 +286,7 @@ def _run_context(board: Dashboard, session: Session, run_id: str, after: int) ->
         return None
     run = platform.gateway.redactor.redact(record.to_dict(messages=False))
     refresh_activity(platform.store)
-    usage = run_usage(platform.store, [run_id]).get(run_id, {})
+    usage = run_usage(platform.store, [run_id]).get(run_id, NO_USAGE)
     pending = views.pending_approvals(platform, run_id)
     return _context(board, session, "runs", run=run, usage=usage, worker=False,
                     messages=views.conversation(platform, record.messages),
@@ -310,7 +311,7 @@ async def _worker_run(board: Dashboard, session: Session, run_id: str) -> dict[s
     run = platform.gateway.redactor.redact({k: v for k, v in state.items() if k != "messages"})
 
     def rest() -> dict[str, Any]:
-        return _context(board, session, "runs", run=run, usage={}, worker=True, pending=[], after=0,
+        return _context(board, session, "runs", run=run, usage=NO_USAGE, worker=True, pending=[], after=0,
                         messages=views.conversation(platform, state.get("messages") or []),
                         timeline=views.Page([]))
     return await asyncio.to_thread(rest)

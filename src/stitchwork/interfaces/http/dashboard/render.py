@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import ChainableUndefined, Environment, FileSystemLoader
 from starlette.responses import HTMLResponse, Response
 
 __all__ = ["CSP", "HERE", "SECURITY_HEADERS", "page", "safe_next", "safe_url", "templates"]
@@ -122,7 +122,7 @@ def _query(base: str, params: Mapping[str, Any], **changes: Any) -> str:
     return f"{base}?{urlencode(merged)}" if merged else base
 
 
-templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
+templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=ChainableUndefined,
                         trim_blocks=True, lstrip_blocks=True)
 templates.filters.update({"when": _when, "clock": _clock, "ago": _ago, "money": _money, "number": _number,
                           "tojson_text": _json, "safe_url": safe_url, "urlpart": lambda v: quote(str(v), safe="")})

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
@@ -65,8 +66,11 @@ class Session:
     last_seen: float
 
 
-def same_origin(conn: HTTPConnection) -> bool:
-    """False when the browser says the request comes from another site (``Origin``, ``Sec-Fetch-Site``)."""
+def same_origin(conn: HTTPConnection, public_url: str = "") -> bool:
+    """False when the browser says the request comes from another site (``Origin``, ``Sec-Fetch-Site``).
+
+    The page's own origin is the request's ``Host``, or ``public_url``'s origin (a proxy in front may rewrite
+    ``Host``)."""
     site = conn.headers.get("sec-fetch-site", "")
     if site and site not in {"same-origin", "none"}:
         return False
@@ -74,7 +78,11 @@ def same_origin(conn: HTTPConnection) -> bool:
     if not origin:
         return True  # browsers send Origin on POST and WebSocket; non-browser clients need the CSRF token anyway
     host = conn.headers.get("host", "")
-    return origin in {f"http://{host}", f"https://{host}"}
+    allowed = {f"http://{host}", f"https://{host}"}
+    if public_url:
+        parts = urlsplit(public_url)
+        allowed.add(f"{parts.scheme}://{parts.netloc}")
+    return origin in allowed
 
 
 class SessionStore:
