@@ -174,6 +174,8 @@ def test_a_pending_approval_appears_live_is_approved_and_the_run_completes(page:
     card.locator("button[value=approve]").click()
     page.wait_for_selector("#flash")
     assert f"Approval {approval_id} approved" in page.inner_text("#flash")
+    # the run resumes in the background; the inbox's history shows its state (kept current by the live feed)
+    page.wait_for_selector(f'#approval-history tr[data-approval="{approval_id}"] .status:text("completed")')
     server.wait_run(run_id, {"completed"})
     page.goto(f"{server.url}/ui/runs/{run_id}")
     page.wait_for_selector("#run-status:text('completed')")

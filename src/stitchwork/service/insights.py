@@ -56,10 +56,14 @@ class ChainChecker:
             started = time.perf_counter()
             try:
                 report = audit_ops.verify(platform)
+                self.last = ChainCheck(report.ok, report.events, report.first_bad_seq, report.reason,
+                                       report.head_seq, report.head_signed, time.time(),
+                                       round(time.perf_counter() - started, 3))
+            except StitchworkError as exc:  # the store failed: say so rather than report a verdict
+                self.last = ChainCheck(False, 0, None, f"verification could not run: {exc}", 0, False, time.time(),
+                                       round(time.perf_counter() - started, 3))
             finally:
                 self.running = False
-            self.last = ChainCheck(report.ok, report.events, report.first_bad_seq, report.reason, report.head_seq,
-                                   report.head_signed, time.time(), round(time.perf_counter() - started, 3))
             return self.last
 
 

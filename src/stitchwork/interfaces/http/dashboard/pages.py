@@ -157,7 +157,9 @@ def register(app: FastAPI, board: Dashboard) -> None:
                                 verdict=verdict if verdict in {"approved", "denied"} else "",
                                 conflict=conflict if _ID.match(conflict) else "")
             context = await asyncio.to_thread(gather)
-            return page("approvals_pending.html" if fragment else "approvals.html", context)
+            template = {"": "approvals.html", "history": "approvals_history.html"}.get(fragment,
+                                                                                      "approvals_pending.html")
+            return page(template, context)
         return await guarded(request, body)
 
     @app.get(PREFIX + "/approvals/{approval_id}", include_in_schema=False)

@@ -71,7 +71,7 @@
       if (event && relevant(event)) { schedule(); }
     };
     socket.onclose = function (closed) {
-      if (closed.code === 4401) { say("signed out"); return; }
+      if (closed.code === 4401) { say("signed out"); location.reload(); return; }  // the server shows sign-in
       say("reconnecting…");
       setTimeout(connect, delay);
       delay = Math.min(delay * 2, 30000);
