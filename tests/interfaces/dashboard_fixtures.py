@@ -66,7 +66,7 @@ def _turns(*turns: dict[str, Any]) -> str:
     return "\n".join(json.dumps(t) for t in turns) + "\n"
 
 
-def build(root: Path, *, extra_toml: str = "", sandbox: str = "inline://") -> Path:
+def build(root: Path, *, extra_toml: str = "", sandbox: str = "inline://", bus: str = "memory://") -> Path:
     """Writes tools, agents and ``stitchwork.toml`` under ``root``; returns the config file."""
     tools, agents = root / "tools", root / "agents"
     shutil.copytree(BUILTIN_TOOLS, tools, ignore=shutil.ignore_patterns("__pycache__"))
@@ -92,7 +92,7 @@ def build(root: Path, *, extra_toml: str = "", sandbox: str = "inline://") -> Pa
     config.write_text(
         f'state_dir = "{root / "state"}"\ntool_dirs = ["{tools}"]\nagent_dirs = ["{agents}"]\n'
         f'[isolation]\ndefault = "{sandbox}"\ntimeout_s = 30\n[data]\naudit_flush_ms = 5\n'
-        f'[messaging]\nbus = "memory://"\n{extra_toml}'
+        f'[messaging]\nbus = "{bus}"\nnats_port = 0\n{extra_toml}'
     )
     return config
 

@@ -282,3 +282,26 @@ def test_screens_of_the_audit_and_platform_pages(page: Any, server: Server) -> N
     assert page.locator("#sandboxes tr").count() >= 6
     shot(page, "platform")
     assert page.watch.errors == []
+
+
+def test_live_updates_over_the_embedded_nats_bus(browser: Any, tmp_path: Path) -> None:
+    from tests.conftest import nats_available
+
+    if why := nats_available():
+        pytest.skip(why)
+    nats = start(build(tmp_path, bus="nats://embedded"), tmp_path)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        sign_in(page, nats)
+        page.wait_for_url("**/ui/runs")
+        page.wait_for_selector("#live-status:text('live')")
+        page.evaluate("window.__sameDocument = true")
+        status, run = nats.api("POST", "/v1/runs", {"agent": "janitor", "task": "clean", "wait": False})
+        assert status == 201
+        page.wait_for_selector(f'tr[data-run="{run["id"]}"] .status:text("waiting_approval")')
+        assert page.evaluate("window.__sameDocument") is True
+    finally:
+        context.close()
+        nats.stop()

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from stitchwork.service import Service
+    from stitchwork.service.notify import ApprovalNotifier
 
 __all__ = ["PREFIX", "Dashboard", "mount", "owns"]
 
@@ -78,11 +79,11 @@ class Dashboard:
         self.feed = LiveFeed(hub, self.platform.store, on_event=self._on_event) if isinstance(hub, EventHub) else None
         self.chain = ChainChecker()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.notifier: Any = None
-        """The approval notifier, when one runs (woken by run events that may announce an approval)."""
+        self.notifier: ApprovalNotifier | None = None
+        """The approval notifier, when one runs (woken by the run events that announce an approval)."""
 
     def _on_event(self, summary: dict[str, Any]) -> None:
-        if self.notifier is not None and summary.get("kind") in {"waiting_approval", "tool"}:
+        if self.notifier is not None and summary.get("kind") == "waiting_approval":
             self.notifier.wake()
 
     def spawn(self, coro: Awaitable[Any]) -> None:

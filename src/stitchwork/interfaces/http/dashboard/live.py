@@ -16,9 +16,11 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from stitchwork.data._base import Store
 from stitchwork.errors import BusError
+from stitchwork.messaging._base import Bus, open_bus
 from stitchwork.workers.events import EventHub
 
 __all__ = ["LiveFeed"]
@@ -78,11 +80,14 @@ class LiveFeed:
         self.seq = await asyncio.to_thread(self._load)
         started = self.clock()
         saved, saved_at, backoff = self.seq, time.monotonic(), 0.5
+        own: Bus | None = None
         try:
             while True:
                 try:
-                    bus = await self.hub.bus()
-                    async with bus.consume(self.hub.subjects.events("*"), start_seq=self.seq + 1) as consumer:
+                    if own is None:
+                        # its own connection, closed with it (an in-process bus is the hub's own, shared)
+                        own = await self.hub.bus() if self._in_process else await open_bus(self.hub.uri)
+                    async with own.consume(self.hub.subjects.events("*"), start_seq=self.seq + 1) as consumer:
                         async for delivery in consumer:
                             backoff = 0.5
                             self.seq = delivery.seq
@@ -92,14 +97,26 @@ class LiveFeed:
                             if self.seq != saved and time.monotonic() - saved_at >= SAVE_EVERY_S:
                                 await asyncio.to_thread(self._save, self.seq)
                                 saved, saved_at = self.seq, time.monotonic()
-                except BusError as exc:
-                    log.warning("dashboard live feed: %s; reconnecting in %.1f s", exc, backoff)
+                except Exception as exc:  # the feed outlives any failure (pages fall back to polling meanwhile)
+                    log.warning("dashboard live feed: %s; reconnecting in %.1f s", exc, backoff,
+                                exc_info=not isinstance(exc, BusError))
+                    if own is not None and not self._in_process:
+                        with contextlib.suppress(Exception):
+                            await own.aclose()
+                    own = None
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
+            if own is not None and not self._in_process:
+                with contextlib.suppress(Exception):
+                    await own.aclose()
             if self.seq != saved:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.to_thread(self._save, self.seq))
+
+    @property
+    def _in_process(self) -> bool:
+        return urlsplit(self.hub.uri).scheme == "memory"
 
     @staticmethod
     def _summary(data: bytes, seq: int) -> dict[str, Any] | None:
