@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -222,6 +223,7 @@ def main() -> None:
         log.flush()
         after = _time(client, "/ui/audit")
     asyncio.run(platform.aclose())
+    shutil.rmtree(root, ignore_errors=True)
     print(f"\nbaseline GET /v1/health: median {base:.2f} ms\n")
     print(f"{'page':28} {'cold ms':>9} {'median ms':>10} {'worst ms':>9} {'x health':>9}  under 300 ms")
     worst_warm = 0.0
