@@ -74,6 +74,11 @@ class Limits:
     """stdout and stderr together."""
     max_pids: int = 64
     """Processes (and threads, where a cgroup counts them)."""
+    disk_mb: int = 256
+    """Writable space of the sandbox as a whole, in MiB: its scratch directories, ``/tmp``, ``/dev/shm`` and its
+    (staged) work directory together. It lives in memory (a size-limited tmpfs) and counts against ``mem_mb``."""
+    cpus: float = 1.0
+    """CPU cores the sandbox may use at the same time (the cgroup CPU quota)."""
 
 
 @dataclass(frozen=True)

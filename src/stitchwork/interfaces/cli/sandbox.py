@@ -84,7 +84,10 @@ def run_cmd(
     mounts = tuple(_parse_dir(d) for d in dirs)
     if len(args) == 1 and args[0].endswith(".py") and Path(args[0]).is_file():
         script = Path(args[0]).resolve()
-        mounts += (Mount(source=script.parent, target=str(script.parent), writable=False),)
+        # wasm:// preopens directories; the others bind the file itself (its directory may be closed to the
+        # sandbox's unprivileged user).
+        source = script.parent if uri.startswith("wasm:") else script
+        mounts += (Mount(source=source, target=str(source), writable=False),)
         command = Command(("python3", str(script)))
     else:
         command = Command(tuple(args), stdin=b"" if sys.stdin.isatty() else sys.stdin.buffer.read())
