@@ -87,6 +87,9 @@ class IsolationConfig(Limits):
 
     default: str = "wasm://"
     """Sandbox for tools that name none: ``wasm://`` (CPython on wasmtime; Python tools only), ``bwrap://``..."""
+    allow_inline: bool = False
+    """Allow ``inline://``, the in-process test double that runs tools with NO isolation (tests and demos only).
+    Without it, a default, a manifest or ``stitchwork sandbox run`` naming ``inline://`` is refused."""
 
     @property
     def limits(self) -> Limits:

@@ -32,7 +32,7 @@ from stitchwork.errors import (
     UnknownAgent,
 )
 from stitchwork.gateway.idempotency import IdempotencyLedger, ledger_get, ledger_put
-from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, open_sandbox
+from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxSpec, isolation_label, open_sandbox
 from stitchwork.security.approvals import ApprovalStore
 from stitchwork.security.identity.tokens import TokenClaims, TokenService
 from stitchwork.security.policy import Decision, Effect, PolicyEngine, Request
@@ -126,8 +126,11 @@ class Gateway:
         trusted_sources: frozenset[str] = frozenset(),
         audience: str | None = None,
         idempotency: IdempotencyLedger | None = None,
+        allow_inline: bool = False,
     ) -> None:
         self.tokens = tokens
+        self.allow_inline = allow_inline
+        """``[isolation] allow_inline``: whether ``inline://`` (no isolation) may run tools."""
         self.idempotency = idempotency
         """Durable outcomes of side-effecting calls by idempotency key (``None``: this process only)."""
         self.policy = policy
@@ -167,7 +170,7 @@ class Gateway:
 
     def sandbox(self, uri: str) -> Sandbox:
         if uri not in self._sandboxes:
-            self._sandboxes[uri] = open_sandbox(uri)
+            self._sandboxes[uri] = open_sandbox(uri, allow_inline=self.allow_inline)
         return self._sandboxes[uri]
 
     def open_run(
@@ -386,7 +389,8 @@ class Gateway:
             result = await self.sandbox(sandbox_uri).run(spec)
         except StitchworkError as exc:
             event = await self.audit.aappend("tool", **base, decision="error",
-                                             data={"error": exc.code, "reason": str(exc), "sandbox": sandbox_uri})
+                                             data={"error": exc.code, "reason": str(exc), "sandbox": sandbox_uri,
+                                                   "isolation": isolation_label(sandbox_uri)})
             return ToolOutcome("error", tool.name, error=exc.to_dict(), audit_seq=event.seq)
         elapsed = time.perf_counter() - started
         if result.ok:
@@ -405,7 +409,8 @@ class Gateway:
         event = await self.audit.aappend(
             "tool", **base, decision=status,
             data={
-                "sandbox": sandbox_uri, "exit_code": result.exit_code, "killed": result.killed,
+                "sandbox": sandbox_uri, "isolation": isolation_label(sandbox_uri),
+                "exit_code": result.exit_code, "killed": result.killed,
                 "duration_ms": round(elapsed * 1000, 3), "cpu_s": result.cpu_s, "max_rss_kb": result.max_rss_kb,
                 "output_sha256": _digest(content), "label": str(label), "undo": tool.undo,
                 "side_effect": tool.side_effect.value, "policy_ids": list(decision.policy_ids),
