@@ -185,15 +185,23 @@ class SandboxCgroup:
         except (OSError, ValueError):
             return 0.0
 
+    def oom_kills(self) -> int:
+        """Processes of the sandbox the kernel has killed for memory so far."""
+        memory = self._dir("memory")
+        if memory is None:
+            return 0
+        if memory == self._v2():
+            return _keyed(memory / "memory.events", "oom_kill")
+        return _keyed(memory / "memory.oom_control", "oom_kill")
+
     def stats(self) -> Stats:
         """CPU seconds, peak memory, out-of-memory kills and refused forks."""
         memory, pids = self._dir("memory"), self._dir("pids")
         v2 = self._v2()
         peak = oom = refused = 0
-        if memory is not None and v2 == memory:
-            peak, oom = _int(memory / "memory.peak"), _keyed(memory / "memory.events", "oom_kill")
-        elif memory is not None:
-            peak, oom = _int(memory / "memory.max_usage_in_bytes"), _keyed(memory / "memory.oom_control", "oom_kill")
+        if memory is not None:
+            peak = _int(memory / ("memory.peak" if v2 == memory else "memory.max_usage_in_bytes"))
+            oom = self.oom_kills()
         if pids is not None:
             refused = _keyed(pids / "pids.events", "max")
         return Stats(cpu_s=self.cpu_s(), memory_peak_bytes=peak, oom_kills=oom, refused_forks=refused)

@@ -60,6 +60,8 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 GUARD_ARGV = (os.path.realpath(sys.executable), "-I", "-S", "-B", str(Path(_guard.__file__).resolve()))
 #: How long the guard may take to stop, write back and report after it was told to stop.
 STOP_GRACE_S = 10.0
+#: How often the supervisor reads a sandbox's cgroup for out-of-memory kills (and, at most, its CPU budget).
+WATCH_S = 0.05
 _PIPE_GRACE_S = 1.0
 _CHUNK = 65536
 _FATAL_SIGNALS = frozenset(
@@ -161,10 +163,11 @@ def rlimits(limits: Limits, *, fsize_mb: int, nofile: int, nproc: bool = True) -
     """The rlimits (soft = hard) a sandboxed program runs under, by name without ``RLIMIT_``, in a fixed order.
 
     ``mem_mb`` → ``AS`` (per process; the cgroup bounds the sandbox); ``cpu_s`` → ``CPU`` rounded up to whole
-    seconds (the kernel SIGKILLs at the limit); ``max_pids`` → ``NPROC`` (with ``nproc``: where no cgroup counts
-    processes); plus ``FSIZE`` (``fsize_mb``), ``NOFILE`` (``nofile``) and ``CORE=0``.
+    seconds (the kernel SIGKILLs at the limit), one more where a cgroup keeps the exact budget (``nproc`` off:
+    the supervisor's figure comes first, this is the backstop); ``max_pids`` → ``NPROC`` (only where no cgroup
+    counts processes); plus ``FSIZE`` (``fsize_mb``), ``NOFILE`` (``nofile``) and ``CORE=0``.
     """
-    values = {"AS": limits.mem_mb * 1024 * 1024, "CPU": cpu_rlimit(limits)}
+    values = {"AS": limits.mem_mb * 1024 * 1024, "CPU": cpu_rlimit(limits) + (0 if nproc else 1)}
     if nproc:
         values["NPROC"] = limits.max_pids
     values.update({"FSIZE": fsize_mb * 1024 * 1024, "NOFILE": nofile, "CORE": 0})
@@ -244,6 +247,7 @@ class Supervised:
             SIGTERM); otherwise SIGKILL the process group at once.
         inside: The process itself is in ``cgroup`` (a wasm host): stopping must not kill the cgroup, or it could not
             write back.
+        prestarted: See :attr:`prestarted`.
     """
 
     def __init__(
@@ -255,8 +259,11 @@ class Supervised:
         graceful: bool,
         inside: bool = False,
         grace_s: float = STOP_GRACE_S,
+        prestarted: bool = False,
     ) -> None:
         self.proc = proc
+        self.prestarted = prestarted
+        """Started ahead of its call (a wasm host): CPU, peak memory and OOM kills count from :meth:`run`."""
         self.cgroup = cgroup
         self.status_fd = status_fd
         self.graceful = graceful
@@ -355,15 +362,19 @@ async def _run(sup: Supervised, stdin: bytes, limits: Limits, on_killed: Callabl
         if sup.cgroup is not None:
             sup.cgroup.kill(rounds=3)
 
-    def check_cpu() -> None:
+    def watch() -> None:
+        """The CPU budget and out-of-memory kills, from the cgroup: either ends the whole sandbox."""
         assert sup.cgroup is not None
+        if sup.cgroup.oom_kills() > base.oom_kills:  # the kernel killed a process of it for memory
+            kill("memory")
+            return
         used = sup.cgroup.cpu_s() - base.cpu_s
         if used >= limits.cpu_s:
             kill("cpu")
             return
         # The sandbox cannot use more than `cpus` cores: the budget cannot run out before this.
-        wait = max(0.005, (limits.cpu_s - used) / max(limits.cpus, 0.01))
-        timers.append(loop.call_later(wait, check_cpu))
+        wait = min(WATCH_S, max(0.005, (limits.cpu_s - used) / max(limits.cpus, 0.01)))
+        timers.append(loop.call_later(wait, watch))
 
     def on_readable(fd: int) -> None:
         try:
@@ -427,9 +438,10 @@ async def _run(sup: Supervised, stdin: bytes, limits: Limits, on_killed: Callabl
     timers.append(loop.call_later(limits.timeout_s, kill, "timeout"))
     base = _cgroup.Stats()
     if sup.cgroup is not None and sup.cgroup.dirs:
-        base = sup.cgroup.stats()  # a pre-started process has used some already
-        sup.cgroup.reset_peak()
-        timers.append(loop.call_later(0.0, check_cpu))
+        if sup.prestarted:  # its own start-up is not the call's
+            base = sup.cgroup.stats()
+            sup.cgroup.reset_peak()
+        timers.append(loop.call_later(0.0, watch))
     started = time.perf_counter()
     try:
         done = await exited
@@ -480,6 +492,7 @@ def spawn_planned(
     name: str = "the sandbox",
     inside: bool = False,
     grace_s: float = STOP_GRACE_S,
+    prestarted: bool = False,
 ) -> Supervised:
     """Starts ``argv + [plan descriptor]`` in its own session, with a cgroup (where offered) holding ``limits``.
 
@@ -519,7 +532,7 @@ def spawn_planned(
         os.close(status_w)
         if plan_fd != -1:
             os.close(plan_fd)
-    return Supervised(proc, group, status_r, graceful=True, inside=inside, grace_s=grace_s)
+    return Supervised(proc, group, status_r, graceful=True, inside=inside, grace_s=grace_s, prestarted=prestarted)
 
 
 def spawn_guarded(
@@ -582,7 +595,7 @@ def check_report(outcome: Outcome, name: str) -> None:
     if "exec_error" in report and outcome.killed is None:
         raise SandboxError(f"cannot start {name}: {report['exec_error']}")
     error = report.get("error")
-    if error and (outcome.killed is None or report.get("code") == _guard.SETUP_FAILED):
+    if error:  # the set-up or the write-back failed: the host's side of the sandbox, not the program
         raise SandboxError(f"{name}: {error}")
     if outcome.killed is None and outcome.exit.code == _guard.SETUP_FAILED and not report:
         text = outcome.stderr.decode(errors="replace").strip()[-2000:]

@@ -112,6 +112,18 @@ def mount_tmpfs(path: str, size_bytes: int, *, mode: int = 0o711) -> None:
     _check(_libc().mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), f"tmpfs at {path}")
 
 
+def resize_tmpfs(path: str, size_bytes: int) -> None:
+    """Gives the tmpfs at ``path`` a new size (and inode cap).
+
+    Raises:
+        OSError: The remount failed (e.g. more is in use than the new size).
+    """
+    inodes = max(4096, size_bytes // 4096)
+    options = f"size={size_bytes},nr_inodes={inodes}".encode()
+    flags = MS_REMOUNT | MS_NOSUID | MS_NODEV
+    _check(_libc().mount(None, path.encode(), None, flags, options), f"resize the tmpfs at {path}")
+
+
 def bind_read_only(source: str, target: str) -> None:
     """Binds ``source`` at ``target`` (which must exist) read-only, ``nosuid,nodev``.
 
@@ -149,6 +161,7 @@ def copy_in(host: str, dest: str, *, uid: int, gid: int) -> None:
     try:
         info = os.stat(host)
         if not os.path.isdir(dest):
+            os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
             os.mkdir(dest, 0o700)
         os.chmod(dest, stat.S_IMODE(info.st_mode) & ~SPECIAL_BITS | 0o700)
         src = os.open(host, _DIR_FLAGS)

@@ -216,6 +216,8 @@ def main() -> int:
             with open(target, "xb") as handle:
                 handle.write(base64.b64decode(tool["source"]))
             os.chmod(target, 0o444)
+        if call.get("disk_bytes"):  # the call's own quota (a parked host's tmpfs was sized for the pool)
+            _stage.resize_tmpfs(stage, int(call["disk_bytes"]))
         workdir = call.get("workdir")
         if workdir:
             _stage.copy_in(workdir, os.path.join(stage, "work"), uid=os.getuid(), gid=os.getgid())

@@ -197,6 +197,7 @@ class HostPool:
             sup = _process.spawn_planned(
                 HOST_ARGV, plan, limits=self.outer(limits), pass_fds=(ctl_r,), name="the wasm interpreter host",
                 env={"PATH": _process.DEFAULT_PATH, "PYTHONPATH": _PACKAGE_ROOT}, inside=True, grace_s=STOP_GRACE_S,
+                prestarted=True,
             )  # fmt: skip
         except SandboxError:
             os.close(ctl_w)

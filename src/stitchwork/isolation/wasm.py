@@ -192,6 +192,7 @@ class WasmSandbox(Sandbox):
         message: dict[str, Any] = {
             "workdir": str(spec.workdir.resolve()) if spec.workdir is not None else None,
             "mem_mb": limits.mem_mb,
+            "disk_bytes": limits.disk_mb * 1024 * 1024,
             "cpu_s": 0.0 if self._cgroups else limits.cpu_s,  # with a cgroup the supervisor keeps the budget
         }
         if tool is not None:

@@ -130,11 +130,13 @@ def run_cmd(
     mounts = tuple(_parse_dir(d) for d in dirs)
     if len(args) == 1 and args[0].endswith(".py") and Path(args[0]).is_file():
         script = Path(args[0]).resolve()
-        # wasm:// preopens directories; the others bind the file itself (its directory may be closed to the
-        # sandbox's unprivileged user).
-        source = script.parent if uri.startswith("wasm:") else script
-        mounts += (Mount(source=source, target=str(source), writable=False),)
-        command = Command(("python3", str(script)))
+        # Seen at /script/<name>. wasm:// preopens directories; the others bind the file itself (its directory may
+        # be closed to the sandbox's unprivileged user).
+        if uri.startswith("wasm:"):
+            mounts += (Mount(source=script.parent, target="/script", writable=False),)
+        else:
+            mounts += (Mount(source=script, target=f"/script/{script.name}", writable=False),)
+        command = Command(("python3", f"/script/{script.name}"))
     else:
         command = Command(tuple(args), stdin=b"" if sys.stdin.isatty() else sys.stdin.buffer.read())
     limits = Limits(mem_mb=mem, cpu_s=cpu_s, timeout_s=timeout, disk_mb=disk_mb, max_pids=pids, cpus=cpus,
