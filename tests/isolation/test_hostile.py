@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stitchwork.isolation._base import Command, Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
+from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 
 ToolFactory = Callable[[str], Path]  # the make_tool fixture (tests/ is not a package)
 REPO_FILE = Path(__file__).resolve().parents[2] / "pyproject.toml"

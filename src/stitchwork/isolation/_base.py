@@ -66,8 +66,8 @@ class SandboxResult:
     """Outcome of one sandboxed program.
 
     ``killed`` names why the sandbox stopped the program (``"timeout"``, ``"memory"``, ``"cpu"``,
-    ``"output"``, ``"pids"``, ``"disk"``, ``"signal"``) or is ``None`` when it exited by itself. For a :class:`PythonCall`,
-    ``value`` is the function's JSON result and ``error`` the exception text if it raised.
+    ``"output"``, ``"pids"``, ``"disk"``, ``"signal"``) or is ``None`` when it exited by itself. For a
+    :class:`PythonCall`, ``value`` is the function's JSON result and ``error`` the exception text if it raised.
     """
 
     exit_code: int

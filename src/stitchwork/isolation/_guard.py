@@ -1,9 +1,10 @@
 """The process guard: the first process of every process sandbox, bound to the process that started it.
 
 ``bwrap://`` and ``gvisor://`` (through :func:`stitchwork.isolation._process.supervise`) start
-``python -I -S -B _guard.py FD`` instead of their command; ``FD`` is a sealed memory file holding a JSON plan
-(never on the command line: it may hold the program's environment). The guard (standard library only; it reads
-JSON with the runner's helpers and stages with :mod:`._stage`):
+``python -I -S -B _guard.py FD`` instead of their command; ``FD`` is a sealed memory file holding the plan in
+:mod:`marshal` format (never on the command line: it may hold the program's environment). The guard uses the
+standard library only, and only what starts fast (:mod:`marshal`, ``_signal``, :mod:`select`; ``ctypes`` and
+:mod:`._stage` when a step needs them): it runs at every sandbox start.
 
 1. **binds itself to its parent** (the worker): it opens a pidfd of ``getppid()`` and checks that the parent is
    still the one named in the plan; if the parent is already gone it exits before anything else happens. A
@@ -22,9 +23,9 @@ JSON with the runner's helpers and stages with :mod:`._stage`):
    environment. The init reaps and relays the command's exit status;
 6. when the command has ended (``SIGTERM`` to the guard ends it early: the guard SIGKILLs the init), the guard
    writes the staged directories back to the host (:func:`._stage.commit`) unless the worker is gone, and writes
-   one JSON status line to the plan's status descriptor::
+   one status frame (:func:`write_frame`) to the plan's status descriptor::
 
-       {"code": 0, "disk": {"size": ..., "used": ..., "full": false}, "commit": {...}, "error": null}
+       {"code": 0, "disk": {"size": ..., "used": ..., "full": False}, "commit": {...}, "error": None}
 
    then exits with the command's shell-style code (``128 + signal`` for a death by signal; 125 when the guard
    itself could not set up).
@@ -35,17 +36,11 @@ which ends every process of the sandbox; none of them is ever reparented outside
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal` would import enum (~2.5 ms at every sandbox start)
+import marshal
 import os
 import select
-import signal
 import sys
-
-if __package__:  # imported (for its constants) as stitchwork.isolation._guard
-    from stitchwork.isolation import _runner, _stage
-else:  # run as a script under ``python -I -S``: the package is not importable, its sibling modules are
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _runner  # type: ignore[no-redef]
-    import _stage  # type: ignore[no-redef]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,10 +50,13 @@ if TYPE_CHECKING:
 SETUP_FAILED = 125
 #: Exit code of the init and the guard when the worker (or the guard) went away.
 ORPHANED = 137
+CLONE_NEWUSER, CLONE_NEWPID = 0x10000000, 0x20000000
 
 
-def _write_status(fd: int, message: dict[str, Any]) -> None:
-    data = _runner.dumps(message).encode() + b"\n"
+def write_frame(fd: int, message: dict[str, Any]) -> None:
+    """One status frame: a 4-byte little-endian length, then the message in :mod:`marshal` format."""
+    body = marshal.dumps(message)
+    data = len(body).to_bytes(4, "little") + body
     try:
         while data:
             data = data[os.write(fd, data) :]
@@ -66,7 +64,25 @@ def _write_status(fd: int, message: dict[str, Any]) -> None:
         pass
 
 
-def _read_plan(fd: int) -> dict[str, Any]:
+def read_frames(data: bytes) -> list[dict[str, Any]]:
+    """The messages in ``data`` (whole frames; a torn last frame is dropped)."""
+    messages = []
+    while len(data) >= 4:
+        size = int.from_bytes(data[:4], "little")
+        body, data = data[4 : 4 + size], data[4 + size :]
+        if len(body) < size:
+            break
+        try:
+            message = marshal.loads(body)
+        except (ValueError, EOFError, TypeError):
+            break
+        if isinstance(message, dict):
+            messages.append(message)
+    return messages
+
+
+def read_plan(fd: int) -> dict[str, Any]:
+    """The plan in the sealed memory file ``fd`` (:mod:`marshal` format), which is then closed."""
     chunks = []
     os.lseek(fd, 0, os.SEEK_SET)
     while True:
@@ -75,10 +91,19 @@ def _read_plan(fd: int) -> dict[str, Any]:
             break
         chunks.append(chunk)
     os.close(fd)
-    plan = _runner.loads(b"".join(chunks).decode())
+    plan = marshal.loads(b"".join(chunks))
     if not isinstance(plan, dict):
-        raise ValueError("the plan is not a JSON object")
+        raise ValueError("the plan is not a dictionary")
     return plan
+
+
+def _unshare(flags: int) -> None:
+    import ctypes  # ~3 ms: only here
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"unshare: {os.strerror(code)}")
 
 
 def bind_to_parent(expected: int) -> int:
@@ -103,7 +128,17 @@ def _gone(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _stage_module() -> Any:
+    if __package__:
+        from stitchwork.isolation import _stage
+    else:  # run as a script under ``python -I -S``: the package is not importable, its sibling modules are
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import _stage  # type: ignore[no-redef]
+    return _stage
+
+
 def _stage_space(stage: dict[str, Any]) -> None:
+    _stage = _stage_module()
     root = stage["root"]
     uid, gid = int(stage.get("uid", os.getuid())), int(stage.get("gid", os.getgid()))
     _stage.private_mounts()
@@ -139,7 +174,7 @@ def make_userns(uid: int, gid: int) -> int:
         os.close(ready_r)
         os.close(done_w)
         try:
-            _stage.unshare(_stage.CLONE_NEWUSER)
+            _unshare(CLONE_NEWUSER)
             os.write(ready_w, b"1")
         except OSError:
             os.write(ready_w, b"0")
@@ -189,7 +224,7 @@ def _exec(plan: dict[str, Any], keep: list[int], status_fd: int) -> None:
         argv = [str(a) for a in plan["argv"]]
         os.execve(argv[0], argv, {str(k): str(v) for k, v in plan.get("env", {}).items()})
     except BaseException as exc:
-        _write_status(status_fd, {"exec_error": f"{type(exc).__name__}: {exc}"})
+        write_frame(status_fd, {"exec_error": f"{type(exc).__name__}: {exc}"})
     os._exit(127)
 
 
@@ -197,9 +232,9 @@ def _init(plan: dict[str, Any], watched: list[int], keep: list[int], status_fd: 
     """Pid 1 of the sandbox's pid namespace: runs the command, relays its status; exits when a watched fd fires."""
     if plan.get("mount_proc"):
         try:
-            _stage.mount_proc()
+            _stage_module().mount_proc()
         except OSError as exc:
-            _write_status(status_fd, {"error": f"cannot mount /proc for the sandbox: {exc}"})
+            write_frame(status_fd, {"error": f"cannot mount /proc for the sandbox: {exc}"})
             os._exit(SETUP_FAILED)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -236,7 +271,7 @@ def _init(plan: dict[str, Any], watched: list[int], keep: list[int], status_fd: 
 
 def main() -> int:
     """Runs the plan read from the descriptor named by ``argv[1]``; returns the exit code."""
-    plan = _read_plan(int(sys.argv[1]))
+    plan = read_plan(int(sys.argv[1]))
     status_fd = int(plan["status_fd"])
     worker = bind_to_parent(int(plan["ppid"]))
     init_pid = [0]
@@ -263,10 +298,10 @@ def main() -> int:
             plan["argv"] = [str(fd) if a == "{userns}" else a for a in plan["argv"]]
         if _gone(worker):
             return ORPHANED
-        _stage.unshare(_stage.CLONE_NEWPID)
+        _unshare(CLONE_NEWPID)
         guard = os.pidfd_open(os.getpid())
-    except (OSError, _stage.StageError, ValueError, KeyError) as exc:
-        _write_status(status_fd, {"code": SETUP_FAILED, "error": f"{type(exc).__name__}: {exc}"})
+    except Exception as exc:  # OSError, a StageError, a bad plan: nothing of the sandbox has run
+        write_frame(status_fd, {"code": SETUP_FAILED, "error": f"{type(exc).__name__}: {exc}"})
         return SETUP_FAILED
     pid = os.fork()
     if pid == 0:
@@ -289,6 +324,7 @@ def main() -> int:
     code = shell_code(os.waitpid(pid, 0)[1])
     status: dict[str, Any] = {"code": code, "error": None}
     if stage:
+        _stage = _stage_module()
         root = stage["root"]
         size, used = _stage.usage(root)
         status["disk"] = {"size": size, "used": used, "full": _stage.full(root)}
@@ -299,7 +335,7 @@ def main() -> int:
         except (_stage.StageError, OSError, RecursionError) as exc:
             status["error"] = f"write-back failed: {exc}"
         status["commit"] = reports
-    _write_status(status_fd, status)
+    write_frame(status_fd, status)
     return code
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import marshal
 import math
 import os
 import resource
@@ -313,11 +313,8 @@ class Supervised:
         with contextlib.suppress(OSError):
             while chunk := os.read(self.status_fd, _CHUNK):
                 data += chunk
-        for line in data.splitlines():
-            with contextlib.suppress(ValueError):
-                message = json.loads(line)
-                if isinstance(message, dict):
-                    report.update(message)
+        for message in _guard.read_frames(data):
+            report.update(message)
         return report
 
     async def run(self, stdin: bytes, limits: Limits, *, on_killed: Callable[[str], None] | None = None) -> Outcome:
@@ -496,8 +493,9 @@ def spawn_planned(
 ) -> Supervised:
     """Starts ``argv + [plan descriptor]`` in its own session, with a cgroup (where offered) holding ``limits``.
 
-    ``plan`` is completed with ``ppid``, ``status_fd`` and ``cgroups`` (the ``cgroup.procs`` files to join) and
-    handed over in a sealed memory file, never on the command line.
+    ``plan`` (plain data: :mod:`marshal` carries it) is completed with ``ppid``, ``status_fd`` and ``cgroups`` (the
+    ``cgroup.procs`` files to join) and handed over in a sealed memory file, never on the command line. The
+    process reports on ``status_fd`` in frames (:func:`._guard.write_frame`).
 
     Raises:
         SandboxError: The process cannot be started or the cgroup cannot be created.
@@ -513,7 +511,7 @@ def spawn_planned(
             "cgroups": [str(p) for p in group.procs] if group is not None else []}  # fmt: skip
     plan_fd = -1
     try:
-        plan_fd = _memfd("stitchwork-plan", json.dumps(full).encode())
+        plan_fd = _memfd("stitchwork-plan", marshal.dumps(full))
         proc = subprocess.Popen(
             [*argv, str(plan_fd)],
             stdin=subprocess.PIPE,

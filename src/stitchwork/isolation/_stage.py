@@ -19,7 +19,6 @@ Used by the process guard (:mod:`stitchwork.isolation._guard`, for ``bwrap://`` 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -353,8 +352,6 @@ def _sync(src: int, dst: int, where: str, report: Report, depth: int) -> None:
                         os.close(fd)
                 continue
             temporary = f".stitchwork-commit-{os.urandom(8).hex()}"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=dst)
             _copy_file(src, dst, name, temporary, mode, info)
             if current is not None and stat.S_ISDIR(current.st_mode):
                 _remove(name, dst, current)

@@ -1,10 +1,11 @@
 """A ``wasm://`` interpreter host: one process running one CPython-on-wasmtime guest, for exactly one program.
 
-Started by :mod:`stitchwork.isolation.wasm` as ``python -B -m stitchwork.isolation._wasm_host FD`` (``FD``: a
-sealed memory file holding the JSON plan). Running each guest in a process of its own is what makes its limits
-real: the host descriptors it opens are this process's (``RLIMIT_NOFILE`` caps them; the caller's process holds
-none), its memory and CPU are this process's cgroup's, its scratch space is this process's tmpfs, and a guest
-that is killed takes nothing down with it but this process (no Rust panic can cross into the caller).
+Started by :mod:`stitchwork.isolation.wasm` as ``python -B -m stitchwork.isolation._wasm_host FD`` (``FD``: a sealed
+memory file holding the plan, as for the process guard: :func:`._guard.read_plan`). Running each guest in a process
+of its own is what makes its limits real: the host descriptors it opens are this process's (``RLIMIT_NOFILE`` caps
+them; the caller's process holds none), its memory and CPU are this process's cgroup's, its scratch space is this
+process's tmpfs, and a guest that is killed takes nothing down with it but this process (no Rust panic can cross into
+the caller).
 
 In order, before any guest code runs:
 
@@ -19,12 +20,13 @@ In order, before any guest code runs:
 4. start the guest in a thread. A Python call's runner prints its ready marker and blocks reading its request.
 
 Then the host waits for its call on the control descriptor: ``{"tool": {"name", "source"}, "workdir", "mem_mb"}``
-(the tool file written, the work directory copied into ``/work``, the memory limit set), answers
-``{"ready": true}`` on the status descriptor, and waits for the guest to end, or for ``SIGTERM`` (the caller's
-deadline: the guest is stopped at its next instruction, or abandoned if it is blocked in a host call). Finally
-it writes the work directory back (:func:`._stage.commit`), reports one status line::
+(one JSON line; the tool file written, the work directory copied into ``/work``, the memory limit and disk quota
+set), answers ``{"ready": True}`` on the status descriptor (frames: :func:`._guard.write_frame`), and waits for the
+guest to end, or for ``SIGTERM`` (the caller's deadline: the guest is stopped at its next instruction, or abandoned
+if it is blocked in a host call). Finally it writes the work directory back (:func:`._stage.commit`), reports one
+status frame::
 
-    {"code": 0, "trap": null, "disk": {...}, "commit": {...}, "error": null}
+    {"code": 0, "trap": None, "disk": {...}, "commit": {...}, "error": None}
 
 and leaves with ``os._exit`` (no interpreter finalization that a guest thread could call into).
 """
@@ -44,30 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from stitchwork.isolation import _stage
+from stitchwork.isolation._guard import read_plan, write_frame
 from stitchwork.isolation._runner import SANDBOX_PATH
 
 #: Exit code when the parent went away, or the host could not set up (the status line says why).
 ORPHANED, SETUP_FAILED = 137, 125
 #: How long a stopped guest may take to reach its next instruction before it is abandoned.
 STOP_GRACE_S = 0.2
-
-
-def _report(fd: int, message: dict[str, Any]) -> None:
-    data = (json.dumps(message) + "\n").encode()
-    try:
-        while data:
-            data = data[os.write(fd, data) :]
-    except OSError:
-        pass
-
-
-def _read_plan(fd: int) -> dict[str, Any]:
-    with os.fdopen(fd, "rb") as handle:
-        handle.seek(0)
-        plan = json.loads(handle.read())
-    if not isinstance(plan, dict):
-        raise ValueError("the plan is not a JSON object")
-    return plan
 
 
 def _bind_to_parent(expected: int) -> int:
@@ -177,7 +162,7 @@ class Guest:
 
 def main() -> int:
     """Runs the plan read from the descriptor named by ``argv[1]``."""
-    plan = _read_plan(int(sys.argv[1]))
+    plan = read_plan(int(sys.argv[1]))
     status_fd, ctl_fd = int(plan["status_fd"]), int(plan["ctl_fd"])
     parent = _bind_to_parent(int(plan["ppid"]))
     stopping, wake = threading.Event(), threading.Event()
@@ -201,7 +186,7 @@ def main() -> int:
             os.mkdir(os.path.join(stage, name), 0o755)
         guest = Guest(plan, stage, wake)
     except Exception as exc:  # the plan, the cgroup, the mounts or the runtime: nothing has run yet
-        _report(status_fd, {"code": SETUP_FAILED, "error": f"{type(exc).__name__}: {exc}"})
+        write_frame(status_fd, {"code": SETUP_FAILED, "error": f"{type(exc).__name__}: {exc}"})
         os._exit(SETUP_FAILED)
     line = _read_line(ctl_fd)
     if not line:  # discarded before its call
@@ -225,9 +210,9 @@ def main() -> int:
             guest.store.set_limits(memory_size=int(call["mem_mb"]) * 1024 * 1024)  # parked: not running
         cpu_budget = float(call.get("cpu_s") or 0.0)
     except (ValueError, KeyError, OSError, _stage.StageError) as exc:
-        _report(status_fd, {"code": SETUP_FAILED, "error": f"{type(exc).__name__}: {exc}"})
+        write_frame(status_fd, {"code": SETUP_FAILED, "error": f"{type(exc).__name__}: {exc}"})
         os._exit(SETUP_FAILED)
-    _report(status_fd, {"ready": True})
+    write_frame(status_fd, {"ready": True})
     killed = None
     base = guest.cpu_s()
     while not guest.done.is_set():
@@ -263,7 +248,7 @@ def main() -> int:
             status["commit"] = {workdir: _stage.commit(os.path.join(stage, "work"), workdir).to_json()}
         except (_stage.StageError, OSError, RecursionError) as exc:
             status["error"] = f"write-back failed: {exc}"
-    _report(status_fd, status)
+    write_frame(status_fd, status)
     time.sleep(0)  # let the report leave before the process does
     os._exit(guest.code if guest.code is not None and 0 <= guest.code < 256 else 1)
 

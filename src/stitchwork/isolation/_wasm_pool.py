@@ -27,7 +27,7 @@ from typing import Any
 import stitchwork
 from stitchwork.config import Limits
 from stitchwork.errors import SandboxError
-from stitchwork.isolation import _process, _rootfs, _runner
+from stitchwork.isolation import _guard, _process, _rootfs, _runner
 
 log = logging.getLogger("stitchwork.isolation.wasm")
 
@@ -94,11 +94,7 @@ class Host:
         finally:
             with contextlib.suppress(OSError):
                 os.close(self.ctl)
-        line = _read_line(self.sup.status_fd, timeout_s)
-        try:
-            message = json.loads(line) if line else {}
-        except ValueError:
-            message = {}
+        message = _read_frame(self.sup.status_fd, timeout_s)
         if not message.get("ready"):
             error = message.get("error") or self._error() or "no answer"
             raise SandboxError(f"wasm://: the interpreter host could not take its call: {error}")
@@ -117,18 +113,21 @@ class Host:
         self.sup.abandon()
 
 
-def _read_line(fd: int, timeout_s: float) -> bytes:
+def _read_frame(fd: int, timeout_s: float) -> dict[str, Any]:
+    """One status frame from ``fd`` (empty when none comes within ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     data = b""
-    while not data.endswith(b"\n"):
+    while True:
+        frames = _guard.read_frames(data)
+        if frames:
+            return frames[0]
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return b""
-        chunk = os.read(fd, 1)
+            return {}
+        chunk = os.read(fd, 4096 if len(data) >= 4 else 4 - len(data))
         if not chunk:
-            return data
+            return {}
         data += chunk
-    return data
 
 
 class HostPool:
