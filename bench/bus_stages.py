@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bus import platform_steps  # noqa: E402
 
 from stitchwork.gateway.core import Gateway  # noqa: E402
-from stitchwork.gateway.models import ModelGateway  # noqa: E402
+from stitchwork.gateway.models import ModelDoor  # noqa: E402
+from stitchwork.gateway.stages import Audit, Authorize, LabelOutput  # noqa: E402
+from stitchwork.gateway.tools import SandboxExecute  # noqa: E402
 from stitchwork.isolation.inline import InlineSandbox  # noqa: E402
 from stitchwork.messaging.server import NatsServer  # noqa: E402
 from stitchwork.security.redact import Redactor  # noqa: E402
@@ -42,13 +44,15 @@ from stitchwork.workers.worker import Worker  # noqa: E402
 STAGES: list[tuple[type, str, str]] = [
     (Gateway, "complete", "model call through the gateway (total)"),
     (Redactor, "redact_messages", "  redact the conversation"),
-    (ModelGateway, "_admit", "  Cedar admission (model_call)"),
-    (ModelGateway, "_chat", "  the scripted model"),
-    (ModelGateway, "_record", "  meter + audit event (prompt digest)"),
+    (ModelDoor, "_admit", "  Cedar admission (model_call)"),
+    (ModelDoor, "_chat", "  the scripted model"),
+    (ModelDoor, "_record", "  meter + audit event (prompt digest)"),
     (Gateway, "call_tool", "tool call through the gateway (total)"),
-    (Gateway, "_decide", "  Cedar decision"),
-    (Gateway, "_execute", "  sandbox + output + audit event (awaited)"),
+    (Authorize, "__call__", "  Cedar decision"),
+    (SandboxExecute, "__call__", "  sandbox (execute stage)"),
     (InlineSandbox, "run", "    the inline:// sandbox"),
+    (LabelOutput, "__call__", "  redact + label output"),
+    (Audit, "executed", "  tool audit event (awaited)"),
     (BusRunStore, "apublish", "checkpoints (encode + publish)"),
     (BusRunStore, "publish", "checkpoints (encode + publish, blocking)"),
     (BusRunStore, "_body", "  encode"),

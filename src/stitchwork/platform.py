@@ -31,10 +31,10 @@ from stitchwork.audit.log import AuditLog
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import ConfigError
+from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
-from stitchwork.gateway.models import MODEL_TOOL_ACTION
-from stitchwork.gateway.models import attach as attach_model_gateway
+from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
 from stitchwork.isolation._base import INLINE_REFUSED, is_inline
 from stitchwork.memory.store import AgentMemory
 from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
@@ -175,20 +175,17 @@ class Platform:
                                 worker_name=worker_name, bus_approvals=bus_approvals)
             vault = open_vault(config.vault_uri)
             iso = config.isolation
-            gateway = Gateway(
+            context = GatewayContext(
                 tokens=tokens, policy=policy, audit=audit, approvals=parts.approvals, vault=vault, tools=tools,
-                agents={a.name: a.tools for a in agents}, default_sandbox=iso.default,
-                limits=iso.limits,
+                agents={a.name: a.tools for a in agents},
+                sandboxes=Sandboxes(iso.default, iso.limits, allow_inline=iso.allow_inline),
                 trusted_sources=frozenset(config.security.trusted_sources),
                 audience=config.security.audience,
                 idempotency=parts.ledger,
-                allow_inline=iso.allow_inline,
             )
-            attach_model_gateway(gateway, config.compute)
             memory = AgentMemory(store, audit=audit)
-            if config.data.memory_tools:
-                for name, handler in MemoryTools(memory).handlers().items():
-                    gateway.register_host(name, handler)
+            hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
+            gateway = Gateway(context, models=ModelDoor(context, config.compute), host_handlers=hosted)
             runner = Runner(gateway, agents, parts.runs, state_dir=state, max_seconds=config.agents.max_seconds,
                             on_event=parts.on_event, reraise=parts.reraise)
         except BaseException:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from stitchwork.gateway.models import PromptDigests, _digest
+from stitchwork.gateway.context import digest as _digest
+from stitchwork.gateway.models import PromptDigests
 
 
 def prompt(steps: int) -> list[dict[str, Any]]:

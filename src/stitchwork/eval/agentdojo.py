@@ -40,6 +40,7 @@ from typing import Any
 from stitchwork.audit.log import AuditLog
 from stitchwork.data._base import open_store
 from stitchwork.errors import ConfigError
+from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.security.approvals import ApprovalStore
@@ -135,20 +136,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-class _EvalGateway(Gateway):
-    """The gateway, with the ``agentdojo://`` sandbox bound to this harness's instance."""
-
-    def __init__(self, adapter: AgentDojoSandbox, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.adapter = adapter
-
-    def sandbox(self, uri: str) -> Sandbox:
-        return self.adapter if uri == SANDBOX_URI else super().sandbox(uri)
-
-
 @dataclass
 class _Stack:
-    gateway: _EvalGateway
+    gateway: Gateway
     adapter: AgentDojoSandbox
     audit: AuditLog
     approvals: ApprovalStore
@@ -168,11 +158,12 @@ def _open_stack(state: Path, manifests: Sequence[ToolManifest], policy_dirs: Seq
     approvals = ApprovalStore(store, timeout_s=3600)
     vault = open_vault(f"vault+file://{state / 'vault.enc'}", key_file=state / "vault.key")
     adapter = AgentDojoSandbox()
-    gateway = _EvalGateway(
-        adapter, tokens=tokens, policy=policy, audit=audit, approvals=approvals, vault=vault, tools=tools,
-        agents={AGENT: [t.name for t in tools]}, default_sandbox=SANDBOX_URI, limits=Limits(),
-        audience="stitchwork",
+    context = GatewayContext(
+        tokens=tokens, policy=policy, audit=audit, approvals=approvals, vault=vault, tools=tools,
+        agents={AGENT: [t.name for t in tools]}, audience="stitchwork",
+        sandboxes=Sandboxes(SANDBOX_URI, Limits(), bound={SANDBOX_URI: adapter}),  # this harness's own adapter
     )
+    gateway = Gateway(context)
     return _Stack(gateway, adapter, audit, approvals, state, [vault.close, store.close])
 
 

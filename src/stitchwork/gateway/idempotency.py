@@ -30,17 +30,33 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
 
 
 class IdempotencyLedger(Protocol):
-    """Where completed side-effecting outcomes are kept (the store, or a bus for workers)."""
+    """Where completed side-effecting outcomes are kept: the port (the store, a bus for workers, memory).
 
-    def get(self, run_id: str, key: str) -> dict[str, Any] | None:
-        """The recorded outcome (a :class:`~stitchwork.gateway.core.ToolOutcome` as a dict), or ``None``."""
+    Contract (``tests/gateway/test_ledger_behaviour.py``): an unknown key is ``None``; a recorded outcome is
+    returned as it was put (JSON: tuples come back as lists); the first put of a key wins; keys are scoped to
+    their run; an outcome put is found by the next lookup, and by any ledger over the same backend after it.
+    """
 
-    def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
-        """Records an outcome durably before returning; a second put of the same key keeps the first."""
+    async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
+        """The recorded outcome (a :class:`~stitchwork.gateway.context.ToolOutcome` as a dict), or ``None``."""
+        ...
+
+    async def aput(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        """Records an outcome, durable before the run's next lookup; a second put of the same key keeps the first.
+
+        A ledger may return once the record is sent, if its :meth:`aget` first waits until the run's records sent
+        so far are stored: the gateway looks up every side-effecting call before running it, so an outcome is
+        still durable before the run's next side effect (the bus ledger of workers does this).
+        """
+        ...
 
 
-class StoreLedger:
-    """The ledger in the platform's store (table ``idempotency_records``)."""
+def _encoded(outcome: dict[str, Any]) -> str:
+    return json.dumps(outcome, ensure_ascii=False, default=str)
+
+
+class StoreLedger(IdempotencyLedger):
+    """The ledger in the platform's store (table ``idempotency_records``); durable once a put returns."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -54,34 +70,46 @@ class StoreLedger:
         return outcome
 
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        # ON CONFLICT keeps the first record on DuckDB; ClickHouse stores keep the newest row of a key instead, so
+        # a recorded key is not written again.
+        if self.get(run_id, key) is not None:
+            return
         self.store.execute(
             "INSERT INTO idempotency_records (run_id, key, outcome, created_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT DO NOTHING",
-            [run_id, key, json.dumps(outcome, ensure_ascii=False, default=str), time.time()],
+            [run_id, key, _encoded(outcome), time.time()],
         )
 
+    async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
+        """:meth:`get` (a store lookup by primary key, answered in place)."""
+        return self.get(run_id, key)
 
-async def ledger_get(ledger: IdempotencyLedger, run_id: str, key: str) -> dict[str, Any] | None:
-    """``ledger.get``, awaited without blocking the event loop when the ledger offers ``aget`` (a bus ledger)."""
-    aget = getattr(ledger, "aget", None)
-    if aget is not None:
-        found: dict[str, Any] | None = await aget(run_id, key)
-        return found
-    return ledger.get(run_id, key)
-
-
-async def ledger_put(ledger: IdempotencyLedger, run_id: str, key: str, outcome: dict[str, Any]) -> None:
-    """``ledger.put`` (durable once it returns), awaited without blocking when the ledger offers ``aput``.
-
-    A ledger's ``aput`` may return once the record is sent, if its ``aget`` first waits until the run's records
-    sent so far are stored: the gateway looks up every side-effecting call before running it, so an outcome is
-    still durable before the run's next side effect (the bus ledger of workers does this).
-    """
-    aput = getattr(ledger, "aput", None)
-    if aput is not None:
-        await aput(run_id, key, outcome)
-    else:
-        ledger.put(run_id, key, outcome)
+    async def aput(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        """:meth:`put`."""
+        self.put(run_id, key, outcome)
 
 
-__all__ = ["IdempotencyLedger", "StoreLedger", "ledger_get", "ledger_put"]
+class MemoryLedger(IdempotencyLedger):
+    """The ledger in this process's memory (a test double; outcomes are kept as JSON, like the real ledgers)."""
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, str], str] = {}
+
+    def get(self, run_id: str, key: str) -> dict[str, Any] | None:
+        found = self._records.get((run_id, key))
+        if found is None:
+            return None
+        outcome: dict[str, Any] = json.loads(found)
+        return outcome
+
+    def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        self._records.setdefault((run_id, key), _encoded(outcome))
+
+    async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
+        return self.get(run_id, key)
+
+    async def aput(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        self.put(run_id, key, outcome)
+
+
+__all__ = ["IdempotencyLedger", "MemoryLedger", "StoreLedger"]

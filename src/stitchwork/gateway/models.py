@@ -1,11 +1,13 @@
-"""The model gateway: every model call of an agent, in-process (:meth:`Gateway.complete`) or over HTTP
-(``/v1/chat/completions``, ``/v1/models``, OpenAI-compatible, streaming too), passes here.
+"""The model door: every model call of an agent, in-process (:meth:`Gateway.complete
+<stitchwork.gateway.core.Gateway.complete>`) or over HTTP (``/v1/chat/completions``, ``/v1/models``,
+OpenAI-compatible, streaming too), passes here.
 
-One call::
+One call, through the gateway's stages (:mod:`stitchwork.gateway.stages`)::
 
-    authenticate (run token) → redact secrets from the prompt → Cedar (action "model_call": allowlist, token
-    and cost budgets) → inject the provider key from the vault and route → redact the answer → meter tokens
-    and cost → audit (prompt and completion hashes; full text only with [compute] record_text)
+    authenticate (run token) → redact secrets from the prompt → authorize (Cedar action "model_call":
+    allowlist, token and cost budgets) → secrets (the provider key from the vault) and route → redact the
+    answer → meter tokens and cost → audit (prompt and completion hashes; full text only with [compute]
+    record_text)
 
 Agents never hold provider keys: deployments name ``secret://`` references that only resolve inside a call.
 The completion event is queued on the audit chain without waiting for its fsync (a model call changes nothing
@@ -21,19 +23,17 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stitchwork.compute._base import Model, ModelTurn, Usage
-from stitchwork.compute._keys import provider_keys
 from stitchwork.compute._wire import turn_from_completion, usage_from
 from stitchwork.compute.router import Deployment, Routed, RoutedModel, Router, RouterSettings, parse_deployments
 from stitchwork.config import ComputeConfig
 from stitchwork.errors import ConfigError, ModelError, PolicyDenied, StitchworkError
+from stitchwork.gateway.context import GatewayContext, digest
+from stitchwork.gateway.stages import Audit, Authenticate, Authorize, Secrets, policy_context
 from stitchwork.security.identity.tokens import TokenClaims
-from stitchwork.security.policy import Effect, Request, ToolAction
-
-if TYPE_CHECKING:
-    from stitchwork.gateway.core import Gateway
+from stitchwork.security.policy import Effect, ToolAction
 
 MODEL_ACTION = "model_call"
 _ARGS = {"model_name": "string", "model_listed": "boolean", "model_tokens_used": "integer",
@@ -86,14 +86,10 @@ def _agent_limits(raw: Mapping[str, Any]) -> dict[str, AgentModels]:
     return out
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-
-
 class PromptDigests:
     """``prompt_sha256`` of each model call, without re-serialising the whole conversation at every step.
 
-    The value is exactly ``_digest(prompt)``: the SHA-256 of ``json.dumps(prompt, sort_keys=True, ...)``. A
+    The value is exactly ``digest(prompt)``: the SHA-256 of ``json.dumps(prompt, sort_keys=True, ...)``. A
     run's prompts grow by appending, and the JSON of a list is its items' JSON joined by ``", "`` inside
     brackets, so the hash state after the previous prompt of the same run is kept and only the new messages are
     encoded and hashed: O(new messages) per call instead of O(conversation), which made a run O(steps²). The
@@ -107,9 +103,9 @@ class PromptDigests:
         self._runs: OrderedDict[str, tuple[list[Any], Any]] = OrderedDict()
 
     def digest(self, run_id: str, prompt: Any) -> str:
-        """``_digest(prompt)``, reusing the hash of ``run_id``'s previous prompt when this one extends it."""
+        """``digest(prompt)``, reusing the hash of ``run_id``'s previous prompt when this one extends it."""
         if not run_id or not isinstance(prompt, list):
-            return _digest(prompt)
+            return digest(prompt)
         cached = self._runs.pop(run_id, None)
         start = 0
         if cached is not None and len(cached[0]) <= len(prompt) and prompt[: len(cached[0])] == cached[0]:
@@ -118,7 +114,7 @@ class PromptDigests:
             hasher = hashlib.sha256(b"[")
         for index in range(start, len(prompt)):
             item = json.dumps(prompt[index], sort_keys=True, ensure_ascii=False, default=str)
-            hasher.update(((", " if index else "") + item).encode())
+            hasher.update(((", " if index else "") + item).encode("utf-8", "replace"))
         self._runs[run_id] = (list(prompt), hasher.copy())
         while len(self._runs) > self.size:
             self._runs.popitem(last=False)
@@ -126,11 +122,20 @@ class PromptDigests:
         return str(hasher.hexdigest())
 
 
-class ModelGateway:
-    """Policy, keys, routing, metering and audit for model calls."""
+class ModelDoor:
+    """Policy, keys, routing, metering and audit for model calls.
 
-    def __init__(self, gateway: Gateway, config: ComputeConfig, router: Router | None = None) -> None:
-        self.gateway = gateway
+    Args:
+        context: The gateway's shared context.
+        config: ``[compute]``: deployments, routing, per-agent limits (default: none; a direct
+            :class:`~stitchwork.compute._base.Model` is still served, through the same stages).
+        router: A router to use instead of one built from ``config``.
+    """
+
+    def __init__(self, context: GatewayContext, config: ComputeConfig | None = None,
+                 router: Router | None = None) -> None:
+        config = config if config is not None else ComputeConfig()
+        self.context = context
         self.config = config
         self.router = router or Router(
             parse_deployments(config.deployments),
@@ -139,6 +144,10 @@ class ModelGateway:
         self.limits = _agent_limits(config.agents)
         self.meters: dict[str, Meter] = {}
         self.prompt_digests = PromptDigests()
+        self.authenticate = Authenticate(context)
+        self.authorize = Authorize(context)
+        self.secrets = Secrets(context)
+        self.audit = Audit(context)
 
     async def aclose(self) -> None:
         await self.router.aclose()
@@ -152,28 +161,26 @@ class ModelGateway:
         allowed = self.limits_for(agent).models
         return [m for m in self.router.models() if allowed is None or m in allowed]
 
+    @staticmethod
+    def _who(claims: TokenClaims) -> dict[str, str]:
+        return {"agent": claims.agent, "run_id": claims.run_id, "tool": MODEL_ACTION}
+
     async def _admit(self, claims: TokenClaims, name: str) -> None:
         limits = self.limits_for(claims.agent)
         meter = self.meters.setdefault(claims.agent, Meter())
-        now = time.time()
-        local = time.localtime(now)
         args = {
             "model_name": name, "model_listed": limits.models is None or name in limits.models,
             "model_tokens_used": meter.tokens, "model_max_tokens": limits.max_tokens,
             "model_cost_used_microusd": int(meter.cost_usd * 1_000_000),
             "model_max_cost_microusd": int(limits.max_cost_usd * 1_000_000),
         }
-        context = {"side_effect": "external", "approved": False,
-                   "taint": {"any": False, "target": False, "args": [], "sources": []},
-                   "budget": {"steps": 0, "max_steps": 1},
-                   "time": {"unix": int(now), "hour": local.tm_hour, "weekday": local.tm_wday}, "args": args}
-        decision = await self.gateway.policy.adecide(
-            Request(agent=claims.agent, tool=MODEL_ACTION, target=name, context=context))
+        context = policy_context(side_effect="external", steps=0, max_steps=1, args=args)
+        decision = await self.authorize.decide(claims.agent, MODEL_ACTION, name, context)
         if decision.effect is not Effect.ALLOW:
-            await self.gateway.audit.aappend(
-                "model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION, decision="deny",
-                data={"model": name, "policy_ids": list(decision.policy_ids), "reasons": list(decision.reasons),
-                      "tokens_used": meter.tokens, "cost_usd": round(meter.cost_usd, 6)})
+            await self.audit.record(
+                "model", self._who(claims),
+                {"model": name, "policy_ids": list(decision.policy_ids), "reasons": list(decision.reasons),
+                 "tokens_used": meter.tokens, "cost_usd": round(meter.cost_usd, 6)})
             raise PolicyDenied(f"model call to {name!r} denied: {'; '.join(decision.reasons) or 'no policy permits'}",
                                policy_ids=decision.policy_ids)
 
@@ -192,7 +199,7 @@ class ModelGateway:
         data: dict[str, Any] = {
             "model": name, "deployment": deployment.id if deployment else "", "attempts": attempts,
             "stream": stream, "prompt_sha256": self.prompt_digests.digest(claims.run_id, prompt),
-            "completion_sha256": _digest(message),
+            "completion_sha256": digest(message),
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "cost_usd": round(cost, 8), "tool_calls": [(c.get("function") or {}).get("name")
                                                        for c in message.get("tool_calls") or ()],
@@ -201,14 +208,12 @@ class ModelGateway:
         if self.config.record_text:
             data["prompt"] = prompt
             data["completion"] = message
-        self.gateway.audit.append_nowait("model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION,
-                                         decision="ok", data=data)
+        self.audit.queue("model", self._who(claims), data, decision="ok")
         return usage
 
     async def _failed(self, claims: TokenClaims, name: str, exc: StitchworkError) -> None:
-        await self.gateway.audit.aappend(
-            "model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION, decision="error",
-            data={"model": name, "error": exc.code, "reason": self.gateway.redactor.redact_text(str(exc))})
+        await self.audit.record("model", self._who(claims), {
+            "model": name, "error": exc.code, "reason": self.context.redactor.redact_text(str(exc))}, decision="error")
 
     # -- calls ------------------------------------------------------------------------------------------------
 
@@ -221,23 +226,26 @@ class ModelGateway:
         return model.uri.split("?", 1)[0], model
 
     async def _chat(self, name: str, direct: Model | None, request: Mapping[str, Any]) -> Routed:
-        with provider_keys(self.gateway.vault.get):
+        with self.secrets.provider_keys():
             if direct is not None:
                 return Routed(await direct.chat(request), Deployment(name, direct.uri, name), 1)
             return await self.router.chat(name, request)
 
-    async def complete(self, claims: TokenClaims, model: Model, messages: Sequence[Mapping[str, Any]],
+    async def complete(self, token: str | None, model: Model, messages: Sequence[Mapping[str, Any]],
                        tools: Sequence[Mapping[str, Any]]) -> ModelTurn:
-        """The in-process path (the agent loop): ``messages`` are already redacted by the gateway."""
+        """The in-process path (the agent loop): authenticated, secrets redacted from the prompt, admitted by
+        policy, routed (or ``model`` called directly when it is not routed), metered and audited."""
+        claims = await self.authenticate(token, action="model")
+        safe_messages = self.context.redactor.redact_messages(claims.run_id, messages)  # only new ones are redacted
         name, direct = self._target(model)
         await self._admit(claims, name)
-        request: dict[str, Any] = {"model": name, "messages": list(messages)}
+        request: dict[str, Any] = {"model": name, "messages": list(safe_messages)}
         if tools:
             request["tools"] = list(tools)
         started = time.perf_counter()
         try:
             routed = await self._chat(name, direct, request)
-            completion = self.gateway.redactor.redact(routed.completion)
+            completion = self.context.redactor.redact(routed.completion)
             turn = turn_from_completion(completion)
         except StitchworkError as exc:
             await self._failed(claims, name, exc)
@@ -248,14 +256,14 @@ class ModelGateway:
 
     async def _prepare_http(self, token: str | None, body: Mapping[str, Any]) -> tuple[TokenClaims, str,
                                                                                          dict[str, Any]]:
-        claims = await self.gateway.authenticate(token, action=MODEL_ACTION)
+        claims = await self.authenticate(token, action=MODEL_ACTION)
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise ModelError("the request names no model; GET /v1/models lists them")
         if name not in self.router:
             raise ModelError(f"unknown model {name!r}; known: {', '.join(self.models_for(claims.agent)) or 'none'}")
         await self._admit(claims, name)
-        request = self.gateway.redactor.redact(dict(body))
+        request = self.context.redactor.redact(dict(body))
         return claims, name, request
 
     async def chat(self, token: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,7 +275,7 @@ class ModelGateway:
         except StitchworkError as exc:
             await self._failed(claims, name, exc)
             raise
-        completion: dict[str, Any] = self.gateway.redactor.redact(routed.completion)
+        completion: dict[str, Any] = self.context.redactor.redact(routed.completion)
         completion["model"] = name
         self._record(claims, name, request.get("messages"), completion, routed.deployment, routed.attempts, started,
                      stream=False)
@@ -279,12 +287,12 @@ class ModelGateway:
         claims, name, request = await self._prepare_http(token, body)
         started = time.perf_counter()
         routed: list[Routed] = []
-        redactor = self.gateway.redactor
+        redactor = self.context.redactor
         chunks = aiter(self.router.chat_stream(name, request, routed))
         try:
             while True:
                 # The key scope is entered per step: a streaming response resumes this generator in other tasks.
-                with provider_keys(self.gateway.vault.get):
+                with self.secrets.provider_keys():
                     try:
                         chunk = await anext(chunks)
                     except StopAsyncIteration:
@@ -295,21 +303,14 @@ class ModelGateway:
             await self._failed(claims, name, exc)
             raise
         except (GeneratorExit, asyncio.CancelledError):  # the agent went away mid-stream
-            self.gateway.audit.append_nowait(
-                "model", agent=claims.agent, run_id=claims.run_id, tool=MODEL_ACTION, decision="cancelled",
-                data={"model": name, "stream": True, "prompt_sha256": _digest(request.get("messages")),
-                      "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+            self.audit.queue("model", self._who(claims),
+                             {"model": name, "stream": True, "prompt_sha256": digest(request.get("messages")),
+                              "latency_ms": round((time.perf_counter() - started) * 1000, 3)},
+                             decision="cancelled")
             raise
         if routed:
             self._record(claims, name, request.get("messages"), routed[0].completion, routed[0].deployment,
                          routed[0].attempts, started, stream=True)
 
 
-def attach(gateway: Gateway, config: ComputeConfig) -> ModelGateway:
-    """Builds the model gateway for ``gateway`` and routes :meth:`Gateway.complete` through it."""
-    models = ModelGateway(gateway, config)
-    gateway.models = models
-    return models
-
-
-__all__ = ["MODEL_ACTION", "MODEL_TOOL_ACTION", "AgentModels", "Meter", "ModelGateway", "attach"]
+__all__ = ["MODEL_ACTION", "MODEL_TOOL_ACTION", "AgentModels", "Meter", "ModelDoor", "PromptDigests"]

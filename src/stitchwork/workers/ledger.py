@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+from stitchwork.gateway.idempotency import IdempotencyLedger
 from stitchwork.messaging._base import Bus, Delivery
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.subjects import Subjects
@@ -14,7 +15,7 @@ from stitchwork.workers.subjects import Subjects
 log = logging.getLogger(__name__)
 
 
-class BusLedger:
+class BusLedger(IdempotencyLedger):
     """The gateway's idempotency ledger on the bus (``<p>idem.<digest>``; the first record of a key wins)."""
 
     def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:

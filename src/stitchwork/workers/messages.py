@@ -24,6 +24,7 @@ from typing import Any
 
 from stitchwork.errors import AuthError, InvalidArguments, PolicyDenied, TokenInvalid
 from stitchwork.gateway.core import Gateway
+from stitchwork.gateway.stages import policy_context
 from stitchwork.messaging._base import Bus, Consumer
 from stitchwork.security.identity.ca import CertificateAuthority
 from stitchwork.security.policy import Effect, PolicyEngine, Request, ToolAction
@@ -120,12 +121,9 @@ class AgentMessenger:
             raise
         run = gateway.runs.get(claims.run_id)
         taint = run.tracker.check({"to": to.partition(":")[2], "body": body}) if run is not None else None
-        context = {
-            "approved": False, "args": {"to": to, "body": body},
-            "taint": taint.context("to") if taint is not None else {"any": False, "target": False, "args": [],
-                                                                     "sources": []},
-            "budget": {"steps": run.steps if run else 0, "max_steps": run.max_steps if run else 0},
-        }
+        context = policy_context(side_effect="external", args={"to": to, "body": body},
+                                 taint=taint.context("to") if taint is not None else None,
+                                 steps=run.steps if run else 0, max_steps=run.max_steps if run else 0)
         decision = await self.policy.adecide(Request(agent=claims.agent, tool=ACTION, target=to, context=context))
         data: dict[str, Any] = {"to": to, "policy_ids": list(decision.policy_ids), "reasons": list(decision.reasons),
                                 "body_sha256": hashlib.sha256(body.encode()).hexdigest()}

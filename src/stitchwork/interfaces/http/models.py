@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from stitchwork.errors import AuthError, ModelRejected, ModelUnavailable, PolicyDenied, StitchworkError
-from stitchwork.gateway.models import ModelGateway
+from stitchwork.gateway.models import ModelDoor
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.service import Service
 
@@ -32,9 +32,9 @@ def _status(exc: StitchworkError) -> int:
     return 400
 
 
-def openai_error(exc: StitchworkError, models: ModelGateway) -> JSONResponse:
+def openai_error(exc: StitchworkError, models: ModelDoor) -> JSONResponse:
     """An error in the OpenAI shape (``{"error": {"message", "type", "code"}}``), secrets redacted."""
-    error: dict[str, Any] = {"message": models.gateway.redactor.redact_text(str(exc)), "type": exc.code,
+    error: dict[str, Any] = {"message": models.context.redactor.redact_text(str(exc)), "type": exc.code,
                              "code": exc.code}
     if isinstance(exc, PolicyDenied):
         error["policy_ids"] = list(exc.policy_ids)
@@ -44,11 +44,8 @@ def openai_error(exc: StitchworkError, models: ModelGateway) -> JSONResponse:
 def mount(app: FastAPI, service: Service) -> None:
     """Adds the model gateway's routes to the control plane."""
 
-    def models() -> ModelGateway:
-        gateway = service.platform.gateway.models
-        if gateway is None:
-            raise StitchworkError("the model gateway is not configured")
-        return gateway
+    def models() -> ModelDoor:
+        return service.platform.gateway.models
 
     async def chat_completions(request: Request) -> Response:
         gateway = models()
@@ -78,7 +75,7 @@ def mount(app: FastAPI, service: Service) -> None:
                 async for chunk in chunks:
                     yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
             except StitchworkError as exc:
-                error = {"error": {"message": gateway.gateway.redactor.redact_text(str(exc)), "type": exc.code}}
+                error = {"error": {"message": gateway.context.redactor.redact_text(str(exc)), "type": exc.code}}
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
                 return
             yield b"data: [DONE]\n\n"
@@ -88,7 +85,7 @@ def mount(app: FastAPI, service: Service) -> None:
     async def list_models(request: Request) -> Response:
         gateway = models()
         try:
-            claims = await gateway.gateway.authenticate(bearer(request) or None, action="model_list")
+            claims = await gateway.authenticate(bearer(request) or None, action="model_list")
         except AuthError as exc:
             return openai_error(exc, gateway)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "stitchwork"}

@@ -1,0 +1,86 @@
+"""The idempotency ledger port: one behaviour suite for every ledger (memory, the store, the bus).
+
+The store ledger runs on every store adapter of ``tests/plugins/stores.py``, the bus ledger on every bus of
+``tests/plugins/buses.py`` (``memory://`` and a NATS server).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from stitchwork.data._base import Store
+from stitchwork.gateway.idempotency import IdempotencyLedger, MemoryLedger, StoreLedger
+from stitchwork.messaging._base import Bus
+from stitchwork.workers.ledger import BusLedger
+from stitchwork.workers.subjects import Subjects
+from tests.plugins.stores import StoreFactory
+
+OpenLedger = Callable[[], IdempotencyLedger]
+"""Opens a ledger over the backend under test (again: a second ledger sees what the first stored)."""
+
+OUTCOME: dict[str, Any] = {"status": "ok", "tool": "append", "content": {"n": 1}, "error": None, "label": "tool:append",
+                           "approval_id": "", "policy_ids": ["write-permit"], "audit_seq": 7}
+
+
+class LedgerBehaviour:
+    """What every ledger does (a subclass per ledger provides ``open_ledger``)."""
+
+    async def test_a_missing_key_is_none(self, open_ledger: OpenLedger) -> None:
+        assert await open_ledger().aget("run_1", "run_1:c1") is None
+
+    async def test_an_outcome_put_is_found_as_it_was_put(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        await ledger.aput("run_1", "run_1:c1", OUTCOME)
+        assert await ledger.aget("run_1", "run_1:c1") == OUTCOME
+        assert await ledger.aget("run_1", "run_1:c2") is None
+
+    async def test_the_first_put_of_a_key_wins(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        await ledger.aput("run_1", "k", {**OUTCOME, "audit_seq": 1})
+        await ledger.aput("run_1", "k", {**OUTCOME, "audit_seq": 2})
+        assert await ledger.aget("run_1", "k") == {**OUTCOME, "audit_seq": 1}
+        assert await open_ledger().aget("run_1", "k") == {**OUTCOME, "audit_seq": 1}
+
+    async def test_keys_are_scoped_to_their_run(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        await ledger.aput("run_a", "k", {**OUTCOME, "tool": "a"})
+        assert await ledger.aget("run_b", "k") is None
+        await ledger.aput("run_b", "k", {**OUTCOME, "tool": "b"})
+        assert (await ledger.aget("run_a", "k") or {})["tool"] == "a"
+        assert (await ledger.aget("run_b", "k") or {})["tool"] == "b"
+
+    async def test_an_outcome_is_durable_before_the_next_lookup(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        await ledger.aput("run_1", "run_1:c1", OUTCOME)
+        assert await ledger.aget("run_1", "run_1:c2") is None  # the run's next lookup (before its next side effect)
+        assert await open_ledger().aget("run_1", "run_1:c1") == OUTCOME  # stored: another ledger (a restart) finds it
+
+    async def test_tuples_come_back_as_lists(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        await ledger.aput("run_1", "k", {**OUTCOME, "policy_ids": ("a", "b")})
+        assert (await ledger.aget("run_1", "k") or {})["policy_ids"] == ["a", "b"]
+
+
+class TestMemoryLedger(LedgerBehaviour):
+    @pytest.fixture
+    def open_ledger(self) -> OpenLedger:
+        ledger = MemoryLedger()
+        return lambda: ledger
+
+
+class TestStoreLedger(LedgerBehaviour):
+    @pytest.fixture
+    def open_ledger(self, store: Store, make_store: StoreFactory) -> OpenLedger:
+        ledgers = iter([StoreLedger(store)])
+        return lambda: next(ledgers, None) or StoreLedger(make_store())  # then a reopened store
+
+
+class TestBusLedger(LedgerBehaviour):
+    @pytest.fixture
+    def open_ledger(self, bus: Bus) -> OpenLedger:
+        subjects = Subjects("t" + uuid.uuid4().hex[:10])
+        return lambda: BusLedger(None, subjects, abus=bus)  # type: ignore[arg-type]  # the async face only
