@@ -289,9 +289,12 @@ def _await_ready(host: Host, timeout_s: float) -> bool:
     seen = b""
     while len(seen) < len(marker):
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([stdout], [], [], remaining)[0]:
+        try:
+            if remaining <= 0 or not select.select([stdout], [], [], remaining)[0]:
+                return False
+            chunk = os.read(stdout.fileno(), len(marker) - len(seen))
+        except (ValueError, OSError):  # the pool closed (and discarded this host) meanwhile
             return False
-        chunk = os.read(stdout.fileno(), len(marker) - len(seen))
         if not chunk:
             return False
         seen += chunk

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from stitchwork.errors import StitchworkError
+from stitchwork.interfaces.cli._common import JsonOpt, console, err, escape, fail, print_json, server_side, working
 from stitchwork.isolation._base import (
-    SANDBOXES,
     Command,
     Limits,
     Mount,
@@ -29,39 +27,27 @@ from stitchwork.isolation._base import (
     isolation_label,
     open_sandbox,
 )
+from stitchwork.isolation.availability import backend_status
 
-console = Console()
 sandbox_app = typer.Typer(help="Run programs in sandboxes; prepare and benchmark the backends.", no_args_is_help=True)
-
-#: Every backend scheme, in the order ``doctor`` lists them.
-BACKENDS = ("wasm", "bwrap", "gvisor", "firecracker", "nanos", "inline")
-
-
-def backend_status() -> list[tuple[str, bool, str]]:
-    """(scheme, usable here, why not) for every backend."""
-    rows = []
-    for name in BACKENDS:
-        try:
-            cls = SANDBOXES.load(f"{name}://")
-            ok, reason = cls.available()
-        except StitchworkError as exc:
-            ok, reason = False, str(exc)
-        rows.append((name, bool(ok), reason))
-    return rows
 
 
 @sandbox_app.command("prepare")
-def prepare_cmd(cache: Path | None = typer.Option(None, help="Cache directory (default: XDG cache).")) -> None:
+def prepare_cmd(cache: Path | None = typer.Option(None, help="Cache directory (default: XDG cache)."),
+                as_json: bool = JsonOpt) -> None:
     """Compile the CPython WASI module once and cache it (the first compile takes seconds)."""
-    from stitchwork.isolation import wasm
-
+    wasm = server_side("stitchwork.isolation.wasm", "stitchwork sandbox prepare")
     try:
-        path, compiled, seconds = wasm.prepare(cache)
+        with working("compiling the CPython WASI module for wasm:// (once; about 20 s)"):
+            path, compiled, seconds = wasm.prepare(cache)
     except StitchworkError as exc:
-        console.print(f"[red]wasm:// not prepared:[/red] {escape(str(exc))}")
+        err.print(f"[red]wasm:// not prepared:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
+    if as_json:
+        print_json({"path": str(path), "compiled": compiled, "seconds": round(seconds, 3)})
+        return
     verb = "compiled" if compiled else "already cached"
-    console.print(f"wasm:// module {verb}: {path} ({seconds:.1f} s)")
+    console.print(f"wasm:// module {verb}: {path} ({seconds:.1f} s)", markup=False)
 
 
 def _parse_dir(value: str) -> Mount:
@@ -124,8 +110,7 @@ def run_cmd(
     try:
         isolation = load_config().isolation
     except StitchworkError as exc:
-        console.print(f"[red]config:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        fail(exc)
     uri = backend or isolation.default
     mounts = tuple(_parse_dir(d) for d in dirs)
     if len(args) == 1 and args[0].endswith(".py") and Path(args[0]).is_file():
@@ -150,11 +135,12 @@ def run_cmd(
             return await sandbox.run(spec)
 
     if is_inline(uri) and isolation.allow_inline:
-        console.print("[bold red]inline:// -- NO ISOLATION:[/bold red] the program runs as this user, on this host")
+        err.print("[bold red]inline:// -- NO ISOLATION:[/bold red] the program runs as this user, on this host")
     try:
-        result = asyncio.run(go())
+        with working(f"running in {uri}"):
+            result = asyncio.run(go())
     except StitchworkError as exc:
-        console.print(f"[red]{escape(uri)}:[/red] {escape(str(exc))}")
+        err.print(f"[red]{escape(uri)}:[/red] {escape(str(exc))}")
         _hint_backends()
         raise typer.Exit(2) from exc
     _emit(result.stdout, sys.stdout, raw=raw)
@@ -184,7 +170,7 @@ def _emit(data: bytes, stream: Any, *, raw: bool) -> None:
 
 def _hint_backends() -> None:
     usable = [name for name, ok, _ in backend_status() if ok and name != "inline"]
-    console.print(f"backends usable on this host: {', '.join(f'{n}://' for n in usable) or 'none'} "
+    err.print(f"backends usable on this host: {', '.join(f'{n}://' for n in usable) or 'none'} "
                   "(`stitchwork doctor` says why not the others)")  # fmt: skip
 
 
@@ -215,46 +201,38 @@ def enforcement() -> list[tuple[str, str]]:
     return rows
 
 
-def doctor() -> None:
-    """Which sandbox backends this host supports (and why not the others), plus configuration warnings."""
+def doctor(as_json: bool = JsonOpt) -> None:
+    """Which sandbox backends this host supports (and why not the others), what their limits rest on, plus
+    configuration warnings."""
     from stitchwork.config import load_config
 
     try:
         config = load_config()
     except StitchworkError as exc:
-        console.print(f"[red]config:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from exc
-    table = Table("backend", "usable", "why not / notes")
-    for name, ok, reason in backend_status():
+        err.print(f"[red]config:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    allowed = config.isolation.allow_inline
+    backends = backend_status()
+    rows = []
+    for name, ok, reason in backends:
         if name == "inline":
-            allowed = config.isolation.allow_inline
-            table.add_row(
-                "inline://",
-                "[yellow]allowed[/yellow]" if allowed else "[red]refused[/red]",
-                escape(
-                    "NO ISOLATION: the in-process test double (tools run as this user on this host); "
-                    + ("enabled by [isolation] allow_inline" if allowed else "refused unless [isolation] allow_inline")
-                ),
-            )
-            continue
-        table.add_row(f"{name}://", "[green]yes[/green]" if ok else "[red]no[/red]", escape(reason))
-    console.print(table)
-    facts = Table("limits rest on", "on this host")
-    for what, how in enforcement():
-        facts.add_row(what, escape(how))
-    console.print(facts)
+            ok = allowed
+            reason = "NO ISOLATION: the in-process test double (tools run as this user on this host); " + (
+                "enabled by [isolation] allow_inline" if allowed else "refused unless [isolation] allow_inline")
+        rows.append((name, ok, reason))
+    facts = enforcement()
     warnings = []
     default = config.isolation.default
-    status = {f"{n}://": ok for n, ok, _ in backend_status()}
+    status = {f"{n}://": ok for n, ok, _ in backends}
     scheme = default.split("://", 1)[0] + "://"
     if not status.get(scheme, False):
         warnings.append(f"the default sandbox {default} is not usable here; tools without their own sandbox fail")
     if is_inline(default):
         warnings.append(
             "the default sandbox is inline:// (the in-process test double): tools are NOT isolated"
-            + ("" if config.isolation.allow_inline else "; it is refused until allow_inline is set")
+            + ("" if allowed else "; it is refused until allow_inline is set")
         )
-    if config.isolation.allow_inline:
+    if allowed:
         warnings.append("[isolation] allow_inline is on: a tool naming inline:// runs with NO isolation")
     host = config.server.host
     try:
@@ -263,13 +241,32 @@ def doctor() -> None:
         loopback = host == "localhost"
     if not loopback:
         warnings.append(f"the control plane binds {host}, not loopback: it is reachable from the network")
-    if scheme == "wasm://":
+    if scheme == "wasm://" and status.get("wasm://"):
         from stitchwork.isolation import wasm
 
         if not wasm.cwasm_path().exists():
             warnings.append("the wasm module is not compiled yet: run `stitchwork sandbox prepare` (a few seconds)")
     if os.environ.get("STITCHWORK_VAULT_KEY"):
         warnings.append("STITCHWORK_VAULT_KEY is set in the environment: every child process of this shell sees it")
+    if as_json:
+        print_json({
+            "backends": [{"backend": f"{n}://", "usable": ok, "why_not": reason,
+                          "isolation": isolation_label(f"{n}://")} for n, ok, reason in rows],
+            "limits_rest_on": {what: how for what, how in facts},
+            "warnings": warnings,
+        })  # fmt: skip
+        return
+    table = Table("backend", "usable", "why not / notes")
+    for name, ok, reason in rows:
+        if name == "inline":
+            table.add_row("inline://", "[yellow]allowed[/yellow]" if ok else "[red]refused[/red]", escape(reason))
+        else:
+            table.add_row(f"{name}://", "[green]yes[/green]" if ok else "[red]no[/red]", escape(reason))
+    console.print(table)
+    limits = Table("limits rest on", "on this host")
+    for what, how in facts:
+        limits.add_row(what, escape(how))
+    console.print(limits)
     for warning in warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if not warnings:
