@@ -159,3 +159,39 @@ def test_a_real_memory_limit_is_enforced_by_the_kernel(version: int) -> None:
         deadline = time.monotonic() + 5
         while not cgroup.remove() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+# -- a host without cgroups: say so, refuse what cannot be enforced ------------------------------------------------
+
+
+NONE_HERE = _cgroup.Support(missing=tuple((c, "no writable cgroup hierarchy (not root)") for c in _cgroup.CONTROLLERS))
+
+
+def test_without_cgroups_bwrap_and_gvisor_refuse_and_doctor_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from stitchwork.errors import BackendUnavailable
+    from stitchwork.interfaces.cli.app import app
+    from stitchwork.isolation import bwrap, gvisor
+
+    monkeypatch.setattr(_cgroup, "support", lambda: NONE_HERE)
+    if shutil.which("bwrap") is not None and bwrap._check_tools(shutil.which("bwrap") or "")[0]:
+        with pytest.raises(BackendUnavailable, match=r"no cgroup for memory .*limits=process"):
+            bwrap.BwrapSandbox("bwrap://")
+        bwrap.BwrapSandbox("bwrap://?limits=process")  # the operator's explicit choice: per-process limits only
+    assert bwrap.BwrapSandbox.available() == (False, bwrap.whole_sandbox_limits()[1])
+    if gvisor._runsc_path() is not None and os.geteuid() == 0:
+        ok, reason = gvisor.GvisorSandbox.available()
+        assert not ok and "cannot be enforced" in reason, reason
+
+    doctor = CliRunner().invoke(app, ["doctor", "--json"])
+    assert doctor.exit_code == 0, doctor.output
+    import json
+
+    report = json.loads(doctor.stdout)
+    assert "NOT enforceable" in report["limits_rest_on"]["whole-sandbox limits"]
+    assert report["limits_rest_on"]["cgroups"].startswith("none")
+    usable = {b["backend"]: b["usable"] for b in report["backends"]}
+    assert usable["bwrap://"] is False and usable["gvisor://"] is False

@@ -58,6 +58,23 @@ def spin():
         pass
 
 
+def fork_up_to(count):
+    children = []
+    for _ in range(count):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return len(children)
+
+
 def write_big(path, megabytes):
     chunk = b"x" * (1024 * 1024)
     with open(path, "wb") as handle:
@@ -69,7 +86,10 @@ def write_big(path, megabytes):
 def open_many(count):
     handles = []
     for index in range(count):
-        handles.append(open(f"/work/f{index}", "w"))
+        try:
+            handles.append(open(f"/work/f{index}", "w"))
+        except OSError as exc:
+            raise OSError(exc.errno, f"opened {index} files, then: {exc}") from None
     return len(handles)
 
 
@@ -164,6 +184,15 @@ async def test_cpu_quota_holds_many_spinners_to_the_cores_given(sandbox: Sandbox
     assert result.cpu_s <= 0.5 * result.duration_s + 0.5, result  # four spinners, half a core between them
 
 
+async def test_the_process_limit_counts_every_process_of_the_sandbox(sandbox: Sandbox, greedy: Path) -> None:
+    only(sandbox, "bwrap", "gvisor", why="WASI has no processes")
+    # Bounded on purpose (at most 40 children, killed again): a limit that did not hold shows as 40, not a fork bomb.
+    result = await call(sandbox, greedy, "fork_up_to", Limits(max_pids=16, timeout_s=30), count=40)
+
+    assert result.error is None, result
+    assert 0 < result.value < 16, result  # the runner itself is one of the 16
+
+
 # -- the disk quota -------------------------------------------------------------------------------------------
 
 
@@ -250,6 +279,8 @@ async def test_wasm_a_program_opening_20000_files_fails_inside_and_the_next_call
     assert result.value is None and result.error is not None, result
     # WASI reports the host's EMFILE as an I/O error (errno 29 inside); either way it failed inside the sandbox.
     assert any(text in result.error for text in ("Too many open files", "Errno 24", "Errno 29")), result.error
+    opened = int(result.error.split("opened ", 1)[1].split(" ", 1)[0])
+    assert 0 < opened < 256, result.error  # the instance's own cap (nofile=256), not the host's limit
     assert after <= before + 8, (before, after)  # the guest's descriptors were never this process's
     assert following.value == "hello", following
 

@@ -165,3 +165,43 @@ def test_a_missing_host_directory_is_a_stage_error(staged: Path, tmp_path: Path)
         _stage.copy_in(str(tmp_path / "missing"), str(staged / "work"), uid=0, gid=0)
     with pytest.raises(_stage.StageError, match="cannot write back"):
         _stage.commit(str(staged), str(tmp_path / "missing"))
+
+
+# -- the quota's tmpfs ---------------------------------------------------------------------------------------------
+
+
+def test_the_quota_tmpfs_is_nosuid_nodev_sized_and_private(tmp_path: Path) -> None:
+    """Mounted in a child with a mount namespace of its own: the flags, the size and that the host never sees it.
+
+    (bwrap adds ``nosuid`` to its own binds; this pins the stage's mount, which ``gvisor://`` and ``wasm://`` rely on.)
+    """
+    point = tmp_path / "stage"
+    point.mkdir()
+    read_r, read_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(read_r)
+            _stage.private_mounts()
+            _stage.mount_tmpfs(str(point), 4 * 1024 * 1024)
+            line = next(row for row in Path("/proc/self/mountinfo").read_text().splitlines()
+                        if row.split()[4] == str(point))  # fmt: skip
+            info = os.statvfs(point)
+            os.write(read_w, f"{line.split()[5]} {info.f_blocks * info.f_frsize}".encode())
+            code = 0
+        except BaseException as exc:
+            os.write(read_w, f"error {exc}".encode())
+        finally:
+            os._exit(code)
+    os.close(read_w)
+    with os.fdopen(read_r, "rb") as pipe:
+        report = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if report.startswith("error"):
+        pytest.skip(f"no mount namespace for this user here: {report}")
+    flags, size = report.split()
+    assert {"nosuid", "nodev"} <= set(flags.split(",")), flags
+    assert int(size) == 4 * 1024 * 1024
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not any(row.split()[4] == str(point) for row in Path("/proc/self/mountinfo").read_text().splitlines())
