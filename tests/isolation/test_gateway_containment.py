@@ -23,7 +23,7 @@ def read_file(path: str) -> str:
 '''
 
 MANIFESTS = {
-    "spin": 'entry = "hostile.py:spin"\n[limits]\ncpu_s = 1\ntimeout_s = 5\n[args]\ntype = "object"\n',
+    "spin": 'entry = "hostile.py:spin"\n[limits]\ncpu_s = 1\ntimeout_s = 60\n[args]\ntype = "object"\n',
     "read_file": (
         'entry = "hostile.py:read_file"\n[args]\ntype = "object"\nrequired = ["path"]\n'
         'properties.path = { type = "string" }\n'

@@ -336,14 +336,14 @@ async def test_memory_bomb_is_reported_as_memory(sandbox: Sandbox, hostile: Path
 
 
 async def test_infinite_loop_is_stopped_by_the_cpu_limit(sandbox: Sandbox, hostile: Path) -> None:
-    result = await run(sandbox, hostile, "spin", limits=Limits(cpu_s=1, timeout_s=10))
+    result = await run(sandbox, hostile, "spin", limits=Limits(cpu_s=1, timeout_s=60))  # a loaded host: room
 
     assert result.killed == "cpu", result
     assert result.error is not None and "CPU time limit" in result.error
     # rusage lags the kernel's tick-based check; wasm:// enforces cpu_s as an epoch deadline on running guest code
     # (wall time while it runs), so on a busy host its thread may have had less CPU than the limit.
     used = result.cpu_s if kind(sandbox) == "bwrap" else result.duration_s  # gvisor: wall-clock bound too
-    assert used >= 0.7 and result.duration_s < 10  # stopped by the CPU limit, well before the 10 s timeout
+    assert used >= 0.7 and result.duration_s < 60  # stopped by the CPU limit, before the timeout
 
 
 async def test_infinite_loop_below_the_cpu_limit_hits_the_timeout(sandbox: Sandbox, hostile: Path) -> None:
