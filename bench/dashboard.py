@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sw-dashboard-bench-"))
-    config = Config(state_dir=root / "state", isolation=IsolationConfig(default="inline://"),
+    config = Config(state_dir=root / "state", isolation=IsolationConfig(default="inline://", allow_inline=True),
                     data=DataConfig(audit_flush_ms=50), messaging=MessagingConfig(bus="memory://"))
     print(f"seeding {args.runs:,} runs and {args.events:,} audit events into {config.store_uri} …", flush=True)
     timing = seed(config.store_uri, args.runs, args.events)

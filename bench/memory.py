@@ -34,8 +34,8 @@ def setup(root: Path) -> Config:
     (agents / "bench.jsonl").write_text('{"content": "x"}\n')
     (agents / "bench.toml").write_text('name = "bench"\nmodel = "scripted://bench.jsonl"\n'
                                        'tools = ["memory_put", "memory_get", "memory_search"]\n')
-    return Config(state_dir=root / "state", agent_dirs=(str(agents),), isolation=IsolationConfig(default="inline://"),
-                  data=DataConfig(audit_flush_ms=50))
+    return Config(state_dir=root / "state", agent_dirs=(str(agents),),
+                  isolation=IsolationConfig(default="inline://", allow_inline=True), data=DataConfig(audit_flush_ms=50))
 
 
 def pct(values: list[float], q: float) -> float:

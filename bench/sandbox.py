@@ -1,14 +1,18 @@
-"""Sandbox benchmark: start-up, warm-pool acquire, ``print(1+1)`` end to end, and density, per backend.
+"""Sandbox benchmark: start-up, warm-pool acquire, ``print(1+1)`` end to end, what the isolation costs, deadlines,
+and density, per backend.
 
 Every figure is printed next to a baseline measured in the same run (a plain ``subprocess`` Python start), so
 ratios hold on a shared, noisy machine. Run ``python3 bench/sandbox.py [--quick]`` or ``stitchwork sandbox bench``.
 
-* cold: a fresh sandbox per call (``wasm://?pool=0`` starts CPython inside the module each time);
-* warm acquire: taking a parked interpreter out of the ``wasm://`` pool;
+* cold: a fresh sandbox per call (``wasm://?pool=0`` starts an interpreter host and CPython inside it each time);
+* warm acquire: taking a parked interpreter host out of the ``wasm://`` pool;
 * warm e2e: ``print(1+1)``-style call through a full pool (the pool refills between calls);
 * back-to-back: calls with no pause, so the pool may run dry and calls fall back to cold starts;
-* density: live parked wasm interpreters held in this process until the count, the time or the memory budget
-  runs out, against plain ``python3`` processes held the same way.
+* isolation cost: ``/bin/true`` under bare ``bwrap``, then through the process guard alone, the guard with a
+  cgroup, with the cgroup and the disk stage, and the whole ``bwrap://`` sandbox (user namespace, seccomp,
+  rlimits): each as a ratio to bare ``bwrap``;
+* deadlines: how far past ``timeout_s`` and ``cpu_s`` a spinning program's result comes back;
+* density: parked ``wasm://`` interpreter hosts (one process each) against plain ``python3`` processes, by PSS.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,9 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from stitchwork.isolation._base import Command, PythonCall, SandboxSpec, open_sandbox
+from stitchwork.isolation import _process, _rootfs
+from stitchwork.isolation._base import Command, Limits, PythonCall, SandboxSpec, open_sandbox
 
-TOOL = "def main():\n    print(1 + 1)\n    return 1 + 1\n"
+TOOL = "def main():\n    print(1 + 1)\n    return 1 + 1\n\n\ndef spin():\n    while True:\n        pass\n"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -34,16 +40,19 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
 
 
-def line(name: str, values: list[float], baseline: float | None = None) -> None:
+def line(name: str, values: list[float], baseline: float | None = None, unit: str = "subprocess") -> None:
     p50, p99 = pct(values, 0.5), pct(values, 0.99)
-    ratio = f"  ({p50 / baseline:5.2f}x subprocess)" if baseline else ""
-    print(f"  {name:<44} p50 {p50:8.2f} ms  p99 {p99:8.2f} ms  n={len(values)}{ratio}")
+    ratio = f"  ({p50 / baseline:5.2f}x {unit})" if baseline else ""
+    print(f"  {name:<48} p50 {p50:8.2f} ms  p99 {p99:8.2f} ms  n={len(values)}{ratio}")
 
 
-def rss_kb(pid: int | str = "self") -> int:
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmRSS:"):
-            return int(row.split()[1])
+def pss_kb(pid: int | str = "self") -> int:
+    try:
+        for row in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if row.startswith("Pss:"):
+                return int(row.split()[1])
+    except OSError:
+        pass
     return 0
 
 
@@ -78,7 +87,7 @@ async def latency(n: int, tool: Path, base: float) -> None:
         _, compiled, _ = wasm.prepare()
         print(f"  wasm module {'compiled' if compiled else 'loaded from cache'} in {time.perf_counter() - prep:.2f} s")
         async with open_sandbox("wasm://", pool=0) as cold:
-            line("wasm:// cold (instantiate + CPython start-up)", await timed(cold, call, n), base)
+            line("wasm:// cold (host process + CPython start-up)", await timed(cold, call, n), base)
         async with open_sandbox("wasm://", pool=2) as warm:
             assert isinstance(warm, wasm.WasmSandbox)
             warm.prepare()
@@ -86,10 +95,10 @@ async def latency(n: int, tool: Path, base: float) -> None:
             for _ in range(n):
                 await asyncio.to_thread(warm.wait_pool)
                 started = time.perf_counter()
-                instance = warm._take_warm()
+                host = warm._take_warm()
                 acquire.append(time.perf_counter() - started)
-                if instance is not None:
-                    instance.discard()
+                if host is not None:
+                    host.discard()
             line("wasm:// warm-pool acquire", acquire)
             line("wasm:// warm e2e (pool refilled between calls)", await timed(warm, call, n, warm.wait_pool), base)
             await asyncio.to_thread(warm.wait_pool)
@@ -100,14 +109,117 @@ async def latency(n: int, tool: Path, base: float) -> None:
     for uri, runs in (("bwrap://", n), ("gvisor://", max(3, n // 5))):
         ok, reason = _available(uri)
         if not ok:
-            print(f"  {uri:<44} skipped: {reason}")
+            print(f"  {uri:<48} skipped: {reason}")
             continue
         async with open_sandbox(uri) as sandbox:
             spawn = await timed(sandbox, SandboxSpec(Command(("/bin/true",))), runs)
             line(f"{uri} spawn /bin/true", spawn, base)
             line(f"{uri} e2e", await timed(sandbox, call, runs), base)
     for uri in ("firecracker://", "nanos://"):
-        print(f"  {uri:<44} skipped: {_available(uri)[1]}")
+        print(f"  {uri:<48} skipped: {_available(uri)[1]}")
+
+
+async def isolation_cost(n: int) -> None:
+    """``/bin/true`` with each layer of the new process isolation added, as ratios to bare bwrap."""
+    ok, reason = _available("bwrap://")
+    print("\nisolation cost (/bin/true; ratios to bare bwrap):")
+    if not ok:
+        print(f"  skipped: {reason}")
+        return
+    bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
+    bare_argv = [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "/bin/true"]
+    bare = []
+    for _ in range(n):
+        started = time.perf_counter()
+        subprocess.run(bare_argv, check=True)
+        bare.append(time.perf_counter() - started)
+    base = pct(bare, 0.5)
+    line("bare bwrap (no guard, no cgroup, no stage)", bare, base, "bare")
+    limits = Limits(timeout_s=30)
+    env = {"PATH": _process.DEFAULT_PATH}
+
+    async def supervised(confinement: _process.Confinement, stage: bool) -> float:
+        layout = _rootfs.Layout(limits.disk_mb << 20, uid=os.getuid(), gid=os.getgid()) if stage else None
+        if layout is not None:
+            layout.scratch("work")
+            confinement = _process.Confinement(cgroup=confinement.cgroup, stage=layout.stage())
+        started = time.perf_counter()
+        try:
+            outcome = await _process.supervise(bare_argv, env=env, stdin=b"", limits=limits, confinement=confinement)
+        finally:
+            if layout is not None:
+                layout.remove()
+        assert outcome.code == 0, outcome
+        return time.perf_counter() - started
+
+    for name, confinement, stage in (
+        ("+ process guard (pid-namespace init, parent binding)", _process.Confinement(cgroup=False), False),
+        ("+ cgroup (memory, cpu, pids; budget watch)", _process.Confinement(cgroup=True), False),
+        ("+ disk stage (private tmpfs)", _process.Confinement(cgroup=True), True),
+    ):
+        line(name, [await supervised(confinement, stage) for _ in range(n)], base, "bare")
+    async with open_sandbox("bwrap://") as sandbox:
+        whole = await timed(sandbox, SandboxSpec(Command(("/bin/true",))), n)
+    line("bwrap:// whole (+ user namespace, seccomp, rlimits, binds)", whole, base, "bare")
+
+
+async def deadlines(n: int, tool: Path) -> None:
+    """How late results come back after ``timeout_s`` and ``cpu_s`` (target: within 0.5 s)."""
+    print("\ndeadlines (a spinning tool; result latency past the limit):")
+    for uri in ("wasm://", "bwrap://", "gvisor://"):
+        ok, reason = _available(uri)
+        if not ok:
+            print(f"  {uri:<48} skipped: {reason}")
+            continue
+        async with open_sandbox(uri, **({"pool": 1} if uri == "wasm://" else {})) as sandbox:
+            for kind, limits, limit in (("timeout_s=1", Limits(timeout_s=1, cpu_s=60), 1.0),
+                                        ("cpu_s=1", Limits(timeout_s=60, cpu_s=1), 1.0)):  # fmt: skip
+                late = []
+                for _ in range(n):
+                    if hasattr(sandbox, "wait_pool"):
+                        await asyncio.to_thread(sandbox.wait_pool)
+                    result = await sandbox.run(SandboxSpec(PythonCall(tool, "spin"), limits=limits))
+                    assert result.killed in ("timeout", "cpu"), result
+                    # cpu_s: the result comes back once the budget is used up; timeout_s: wall time past the limit
+                    used = result.cpu_s if kind.startswith("cpu") else result.duration_s
+                    late.append(max(0.0, used - limit))
+                line(f"{uri} {kind}: past the limit", late)
+
+
+def density(target: int, baseline_n: int) -> None:
+    from stitchwork.isolation import wasm
+    from stitchwork.isolation._wasm_pool import HostPool
+
+    print(f"\ndensity (PSS; {target} parked wasm:// interpreter hosts, {baseline_n} plain processes):")
+    procs = []
+    try:
+        for _ in range(baseline_n):
+            procs.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", "import sys; sys.stdin.read()"],
+                                          stdin=subprocess.PIPE))  # fmt: skip
+        time.sleep(0.5)
+        per_proc = sum(pss_kb(p.pid) for p in procs) / len(procs) / 1024
+        print(f"  plain python3 processes: {len(procs)} held, {per_proc:.1f} MiB PSS each")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    if not wasm.WasmSandbox.available()[0]:
+        print("  wasm:// skipped: unavailable")
+        return
+    wasm.prepare()
+    pool = HostPool(cache=None, size=target, limits=Limits(), overhead_mb=160, nofile=256)
+    started = time.perf_counter()
+    pool.start_filling()
+    full = pool.wait_full(timeout=30 + target * 2.0)
+    took = time.perf_counter() - started
+    try:
+        hosts = list(pool._parked)
+        total = sum(pss_kb(h.sup.proc.pid) for h in hosts) / 1024
+        each = total / max(len(hosts), 1)
+        print(f"  wasm:// parked interpreter hosts: {len(hosts)} ({'full' if full else 'not full'}) in {took:.1f} s, "
+              f"{each:.1f} MiB PSS each ({total:.0f} MiB total); {each / max(per_proc, 1e-9):.1f}x a plain process")
+    finally:
+        pool.close()
 
 
 def _available(uri: str) -> tuple[bool, str]:
@@ -120,145 +232,26 @@ def _available(uri: str) -> tuple[bool, str]:
     return bool(ok), str(reason)
 
 
-def _max_map_count() -> str:
-    try:
-        return Path("/proc/sys/vm/max_map_count").read_text().strip()
-    except OSError:
-        return "?"
-
-
-def density(target: int, seconds: float, budget_mb: int, baseline_n: int) -> None:
-    from stitchwork.isolation import wasm
-    from stitchwork.isolation._wasm_instance import RUNNER_ARGV, Instance
-
-    print(f"\ndensity (stop at {target} live, {seconds:g} s or {budget_mb} MiB of RSS growth):")
-    procs = []
-    start_rss = rss_kb()
-    started = time.perf_counter()
-    try:
-        for _ in range(baseline_n):
-            procs.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", "import sys; sys.stdin.read()"],
-                                          stdin=subprocess.PIPE))  # fmt: skip
-        time.sleep(0.5)
-        total = sum(rss_kb(p.pid) for p in procs)
-        took = time.perf_counter() - started
-        per_proc = total / len(procs) / 1024
-        print(f"  plain python3 processes: {len(procs)} held, {per_proc:.1f} MiB RSS each, "
-              f"{took / len(procs) * 1000:.1f} ms per start")  # fmt: skip
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    if not wasm.WasmSandbox.available()[0]:
-        print("  wasm:// skipped: unavailable")
-        return
-    rt = wasm.runtime()
-    staging = Path(tempfile.mkdtemp(prefix="stitchwork-bench-"))
-    live: list[Instance] = []
-    start_rss = rss_kb()
-    started = time.perf_counter()
-    why = "count reached"
-    try:
-        while len(live) < target:
-            if time.perf_counter() - started > seconds:
-                why = "time budget"
-                break
-            if (rss_kb() - start_rss) / 1024 > budget_mb:
-                why = "memory budget"
-                break
-            try:
-                batch = [Instance(rt, staging, RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
-            except Exception as exc:
-                why = f"start failed: {exc}"
-                break
-            stalled = [i for i in batch if not i.ready.wait(15)]
-            live += [i for i in batch if not i.finished.is_set()]
-            if stalled:
-                why = f"stalled: {len(stalled)} interpreter(s) not ready within 15 s (max_map_count {_max_map_count()})"
-                break
-            if len(live) % 100 < 8:
-                print(f"    ... {len(live)} live, {(rss_kb() - start_rss) / 1024:.0f} MiB", flush=True)
-        took = time.perf_counter() - started
-        grown = (rss_kb() - start_rss) / 1024
-        print(f"  wasm:// parked interpreters: {len(live)} live ({why}) in {took:.1f} s, "
-              f"{grown / max(len(live), 1):.2f} MiB RSS each ({grown:.0f} MiB total); "
-              f"vs plain processes {per_proc / max(grown / max(len(live), 1), 1e-9):.1f}x denser")  # fmt: skip
-    finally:
-        for instance in live:
-            instance.discard()
-        deadline = time.monotonic() + 30
-        for instance in live:
-            instance.finished.wait(max(0.0, deadline - time.monotonic()))
-
-
-#: wasmtime serves each parked interpreter's blocking stdin read from tokio's blocking pool, capped at 512 threads
-#: per process: past that, new interpreters stall. Density beyond it is measured across worker processes.
-PER_PROCESS = 480
-
-
-def density_worker(count: int, seconds: float) -> None:
-    """Holds up to ``count`` parked interpreters; prints ``live rss_kb``; waits for stdin to close."""
-    from stitchwork.isolation import wasm
-    from stitchwork.isolation._wasm_instance import RUNNER_ARGV, Instance
-
-    rt = wasm.runtime()
-    staging = Path(tempfile.mkdtemp(prefix="stitchwork-bench-"))
-    start_rss, started, live = rss_kb(), time.perf_counter(), []
-    while len(live) < count and time.perf_counter() - started < seconds:
-        batch = [Instance(rt, staging, RUNNER_ARGV, workdir=None, mem_mb=64) for _ in range(8)]
-        if [i for i in batch if not i.ready.wait(15)]:
-            break
-        live += batch
-    print(len(live), rss_kb() - start_rss, flush=True)
-    sys.stdin.read()
-    os._exit(0)  # the parked interpreters die with the process
-
-
-def density_processes(target: int, seconds: float) -> None:
-    workers = [
-        subprocess.Popen([sys.executable, __file__, "--density-worker", str(min(PER_PROCESS, target - i)),
-                          "--seconds", str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for i in range(0, target, PER_PROCESS)
-    ]  # fmt: skip
-    started = time.perf_counter()
-    try:
-        rows = [w.stdout.readline().split() for w in workers if w.stdout is not None]
-        took = time.perf_counter() - started
-        live = sum(int(r[0]) for r in rows if r)
-        grown = sum(int(r[1]) for r in rows if r) / 1024
-        print(f"  wasm:// across {len(workers)} processes: {live} live parked interpreters in {took:.1f} s, "
-              f"{grown / max(live, 1):.2f} MiB RSS each ({grown:.0f} MiB total)")  # fmt: skip
-    finally:
-        for w in workers:
-            w.kill()
-            w.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations and a smaller density test")
     parser.add_argument("-n", type=int, default=0, help="iterations per latency figure")
-    parser.add_argument("--density", type=int, default=0, help="live wasm sandboxes to aim for")
-    parser.add_argument("--density-worker", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--seconds", type=float, default=240.0, help=argparse.SUPPRESS)
+    parser.add_argument("--density", type=int, default=0, help="parked wasm hosts to hold")
     args = parser.parse_args()
-    if args.density_worker:
-        density_worker(args.density_worker, args.seconds)
-        return
     n = args.n or (10 if args.quick else 40)
-    target = args.density or (100 if args.quick else 1000)
+    target = args.density or (10 if args.quick else 50)
     with tempfile.TemporaryDirectory() as scratch:
         tool = Path(scratch) / "tool.py"
         tool.write_text(TOOL)
+        os.chmod(scratch, 0o755)
         base = subprocess_baseline(n)
         print(f"host: {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
         print("\nbaseline:")
         line("plain subprocess python3 -I -S -c 'print(1+1)'", base)
         asyncio.run(latency(n, tool, pct(base, 0.5)))
-    seconds = 30 if args.quick else 240
-    density(min(target, PER_PROCESS), seconds=seconds, budget_mb=16 * 1024, baseline_n=20 if args.quick else 50)
-    if target > PER_PROCESS:
-        density_processes(target, seconds)
+        asyncio.run(isolation_cost(n))
+        asyncio.run(deadlines(max(3, n // 4), tool))
+    density(target, baseline_n=10 if args.quick else 30)
 
 
 if __name__ == "__main__":

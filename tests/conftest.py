@@ -120,7 +120,7 @@ def make_config(tmp_path: Path, tools_dir: Path) -> ScriptFn:
             tool_dirs=(str(tools_dir),),
             agent_dirs=(str(agents),),
             security=SecurityConfig(policy_dirs=policy_dirs, **security),
-            isolation=IsolationConfig(default=sandbox, timeout_s=10),
+            isolation=IsolationConfig(default=sandbox, timeout_s=10, allow_inline=sandbox.startswith("inline:")),
             data=DataConfig(audit_flush_ms=5),
         )
 

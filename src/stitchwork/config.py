@@ -75,6 +75,11 @@ class Limits:
     """stdout and stderr together."""
     max_pids: int = 64
     """Processes (and threads, where a cgroup counts them)."""
+    disk_mb: int = 256
+    """Writable space of the sandbox as a whole, in MiB: its scratch directories, ``/tmp``, ``/dev/shm`` and its
+    (staged) work directory together. It lives in memory (a size-limited tmpfs) and counts against ``mem_mb``."""
+    cpus: float = 1.0
+    """CPU cores the sandbox may use at the same time (the cgroup CPU quota)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class IsolationConfig(Limits):
 
     default: str = "wasm://"
     """Sandbox for tools that name none: ``wasm://`` (CPython on wasmtime; Python tools only), ``bwrap://``..."""
+    allow_inline: bool = False
+    """Allow ``inline://``, the in-process test double that runs tools with NO isolation (tests and demos only).
+    Without it, a default, a manifest or ``stitchwork sandbox run`` naming ``inline://`` is refused."""
 
     @property
     def limits(self) -> Limits:

@@ -35,6 +35,7 @@ from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
 from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
+from stitchwork.isolation._base import INLINE_REFUSED, is_inline
 from stitchwork.memory.store import AgentMemory
 from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
 from stitchwork.memory.tools import MemoryTools
@@ -148,6 +149,7 @@ class Platform:
         hosts = set(MemoryTools.HANDLERS) if config.data.memory_tools else set()
         if unbound := sorted(t.name for t in tools if t.host and t.host not in hosts):
             raise ConfigError(f"host-side tool(s) {', '.join(unbound)} name no registered handler")
+        _check_inline(config, tools)
         agents = load_agents(config.agent_dirs or (BUILTIN_AGENTS,))
         agents = with_default_assistant(agents, tools, model=config.compute.default_model)
         policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
@@ -176,7 +178,7 @@ class Platform:
             context = GatewayContext(
                 tokens=tokens, policy=policy, audit=audit, approvals=parts.approvals, vault=vault, tools=tools,
                 agents={a.name: a.tools for a in agents},
-                sandboxes=Sandboxes(iso.default, iso.limits),
+                sandboxes=Sandboxes(iso.default, iso.limits, allow_inline=iso.allow_inline),
                 trusted_sources=frozenset(config.security.trusted_sources),
                 audience=config.security.audience,
                 idempotency=parts.ledger,
@@ -271,3 +273,18 @@ async def open_worker(config: Config, *, bus_uri: str, name: str = "", concurren
 
 
 __all__ = ["Durable", "Platform", "Role", "default_worker_name", "ensure_state_dir", "open_vault_for", "open_worker"]
+
+
+def _check_inline(config: Config, tools: ToolRegistry) -> None:
+    """Refuses ``inline://`` (no isolation) as the default or a tool's sandbox unless the operator allowed it.
+
+    Raises:
+        ConfigError: It is named and ``[isolation] allow_inline`` is off.
+    """
+    if config.isolation.allow_inline:
+        return
+    named = [f"tool {t.name!r}" for t in tools if t.sandbox and is_inline(t.sandbox)]
+    if is_inline(config.isolation.default):
+        named.insert(0, "[isolation] default")
+    if named:
+        raise ConfigError(f"{', '.join(named)}: {INLINE_REFUSED}")

@@ -277,7 +277,9 @@ async def test_sandbox_execute_runs_the_tool_and_reports_what_ran(stack: Stack) 
     decision = Decision(Effect.ALLOW, ("read-permit",), (), ())
     executed = await SandboxExecute(stack.context)(call, Resolved(call.args, {}), decision)
     assert isinstance(executed, Executed) and executed.status == "ok" and executed.value["id"] == "m1"
-    assert set(executed.details) == {"sandbox", "exit_code", "killed", "duration_ms", "cpu_s", "max_rss_kb"}
+    assert set(executed.details) == {"sandbox", "isolation", "exit_code", "killed", "duration_ms", "cpu_s",
+                                     "max_rss_kb"}
+    assert executed.details["isolation"] == "none"  # this stack runs inline:// (allowed): audited as no isolation
     assert executed.labels is None and await stack.events("tool") == []  # the audit stage writes the tool event
 
 

@@ -91,7 +91,8 @@ def build(root: Path, *, extra_toml: str = "", sandbox: str = "inline://", bus: 
     config = root / "stitchwork.toml"
     config.write_text(
         f'state_dir = "{root / "state"}"\ntool_dirs = ["{tools}"]\nagent_dirs = ["{agents}"]\n'
-        f'[isolation]\ndefault = "{sandbox}"\ntimeout_s = 30\n[data]\naudit_flush_ms = 5\n'
+        f'[isolation]\ndefault = "{sandbox}"\nallow_inline = {str(sandbox.startswith("inline:")).lower()}\n'
+        f'timeout_s = 30\n[data]\naudit_flush_ms = 5\n'
         f'[messaging]\nbus = "{bus}"\nnats_port = 0\n{extra_toml}'
     )
     return config

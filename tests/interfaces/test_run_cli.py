@@ -34,6 +34,7 @@ def test_run_with_only_a_model_and_a_task_uses_the_default_assistant(
         vllm: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STITCHWORK_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("STITCHWORK_ISOLATION__DEFAULT", "inline://")
+    monkeypatch.setenv("STITCHWORK_ISOLATION__ALLOW_INLINE", "1")
     result = CliRunner().invoke(app, ["run", "--model", vllm.uri(), "--json", "What is in my inbox?"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)

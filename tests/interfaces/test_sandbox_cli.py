@@ -14,8 +14,9 @@ runner = CliRunner()
 
 
 def summary(output: str) -> dict[str, object]:
-    line = next(row for row in reversed(output.splitlines()) if row.startswith("{"))
-    parsed: dict[str, object] = json.loads(line)
+    prefix = "stitchwork-sandbox-summary: "
+    line = next(row for row in reversed(output.splitlines()) if row.startswith(prefix))
+    parsed: dict[str, object] = json.loads(line[len(prefix) :])
     return parsed
 
 

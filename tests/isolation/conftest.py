@@ -49,7 +49,7 @@ async def _open(name: str, request: pytest.FixtureRequest) -> AsyncIterator[Sand
         assert shared is not None
         yield shared
         return
-    async with open_sandbox(f"{name}://") as opened:
+    async with open_sandbox(f"{name}://", allow_inline=name == "inline") as opened:  # the double: explicitly
         yield opened
 
 

@@ -23,7 +23,7 @@ def read_file(path: str) -> str:
 '''
 
 MANIFESTS = {
-    "spin": 'entry = "hostile.py:spin"\n[limits]\ncpu_s = 1\ntimeout_s = 5\n[args]\ntype = "object"\n',
+    "spin": 'entry = "hostile.py:spin"\n[limits]\ncpu_s = 1\ntimeout_s = 60\n[args]\ntype = "object"\n',
     "read_file": (
         'entry = "hostile.py:read_file"\n[args]\ntype = "object"\nrequired = ["path"]\n'
         'properties.path = { type = "string" }\n'
@@ -79,5 +79,51 @@ async def test_hostile_calls_are_contained_and_audited(
     assert any(word in results["c2"]["error"]["message"] for word in ("FileNotFoundError", "PermissionError"))
     by_tool = {e["tool"]: e for e in tool_events}
     assert by_tool["spin"]["data"]["killed"] == "cpu" and by_tool["spin"]["decision"] == "error"
+    assert by_tool["spin"]["data"]["cpu_s"] >= 1.0  # the cgroup's figure for the killed tool
+    assert {e["data"]["isolation"] for e in tool_events} == {"sandbox"}
     assert by_tool["read_file"]["decision"] == "error" and by_tool["read_file"]["data"]["killed"] is None
     assert verified
+
+
+# -- inline:// (no isolation) is the operator's explicit choice --------------------------------------------------
+
+
+def test_inline_as_the_default_is_refused_unless_allowed(make_config: Any) -> None:
+    from dataclasses import replace
+
+    from stitchwork.errors import ConfigError
+
+    config = make_config([{"content": "done"}], sandbox="inline://")
+    refused = replace(config, isolation=replace(config.isolation, allow_inline=False))
+
+    with pytest.raises(ConfigError, match=r"\[isolation\] default.*NO isolation.*allow_inline"):
+        Platform.open(refused)
+
+
+def test_a_manifest_naming_inline_is_refused_unless_allowed(make_config: Any, hostile_tools: Path) -> None:
+    from stitchwork.errors import ConfigError
+
+    (hostile_tools / "spin.toml").write_text(
+        'name = "spin"\ndescription = "hostile"\nside_effect = "read"\nentry = "hostile.py:spin"\n'
+        'sandbox = "inline://"\n[args]\ntype = "object"\n'
+    )
+    config = make_config([{"content": "done"}], sandbox="bwrap://", tools=["spin"])
+
+    with pytest.raises(ConfigError, match=r"tool 'spin'.*allow_inline"):
+        Platform.open(config)
+
+
+async def test_a_call_under_allowed_inline_is_audited_as_no_isolation(
+    make_config: Any, hostile_tools: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    turns = [{"tool_calls": [call("read_file", {"path": str(hostile_tools / "hostile.py")}, "c1")]}, {"content": "ok"}]
+    platform = Platform.open(make_config(turns, sandbox="inline://", tools=["read_file"]))  # allow_inline: on
+    try:
+        await platform.runner.start("tester", "do it")
+        platform.audit.flush()
+        events = [event_dict(e) for e in platform.audit.tail(100) if e.kind == "tool"]
+    finally:
+        await platform.aclose()
+
+    assert events and all(e["data"]["isolation"] == "none" for e in events), events

@@ -352,9 +352,16 @@ async def test_inline_direct_mode_reports_a_slow_call_as_timeout(make_tool: Tool
 
 def test_unknown_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="mode"):
-        open_sandbox("inline://?mode=fast")
+        open_sandbox("inline://?mode=fast", allow_inline=True)
     with pytest.raises(ConfigError, match="unknown option"):
-        open_sandbox("inline://?colour=blue")
+        open_sandbox("inline://?colour=blue", allow_inline=True)
+
+
+@pytest.mark.parametrize("uri", ["inline://", "inline://?mode=direct", "INLINE://", " inline://"])
+def test_inline_is_refused_by_uri_unless_allowed(uri: str) -> None:
+    with pytest.raises(ConfigError, match=r"NO isolation.*allow_inline"):
+        open_sandbox(uri)
+    assert not open_sandbox(uri.strip().lower(), allow_inline=True).isolated
 
 
 # -- the runner's JSON (it avoids importing json to start faster; it must agree with json) -------------------

@@ -67,7 +67,8 @@ def test_memory_commands_open_the_platform_locally(make_config: Any, monkeypatch
     (config.state_dir).mkdir(parents=True, exist_ok=True)
     toml = config.state_dir / "stitchwork.toml"
     toml.write_text(f"tool_dirs = {json.dumps(list(config.tool_dirs))}\nagent_dirs = "
-                    f"{json.dumps(list(config.agent_dirs))}\n[isolation]\ndefault = \"inline://\"\n")
+                    f"{json.dumps(list(config.agent_dirs))}\n[isolation]\ndefault = \"inline://\"\n"
+                    "allow_inline = true\n")
     monkeypatch.setenv("STITCHWORK_STATE_DIR", str(config.state_dir))
     runner = CliRunner()
 

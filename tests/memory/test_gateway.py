@@ -49,7 +49,8 @@ class Env:
             policy_dirs = (str(tmp_path / "policies"),)
         self.config = Config(
             state_dir=tmp_path / "state", tool_dirs=(str(tools_dir),), agent_dirs=(str(agents),),
-            security=SecurityConfig(policy_dirs=policy_dirs), isolation=IsolationConfig(default="inline://"),
+            security=SecurityConfig(policy_dirs=policy_dirs),
+            isolation=IsolationConfig(default="inline://", allow_inline=True),
             data=DataConfig(audit_flush_ms=5),
         )
         self.platform = Platform.open(self.config)

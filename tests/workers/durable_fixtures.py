@@ -71,11 +71,12 @@ def build(root: Path, turns: list[dict[str, Any]], *, bus: str = "memory://", ap
     (agents / "cashier.toml").write_text('name = "cashier"\nmodel = "scripted://cashier.jsonl"\ntools = ["pay"]\n')
     (root / "stitchwork.toml").write_text(
         f'state_dir = "{root / "state"}"\ntool_dirs = ["{tools}"]\nagent_dirs = ["{agents}"]\n'
-        f'[isolation]\ndefault = "inline://"\ntimeout_s = 30\n[data]\naudit_flush_ms = 5\n'
+        f'[isolation]\ndefault = "inline://"\nallow_inline = true\ntimeout_s = 30\n[data]\naudit_flush_ms = 5\n'
         f'[messaging]\nbus = "{bus}"\nnats_port = 0\n[security]\napproval_timeout_s = {approval_timeout_s}\n'
     )
     return Config(state_dir=root / "state", tool_dirs=(str(tools),), agent_dirs=(str(agents),),
-                  isolation=IsolationConfig(default="inline://", timeout_s=30), data=DataConfig(audit_flush_ms=5),
+                  isolation=IsolationConfig(default="inline://", timeout_s=30, allow_inline=True),
+                  data=DataConfig(audit_flush_ms=5),
                   agents=AgentsConfig(), messaging=MessagingConfig(bus=bus, nats_port=0),
                   security=SecurityConfig(approval_timeout_s=approval_timeout_s))
 

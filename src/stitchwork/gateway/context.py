@@ -97,11 +97,14 @@ class Sandboxes:
         default: The URI of tools whose manifest names no sandbox.
         limits: The platform's resource limits (a manifest may override some per tool).
         bound: Sandboxes already open for some URIs (a harness's own adapter); used as they are, never closed here.
+        allow_inline: ``[isolation] allow_inline``: whether ``inline://`` (no isolation) may run tools.
     """
 
-    def __init__(self, default: str, limits: Limits, *, bound: Mapping[str, Sandbox] | None = None) -> None:
+    def __init__(self, default: str, limits: Limits, *, bound: Mapping[str, Sandbox] | None = None,
+                 allow_inline: bool = False) -> None:
         self.default = default
         self.limits = limits
+        self.allow_inline = allow_inline
         self._bound = dict(bound or {})
         self._opened: dict[str, Sandbox] = {}
 
@@ -110,7 +113,7 @@ class Sandboxes:
         if uri in self._bound:
             return self._bound[uri]
         if uri not in self._opened:
-            self._opened[uri] = open_sandbox(uri)
+            self._opened[uri] = open_sandbox(uri, allow_inline=self.allow_inline)
         return self._opened[uri]
 
     async def aclose(self) -> None:

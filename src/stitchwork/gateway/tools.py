@@ -35,7 +35,7 @@ from stitchwork.gateway.stages import (
     Validate,
     refusal,
 )
-from stitchwork.isolation._base import PythonCall, SandboxSpec
+from stitchwork.isolation._base import PythonCall, SandboxSpec, isolation_label
 from stitchwork.security.policy import Decision
 
 
@@ -61,10 +61,13 @@ class SandboxExecute:
             result = await sandboxes.get(sandbox_uri).run(spec)
         except StitchworkError as exc:  # the sandbox could not run the tool
             seq = await self.audit.record("tool", call.who, {"error": exc.code, "reason": str(exc),
-                                                             "sandbox": sandbox_uri}, decision="error")
+                                                             "sandbox": sandbox_uri,
+                                                             "isolation": isolation_label(sandbox_uri)},
+                                              decision="error")
             return ToolOutcome("error", tool.name, error=exc.to_dict(), audit_seq=seq)
         elapsed = time.perf_counter() - started
-        details = {"sandbox": sandbox_uri, "exit_code": result.exit_code, "killed": result.killed,
+        details = {"sandbox": sandbox_uri, "isolation": isolation_label(sandbox_uri),
+                   "exit_code": result.exit_code, "killed": result.killed,
                    "duration_ms": round(elapsed * 1000, 3), "cpu_s": result.cpu_s, "max_rss_kb": result.max_rss_kb}
         if result.ok:
             return Executed("ok", result.value, None, details)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from stitchwork._registry import Registry
 from stitchwork.config import Limits as Limits  # the port's limits; defined below us so config can derive from it
+from stitchwork.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ class SandboxResult:
     """Outcome of one sandboxed program.
 
     ``killed`` names why the sandbox stopped the program (``"timeout"``, ``"memory"``, ``"cpu"``,
-    ``"output"``, ``"pids"``, ``"signal"``) or is ``None`` when it exited by itself. For a :class:`PythonCall`,
-    ``value`` is the function's JSON result and ``error`` the exception text if it raised.
+    ``"output"``, ``"pids"``, ``"disk"``, ``"signal"``) or is ``None`` when it exited by itself. For a
+    :class:`PythonCall`, ``value`` is the function's JSON result and ``error`` the exception text if it raised.
     """
 
     exit_code: int
@@ -93,6 +94,8 @@ class Sandbox(ABC):
     #: Whether :class:`Command` may name any program of the host (``False``: only what the backend documents,
     #: e.g. ``wasm://`` runs the Python interpreter only).
     native_commands: ClassVar[bool] = True
+    #: ``False`` only for ``inline://``, which runs tools inside the caller's process: no isolation at all.
+    isolated: ClassVar[bool] = True
 
     @abstractmethod
     async def run(self, spec: SandboxSpec) -> SandboxResult:
@@ -126,7 +129,37 @@ SANDBOXES = Registry(
 )
 
 
-def open_sandbox(uri: str, **options: Any) -> Sandbox:
-    """Opens the sandbox backend named by ``uri``."""
+#: Why ``inline://`` is refused by default (and where to enable it).
+INLINE_REFUSED = (
+    "inline:// runs tools inside this process with NO isolation (it is the test double); it is refused unless "
+    "the operator enables it: [isolation] allow_inline = true (or STITCHWORK_ISOLATION__ALLOW_INLINE=1)"
+)
+
+
+def is_inline(uri: str) -> bool:
+    """Whether ``uri`` names ``inline://`` (no isolation)."""
+    return uri.split(":", 1)[0].strip().lower() == "inline"
+
+
+def isolation_label(uri: str) -> str:
+    """``"none"`` for ``inline://``, else ``"sandbox"`` (for audit events and summaries)."""
+    return "none" if is_inline(uri) else "sandbox"
+
+
+def open_sandbox(uri: str, *, allow_inline: bool = False, **options: Any) -> Sandbox:
+    """Opens the sandbox backend named by ``uri``.
+
+    Args:
+        uri: The backend's URI.
+        allow_inline: Whether ``inline://`` (no isolation) may be opened: the operator's ``[isolation]
+            allow_inline``. Tests that use the double pass ``True`` explicitly.
+        **options: The backend's options.
+
+    Raises:
+        ConfigError: ``inline://`` without ``allow_inline``, an unknown scheme or bad options.
+        BackendUnavailable: The backend cannot run here.
+    """
+    if is_inline(uri) and not allow_inline:
+        raise ConfigError(INLINE_REFUSED)
     sandbox: Sandbox = SANDBOXES.load(uri)(uri, **options)
     return sandbox

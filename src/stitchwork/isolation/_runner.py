@@ -294,7 +294,8 @@ def wasi_main() -> int:
     """The entry point under WASI (``wasm://``): like :func:`main`, with the result after :data:`RESULT_MARKER`.
 
     It imports :data:`WASI_PRELOAD`, writes :data:`READY_MARKER` to stdout and then blocks reading one request
-    line from stdin, so a host can start interpreters ahead of time and hand each one request.
+    line from stdin, so a host can start interpreters ahead of time and hand each one request. After the result
+    line it exits at once (``os._exit``): each interpreter serves one call, so finalizing it is wasted time.
     """
     sys.stdout = sys.stderr
     for name in WASI_PRELOAD:
@@ -316,7 +317,7 @@ def wasi_main() -> int:
     except (OSError, ValueError):
         pass
     _write_all(1, RESULT_MARKER + line)
-    return 0
+    os._exit(0)  # the interpreter is never reused: skip finalization (~15-25 ms under WASI)
 
 
 if __name__ == "__main__":

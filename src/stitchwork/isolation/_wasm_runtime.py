@@ -4,8 +4,8 @@ The module is CPython 3.11.1 for ``wasm32-wasi`` from the PyPI wheel :data:`RUNT
 Cranelift compiles it once (a few seconds; ``stitchwork sandbox prepare``, :func:`prepare`) and the machine code
 is cached at :func:`cwasm_path`, so later processes map it in milliseconds. :func:`runtime` gives the process's
 engine, linker and module for a cache directory, plus the host directories every interpreter preopens (the
-standard library and the runner). One thread advances every engine's epoch each :data:`EPOCH_TICK_S`; guest
-deadlines are counted in those ticks (:func:`ticks`).
+standard library and the runner). Engines have epoch interruption on: an interpreter host stops its guest by
+advancing the epoch (:mod:`._wasm_host`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -37,8 +36,6 @@ PYTHON_WASM_RELPATH = "wasm-runtime/bin/python-3.11.1.wasm"
 STDLIB_ZIP_RELPATH = "wasm-runtime/usr/local/lib/python311.zip"
 PYTHON_WASM_SHA256 = "88b0f02cc42b389ab14e8c1b9a57e7ea5ab75397c0859baf9265c5eac58d3437"
 STDLIB_ZIP_SHA256 = "4593d0c62a1b4cb7de17c591578eb85de3b4037828b18a6764bbd304435da605"
-#: How often the engine's epoch advances; deadlines are whole ticks.
-EPOCH_TICK_S = 0.01
 
 
 def package_dir() -> Path:
@@ -108,7 +105,6 @@ class Runtime:
 
 _RUNTIMES: dict[Path, Runtime] = {}
 _RUNTIME_LOCK = threading.Lock()
-_TICKER: list[threading.Thread] = []
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -191,28 +187,7 @@ def runtime(cache: Path | None = None) -> Runtime:
         linker.define_wasi()
         found = Runtime(engine, linker, module, stdlib, runner_dir, cwasm, compiled_now)
         _RUNTIMES[cache] = found
-        _start_ticker()
         return found
-
-
-def _start_ticker() -> None:
-    if _TICKER:
-        return
-
-    def tick() -> None:
-        while True:
-            time.sleep(EPOCH_TICK_S)
-            for rt in list(_RUNTIMES.values()):
-                rt.engine.increment_epoch()
-
-    thread = threading.Thread(target=tick, name="stitchwork-wasm-epoch", daemon=True)
-    thread.start()
-    _TICKER.append(thread)
-
-
-def ticks(seconds: float) -> int:
-    """``seconds`` as whole epoch ticks (at least one)."""
-    return max(1, math.ceil(seconds / EPOCH_TICK_S))
 
 
 def prepare(cache: Path | None = None) -> tuple[Path, bool, float]:

@@ -1,12 +1,19 @@
-"""``bwrap://``: bubblewrap namespaces + a seccomp filter + rlimits (+ a pids cgroup where the host has one).
+"""``bwrap://``: bubblewrap namespaces + a seccomp filter, as an unprivileged user, in a cgroup, on a disk quota.
 
 URI options (query string, or keyword arguments of :func:`~stitchwork.isolation.open_sandbox`)::
 
-    bwrap://?python=/usr/bin/python3&tmp_mb=64&fsize_mb=64&nofile=256&bwrap=/usr/bin/bwrap
+    bwrap://?python=/usr/bin/python3&uid=65534&nofile=256&limits=sandbox&bwrap=/usr/bin/bwrap
 
 ``python`` runs :class:`~stitchwork.isolation.PythonCall` tools (default: the real path behind
 :data:`sys.executable`). When it lives outside ``/usr`` only its installation prefix is bound, read-only and at
 the same path, with ``site-packages`` hidden: tools get the standard library (the runner uses ``-I -S -B``).
+
+**Never host root.** When this process is root, the program runs as ``uid`` (default 65534) in a user
+namespace that maps it to the same unprivileged host uid (made by the process guard, handed to bwrap with
+``--userns``): files it creates belong to that uid on the host, a setuid bit it sets is a setuid-nobody bit (and
+is stripped anyway when its work directory is written back). Otherwise bwrap's own user namespace maps the
+caller's uid. Always: no capabilities (``--cap-drop ALL``), ``no_new_privs`` (bwrap sets it before exec), every
+mount ``nosuid,nodev``.
 
 What a program sees (everything else of the host is absent, not merely unreadable):
 
@@ -14,16 +21,17 @@ What a program sees (everything else of the host is absent, not merely unreadabl
   need (``ld.so.cache``, ``ld.so.conf[.d]``, ``localtime``, ``alternatives``, ``nsswitch.conf``), a generated
   ``/etc/passwd`` and ``/etc/group``, the interpreter prefix, the runner at ``/stitchwork/_runner.py``, the
   tool file at ``/tool/<name>`` and ``spec.mounts`` (unless ``writable``); the root is remounted read-only;
-* writable: ``/work`` (``spec.workdir``, else a size-limited tmpfs; the cwd) and size-limited tmpfs at
-  ``/tmp`` and ``/dev/shm`` (``/dev`` itself is read-only; its device nodes work);
-* its own ``/proc`` and a minimal ``/dev``; new user, mount, pid, network (loopback only), ipc, uts (hostname
-  ``sandbox``) and cgroup namespaces; no capabilities; a new session (no ``TIOCSTI`` into the host terminal);
-  it dies with the process that started it. The program is pid 1 of its namespace (``--as-pid-1``): when it
-  exits, everything it started dies with it.
+* writable: ``/work``, ``/tmp`` and ``/dev/shm``, all three on the sandbox's one size-limited tmpfs (``disk_mb``,
+  which also counts against ``mem_mb``: tmpfs is memory). ``spec.workdir`` and writable ``spec.mounts`` are
+  copied in before the run and written back after it (see :mod:`._stage`); a write past the quota fails with
+  ``ENOSPC`` and a program that fails after it is reported as ``killed="disk"``; ``/dev`` itself is read-only;
+* its own ``/proc`` and a minimal ``/dev``; new mount, pid, network (loopback only), ipc, uts (hostname
+  ``sandbox``) and cgroup namespaces; a new session (no ``TIOCSTI`` into the host terminal). The program is
+  pid 1 of its namespace (``--as-pid-1``): when it exits, everything it started dies with it.
 
 Environment: exactly ``spec.env`` over ``PATH``, ``HOME=/work`` and ``LANG=C.UTF-8`` defaults (plus ``PWD``,
-which bwrap sets). It is bwrap's own process environment (bwrap passes it on), not ``--setenv`` arguments, so
-secrets never appear in a command line (``/proc/<pid>/cmdline`` is world-readable; ``environ`` is not).
+which bwrap sets), passed as ``--clearenv --setenv ...`` through a sealed memory file (``--args``): secrets are
+never in a command line (``/proc/<pid>/cmdline`` is world-readable) and never in bwrap's own environment.
 
 Seccomp (pyseccomp; compiled once per process; loaded by bwrap with ``--seccomp``): default allow; ``EPERM``
 for ``socket()`` of every family but ``AF_UNIX``, for namespace, mount, module, kexec, bpf, perf, keyring,
@@ -31,24 +39,23 @@ ptrace/``process_vm_*``, io_uring, clock, swap, reboot and file-handle syscalls 
 ``clone`` with namespace flags, for ``personality`` changes and the ``TIOCSTI`` ioctl; ``ENOSYS`` for ``clone3``
 (its flags cannot be inspected, libc falls back to ``clone``). Other architectures' syscalls kill the process.
 
-Limits: ``mem_mb`` → ``RLIMIT_AS``; ``cpu_s`` → ``RLIMIT_CPU`` rounded up to whole seconds, soft = hard, so
-the kernel SIGKILLs at the limit; ``max_pids`` → ``RLIMIT_NPROC``; plus ``RLIMIT_FSIZE`` (``fsize_mb``),
-``RLIMIT_NOFILE`` (``nofile``) and ``RLIMIT_CORE=0``. util-linux ``prlimit`` sets them inside the sandbox just
-before the program, so bwrap is not limited and no ``preexec_fn`` runs in this (threaded) process. The kernel
-does not apply ``RLIMIT_NPROC`` to processes whose real uid is host root, which is what the sandbox runs as
-when this process is root (its user namespace maps to root). ``max_pids`` is then enforced by a ``pids``
-cgroup per sandbox (a delegated v2 subtree or the v1 hierarchy, whichever is writable), which bwrap joins
-before it starts through a one-line ``/bin/sh`` wrapper; ``pids.max`` is ``max_pids + 1`` for bwrap's monitor
-process, and threads count. :meth:`BwrapSandbox.features` tells which mechanism is active. ``timeout_s`` is
-wall-clock: the bwrap process group is SIGKILLed, which takes the whole pid namespace with it. Output past
-``max_output_bytes`` (stdout and stderr together) is dropped and the sandbox killed.
+Limits, for the sandbox as a whole (the process supervisor, :mod:`stitchwork.isolation._process`): a cgroup per
+sandbox with ``mem_mb`` (swap off), a ``cpus`` quota and ``max_pids`` (+1 for bwrap's monitor; threads count),
+joined before bwrap starts; ``cpu_s`` as a budget of the CPU time of all its processes; ``timeout_s`` wall-clock;
+``max_output_bytes``; ``disk_mb`` as above. Per process, inside the sandbox (util-linux ``prlimit``, just before
+the program, so bwrap is not limited): ``RLIMIT_AS`` = ``mem_mb`` (a clean ``MemoryError`` rather than an OOM
+kill for a single process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` = ``disk_mb``, ``RLIMIT_NOFILE`` = ``nofile`` and
+``RLIMIT_CORE=0``. Where this host offers no cgroups the backend refuses to run (``available()`` says why)
+unless opened with ``limits=process``: per-process rlimits only (``RLIMIT_NPROC`` for ``max_pids``), which
+children multiply; :meth:`BwrapSandbox.features` and ``stitchwork doctor`` say which is in force.
 
-Results follow the process supervisor's rules (:mod:`stitchwork.isolation._process`): ``killed`` is
-``"timeout"``/``"output"`` when the supervisor killed the sandbox, ``"memory"``, ``"pids"``, ``"cpu"`` or
-``"signal"`` as it classifies the program's end. Like a shell, bwrap reports a signal death as exit code
-``128 + signal``; so does ``exit_code``. ``duration_s`` is wall-clock. ``cpu_s`` and ``max_rss_kb`` of a Python
-call are measured by the runner itself; otherwise they come from ``wait4()`` on the bwrap monitor, which reaps
-the program (exact for programs that exit; see the supervisor for what is missed when the sandbox is killed).
+The sandbox is bound to this process from before anything of it executes (the process guard: when this
+process dies, by any signal, the sandbox dies with it).
+
+Results follow the process supervisor's rules: ``killed`` is ``"timeout"``/``"output"``/``"cpu"`` when the
+supervisor ended the sandbox, ``"memory"``, ``"pids"``, ``"disk"``, ``"cpu"`` or ``"signal"`` as it classifies
+the program's end. Like a shell, bwrap reports a signal death as exit code ``128 + signal``; so does
+``exit_code``. ``cpu_s`` and ``max_rss_kb`` are the cgroup's figures (every process of the sandbox).
 
 Landlock is not applied: the mount namespace already hides every path that is not bound, and every bind but
 ``/work``, ``/tmp``, ``/dev/shm`` and writable mounts is read-only, so it would add defence in depth only.
@@ -73,7 +80,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from stitchwork.errors import BackendUnavailable, ConfigError, SandboxError
-from stitchwork.isolation import _cgroup, _process, _protocol, _rootfs
+from stitchwork.isolation import _process, _protocol, _rootfs
 from stitchwork.isolation._base import Limits, PythonCall, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.isolation._seccomp import seccomp_bpf
 
@@ -90,8 +97,11 @@ _ETC_FILES = (
     "/etc/nsswitch.conf",
 )
 _RESERVED_TARGETS = ("/proc", "/dev", "/stitchwork", "/tool")
+#: The sandbox's user when this process is root (nobody/nogroup): unprivileged on the host.
+SANDBOX_UID = 65534
 #: The bwrap monitor process counts against the pids cgroup (the program itself is pid 1: --as-pid-1).
-_CONFINEMENT = _process.Confinement(pids_cgroup=True, overhead_pids=1)
+_OVERHEAD_PIDS = 1
+_LIMIT_MODES = ("sandbox", "process")
 
 
 # -- host facts (computed once per process) ---------------------------------------------------------------
@@ -127,6 +137,18 @@ def _check_bwrap(bwrap: str) -> tuple[bool, str]:
     return True, ""
 
 
+def whole_sandbox_limits() -> tuple[bool, str]:
+    """Whether this host can hold memory, CPU and process limits for a sandbox as a whole (cgroups), and why not."""
+    support = _process.cgroup_support()
+    if support.complete:
+        return True, ""
+    missing = ", ".join(f"{c} ({why})" for c, why in support.missing)
+    return False, (
+        f"no cgroup for {missing}: memory, CPU and process limits cannot be enforced for the sandbox as a whole; "
+        "run as root or in a delegated cgroup, or accept per-process limits only with limits=process"
+    )
+
+
 # -- options ----------------------------------------------------------------------------------------------
 
 
@@ -136,34 +158,37 @@ class BwrapOptions:
 
     python: str
     bwrap: str
-    tmp_mb: int = 64
-    fsize_mb: int = 64
+    uid: int = SANDBOX_UID
     nofile: int = 256
+    limits: str = "sandbox"
 
     @classmethod
     def parse(cls, uri: str, options: Mapping[str, Any]) -> BwrapOptions:
-        """Reads ``bwrap://?python=...&bwrap=...&tmp_mb=...&fsize_mb=...&nofile=...``.
+        """Reads ``bwrap://?python=...&bwrap=...&uid=...&nofile=...&limits=sandbox|process``.
 
         Raises:
             ConfigError: Unknown option or a value of the wrong type.
         """
         values: dict[str, Any] = {**dict(parse_qsl(urlsplit(uri).query)), **options}
-        known = {"python", "bwrap", "tmp_mb", "fsize_mb", "nofile"}
+        known = {"python", "bwrap", "uid", "nofile", "limits"}
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"bwrap sandbox: unknown option(s) {sorted(unknown)} in {uri!r}; known: {sorted(known)}")
         python = os.path.realpath(str(values.get("python") or sys.executable))
         bwrap = str(values.get("bwrap") or shutil.which("bwrap") or "/usr/bin/bwrap")
         numbers: dict[str, int] = {}
-        for key in ("tmp_mb", "fsize_mb", "nofile"):
+        for key in ("uid", "nofile"):
             if key in values:
                 try:
                     numbers[key] = int(values[key])
                 except ValueError as exc:
                     raise ConfigError(f"bwrap sandbox: {key} must be an integer, not {values[key]!r}") from exc
                 if numbers[key] <= 0:
-                    raise ConfigError(f"bwrap sandbox: {key} must be positive")
-        return cls(python=python, bwrap=bwrap, **numbers)
+                    raise ConfigError(f"bwrap sandbox: {key} must be positive (the sandbox never runs as root)")
+        mode = str(values.get("limits", "sandbox"))
+        if mode not in _LIMIT_MODES:
+            raise ConfigError(f"bwrap sandbox: limits must be one of {', '.join(_LIMIT_MODES)}, not {mode!r}")
+        return cls(python=python, bwrap=bwrap, limits=mode, **numbers)
 
 
 # -- the sandbox ------------------------------------------------------------------------------------------
@@ -173,12 +198,12 @@ class BwrapSandbox(Sandbox):
     """Runs each program in a fresh bubblewrap sandbox; see the module docs for what that means.
 
     Args:
-        uri: ``bwrap://`` with optional query options (``python``, ``bwrap``, ``tmp_mb``, ``fsize_mb``,
-            ``nofile``).
+        uri: ``bwrap://`` with optional query options (``python``, ``bwrap``, ``uid``, ``nofile``, ``limits``).
         **options: The same options as keywords (they win over the URI).
 
     Raises:
-        BackendUnavailable: bwrap, prlimit or pyseccomp is missing, or bwrap cannot create namespaces here.
+        BackendUnavailable: bwrap, prlimit or pyseccomp is missing, bwrap cannot create namespaces here, or (with
+            ``limits=sandbox``) this host has no cgroups to hold the limits.
         ConfigError: Bad options.
     """
 
@@ -188,46 +213,59 @@ class BwrapSandbox(Sandbox):
         ok, reason = _check_tools(self.options.bwrap)
         if not ok:
             raise BackendUnavailable(reason)
+        if self.options.limits == "sandbox":
+            ok, reason = whole_sandbox_limits()
+            if not ok:
+                raise BackendUnavailable(f"bwrap://: {reason}")
+        else:
+            log.warning("bwrap sandbox opened with limits=process: memory, CPU and process limits are per process")
         if not os.access(self.options.python, os.X_OK):
             raise ConfigError(f"bwrap sandbox: python interpreter {self.options.python} is not executable")
         self._prlimit = _prlimit_path() or "/usr/bin/prlimit"  # checked by _check_tools
-        if _cgroup.pids_cgroup() is None and os.getuid() == 0:
-            log.warning(
-                "bwrap sandbox: no writable pids cgroup and running as root, so max_pids is NOT enforced "
-                "(RLIMIT_NPROC does not apply to root); fork bombs are only stopped by timeout_s"
-            )
+        self._root = os.geteuid() == 0
+        self._uid = self.options.uid if self._root else os.geteuid()
+        self._gid = self.options.uid if self._root else os.getegid()
+        self._cgroups = self.options.limits == "sandbox"
         self._layout = self._static_layout()
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        """Whether bwrap, prlimit and pyseccomp are present and bwrap can create namespaces (cached)."""
-        return _check_tools(shutil.which("bwrap") or "/usr/bin/bwrap")
+        """Whether bwrap, prlimit and pyseccomp are present, bwrap can create namespaces and cgroups can hold the
+        limits (cached)."""
+        ok, reason = _check_tools(shutil.which("bwrap") or "/usr/bin/bwrap")
+        if not ok:
+            return ok, reason
+        return whole_sandbox_limits()
 
     @classmethod
     def features(cls) -> dict[str, Any]:
         """Which protection mechanisms are active on this host (for ``stitchwork doctor`` and the docs)."""
         ok, reason = cls.available()
-        cgroup = _cgroup.pids_cgroup()
-        if cgroup is not None:
-            pids = f"cgroup v{cgroup.version} ({cgroup.base})"
-        elif os.getuid() != 0:
-            pids = "RLIMIT_NPROC"
-        else:
-            pids = "none (root without a writable pids cgroup)"
+        support = _process.cgroup_support()
+        root = os.geteuid() == 0
         return {
             "available": ok,
             "reason": reason,
+            "user": f"uid {SANDBOX_UID} in a user namespace mapped to host uid {SANDBOX_UID}"
+            if root
+            else f"the caller's uid {os.geteuid()} (bwrap's user namespace)",
             "namespaces": ok,
             "seccomp": ok,
-            "pids_limit": pids,
+            "cgroup": support.describe(),
+            "limits": "whole sandbox (cgroup)" if support.complete else "per process only (limits=process)",
+            "disk_quota": "size-limited tmpfs per sandbox (copied in, written back)",
             "landlock_abi": _landlock_abi(),
             "landlock_applied": False,
         }
 
     def _static_layout(self) -> list[str]:
-        """bwrap arguments that are the same for every run."""
+        """bwrap arguments that are the same for every run (writable and staged paths come per run)."""
         args = [
-            "--unshare-all",
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
             "--die-with-parent",
             "--as-pid-1",
             "--new-session",
@@ -235,10 +273,12 @@ class BwrapSandbox(Sandbox):
             "ALL",
             "--hostname",
             "sandbox",
-            "--ro-bind",
-            "/usr",
-            "/usr",
         ]
+        if self._root:
+            args += ["--userns", "{userns}", "--uid", str(self._uid), "--gid", str(self._gid)]
+        else:
+            args += ["--unshare-user"]
+        args += ["--ro-bind", "/usr", "/usr"]
         for name in _rootfs.ROOT_LINKS:
             path = "/" + name
             if os.path.islink(path):
@@ -248,24 +288,6 @@ class BwrapSandbox(Sandbox):
         for path in _ETC_FILES:
             if os.path.exists(path):
                 args += ["--ro-bind", path, path]
-        etc = _rootfs.generated_etc()
-        args += [
-            "--ro-bind",
-            str(etc / "passwd"),
-            "/etc/passwd",
-            "--ro-bind",
-            str(etc / "group"),
-            "/etc/group",
-        ]
-        prefix = _rootfs.python_prefix(self.options.python)
-        if prefix is not None:
-            args += ["--ro-bind", prefix, prefix]
-            for site in _rootfs.site_packages(prefix):
-                args += ["--tmpfs", site, "--remount-ro", site]
-        tmp_bytes = str(self.options.tmp_mb * 1024 * 1024)
-        # /dev itself is an unbounded tmpfs: read-only after /dev/shm is in place (device nodes stay usable).
-        args += ["--proc", "/proc", "--dev", "/dev", "--size", tmp_bytes, "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
-        args += ["--size", tmp_bytes, "--tmpfs", "/tmp"]
         return args
 
     async def run(self, spec: SandboxSpec) -> SandboxResult:
@@ -273,7 +295,7 @@ class BwrapSandbox(Sandbox):
 
         Raises:
             SandboxError: The spec cannot be honoured (egress, missing paths, bad mounts, a payload that is not
-                JSON) or bwrap failed to set the sandbox up.
+                JSON, a work directory larger than the disk quota) or bwrap failed to set the sandbox up.
         """
         if spec.egress:
             raise SandboxError(
@@ -281,42 +303,61 @@ class BwrapSandbox(Sandbox):
                 "run without egress or use a backend that supports it"
             )
         program = spec.program
-        args = [*self._layout, *self._mount_args(spec)]
         if isinstance(program, PythonCall):
             if not program.file.is_file():
                 raise SandboxError(f"tool file {program.file} does not exist")
-            args += [
-                "--ro-bind",
-                _protocol.RUNNER_HOST_PATH,
-                _protocol.SANDBOX_PATH,
-                "--ro-bind",
-                str(program.file),
-                _protocol.tool_path(program),
-            ]
             inner = _protocol.runner_argv(self.options.python)
             stdin = _protocol.encode_request(program)
         else:
             if not program.argv:
                 raise SandboxError("command has an empty argv")
             inner, stdin = list(program.argv), program.stdin
-        args += ["--remount-ro", "/", "--chdir", "/work"]
+        env = _process.program_env(spec.env)
         limits = spec.limits
-        outcome = await self._execute(args, inner, stdin, _process.program_env(spec.env), limits)
+        layout = _rootfs.Layout(limits.disk_mb * 1024 * 1024, uid=self._uid, gid=self._gid)
+        try:
+            args = [*self._layout, *self._stage_args(spec, layout)]
+            args += ["--remount-ro", "/", "--chdir", "/work"]
+            outcome = await self._execute(args, inner, stdin, env, limits, layout.stage())
+        finally:
+            layout.remove()
         if outcome.killed is None and _setup_failed(outcome):
             text = outcome.stderr.decode(errors="replace").strip()
             raise SandboxError(f"bwrap could not set up the sandbox: {text}")
         return _process.sandbox_result(program, outcome, limits)
 
-    def _mount_args(self, spec: SandboxSpec) -> list[str]:
+    def _stage_args(self, spec: SandboxSpec, layout: _rootfs.Layout) -> list[str]:
+        """Binds of everything that comes from the stage: writable space, private copies, the interpreter."""
         args: list[str] = []
+        etc = _rootfs.generated_etc(self._uid, self._gid)
+        args += ["--ro-bind", layout.file(etc / "passwd", "ro/passwd"), "/etc/passwd"]
+        args += ["--ro-bind", layout.file(etc / "group", "ro/group"), "/etc/group"]
+        prefix = _rootfs.python_prefix(self.options.python)
+        if prefix is not None:
+            args += ["--ro-bind", layout.bind(prefix, "ro/python"), prefix]
+            for site in _rootfs.site_packages(prefix):
+                args += ["--tmpfs", site, "--remount-ro", site]
+        program = spec.program
+        if isinstance(program, PythonCall):
+            args += ["--ro-bind", layout.file(_protocol.RUNNER_HOST_PATH, "ro/runner.py"), _protocol.SANDBOX_PATH]
+            args += ["--ro-bind", layout.file(program.file, "ro/tool"), _protocol.tool_path(program)]
+        # /dev itself is an unbounded tmpfs: read-only after /dev/shm is in place (device nodes stay usable).
+        shm = layout.scratch("shm")
+        args += ["--proc", "/proc", "--dev", "/dev", "--bind", shm, "/dev/shm", "--remount-ro", "/dev"]
+        args += ["--bind", layout.scratch("tmp"), "/tmp"]
         _rootfs.check_workdir(spec.workdir)
         if spec.workdir is not None:
-            args += ["--bind", str(spec.workdir), "/work"]
+            args += ["--bind", layout.copy(spec.workdir, "work"), "/work"]
         else:
-            args += ["--size", str(self.options.tmp_mb * 1024 * 1024), "--tmpfs", "/work"]
-        for mount in spec.mounts:
+            args += ["--bind", layout.scratch("work"), "/work"]
+        for index, mount in enumerate(spec.mounts):
             _rootfs.check_mount(mount, reserved=("/work", "/tmp"), reserved_trees=_RESERVED_TARGETS)
-            args += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
+            if mount.writable:
+                if not mount.source.is_dir():
+                    raise SandboxError(f"writable mount {mount.source} must be a directory (it is copied in)")
+                args += ["--bind", layout.copy(mount.source, f"rw/{index}"), mount.target]
+            else:
+                args += ["--ro-bind", layout.bind(mount.source, f"ro/mount-{index}"), mount.target]
         return args
 
     async def _execute(
@@ -326,15 +367,23 @@ class BwrapSandbox(Sandbox):
         stdin: bytes,
         env: dict[str, str],
         limits: Limits,
+        stage: _process.Stage,
     ) -> _process.Outcome:
         seccomp_read, seccomp_write = os.pipe()
+        env_fd = -1
         try:
             bpf = seccomp_bpf()
             os.write(seccomp_write, bpf)  # a few hundred bytes: fits the pipe buffer
             os.close(seccomp_write)
             seccomp_write = -1
+            setenv = ["--clearenv"]
+            for key, value in env.items():
+                setenv += ["--setenv", key, value]
+            env_fd = _process._memfd("stitchwork-bwrap-env", b"".join(a.encode() + b"\0" for a in setenv))
             argv = [
                 self.options.bwrap,
+                "--args",
+                str(env_fd),
                 *args,
                 "--seccomp",
                 str(seccomp_read),
@@ -342,17 +391,27 @@ class BwrapSandbox(Sandbox):
                 *self._prlimit_argv(limits),
                 *inner,
             ]
-            return await _process.supervise(
-                argv, env=env, stdin=stdin, limits=limits, pass_fds=(seccomp_read,), confinement=_CONFINEMENT
+            confinement = _process.Confinement(
+                cgroup=self._cgroups,
+                overhead_pids=_OVERHEAD_PIDS,
+                stage=stage,
+                userns=(self._uid, self._gid) if self._root else None,
             )
+            return await _process.supervise(
+                argv, env={"PATH": _process.DEFAULT_PATH}, stdin=stdin, limits=limits,
+                pass_fds=(seccomp_read, env_fd), confinement=confinement, name="bwrap",
+            )  # fmt: skip
         finally:
             os.close(seccomp_read)
             if seccomp_write != -1:
                 os.close(seccomp_write)
+            if env_fd != -1:
+                os.close(env_fd)
 
     def _prlimit_argv(self, limits: Limits) -> list[str]:
         """``prlimit --as=... --cpu=... ... --``: the rlimits, set inside the sandbox just before the program."""
-        values = _process.rlimits(limits, fsize_mb=self.options.fsize_mb, nofile=self.options.nofile)
+        values = _process.rlimits(limits, fsize_mb=limits.disk_mb, nofile=self.options.nofile,
+                                  nproc=not self._cgroups)  # fmt: skip
         return [self._prlimit, *(f"--{name.lower()}={value}" for name, value in values.items()), "--"]
 
 
@@ -384,4 +443,4 @@ def _check_tools(bwrap: str) -> tuple[bool, str]:
 
 def _setup_failed(outcome: _process.Outcome) -> bool:
     """bwrap itself failed (bad bind source, no namespaces...): it exits 1 with ``bwrap: ...`` and no output."""
-    return outcome.exit.code == 1 and not outcome.stdout and outcome.stderr.startswith(b"bwrap: ")
+    return outcome.code == 1 and not outcome.stdout and outcome.stderr.startswith(b"bwrap: ")

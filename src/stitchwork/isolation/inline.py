@@ -337,7 +337,12 @@ class InlineSandbox(Sandbox):
     Args:
         uri: ``inline://`` with an optional ``mode`` query option.
         **options: ``mode=...`` (overrides the URI).
+
+    Opened by URI (:func:`~stitchwork.isolation.open_sandbox`), it is refused unless the operator allows it
+    (``[isolation] allow_inline = true``); constructing it directly is the explicit choice of a test.
     """
+
+    isolated = False
 
     def __init__(self, uri: str = "inline://", **options: Any) -> None:
         self.uri = uri

@@ -182,7 +182,8 @@ def _execution(event: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, A
     return {"seq": event["seq"], "outcome": event["decision"], "sandbox": str(data.get("sandbox") or
             (f"host:{data['host']}" if data.get("host") else "")), "duration_ms": data.get("duration_ms"),
             "exit_code": data.get("exit_code"), "killed": data.get("killed"), "label": str(data.get("label") or ""),
-            "error": data.get("error"), "cpu_s": data.get("cpu_s"), "max_rss_kb": data.get("max_rss_kb")}
+            "error": data.get("error"), "cpu_s": data.get("cpu_s"), "max_rss_kb": data.get("max_rss_kb"),
+            "isolation": str(data.get("isolation") or "")}
 
 
 def _decode(row: Mapping[str, Any]) -> dict[str, Any]:
