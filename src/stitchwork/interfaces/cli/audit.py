@@ -135,7 +135,9 @@ def audit_tail(n: int = typer.Option(20, "-n", help="How many events."),
     print_rows(rows, fmt, title="audit")
 
 
-def audit_query(sql: str = typer.Argument(..., help="One SELECT over audit_events, runs, approvals, ..."),
+def audit_query(sql: str = typer.Argument(..., help="One read-only SELECT over audit_events, audit_heads, "
+                                         "audit_checkpoints, audit_facts, audit_denials, audit_rollup, runs, "
+                                         "approvals."),
                 fmt: str = typer.Option("table", "--format", help="table | csv | json"),
                 config_path: Path | None = ConfigOpt) -> None:
     """Run a read-only SQL query over the audit store."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from stitchwork.errors import (
     ApprovalError,
@@ -25,10 +26,10 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import audit, control, events, memory, models
-from stitchwork.interfaces.http._auth import bearer
+from stitchwork.interfaces.http import audit, control, events, health, memory, models
+from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
-from stitchwork.service import Service
+from stitchwork.service import Service, json_safe
 
 MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     control.mount,  # health, runs, approvals, audit tail/query/verify, secrets, agents' tool calls
@@ -36,6 +37,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    health.mount,  # /healthz and /readyz: open probes, never audited
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -52,8 +54,20 @@ def _status_for(exc: StitchworkError) -> int:
     return 400
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that cannot fail on a value: NaN and infinities become strings, bytes base64 (see ``json_safe``)."""
+
+    def render(self, content: object) -> bytes:
+        try:
+            return super().render(content)
+        except (TypeError, ValueError):
+            return super().render(json_safe(content))
+
+
 def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     """Builds the API around an open :class:`Service`."""
+    server = service.platform.config.server
+    failures = FailedAuthLog(service.platform.audit, window_s=server.auth_failure_window_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,28 +77,32 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                 with contextlib.suppress(StitchworkError):
                     await service.expire_and_resume()
 
-        task = asyncio.create_task(expire_loop())
+        async def failures_loop() -> None:
+            while True:
+                await asyncio.sleep(min(failures.window_s, 10.0))
+                with contextlib.suppress(StitchworkError):
+                    await failures.flush()
+
+        tasks = [asyncio.create_task(expire_loop()), asyncio.create_task(failures_loop())]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(StitchworkError):
+                await failures.flush(everything=True)
 
-    app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan,
+                  default_response_class=SafeJSONResponse)
+    app.state.failed_auth = failures
+    app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
+                       run_token_paths=RUN_TOKEN_PATHS)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        token = bearer(request)
-        if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
-            request.state.run_token = token
-            return await call_next(request)
-        if not token or not service.check_operator_token(token):
-            await service.platform.audit.aappend(
-                "auth", tool=request.url.path, decision="deny",
-                data={"error": "operator_token", "reason": "missing or invalid operator token"},
-            )
-            return JSONResponse({"error": "unauthenticated", "message": "a valid operator token is required "
-                                 "(Authorization: Bearer <token>)"}, status_code=401)
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+        return SafeJSONResponse({"error": "invalid_request", "message": "the request does not match its schema",
+                                 "detail": json_safe(errors)}, status_code=422)
 
     @app.exception_handler(StitchworkError)
     async def on_error(request: Request, exc: StitchworkError) -> JSONResponse:
