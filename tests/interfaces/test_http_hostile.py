@@ -209,7 +209,7 @@ def test_json_depth_ignores_brackets_in_strings() -> None:
 def test_health_probes_are_open_and_write_nothing(api: Api) -> None:
     client, service, token = api
     before = _events(service)
-    assert client.get("/healthz").json() == {"ok": True}
+    assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "bus": "ok", "audit": "ok"}
     assert _events(service) == before

@@ -5,7 +5,8 @@ headers alone: the operator token, or on the agents' paths (``/v1/agent/…``, `
 ``/v1/models``) a valid run token. Only then is the body read, and never past its limit (``Content-Length`` over the
 limit is refused before a byte is read; a chunked body is cut off where it crosses it). A JSON body nested deeper
 than ``max_json_depth`` gets 400 and one with ``NaN`` or ``Infinity`` (not JSON) gets 422, before any parser
-recurses into it. ``/healthz`` and ``/readyz`` are open and write nothing.
+recurses into it. The open paths (``/healthz``, ``/readyz``) pass untouched; the dashboard's paths (its own
+sign-in: session cookie and CSRF) skip the token but not the body limit.
 
 :class:`FailedAuthLog` audits failed authentications as one event per client address, reason and window, with a
 count, so requests without a valid token cannot grow the signed log without bound.
@@ -36,8 +37,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-"""Probes: no token, no audit event."""
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/agent/chat/completions"})
 """Bodies here may be as large as ``max_model_body_bytes`` (long conversations)."""
 
@@ -164,22 +163,27 @@ class RequestGuard:
     """ASGI middleware: authenticate from the headers, then read a bounded, sane body (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, service: Service, server: ServerConfig, failures: FailedAuthLog,
-                 run_token_paths: frozenset[str]) -> None:
+                 run_token_paths: frozenset[str], open_paths: frozenset[str],
+                 self_authenticating: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
+        self.open_paths = open_paths
+        self.self_authenticating = self_authenticating
         self.service = service
         self.server = server
         self.failures = failures
         self.run_token_paths = run_token_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
         headers = Headers(scope=scope)
         scheme, _, credential = headers.get("authorization", "").partition(" ")
         token = credential.strip() if scheme.lower() == "bearer" else ""
-        if is_run_token_path(path, self.run_token_paths):
+        if self.self_authenticating(path):
+            reason = ""  # the dashboard signs operators in itself (its sign-in form is the credential)
+        elif is_run_token_path(path, self.run_token_paths):
             scope.setdefault("state", {})["run_token"] = token
             reason = self._run_token_problem(token)
         else:

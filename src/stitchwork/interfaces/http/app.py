@@ -26,7 +26,16 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import audit, control, events, health, memory, models
+from stitchwork.interfaces.http import (
+    audit,
+    control,
+    dashboard,
+    events,
+    health,
+    memory,
+    models,
+    notifications,
+)
 from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service, json_safe
@@ -37,9 +46,15 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
-    health.mount,  # /healthz and /readyz: open probes, never audited
+    dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
+    notifications.mount,  # pending approvals posted to [notifications] webhooks
+    health.mount,  # /readyz: the open readiness probe, never audited (/healthz is in control)
 )
 """Every route group of the control plane. A new group is one line here."""
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+"""Paths served without a token and never audited: the liveness probe says only that the server answers; the
+readiness probe only whether the store, the audit log and the bus work."""
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
@@ -96,7 +111,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                   default_response_class=SafeJSONResponse)
     app.state.failed_auth = failures
     app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
-                       run_token_paths=RUN_TOKEN_PATHS)
+                       run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS, self_authenticating=dashboard.owns)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

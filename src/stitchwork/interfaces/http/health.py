@@ -1,8 +1,8 @@
-"""Probes for orchestrators, open without a token and writing nothing to the audit log.
+"""The readiness probe, open without a token and writing nothing to the audit log (``PUBLIC_PATHS``).
 
-``GET /healthz`` (liveness): 200 while the process serves requests. ``GET /readyz`` (readiness): 200 when the store
-answers, the audit log can take events and the bus is reachable; 503 with the failing checks otherwise. Neither
-says more than ok or what is wrong (no agents, tools or versions: ``/v1/health`` with the operator token does).
+``GET /readyz``: 200 when the store answers, the audit log can take events and the bus is reachable; 503 with the
+failing checks otherwise. It says no more than that (no agents, tools or versions: ``/v1/health`` with the operator
+token does). The liveness probe ``/healthz`` is in :mod:`.control`.
 """
 
 from __future__ import annotations
@@ -38,11 +38,7 @@ async def _bus(service: Service) -> str:
 
 
 def mount(app: FastAPI, service: Service) -> None:
-    """Adds ``/healthz`` and ``/readyz``."""
-
-    @app.get("/healthz", summary="Liveness (no token)")
-    async def healthz() -> dict[str, bool]:
-        return {"ok": True}
+    """Adds ``/readyz``."""
 
     @app.get("/readyz", summary="Readiness: store, audit log, bus (no token)")
     async def readyz() -> JSONResponse:
