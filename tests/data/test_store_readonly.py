@@ -102,6 +102,18 @@ def test_benign_queries_over_the_tables_it_may_read(filled: Store) -> None:
                ) == [{"seq": 1}, {"seq": 2}, {"seq": 3}]
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM audit_events ORDER BY seq",
+    "SELECT e.* FROM audit_events AS e ORDER BY e.seq",
+    "SELECT count(*) AS n FROM audit_events",
+    "SELECT seq, note FROM notes JOIN audit_events USING (seq) ORDER BY seq",
+    "SELECT agent, max(seq) AS hi, min(tool) AS lo FROM audit_events GROUP BY agent ORDER BY agent",
+    "SELECT seq, row_number() OVER (PARTITION BY agent ORDER BY seq) AS k FROM audit_events ORDER BY seq",
+])
+def test_answers_match_the_plain_query(filled: Store, sql: str) -> None:
+    assert _ro(filled, sql) == filled.query(sql)
+
+
 def test_a_write_behind_a_comment_is_only_a_comment(filled: Store) -> None:
     before = _state(filled)
     with contextlib.suppress(QueryRefused):  # ClickHouse engines refuse any ';' before the end

@@ -117,6 +117,24 @@ def referenced_tables(sql: str, tree: dict[str, Any], allowed: Collection[str]) 
     return sorted(names)
 
 
+def needed_columns(tree: dict[str, Any]) -> set[str] | None:
+    """Names the query may use as columns (every string of its tree, lower case), or None when it needs all of a
+    table's columns (``*``, ``COLUMNS(...)``, ``DESCRIBE``, ``SUMMARIZE``). Over-inclusion only costs a copy."""
+    words: set[str] = set()
+    stack: list[Any] = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("class") in ("STAR", "COLUMNS") or item.get("type") in ("STAR", "COLUMNS", "SHOW_REF"):
+                return None
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            words.add(item.lower())
+    return words
+
+
 def open_snapshot() -> duckdb.DuckDBPyConnection:
     """A fresh in-memory database with external access off and its configuration locked."""
     return duckdb.connect(":memory:", config=dict(SNAPSHOT_CONFIG))
@@ -130,23 +148,41 @@ def run_locked_down(
     check_limits(max_rows, timeout_s)
     snapshot = open_snapshot()
     try:
-        wanted = referenced_tables(sql, check_select(snapshot, sql), tables)
-        copies: dict[str, Any] = {}
-        with source_lock:
-            present = {r[0].lower() for r in source.execute(
-                "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' AND database_name = "
-                "current_database()").fetchall()}
-            for name in wanted:
-                if name in present:
-                    try:
-                        copies[name] = source.sql(f'SELECT * FROM "{name}"').to_arrow_table()
-                    except duckdb.Error as exc:
-                        raise StoreError(f"{where}: cannot read {name}: {exc}") from exc
+        tree = check_select(snapshot, sql)
+        wanted = referenced_tables(sql, tree, tables)
+        copies = _copy(source, source_lock, wanted, needed_columns(tree), where)
         for name, data in copies.items():
             snapshot.register(name, data)
         return _fetch(snapshot, sql, params, max_rows=max_rows, timeout_s=timeout_s, where=where)
     finally:
         snapshot.close()
+
+
+def _copy(source: duckdb.DuckDBPyConnection, source_lock: threading.RLock, wanted: list[str],
+          columns: set[str] | None, where: str) -> dict[str, Any]:
+    """Arrow copies of the tables (only the ``columns`` the query may use, at least one), read in one transaction
+    on a cursor of their own, so writers are not blocked meanwhile."""
+    with source_lock:
+        reader = source.cursor()
+    copies: dict[str, Any] = {}
+    try:
+        reader.execute("BEGIN TRANSACTION")
+        present: dict[str, list[str]] = {}
+        for table, column in reader.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE schema_name = 'main' AND database_name "
+                "= current_database() ORDER BY table_name, column_index").fetchall():
+            present.setdefault(table.lower(), []).append(column)
+        for name in wanted:
+            if name in present:
+                chosen = present[name] if columns is None else [c for c in present[name] if c.lower() in columns]
+                names = ", ".join('"' + c.replace('"', '""') + '"' for c in chosen or present[name][:1])
+                copies[name] = reader.sql(f'SELECT {names} FROM "{name}"').to_arrow_table()
+        reader.execute("ROLLBACK")
+    except duckdb.Error as exc:
+        raise StoreError(f"{where}: cannot read the tables {', '.join(wanted)}: {exc}") from exc
+    finally:
+        reader.close()
+    return copies
 
 
 def _fetch(snapshot: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any], *, max_rows: int,
