@@ -270,3 +270,17 @@ def test_failed_logins_are_counted_per_source_and_window() -> None:
         by_source[event["data"]["source"]] = by_source.get(event["data"]["source"], 0) + event["data"]["count"]
     assert by_source == {"1.1.1.1": 6, "2.2.2.2": 1, "*": 3}
     assert len(appended) == 6  # 1.1.1.1: first, summary of 4, next window's first; 2.2.2.2: one; *: first + 2
+
+
+def test_refused_event_sockets_are_aggregated_too(api: Api) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    client, service, _ = api
+    for i in range(30):
+        path = "/v1/events" if i % 2 else "/v1/events?token=swo_wrong"
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect(path) as ws:
+            ws.receive_json()
+        assert refused.value.code == 4401
+    asyncio.run(client.app.state.failed_auth.flush(everything=True))  # type: ignore[attr-defined]
+    events = [e for e in _auth_counts(service) if e["paths"] == ["/v1/events"]]
+    assert len(events) <= 4 and sum(e["count"] for e in events) == 30, events
