@@ -284,3 +284,9 @@ def test_refused_event_sockets_are_aggregated_too(api: Api) -> None:
     asyncio.run(client.app.state.failed_auth.flush(everything=True))  # type: ignore[attr-defined]
     events = [e for e in _auth_counts(service) if e["paths"] == ["/v1/events"]]
     assert len(events) <= 4 and sum(e["count"] for e in events) == 30, events
+
+
+def test_validation_errors_do_not_echo_a_whole_body(api: Api) -> None:
+    client, _, token = api
+    response = client.post("/v1/audit/query", json={"sql": "x" * 200_000}, headers=auth(token))
+    assert response.status_code == 422 and len(response.content) < 2000, len(response.content)

@@ -181,20 +181,24 @@ class RequestGuard:
         headers = Headers(scope=scope)
         scheme, _, credential = headers.get("authorization", "").partition(" ")
         token = credential.strip() if scheme.lower() == "bearer" else ""
+        refusal: tuple[str, str] | None = None  # (code, message)
         if self.self_authenticating(path):
             reason = ""  # the dashboard signs operators in itself (its sign-in form is the credential)
         elif is_run_token_path(path, self.run_token_paths):
             scope.setdefault("state", {})["run_token"] = token
-            reason = self._run_token_problem(token)
+            refused = self._run_token_problem(token)
+            reason = f"run token: {refused.code}" if refused else ""
+            if refused:
+                refusal = (refused.code, str(refused))
         else:
             reason = "" if token and self.service.check_operator_token(token) else (
                 "invalid operator token" if token else "missing operator token")
+            refusal = ("unauthenticated", "a valid operator token is required (Authorization: Bearer <token>)")
         if reason:
             await self.failures.record(client_address(scope), reason, path)
-            text = ("a valid run token is required (Authorization: Bearer <token>)"
-                       if is_run_token_path(path, self.run_token_paths) else
-                       "a valid operator token is required (Authorization: Bearer <token>)")
-            await _reply(send, 401, "unauthenticated", text, openai=path in MODEL_PATHS)
+            code, text = refusal or ("unauthenticated", "a valid token is required")
+            openai = path in MODEL_PATHS or path in ("/v1/models", "/v1/agent/models")
+            await _reply(send, 401, code, text, openai=openai)
             return
         limit = self.server.max_model_body_bytes if path in MODEL_PATHS else self.server.max_body_bytes
         declared = headers.get("content-length", "")
@@ -231,13 +235,13 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    def _run_token_problem(self, token: str) -> str:
+    def _run_token_problem(self, token: str) -> AuthError | None:
         context = self.service.platform.gateway.context
         try:
             context.tokens.verify(token or None, audience=context.audience)
         except AuthError as exc:
-            return f"run token: {exc.code}"
-        return ""
+            return exc
+        return None
 
 
 async def _reply(send: Send, status: int, code: str, message: str, *, openai: bool) -> None:

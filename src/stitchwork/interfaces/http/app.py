@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -79,6 +80,13 @@ class SafeJSONResponse(JSONResponse):
             return super().render(json_safe(content))
 
 
+def _short(value: object, limit: int = 300) -> object:
+    """A request value echoed in an error, cut to ``limit`` characters of JSON (bodies can be a megabyte)."""
+    safe = json_safe(value)
+    text = json.dumps(safe)
+    return safe if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     """Builds the API around an open :class:`Service`."""
     server = service.platform.config.server
@@ -115,7 +123,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+        errors = [{k: _short(v) if k == "input" else v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
         return SafeJSONResponse({"error": "invalid_request", "message": "the request does not match its schema",
                                  "detail": json_safe(errors)}, status_code=422)
 
