@@ -135,6 +135,10 @@ class DataConfig:
     """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Per-table retention (``[data.retention]``)."""
+    audit_query_max_rows: int = 10_000
+    """The audit query (``stitchwork audit query``, ``POST /v1/audit/query``) refuses results with more rows."""
+    audit_query_timeout_s: float = 10.0
+    """The audit query is stopped after this long."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,14 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8470
+    max_body_bytes: int = 1_048_576
+    """Largest request body; a larger one gets 413 before it is read past the limit."""
+    max_model_body_bytes: int = 16_777_216
+    """Largest body on the model door (``/v1/chat/completions``: long conversations)."""
+    max_json_depth: int = 256
+    """Deepest nesting of arrays and objects in a JSON body (deeper: 400)."""
+    auth_failure_window_s: float = 60.0
+    """Failed authentications are audited as one event per client address, reason and window, with a count."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     ├── SandboxError                a sandbox could not start (not: the program inside failed)
     │   └── BackendUnavailable      the backend cannot run on this host (the message says why)
     ├── StoreError
-    │   └── StoreCorrupt            the database file is damaged; it is left untouched
+    │   ├── StoreCorrupt            the database file is damaged; it is left untouched
+    │   └── QueryRefused            a read-only query that could write, reach outside its tables, or ran too long
     ├── AuditError
     │   └── AuditTampered           `audit verify` found a bad event (carries its sequence number)
     ├── ModelError
@@ -181,6 +182,13 @@ class StoreError(StitchworkError):
 
 class StoreCorrupt(StoreError):
     code = "store_corrupt"
+
+
+class QueryRefused(StoreError):
+    """A read-only query (the audit query) was refused or stopped: not one read-only statement, a table or
+    function outside what it may reach, more rows than its limit, or longer than its time limit."""
+
+    code = "query_refused"
 
 
 class AuditError(StitchworkError):

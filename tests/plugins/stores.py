@@ -123,6 +123,9 @@ class _Unclosable(Store):
     def ensure(self, table: object) -> None:  # type: ignore[override]
         self.inner.ensure(table)  # type: ignore[arg-type]
 
+    def query_readonly(self, sql: str, params: object = (), **limits: object) -> list[dict[str, object]]:  # type: ignore[override]
+        return self.inner.query_readonly(sql, params, **limits)  # type: ignore[arg-type]
+
     def close(self) -> None:
         pass
 

@@ -408,6 +408,17 @@ class AuditLog:
         finally:
             self._close_fds()
 
+    def health(self) -> str:
+        """Why the log cannot take events now ("" when it can): closed, failed, or its writer thread gone."""
+        with self._cond:
+            if self._closed:
+                return "the audit log is closed"
+            if self._failed is not None:
+                return f"the audit log failed: {self._failed}"
+        if not self._writer.is_alive():
+            return "the audit writer thread has stopped"
+        return ""
+
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop."""
         await asyncio.to_thread(self.close)

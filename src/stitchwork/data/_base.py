@@ -7,12 +7,15 @@ access internally); async callers use ``asyncio.to_thread``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from stitchwork._registry import Registry
 from stitchwork.data.schema import Table
-from stitchwork.errors import StoreError
+from stitchwork.errors import QueryRefused, StoreError
+
+DEFAULT_READONLY_ROWS = 10_000
+DEFAULT_READONLY_TIMEOUT_S = 10.0
 
 
 class Store(ABC):
@@ -33,6 +36,23 @@ class Store(ABC):
     @abstractmethod
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Runs a query and returns rows as dicts."""
+
+    def query_readonly(
+        self, sql: str, params: Sequence[Any] = (), *, tables: Collection[str],
+        max_rows: int = DEFAULT_READONLY_ROWS, timeout_s: float = DEFAULT_READONLY_TIMEOUT_S,
+    ) -> list[dict[str, Any]]:
+        """Runs one untrusted read-only query (the audit query) where it can change nothing and reach nothing else.
+
+        The query must be a single ``SELECT`` (or ``WITH … SELECT``) with no data-modifying parts; it sees only
+        ``tables`` (read-only), no files, network, extensions or settings; it is stopped after ``timeout_s`` and
+        refused when it returns more than ``max_rows`` rows. Adapters that cannot guarantee this refuse every
+        query (the default).
+
+        Raises:
+            QueryRefused: The query was refused (with the reason) or stopped.
+            StoreError: The query itself failed (unknown column, type error).
+        """
+        raise QueryRefused(f"{self.uri}: this store cannot run untrusted read-only queries")
 
     def append_columns(self, table: str, columns: Mapping[str, Sequence[Any]]) -> None:
         """Inserts rows given column by column (equal lengths) into ``table`` in one transaction.

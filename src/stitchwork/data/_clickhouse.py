@@ -21,12 +21,14 @@ import math
 import re
 import threading
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from stitchwork.data._base import Store
+from stitchwork.data._base import DEFAULT_READONLY_ROWS, DEFAULT_READONLY_TIMEOUT_S, Store
+from stitchwork.data._clickhouse_readonly import check_ast, parse_ast, readonly_settings, single_statement
+from stitchwork.data._duckdb_readonly import check_limits
 from stitchwork.data.schema import Table, parse_create_table
-from stitchwork.errors import StoreError
+from stitchwork.errors import QueryRefused, StoreError
 
 #: Session settings that make ClickHouse answer the platform's queries as DuckDB does.
 SETTINGS: dict[str, int] = {
@@ -148,6 +150,10 @@ class ClickHouseFamilyStore(Store):
         """Runs one ClickHouse statement; rows as dicts. Raises StoreError."""
 
     @abstractmethod
+    def _run_readonly(self, sql: str, settings: Mapping[str, int | float | str]) -> list[dict[str, Any]]:
+        """Runs one query with these query-level settings (none: as given). Raises StoreError."""
+
+    @abstractmethod
     def _insert(self, table: str, columns: list[str], rows: Sequence[dict[str, Any]]) -> None:
         """Inserts rows (one block, atomic). Raises StoreError."""
 
@@ -177,3 +183,33 @@ class ClickHouseFamilyStore(Store):
             return []
         with self._lock:
             return self._run(statement)
+
+    def query_readonly(
+        self, sql: str, params: Sequence[Any] = (), *, tables: Collection[str],
+        max_rows: int = DEFAULT_READONLY_ROWS, timeout_s: float = DEFAULT_READONLY_TIMEOUT_S,
+    ) -> list[dict[str, Any]]:
+        """One checked SELECT on the live database with ``readonly = 1`` and the engine's own limits (see
+        :mod:`stitchwork.data._clickhouse_readonly`)."""
+        check_limits(max_rows, timeout_s)
+        text = single_statement(bind(single_statement(sql), params))
+        with self._lock:
+            try:
+                explained = self._run_readonly("EXPLAIN AST " + text, {})
+            except StoreError as exc:
+                raise QueryRefused(f"the query does not parse: {exc}") from exc
+            names = self._run(f"SELECT name FROM system.tables WHERE database = {literal(self.database)}")
+            databases = self._run("SELECT name FROM system.databases")
+            check_ast(parse_ast([str(next(iter(r.values()), "")) for r in explained]), database=self.database,
+                      allowed=tables, tables=[r["name"] for r in names], databases=[r["name"] for r in databases])
+            try:
+                rows = self._run_readonly(text, readonly_settings(max_rows, timeout_s))
+            except StoreError as exc:
+                message = str(exc)
+                if "TIMEOUT_EXCEEDED" in message or "Timeout exceeded" in message:
+                    raise QueryRefused(f"the query ran longer than {timeout_s:g} s and was stopped") from exc
+                if "READONLY" in message or "readonly mode" in message:
+                    raise QueryRefused(f"the query may only read: {message}") from exc
+                raise
+        if len(rows) > max_rows:
+            raise QueryRefused(f"the query returns more than {max_rows} rows (the limit); narrow it or add LIMIT")
+        return rows

@@ -7,6 +7,7 @@ the directory with different ``database`` names. ``chdb://`` alone uses a tempor
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import pyarrow as pa
 from chdb import session as chdb_session  # untyped
 
-from stitchwork.data._clickhouse import SETTINGS, ClickHouseFamilyStore
+from stitchwork.data._clickhouse import SETTINGS, ClickHouseFamilyStore, literal
 from stitchwork.errors import StoreError
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
@@ -61,11 +62,24 @@ class ChdbStore(ClickHouseFamilyStore):
         try:
             result = self._session.query(sql, "ArrowTable")
         except Exception as exc:
+            self._settle()
             raise StoreError(f"{self.uri}: {exc}") from exc
         if isinstance(result, pa.Table):
             rows: list[dict[str, Any]] = result.to_pylist()
             return rows
         return []
+
+    def _settle(self) -> None:
+        """After a failed query chdb 4.4 hands the next Arrow result a stale buffer ("Message metadata too long");
+        a throwaway query takes it, so the platform's next statement is not the one that fails."""
+        with contextlib.suppress(Exception):
+            self._session.query("SELECT 1", "ArrowTable")
+
+    def _run_readonly(self, sql: str, settings: Mapping[str, int | float | str]) -> list[dict[str, Any]]:
+        """Runs ``sql`` with a trailing ``SETTINGS`` clause (on its own line, so a final comment cannot hide it)."""
+        if settings:
+            sql = sql + "\nSETTINGS " + ", ".join(f"{k} = {literal(v)}" for k, v in settings.items())
+        return self._run(sql)
 
     def _types(self, table: str) -> list[tuple[str, pa.DataType]]:
         types = self._column_types.get(table)
@@ -108,6 +122,7 @@ class ChdbStore(ClickHouseFamilyStore):
             try:
                 self._session.query(f"INSERT INTO `{self.database}`.`{table}` ({names}) SELECT * FROM Python(batch)")
             except Exception as exc:
+                self._settle()
                 raise StoreError(f"{self.uri}: insert into {table} failed: {exc}") from exc
         del batch
 

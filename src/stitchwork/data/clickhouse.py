@@ -7,7 +7,7 @@ updates (ClickHouse 25.7 or newer; Debian's 18.16 package is far too old).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -48,6 +48,15 @@ class ClickHouseStore(ClickHouseFamilyStore):
     def _run(self, sql: str) -> list[dict[str, Any]]:
         try:
             result = self._client.query(sql)
+        except (ClickHouseError, OSError) as exc:
+            raise StoreError(f"{self.uri}: {exc}") from exc
+        names = list(result.column_names)
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+    def _run_readonly(self, sql: str, settings: Mapping[str, int | float | str]) -> list[dict[str, Any]]:
+        """Runs ``sql`` with query-level settings sent beside it (HTTP parameters, not part of the text)."""
+        try:
+            result = self._client.query(sql, settings=dict(settings) if settings else None)
         except (ClickHouseError, OSError) as exc:
             raise StoreError(f"{self.uri}: {exc}") from exc
         names = list(result.column_names)

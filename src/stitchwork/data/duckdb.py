@@ -10,14 +10,15 @@ longer log to replay when the file is opened after a crash, and the log's size o
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import duckdb
 
-from stitchwork.data._base import Store
+from stitchwork.data._base import DEFAULT_READONLY_ROWS, DEFAULT_READONLY_TIMEOUT_S, Store
+from stitchwork.data._duckdb_readonly import run_locked_down
 from stitchwork.errors import ConfigError, StoreCorrupt, StoreError
 
 DEFAULT_CHECKPOINT_MB = 256
@@ -178,6 +179,15 @@ class DuckDBStore(Store):
                 return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
             except duckdb.Error as exc:
                 raise StoreError(f"{self.path}: {exc}") from exc
+
+    def query_readonly(
+        self, sql: str, params: Sequence[Any] = (), *, tables: Collection[str],
+        max_rows: int = DEFAULT_READONLY_ROWS, timeout_s: float = DEFAULT_READONLY_TIMEOUT_S,
+    ) -> list[dict[str, Any]]:
+        """One checked SELECT over a locked in-memory snapshot of ``tables`` (see
+        :mod:`stitchwork.data._duckdb_readonly`); this connection is only read, while the tables are copied."""
+        return run_locked_down(self._conn, self._lock, sql, params, tables=tables, max_rows=max_rows,
+                               timeout_s=timeout_s, where=self.path)
 
     def close(self) -> None:
         with self._lock:

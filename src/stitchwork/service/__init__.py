@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
+import decimal
 import hashlib
 import hmac
+import math
 import secrets
 import time
+import uuid
 from typing import Any
-
-import duckdb
 
 from stitchwork.agents.runs import RunStatus
 from stitchwork.audit.records import AuditEvent
-from stitchwork.errors import ApprovalError, ConfigError, StitchworkError, StoreError
+from stitchwork.errors import ApprovalError, ConfigError, StitchworkError
 from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
@@ -33,17 +36,46 @@ def event_dict(event: AuditEvent) -> dict[str, Any]:
     }
 
 
-def read_only_sql(sql: str) -> str:
-    """Accepts exactly one SELECT (or WITH … SELECT) statement; anything that could write is refused."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise StoreError(f"SQL does not parse: {exc}") from exc
-    if len(statements) != 1:
-        raise StoreError(f"give exactly one SQL statement, got {len(statements)}")
-    if statements[0].type != duckdb.StatementType.SELECT:
-        raise StoreError(f"only SELECT queries are allowed here, got {statements[0].type.name}")
-    return sql
+AUDIT_QUERY_TABLES = (
+    "audit_events", "audit_heads", "audit_checkpoints", "audit_facts", "audit_denials", "audit_rollup", "runs",
+    "approvals",
+)
+"""The tables the audit query may read (a read-only snapshot of them). Not: operator tokens, revoked run tokens,
+idempotency records, agent memory, or anything outside the store (the CA key, the vault, other files)."""
+
+
+def json_safe(value: Any) -> Any:
+    """A value as plain JSON: BLOBs as base64 text, NaN and infinities as the strings ``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``, times as ISO 8601, intervals as seconds, decimals as numbers, lone surrogates as U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (from JSON "\ud800") cannot be sent
+            return value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return json_safe(float(value)) if value != value.to_integral_value() else int(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return str(value)
 
 
 class Service:
@@ -153,9 +185,18 @@ class Service:
         return [event_dict(e) for e in self.platform.audit.tail(n)]
 
     def audit_query(self, sql: str) -> list[dict[str, Any]]:
+        """One read-only SELECT over :data:`AUDIT_QUERY_TABLES` (see ``Store.query_readonly``), secrets redacted.
+
+        Raises:
+            QueryRefused: The query could write, reach outside those tables, returned too many rows or ran too long.
+        """
         self.platform.audit.flush()
-        rows = self.platform.store.query(read_only_sql(sql))
-        return [self.platform.gateway.redactor.redact(r) for r in rows]
+        data = self.platform.config.data
+        rows = self.platform.store.query_readonly(sql, tables=AUDIT_QUERY_TABLES,
+                                                  max_rows=max(data.audit_query_max_rows, 1),
+                                                  timeout_s=max(data.audit_query_timeout_s, 0.01))
+        redact = self.platform.gateway.redactor.redact
+        return [json_safe(redact(r)) for r in rows]
 
     def audit_verify(self) -> dict[str, Any]:
         report = audit_ops.verify(self.platform)

@@ -117,7 +117,9 @@ def audit_tail(n: int = typer.Option(20, "-n", min=1, max=10_000, help="How many
     print_rows(rows, fmt, title="audit", empty="no audit events yet")
 
 
-def audit_query(sql: str = typer.Argument(..., help="One SELECT over audit_events, runs, approvals, ..."),
+def audit_query(sql: str = typer.Argument(..., help="One read-only SELECT over audit_events, audit_heads, "
+                                         "audit_checkpoints, audit_facts, audit_denials, audit_rollup, runs, "
+                                         "approvals."),
                 fmt: str = FormatOpt,
                 as_json: bool = JsonOpt,
                 config_path: Path | None = ConfigOpt) -> None:

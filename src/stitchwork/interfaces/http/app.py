@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from stitchwork.errors import (
     ApprovalError,
@@ -25,10 +27,19 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import audit, control, dashboard, events, memory, models, notifications
-from stitchwork.interfaces.http._auth import bearer
+from stitchwork.interfaces.http import (
+    audit,
+    control,
+    dashboard,
+    events,
+    health,
+    memory,
+    models,
+    notifications,
+)
+from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
-from stitchwork.service import Service
+from stitchwork.service import Service, json_safe
 
 MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     control.mount,  # health, runs, approvals, audit tail/query/verify, secrets, agents' tool calls
@@ -38,11 +49,13 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     memory.mount,  # operator access to agent memory
     dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
     notifications.mount,  # pending approvals posted to [notifications] webhooks
+    health.mount,  # /readyz: the open readiness probe, never audited (/healthz is in control)
 )
 """Every route group of the control plane. A new group is one line here."""
 
-PUBLIC_PATHS = frozenset({"/healthz"})
-"""Paths served without a token: the liveness probe (containers, load balancers) says only that the server answers."""
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+"""Paths served without a token and never audited: the liveness probe says only that the server answers; the
+readiness probe only whether the store, the audit log and the bus work."""
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
@@ -57,8 +70,27 @@ def _status_for(exc: StitchworkError) -> int:
     return 400
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that cannot fail on a value: NaN and infinities become strings, bytes base64 (see ``json_safe``)."""
+
+    def render(self, content: object) -> bytes:
+        try:
+            return super().render(content)
+        except (TypeError, ValueError):
+            return super().render(json_safe(content))
+
+
+def _short(value: object, limit: int = 300) -> object:
+    """A request value echoed in an error, cut to ``limit`` characters of JSON (bodies can be a megabyte)."""
+    safe = json_safe(value)
+    text = json.dumps(safe)
+    return safe if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     """Builds the API around an open :class:`Service`."""
+    server = service.platform.config.server
+    failures = FailedAuthLog(service.platform.audit, window_s=server.auth_failure_window_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,32 +100,32 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                 with contextlib.suppress(StitchworkError):
                     await service.expire_and_resume()
 
-        task = asyncio.create_task(expire_loop())
+        async def failures_loop() -> None:
+            while True:
+                await asyncio.sleep(min(failures.window_s, 10.0))
+                with contextlib.suppress(StitchworkError):
+                    await failures.flush()
+
+        tasks = [asyncio.create_task(expire_loop()), asyncio.create_task(failures_loop())]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(StitchworkError):
+                await failures.flush(everything=True)
 
-    app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan,
+                  default_response_class=SafeJSONResponse)
+    app.state.failed_auth = failures
+    app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
+                       run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS, self_authenticating=dashboard.owns)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path in PUBLIC_PATHS:
-            return await call_next(request)
-        token = bearer(request)
-        if dashboard.owns(request.url.path):
-            return await call_next(request)  # the dashboard signs operators in itself (session cookie + CSRF)
-        if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
-            request.state.run_token = token
-            return await call_next(request)
-        if not token or not service.check_operator_token(token):
-            await service.platform.audit.aappend(
-                "auth", tool=request.url.path, decision="deny",
-                data={"error": "operator_token", "reason": "missing or invalid operator token"},
-            )
-            return JSONResponse({"error": "unauthenticated", "message": "a valid operator token is required "
-                                 "(Authorization: Bearer <token>)"}, status_code=401)
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: _short(v) if k == "input" else v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+        return SafeJSONResponse({"error": "invalid_request", "message": "the request does not match its schema",
+                                 "detail": json_safe(errors)}, status_code=422)
 
     @app.exception_handler(StitchworkError)
     async def on_error(request: Request, exc: StitchworkError) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,7 +82,8 @@ def mount(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/audit/query")
     async def audit_query(body: QueryIn) -> list[dict[str, Any]]:
-        return service.audit_query(body.sql)
+        """One read-only SELECT over the audit-facing tables (README: the audit query); off the event loop."""
+        return await asyncio.to_thread(service.audit_query, body.sql)
 
     @app.get("/v1/audit/verify")
     async def audit_verify() -> dict[str, Any]:

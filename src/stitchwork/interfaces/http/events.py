@@ -45,8 +45,10 @@ def mount(app: FastAPI, service: Service) -> None:
     async def events(websocket: WebSocket, run_id: str = "", after: int = 0, token: str = "") -> None:
         presented = token or bearer(websocket)
         if not presented or not service.check_operator_token(presented):
-            await service.platform.audit.aappend("auth", tool="/v1/events", decision="deny",
-                                                 data={"error": "operator_token", "reason": "websocket"})
+            client = websocket.client
+            await app.state.failed_auth.record(client.host if client else "unknown",
+                                               "websocket: invalid operator token" if presented else
+                                               "websocket: missing operator token", "/v1/events")
             await websocket.close(code=4401, reason="a valid operator token is required")
             return
         await websocket.accept()

@@ -51,7 +51,7 @@ def mount(app: FastAPI, service: Service) -> None:
         gateway = models()
         try:
             body = json.loads(await request.body() or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request_error",
                                            "code": "invalid_json"}}, status_code=400)
         if not isinstance(body, dict):

@@ -110,9 +110,8 @@ def mount(app: FastAPI, service: Service) -> None:
         token_id = await asyncio.to_thread(pages.operator_token_id, board, token) if token else None
         if token_id is None:
             board.sessions.failed(address)
-            await board.platform.audit.aappend("auth", tool=PREFIX + "/login", decision="deny",
-                                               data={"error": "operator_token", "reason": "dashboard sign-in",
-                                                     "address": address})
+            await app.state.failed_auth.record(address, "dashboard sign-in: invalid operator token",
+                                               PREFIX + "/login")  # one event per address and window
             return _login_page(board, request, target, "That is not a valid operator token.", status=401)
         value, _ = await asyncio.to_thread(board.sessions.open, token_id)
         await board.platform.audit.aappend("auth", tool=PREFIX + "/login", decision="allow",
