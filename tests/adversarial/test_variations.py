@@ -31,7 +31,7 @@ def test_attack_is_stopped_and_benign_call_runs(policy: PolicyEngine, variation:
         assert decision.effect is Effect.ASK, decision
         assert world.decide(tool, args, approved=True).effect is Effect.ALLOW
     if variation.expect == "held":  # and what a human is shown says why
-        assert world.taint(*variation.attack).taint.provenance()
+        assert world.taint(*variation.attack).taint.explain()
 
 
 def test_the_sender_of_a_mail_is_asked_with_its_provenance(policy: PolicyEngine) -> None:
@@ -48,4 +48,4 @@ def test_the_sender_of_a_mail_is_asked_with_its_provenance(policy: PolicyEngine)
     assert tainted.record["target_level"] == "record"
     assert tainted.record["findings"] == [{"arg": "to", "level": "record", "sources": ["tool:read_inbox"],
                                            "value": "carol@partner.example", "field": "sender"}]
-    assert "'sender' field of tool:read_inbox" in tainted.taint.provenance()
+    assert "'sender' field of tool:read_inbox" in tainted.taint.explain()

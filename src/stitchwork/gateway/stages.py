@@ -178,7 +178,8 @@ class Audit:
         data = {
             "effect": decision.effect.value, "policy_ids": list(decision.policy_ids),
             "reasons": list(decision.reasons), "target": redactor.redact_text(tainted.target),
-            "taint": tainted.record, "side_effect": call.tool.side_effect.value,
+            "taint": tainted.record, "provenance": tainted.taint.provenance(),
+            "side_effect": call.tool.side_effect.value,
             "jti": call.claims.jti, "arguments": redactor.redact(call.args), "approval_id": gate.approval_id,
         }
         if decision.effect is Effect.ASK:
@@ -364,8 +365,8 @@ class Approve:
                 decision = Decision(Effect.DENY, decision.policy_ids, ("approval did not satisfy policy",), ())
             return Gate(decision, granted.id)
         reason = "; ".join(decision.reasons)
-        if provenance := tainted.taint.provenance():
-            reason = f"{reason}; where the values came from: {self.context.redactor.redact_text(provenance)}"
+        if explained := tainted.taint.explain():
+            reason = f"{reason}; where the values came from: {self.context.redactor.redact_text(explained)}"
         approval = approvals.request(
             run_id=run_id, agent=agent, tool=tool, target=tainted.target, arguments=call.args,
             policy_ids=decision.policy_ids, reason=reason,

@@ -171,6 +171,8 @@ class ArgumentTaint:
     secret_args: frozenset[str] = frozenset()
     """Arguments carrying confidential content."""
     secret_sources: frozenset[str] = frozenset()
+    by_arg: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(argument, its untrusted sources) for tainted arguments: where each argument's value came from."""
     copied: frozenset[str] = frozenset()
     """Arguments whose whole value, of ``COPIED_WORDS`` words or more, is copied from untrusted free text."""
     findings: tuple[Finding, ...] = ()
@@ -185,8 +187,14 @@ class ArgumentTaint:
             return ""
         return dict(self.levels).get(arg, "prose")
 
-    def provenance(self) -> str:
-        """Where the tainted and confidential values came from, for a human deciding an approval."""
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """Per tainted argument, its untrusted sources and level (for the audit log and the dashboard); an
+        argument not listed was not found in untrusted content."""
+        sources = dict(self.by_arg)
+        return {arg: {"sources": list(sources.get(arg, ())), "level": self.level(arg)} for arg in sorted(self.args)}
+
+    def explain(self) -> str:
+        """Where the tainted and confidential values came from, in words, for a human deciding an approval."""
         return "; ".join(f.describe() for f in self.findings)
 
     def context(self, target_arg: str, destinations: Mapping[str, str] | None = None, *,
@@ -610,6 +618,7 @@ class ProvenanceTracker:
             embedded=tuple(sorted((a, strongest(h.embedded)) for a, h in per_arg.items() if h.embedded)),
             lookalike=frozenset(a for a, h in per_arg.items() if h.lookalike),
             copied=frozenset(a for a, h in per_arg.items() if h.copied),
+            by_arg=tuple((a, tuple(sorted(h.sources))) for a, h in sorted(per_arg.items()) if a in tainted),
             secret_args=frozenset(secret_args),
             secret_sources=frozenset(secret_sources),
             findings=tuple(findings[:MAX_FINDINGS]),
