@@ -205,3 +205,29 @@ def test_extract_finds_only_the_kinds_asked_for() -> None:
                    "iban": ["DE89 3704 0044 0532 0130 00"], "url": ["www.x.example/a"]}
     with pytest.raises(ValueError):
         extract(text, ["password"])
+
+
+async def test_a_look_alike_attendee_is_refused_and_the_audit_says_so(make_config, tools_dir) -> None:  # type: ignore[no-untyped-def]
+    turns = [
+        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["dana@partner.example",
+                                                                            "d\u0430na@partner.example"]}, "c1")]},
+        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["dana@partner.example"]}, "c2")]},
+        {"content": "done"},
+    ]
+    install(tools_dir)
+    platform = Platform.open(make_config(turns, sandbox="inline://", tools=list(MANIFESTS)))
+    try:
+        record = await platform.runner.start("tester", TASK)
+        got = results(record)
+        assert got["c1"]["status"] == "denied" and got["c1"]["error"]["policy_ids"] == ["external-tainted-target"]
+        assert got["c2"]["status"] == "ok"
+        platform.audit.flush()
+        (denied,) = [e for e in platform.audit.tail(1000) if e.kind == "decision" and e.decision == "deny"]
+        taint = denied.data["taint"]
+        assert (taint["target_level"], taint["lookalike"], taint["sources"]) == ("prose", True, ["lookalike"])
+        assert taint["findings"] == [{"arg": "attendees", "level": "prose", "sources": ["lookalike"],
+                                      "value": "d\u0430na@partner.example",
+                                      "note": "look-alike of a user-named value"}]
+        assert denied.data["provenance"] == {"attendees": {"sources": ["lookalike"], "level": "prose"}}
+    finally:
+        await platform.aclose()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
@@ -538,7 +538,9 @@ class ProvenanceTracker:
 
     def _forms(self, raw: str, whole: str) -> list[str]:
         forms = [whole]
-        for text in [*decodings(raw), *transforms(raw)]:
+        # a reversed or ROT13 address reaches nobody: transforms are for the text of other values
+        turned = [] if _ADDRESS.match(whole) or "@" in whole else transforms(raw)
+        for text in [*decodings(raw), *turned]:
             if not self._trusted.names(text):
                 forms.append(strip_address(normalise(text)))
         return [f for f in dict.fromkeys(forms) if len(f) >= MIN_MATCH or _addressy(f)]
@@ -659,10 +661,3 @@ class ProvenanceTracker:
             tracker.add(str(entry[1]), Label(str(entry[0]), False, secrecy))
         return tracker
 
-
-def destination_roles(target: str, destinations: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
-    """Destination arguments by role, the target included (role ``target`` unless listed)."""
-    roles = dict(destinations) if isinstance(destinations, Mapping) else {d: "destination" for d in destinations}
-    if target and target not in roles:
-        roles[target] = "target"
-    return roles
