@@ -367,7 +367,7 @@ async def test_audit_events_keep_their_shape(stack: Stack) -> None:
         "decision", "allow", "send_email", "tester", RUN)
     assert set(decision.data) == DECISION_KEYS and decision.data["arguments"]["body"] == "[secret:crm_api_key]"
     assert decision.data["provenance"] == tainted.taint.provenance()  # where each argument's value came from
-    assert decision.data["taint"] == tainted.taint.context("to") and decision.data["jti"] == call.claims.jti
+    assert decision.data["taint"] == tainted.record and decision.data["jti"] == call.claims.jti
     assert (tool.kind, tool.decision, tool.seq, set(tool.data)) == ("tool", "ok", seq, TOOL_KEYS)
     assert tool.data["output_sha256"] == digest({"sent": True}) and tool.data["policy_ids"] == ["external-permit"]
     assert (approval.kind, approval.decision, approval.seq, approval.data["approval_id"]) == (

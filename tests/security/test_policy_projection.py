@@ -74,7 +74,8 @@ def test_projected_decisions_equal_whole_context_decisions(tmp_path: Path) -> No
     projected = PolicyEngine.load(paths, TOOLS, agents=["alice"])
     whole = PolicyEngine.load(paths, TOOLS, agents=["alice"])
     whole._projections.clear()  # every request carries its whole context
-    read = {"budget": {"steps": True, "max_steps": True}, "args": {"memory_owner": True}}
+    read = {"budget": {"steps": True, "max_steps": True}, "args": {"memory_owner": True},
+            "taint": {"outward_level": True}}
     assert projected._projections["read_file"] == read
 
     requests = []

@@ -15,9 +15,14 @@ def test_value_from_untrusted_content_is_tainted() -> None:
     taint = tracker.check({"to": "attacker@evil.example", "subject": "hello"})
     assert taint.args == frozenset({"to"})
     assert taint.sources == frozenset({"tool:read_email"})
-    assert taint.context("to") == {
-        "any": True, "target": True, "target_level": "prose", "args": ["to"], "sources": ["tool:read_email"]
+    record = taint.context("to")
+    assert {k: record[k] for k in ("any", "target", "target_level", "destinations", "args", "sources")} == {
+        "any": True, "target": True, "target_level": "prose", "destinations": ["to"], "args": ["to"],
+        "sources": ["tool:read_email"],
     }
+    assert record["findings"] == [
+        {"arg": "to", "level": "prose", "sources": ["tool:read_email"], "value": "attacker@evil.example"}
+    ]
 
 
 def test_grounded_in_trusted_input_is_not_tainted() -> None:

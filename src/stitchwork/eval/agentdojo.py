@@ -96,7 +96,8 @@ def tool_manifests(suite: Any) -> list[ToolManifest]:
         manifests.append(ToolManifest(
             name=function.name, description=f"{function.description} [{found.reason}]",
             side_effect=SideEffect(found.side_effect), entry_file=ENTRY, entry_function=function.name,
-            args_schema=schema, sandbox=SANDBOX_URI, target=found.target,
+            args_schema=schema, sandbox=SANDBOX_URI, target=found.target, destinations=dict(found.destinations),
+            confidential=found.confidential,
         ))
     return manifests
 

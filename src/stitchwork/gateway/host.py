@@ -38,7 +38,7 @@ class HostExecute:
     async def __call__(self, call: Checked, resolved: Resolved, decision: Decision) -> Executed | ToolOutcome:
         tool, run = call.tool, call.run
         started = time.perf_counter()
-        request = HostCall(run.agent, run.run_id, tool.name, resolved.args, run.tracker.untrusted_labels())
+        request = HostCall(run.agent, run.run_id, tool.name, resolved.args, run.tracker.memory_labels())
         try:
             handler = self.handlers.get(tool.host)
             if handler is None:

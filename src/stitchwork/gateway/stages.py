@@ -24,7 +24,7 @@ from stitchwork.errors import AuthError, PolicyDenied, SecretError, SecretNotGra
 from stitchwork.gateway.context import GatewayContext, RunContext, ToolOutcome, content_text, digest
 from stitchwork.security.identity.tokens import TokenClaims
 from stitchwork.security.policy import Decision, Effect, Request
-from stitchwork.security.taint import ArgumentTaint, Label
+from stitchwork.security.taint import OUTWARD_ROLES, ArgumentTaint, Label
 from stitchwork.tools.manifest import SideEffect, ToolManifest
 
 SECRET_REF = re.compile(r"secret://([A-Za-z0-9_.-]{1,128})")
@@ -289,7 +289,7 @@ class Replay:
         run.idempotent[key] = replayed
         run.steps += 1
         if replayed.content is not None:
-            run.tracker.add(content_text(replayed.content), Label(f"tool:{call.tool.name}", call.tool.trusted_output))
+            run.tracker.add(content_text(replayed.content), output_label(call.tool))
         await self.audit.record("tool", call.who, {"idempotency_key": key, "audit_seq": replayed.audit_seq},
                                 decision="replayed")
         return replayed
@@ -305,13 +305,17 @@ class Replay:
 
 
 class Taint:
-    """Step 3: which arguments carry values derived from the run's untrusted content, and the call's target."""
+    """Step 3: which arguments carry values derived from the run's untrusted content (the target and every
+    destination argument of the manifest checked alike), which carry confidential content, and the call's target."""
 
     def __call__(self, call: Checked) -> Tainted:
         tool = call.tool
         target = str(call.args.get(tool.target, "")) if tool.target else ""
         taint = call.run.tracker.check(call.args)
-        return Tainted(taint, target, taint.context(tool.target))
+        roles = tool.destination_roles()
+        outward = any(role in OUTWARD_ROLES and call.args.get(arg) not in (None, "", [], {})
+                      for arg, role in roles.items())
+        return Tainted(taint, target, taint.context(tool.target, roles, outward=outward))
 
 
 class Authorize:
@@ -360,9 +364,12 @@ class Approve:
             if decision.effect is Effect.ASK:
                 decision = Decision(Effect.DENY, decision.policy_ids, ("approval did not satisfy policy",), ())
             return Gate(decision, granted.id)
+        reason = "; ".join(decision.reasons)
+        if explained := tainted.taint.explain():
+            reason = f"{reason}; where the values came from: {self.context.redactor.redact_text(explained)}"
         approval = approvals.request(
             run_id=run_id, agent=agent, tool=tool, target=tainted.target, arguments=call.args,
-            policy_ids=decision.policy_ids, reason="; ".join(decision.reasons),
+            policy_ids=decision.policy_ids, reason=reason,
         )
         return Gate(decision, approval.id)
 
@@ -460,18 +467,43 @@ class LabelOutput:
     def __call__(self, run: RunContext, tool: ToolManifest, executed: Executed) -> Labelled:
         content = self.context.redactor.redact(executed.value) if executed.status == "ok" else None
         if executed.labels is None:
-            label = Label(f"tool:{tool.name}", tool.trusted_output)
+            label = output_label(tool)
             if content is not None:
                 label = run.tracker.add(content_text(content), label)
             return Labelled(content, str(label))
-        labels = executed.labels or (Label(f"tool:{tool.name}", tool.trusted_output),)
+        labels = executed.labels or (output_label(tool),)
+        secrecy = "confidential" if tool.secret_output or any(lb.confidential for lb in labels) else ""
         untrusted = [lb for lb in labels if not lb.trusted]
-        recorded = [run.tracker.add(content_text(content), lb) for lb in (untrusted or labels)]
+        recorded = [run.tracker.add(content_text(content), Label(lb.source, lb.trusted, secrecy or lb.secrecy))
+                    for lb in (untrusted or labels)]
         return Labelled(content, ", ".join(str(lb) for lb in recorded))
 
 
+def output_label(tool: ToolManifest) -> Label:
+    """The label of a tool's own output: ``tool:<name>``, trusted and confidential as its manifest says."""
+    return Label(f"tool:{tool.name}", tool.trusted_output, "confidential" if tool.secret_output else "")
+
+
 __all__ = [
-    "SECRET_REF", "Approve", "Audit", "Authenticate", "Authorize", "Checked", "Execute", "Executed", "Gate",
-    "LabelOutput", "Labelled", "Replay", "Resolved", "Secrets", "Taint", "Tainted", "Validate", "policy_context",
-    "refusal", "untainted",
+    "SECRET_REF",
+    "Approve",
+    "Audit",
+    "Authenticate",
+    "Authorize",
+    "Checked",
+    "Execute",
+    "Executed",
+    "Gate",
+    "LabelOutput",
+    "Labelled",
+    "Replay",
+    "Resolved",
+    "Secrets",
+    "Taint",
+    "Tainted",
+    "Validate",
+    "output_label",
+    "policy_context",
+    "refusal",
+    "untainted",
 ]

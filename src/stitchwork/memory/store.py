@@ -104,12 +104,14 @@ class MemoryHit:
 
 
 def _labels_json(labels: Sequence[Label]) -> str:
-    unique = sorted({(lb.source, lb.trusted) for lb in labels})
-    return json.dumps([{"source": s, "trusted": t} for s, t in unique], separators=(",", ":"))
+    unique = sorted({(lb.source, lb.trusted, lb.secrecy) for lb in labels})
+    return json.dumps([{"source": s, "trusted": t, **({"secrecy": c} if c else {})} for s, t, c in unique],
+                      separators=(",", ":"))
 
 
 def _item(row: dict[str, Any]) -> MemoryItem:
-    labels = tuple(Label(str(lb["source"]), bool(lb["trusted"])) for lb in json.loads(row["labels"]))
+    labels = tuple(Label(str(lb["source"]), bool(lb["trusted"]), str(lb.get("secrecy", "")))
+                   for lb in json.loads(row["labels"]))
     return MemoryItem(row["agent"], row["namespace"], row["key"], row["text"], json.loads(row["value"]), labels,
                       float(row["created_at"]), float(row["updated_at"]))  # fmt: skip
 

@@ -4,10 +4,12 @@ The tools are host-side (:mod:`stitchwork.tools.host`): their manifests are in `
 takes the gateway path (identity, Cedar policy, taint, approval, audit). The handlers here only translate a call into
 :class:`~stitchwork.memory.store.AgentMemory` operations, with the agent taken from the verified run token.
 
-Provenance. A write stores the labels of the untrusted content the run had seen when it wrote (all of it: a model's
-paraphrase escapes value matching, so the whole tainted context is the honest label); a write from a run that has
-seen only trusted content is labelled ``agent:<name>`` (trusted). A read gives back the stored labels, which the
-gateway adds to the reading run's provenance, so an injection saved in one run is still untrusted in the next.
+Provenance. A write stores the labels of the untrusted content the run had seen when it wrote (all of it: a
+model's paraphrase escapes value matching, so the whole tainted context is the honest label), and the secrecy labels
+of the confidential content it had seen, or that the write declares (``confidential = true``); a write from a run
+that has seen only trusted, public content is labelled ``agent:<name>`` (trusted). A read gives back the stored
+labels, which the gateway adds to the reading run's provenance, so an injection saved in one run is still untrusted
+in the next (and a confidential value still confidential).
 What an agent reads from *another* agent's memory is also labelled ``memory:<owner>`` (untrusted): that agent's
 user is not necessarily this one's (an operator can trust it with ``[security] trusted_sources``).
 
@@ -71,6 +73,8 @@ class MemoryTools:
         """``memory_put``: writes into the caller's own memory with the run's provenance."""
         args = call.arguments
         labels = call.provenance[:MAX_LABELS] or (Label(f"agent:{call.agent}", True),)
+        if args.get("confidential") is True:
+            labels = (*labels, Label(f"memory:{call.agent}", True, "confidential"))
         item = await asyncio.to_thread(
             self.memory.put, call.agent, str(args["key"]), text=str(args.get("text", "")), value=args.get("value"),
             labels=labels, namespace=str(args.get("namespace", "default")),

@@ -34,8 +34,8 @@ class HostCall:
         run_id: The run, from the verified run token.
         tool: The tool's name.
         arguments: The validated arguments (secret references already resolved).
-        provenance: The untrusted labels of everything the run has seen so far (empty: the run's content is all
-            trusted).
+        provenance: The untrusted and the confidential labels of everything the run has seen so far (empty: the
+            run's content is all trusted and public).
     """
 
     agent: str

@@ -8,6 +8,9 @@ A tool lives in a directory with a manifest ``<name>.toml`` and its code::
     entry = "mail.py:send_email"      # file (relative to the manifest) and function
     sandbox = "bwrap://"              # optional; default: [isolation] default
     target = "to"                     # optional: the argument naming what the call acts on (Cedar resource)
+    destinations = ["to", "cc"]       # optional: every argument naming where data goes or who is engaged;
+                                      # or a table with roles: { to = "recipient", hook = "url" }
+    confidential = false              # whether its results are confidential (default: false)
     secrets = ["smtp_password"]       # vault secrets the tool may receive
     egress = []                       # hosts the tool may reach (empty: no network)
     undo = ""                         # optional: name of the tool that reverses this one
@@ -22,6 +25,19 @@ A tool lives in a directory with a manifest ``<name>.toml`` and its code::
     additionalProperties = false
     properties.to = { type = "string", format = "email" }
     properties.body = { type = "string", maxLength = 20000 }
+
+Destinations. Every destination argument is checked by the policy pack like the target (a tainted ``cc``, a
+forwarding address or a webhook URL counts as much as the recipient), whatever the side-effect class. Roles:
+``recipient``, ``account``, ``url`` (data leaves through them: the *outward* roles), ``path``, ``command`` and
+``code`` (the argument is run: taint there is reported as ``code``). Without ``destinations`` the roles come
+from the general rule's argument names (:func:`stitchwork.tools.classify.roles`); a list without roles takes each
+argument's role from the same rule, ``recipient`` when the name says nothing. ``destinations = []`` declares that
+the tool has none beyond its target.
+
+Confidentiality. The output of a ``confidential`` tool is recorded under a secrecy label: an external call whose
+arguments carry its values needs a human's approval (``external-confidential`` in the default pack). Vault secrets
+are always confidential by construction: their values never reach the model (outputs are redacted) and resolve
+only inside the sandbox of a tool granted them.
 
 String arguments with ``format = "relative-path"`` must stay inside the tool's work directory: no absolute
 paths, no ``..`` segments, no NUL bytes.
@@ -48,6 +64,7 @@ from stitchwork.errors import ConfigError, InvalidArguments, UnknownTool
 from stitchwork.isolation._base import Limits
 from stitchwork.security.policy import SideEffect as SideEffect  # the classes are the policy's action groups
 from stitchwork.tools._fastcheck import Check, compile_check
+from stitchwork.tools.classify import ROLES, roles
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -98,6 +115,21 @@ class ToolManifest:
     source: Path | None = None
     host: str = ""
     """Name of the registered host-side handler (``""``: the tool runs ``entry`` in a sandbox)."""
+    destinations: Mapping[str, str] | None = None
+    """Destination arguments by role; ``None``: from the general rule (:meth:`destination_roles`)."""
+    confidential: bool = False
+    """Whether its results are confidential."""
+
+    @property
+    def secret_output(self) -> bool:
+        """Whether its output is recorded under a secrecy label (declared ``confidential``)."""
+        return self.confidential
+
+    def destination_roles(self) -> dict[str, str]:
+        """The destination arguments by role (declared, or from the general rule)."""
+        if self.destinations is not None:
+            return dict(self.destinations)
+        return roles(self.name, self.args_schema)
 
     def openai_schema(self) -> dict[str, Any]:
         """The tool as an OpenAI chat-completions ``tools`` entry."""
@@ -119,7 +151,7 @@ def _parse_manifest(path: Path) -> ToolManifest:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"tool manifest {path}: {exc}") from exc
     known = {"name", "description", "side_effect", "entry", "sandbox", "target", "secrets", "egress", "undo",
-             "trusted_output", "limits", "args", "host"}
+             "trusted_output", "limits", "args", "host", "destinations", "confidential"}
     if unknown := sorted(set(data) - known):
         raise ConfigError(f"tool manifest {path}: unknown key(s) {', '.join(unknown)}")
     name = data.get("name", "")
@@ -156,6 +188,7 @@ def _parse_manifest(path: Path) -> ToolManifest:
     target = str(data.get("target", ""))
     if target and target not in schema.get("properties", {}):
         raise ConfigError(f"tool manifest {path}: target {target!r} is not one of the tool's arguments")
+    destinations = _destinations(path, name, schema, data.get("destinations"))
     limits = dict(data.get("limits", {}))
     if unknown_limits := sorted(set(limits) - set(Limits.__dataclass_fields__)):
         raise ConfigError(f"tool manifest {path}: unknown limit(s) {', '.join(unknown_limits)}")
@@ -175,7 +208,29 @@ def _parse_manifest(path: Path) -> ToolManifest:
         limits=limits,
         source=path,
         host=str(host),
+        destinations=destinations,
+        confidential=bool(data.get("confidential", False)),
     )
+
+
+def _destinations(path: Path, name: str, schema: Mapping[str, Any], raw: Any) -> dict[str, str] | None:
+    """The manifest's ``destinations`` (a list of arguments or a table argument -> role), checked."""
+    if raw is None:
+        return None
+    properties = schema.get("properties", {})
+    inferred = roles(name, schema)
+    if isinstance(raw, list):
+        raw = {str(arg): inferred.get(str(arg), "recipient") for arg in raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"tool manifest {path}: destinations must be a list of arguments or a table of roles")
+    out: dict[str, str] = {}
+    for arg, role in raw.items():
+        if arg not in properties:
+            raise ConfigError(f"tool manifest {path}: destination {arg!r} is not one of the tool's arguments")
+        if role not in ROLES:
+            raise ConfigError(f"tool manifest {path}: destination {arg!r} has role {role!r}; roles: {', '.join(ROLES)}")
+        out[str(arg)] = str(role)
+    return out
 
 
 class ToolRegistry:

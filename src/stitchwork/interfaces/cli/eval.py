@@ -39,7 +39,10 @@ def agentdojo(
             loaded = get_suites(benchmark_version)
             for name in suites:
                 for tool in tool_manifests(loaded[name]):
-                    line = f"{name:10} {tool.name:40} {tool.side_effect.value:12} target={tool.target!r}"
+                    dests = ",".join(f"{a}:{r}" for a, r in tool.destination_roles().items())
+                    secret = " confidential" if tool.confidential else ""
+                    line = (f"{name:10} {tool.name:40} {tool.side_effect.value:12} target={tool.target!r} "
+                            f"destinations=[{dests}]{secret}")
                     console.print(line, soft_wrap=True)
             return
         report = asyncio.run(evaluate(suites=suites, benchmark_version=benchmark_version,

@@ -65,8 +65,10 @@ def cedar_context(tool: CedarTool, context: Mapping[str, Any]) -> dict[str, Any]
     """Builds the Cedar context of one call, exactly of the schema's shape.
 
     Values of the wrong type in ``args`` are dropped (a required one missing is an error); a malformed base
-    field is an error. Taint is read conservatively: any truthy ``any``/``target`` counts, and ``any`` is set
-    whenever some argument or the target is tainted. ``approved`` counts only when it is exactly ``True``.
+    field is an error. Taint is read conservatively: any truthy ``any``/``target``/``code``/``confidential``
+    counts, and ``any`` is set whenever some argument or the target is tainted; fields a caller leaves out
+    (``destinations``, ``code``, ``lookalike``, ``confidential``, ``links``, ``outward``...) are false or empty.
+    ``approved`` counts only when it is exactly ``True``.
 
     Raises:
         BadContext: A base field is missing or malformed, or a required argument is missing or mistyped.
@@ -74,6 +76,7 @@ def cedar_context(tool: CedarTool, context: Mapping[str, Any]) -> dict[str, Any]
     taint = _record(context, "taint")
     taint_args = _string_set(taint.get("args"), "taint.args")
     taint_target = bool(taint.get("target"))
+    taint_code = bool(taint.get("code"))
     budget = _record(context, "budget")
     clock = context.get("time")
     if clock is None:
@@ -113,6 +116,16 @@ def cedar_context(tool: CedarTool, context: Mapping[str, Any]) -> dict[str, Any]
             "target_level": (str(taint.get("target_level") or "prose") if taint_target else ""),
             "args": taint_args,
             "sources": _string_set(taint.get("sources"), "taint.sources"),
+            "destinations": _string_set(taint.get("destinations"), "taint.destinations"),
+            "code": taint_code,
+            "code_level": (str(taint.get("code_level") or "prose") if taint_code else ""),
+            "lookalike": bool(taint.get("lookalike")),
+            "confidential": bool(taint.get("confidential")),
+            "secret_sources": _string_set(taint.get("secret_sources"), "taint.secret_sources"),
+            "links": str(taint.get("links") or ""),
+            "copied": bool(taint.get("copied")),
+            "outward": bool(taint.get("outward")),
+            "outward_level": str(taint.get("outward_level") or ""),
         },
         "budget": {
             "steps": _long(budget, "steps", "budget"),

@@ -142,9 +142,21 @@ namespace {NAMESPACE} {{
   //   any: some argument is tainted; target: the target argument is;
   //   args: names of tainted arguments; sources: where the taint came from, e.g. "tool:read_inbox".
   //   target_level: how the target was found in untrusted content: "" (not tainted), "record" (only as a
-  //   whole short field of structured output, e.g. a listed user or a mail's sender), "prose" (inside free
-  //   text: where injected instructions live), "unattributed" (an address found in no content at all).
-  type Taint = {{ any: Bool, target: Bool, target_level: String, args: Set<String>, sources: Set<String> }};
+  //   whole short field of structured output, e.g. a listed user, or the sender/author of content read),
+  //   "prose" (inside free text: where injected instructions live; also a look-alike of a user-named value),
+  //   "unattributed" (an address found in no content at all). target and target_level cover the target
+  //   and every destination argument (recipients, cc/bcc, URLs, accounts, paths), named in destinations.
+  //   code/code_level: a command or program argument is tainted (how). lookalike: some argument is a
+  //   look-alike of a user-named value. confidential: some argument carries confidential content (from
+  //   secret_sources). links: how addresses inside other arguments (a link in a message body) were found.
+  //   copied: an argument other than a destination is, whole, a run of 4+ words of untrusted free text.
+  //   outward: the call has a non-empty destination through which data leaves (recipient, url, account);
+  //   outward_level: how the most tainted of those destinations was found ("" when none is tainted).
+  type Taint = {{
+    any: Bool, target: Bool, target_level: String, args: Set<String>, sources: Set<String>,
+    destinations: Set<String>, code: Bool, code_level: String, lookalike: Bool, confidential: Bool,
+    secret_sources: Set<String>, links: String, copied: Bool, outward: Bool, outward_level: String
+  }};
   // Steps taken by the run so far (this call included) and the run's limit.
   type Budget = {{ steps: Long, max_steps: Long }};
   // When the call is made: unix seconds, local hour 0-23, weekday 0 (Monday) to 6 (Sunday).
