@@ -59,6 +59,20 @@ class LedgerBehaviour:
         assert await ledger.aget("run_1", "run_1:c2") is None  # the run's next lookup (before its next side effect)
         assert await open_ledger().aget("run_1", "run_1:c1") == OUTCOME  # stored: another ledger (a restart) finds it
 
+    async def test_a_started_record_is_durable_and_replaced_by_the_outcome(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        started = {"status": "started", "tool": "append", "started_at": 1.0, "decision_seq": 4}
+        await ledger.aput("run_1", "k", started)
+        assert await open_ledger().aget("run_1", "k") == started  # durable when the put returned (a crash now)
+        await ledger.aput("run_1", "k", {**started, "started_at": 2.0})  # a second intent changes nothing
+        assert await ledger.aget("run_1", "k") == started
+        await ledger.aput("run_1", "k", OUTCOME)  # the outcome replaces the intent...
+        assert await ledger.aget("run_1", "k") == OUTCOME
+        await ledger.aput("run_1", "k", started)  # ...and an intent never replaces an outcome
+        await ledger.aput("run_1", "k", {**OUTCOME, "audit_seq": 99})  # nor does a second outcome
+        assert await ledger.aget("run_1", "k") == OUTCOME
+        assert await open_ledger().aget("run_1", "k") == OUTCOME
+
     async def test_tuples_come_back_as_lists(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()
         await ledger.aput("run_1", "k", {**OUTCOME, "policy_ids": ("a", "b")})

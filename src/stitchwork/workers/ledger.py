@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from stitchwork.gateway.idempotency import IdempotencyLedger
+from stitchwork.gateway.idempotency import IdempotencyLedger, is_started
 from stitchwork.messaging._base import Bus, Delivery
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.subjects import Subjects
@@ -16,7 +16,13 @@ log = logging.getLogger(__name__)
 
 
 class BusLedger(IdempotencyLedger):
-    """The gateway's idempotency ledger on the bus (``<p>idem.<digest>``; the first record of a key wins)."""
+    """The gateway's idempotency ledger on the bus (``<p>idem.<digest>``; the newest record is the state).
+
+    A started record and the final outcome are two messages with their own message ids (``<subject>:started``,
+    ``<subject>``): the final one follows the started one and the bus drops a repeated final one, so the first
+    final outcome is the newest message of the key. A started record published after a final one (a worker that
+    was fenced out) is ignored by :meth:`aget`, which then reads the record before it.
+    """
 
     def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:
         self.bus = bus
@@ -28,6 +34,10 @@ class BusLedger(IdempotencyLedger):
         self._reading: dict[tuple[str, str], asyncio.Task[Delivery | None]] = {}
         """(run, key) → a lookup started by :meth:`prefetch`, answered to the next :meth:`aget` of the key."""
 
+    @staticmethod
+    def _msg_id(subject: str, outcome: dict[str, Any]) -> str:
+        return f"{subject}:started" if is_started(outcome) else subject
+
     def get(self, run_id: str, key: str) -> dict[str, Any] | None:
         found = self.bus.last(self.subjects.idem(run_id, key))
         if found is None:
@@ -37,8 +47,10 @@ class BusLedger(IdempotencyLedger):
 
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
         subject = self.subjects.idem(run_id, key)
+        if is_started(outcome) and self.get(run_id, key) is not None:
+            return  # a started record never replaces a record
         body = json.dumps(outcome, ensure_ascii=False, default=str).encode()
-        self.bus.publish(subject, body, msg_id=subject)
+        self.bus.publish(subject, body, msg_id=self._msg_id(subject, outcome))
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
         """:meth:`get` on the worker's event loop, once the run's records sent so far are stored.
@@ -66,6 +78,12 @@ class BusLedger(IdempotencyLedger):
         body = json.dumps(outcome, ensure_ascii=False, default=str).encode()
         if (early := self._reading.pop((run_id, key), None)) is not None:
             early.cancel()  # it may have read the bus before this record
+        if is_started(outcome):
+            # Intent before effect: stored (confirmed) before the tool runs; never over an earlier record.
+            await self.settle(run_id)
+            if await self.abus.last(subject) is None:
+                await self.abus.publish(subject, body, msg_id=self._msg_id(subject, outcome))
+            return
         sending = asyncio.get_running_loop().create_task(self.abus.publish(subject, body, msg_id=subject))
         self._writing.setdefault(run_id, []).append(sending)
 
