@@ -218,6 +218,9 @@ class MessagingConfig:
     checkpoints_kept: int = 8
     """Checkpoints the bus keeps per run (the newest counts; each one holds the whole conversation, so keeping
     all would grow with the square of a run's length). 0 keeps every checkpoint."""
+    fleet_audit: bool = True
+    """Workers send their audit events to the platform's one chain (``<prefix>audit.<worker>``); `stitchwork up`
+    appends them to its own log, so ``audit tail|query|report|verify`` there cover every run wherever it ran."""
 
 
 @dataclass(frozen=True)

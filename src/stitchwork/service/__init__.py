@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from typing import Any
@@ -18,6 +19,8 @@ from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
+
+log = logging.getLogger(__name__)
 
 OPERATOR_TABLE = """
 CREATE TABLE IF NOT EXISTS operator_tokens (
@@ -137,6 +140,27 @@ class Service:
                                               data={"approval_id": approval_id})
             await self.resume_if_ready(approval.run_id)
         return expired
+
+    async def ingest_fleet_audit(self, *, retry_s: float = 2.0) -> None:
+        """Appends every worker's audit events to this platform's chain until cancelled (``stitchwork up``; see
+        :mod:`stitchwork.workers.auditfeed`). A bus that is away is tried again; nothing is lost meanwhile."""
+        from stitchwork.workers.auditfeed import AuditIngester
+        from stitchwork.workers.events import EventHub
+        from stitchwork.workers.subjects import Subjects
+
+        hub = self.platform.events
+        if not isinstance(hub, EventHub) or not self.platform.config.messaging.fleet_audit:
+            return
+        while True:
+            try:
+                bus = await hub.bus()
+                ingester = AuditIngester(self.platform.audit, bus,
+                                         Subjects(self.platform.config.messaging.subject_prefix))
+                await ingester.run()
+                return
+            except StitchworkError as exc:
+                log.warning("fleet audit: %s; trying again in %.0f s", exc, retry_s)
+                await asyncio.sleep(retry_s)
 
     # audit --------------------------------------------------------------------------------------------------
     def audit_tail(self, n: int = 20) -> list[dict[str, Any]]:

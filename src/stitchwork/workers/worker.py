@@ -18,6 +18,7 @@ from stitchwork.config import Config
 from stitchwork.errors import BusConflict, BusError, ModelUnavailable, RunError, StitchworkError
 from stitchwork.messaging._base import Bus, Delivery
 from stitchwork.workers.approvals import due_in
+from stitchwork.workers.auditfeed import AuditForwarder
 from stitchwork.workers.events import RunEventPublisher
 from stitchwork.workers.runstore import BusRunStore
 from stitchwork.workers.subjects import Subjects
@@ -56,7 +57,7 @@ class Worker:
 
     def __init__(self, platform: WorkerPlatform, *, bus: Bus, runs: BusRunStore, events: RunEventPublisher,
                  name: str, concurrency: int = 4, ack_wait_s: float = 30.0, max_deliver: int = 5,
-                 subjects: Subjects = Subjects()) -> None:
+                 subjects: Subjects = Subjects(), audit_feed: AuditForwarder | None = None) -> None:
         self.platform: WorkerPlatform | None = platform
         self.bus: Bus | None = bus
         self.runs = runs
@@ -67,6 +68,8 @@ class Worker:
         self.max_deliver = max_deliver
         self.subjects = subjects
         self.handled = 0
+        self.audit_feed = audit_feed
+        """Sends this worker's audit events to the platform's one trail (:mod:`stitchwork.workers.auditfeed`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()
         """Runs this worker drives now: a job redelivered meanwhile (the bus missed our heartbeats) waits."""
@@ -236,6 +239,9 @@ class Worker:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.events.aclose()
+        if self.audit_feed is not None:
+            await self.audit_feed.aclose()
+            self.audit_feed = None
         if self.platform is not None:
             await self.platform.aclose()
             self.platform = None

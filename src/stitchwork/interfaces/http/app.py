@@ -64,10 +64,14 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                     await service.expire_and_resume()
 
         task = asyncio.create_task(expire_loop())
+        fleet = asyncio.create_task(service.ingest_fleet_audit())  # workers' audit events into this chain
         try:
             yield
         finally:
             task.cancel()
+            fleet.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StitchworkError):
+                await fleet
 
     app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan)
 
