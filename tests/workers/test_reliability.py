@@ -221,8 +221,9 @@ async def test_a_stalled_worker_is_fenced_off_and_abandons_the_run_it_lost(nats_
         final = await settled(client, run_id, subjects)
         assert final["status"] == "completed" and final["result"] == "done"
         seen = await all_events(client, subjects, run_id)
-        assert [e["worker"] for e in seen if e["kind"] == "claimed"] == [stalled, other, other]
-        assert [e["worker"] for e in seen if e["kind"] == "finished"] == [other]
+        claims = [e["worker"] for e in seen if e["kind"] == "claimed"]
+        assert claims[:2] == [stalled, other] and len(claims) == 3  # the decision resumed it on either worker
+        assert [e["worker"] for e in seen if e["kind"] == "finished"] == claims[2:]
         assert [e["worker"] for e in seen if e["kind"] == "fenced"] == [stalled]
         # The stalled worker finished f1 and recorded its outcome before it was fenced: the resumed run replays
         # it, so f1 ran once although it was in flight when its worker stalled.
