@@ -291,8 +291,23 @@ async def test_pending_approvals_survive_worker_and_nats_restarts_and_are_decide
         assert expired is not None and expired["result"] == "over"
         assert Counter(lines(tmp_path / "effects.log")) == {"p1": 1}
         platform.audit.flush()
-        assert [(e.run_id, e.decision) for e in platform.audit.tail(50) if e.kind == "approval"] == [
-            (approved_id, "approved")]
+        own = [e for e in platform.audit.tail(500) if "origin" not in e.data]
+        assert [(e.run_id, e.decision) for e in own if e.kind == "approval"] == [(approved_id, "approved")]
+        # The workers' own events of both runs (asked while the platform was not running) reach its chain.
+        stop_feed = asyncio.Event()
+        feed = asyncio.create_task(service.ingest_fleet_audit(stop_feed))
+        want = {(expiring, "ask"), (approved_id, "ask")}
+        for _ in range(300):
+            fleet = [e for e in platform.audit.tail(2000) if "origin" in e.data]
+            if {(e.run_id, e.decision) for e in fleet if e.kind == "approval"} == want and len(
+                    {e.data["origin"]["writer"] for e in fleet}) == 3:
+                break
+            await asyncio.sleep(0.1)
+        stop_feed.set()
+        await asyncio.wait_for(feed, 10)
+        assert {(e.run_id, e.decision) for e in fleet if e.kind == "approval"} == want
+        assert {e.data["origin"]["writer"] for e in fleet} == {"short", "first", "after"}
+        assert platform.audit.verify().ok
         await platform.aclose()
     finally:
         await client.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -141,9 +142,9 @@ class Service:
             await self.resume_if_ready(approval.run_id)
         return expired
 
-    async def ingest_fleet_audit(self, *, retry_s: float = 2.0) -> None:
-        """Appends every worker's audit events to this platform's chain until cancelled (``stitchwork up``; see
-        :mod:`stitchwork.workers.auditfeed`). A bus that is away is tried again; nothing is lost meanwhile."""
+    async def ingest_fleet_audit(self, stop: asyncio.Event | None = None, *, retry_s: float = 2.0) -> None:
+        """Appends every worker's audit events to this platform's chain until ``stop`` is set (``stitchwork up``;
+        see :mod:`stitchwork.workers.auditfeed`). A bus that is away is tried again; nothing is lost meanwhile."""
         from stitchwork.workers.auditfeed import AuditIngester
         from stitchwork.workers.events import EventHub
         from stitchwork.workers.subjects import Subjects
@@ -151,16 +152,30 @@ class Service:
         hub = self.platform.events
         if not isinstance(hub, EventHub) or not self.platform.config.messaging.fleet_audit:
             return
+        from stitchwork.messaging._base import open_bus
+
         while True:
             try:
-                bus = await hub.bus()
-                ingester = AuditIngester(self.platform.audit, bus,
-                                         Subjects(self.platform.config.messaging.subject_prefix))
-                await ingester.run()
-                return
+                # Its own connection (closed here, in this event loop); a memory:// bus is the hub's own object.
+                own = hub.memory is None
+                bus = await open_bus(hub.uri) if own else await hub.bus()
+                try:
+                    ingester = AuditIngester(self.platform.audit, bus,
+                                             Subjects(self.platform.config.messaging.subject_prefix))
+                    await ingester.run(stop)
+                    return
+                finally:
+                    if own:
+                        await bus.aclose()
             except StitchworkError as exc:
                 log.warning("fleet audit: %s; trying again in %.0f s", exc, retry_s)
-                await asyncio.sleep(retry_s)
+                if stop is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), retry_s)
+                    if stop.is_set():
+                        return
+                else:
+                    await asyncio.sleep(retry_s)
 
     # audit --------------------------------------------------------------------------------------------------
     def audit_tail(self, n: int = 20) -> list[dict[str, Any]]:

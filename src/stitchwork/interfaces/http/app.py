@@ -64,14 +64,15 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                     await service.expire_and_resume()
 
         task = asyncio.create_task(expire_loop())
-        fleet = asyncio.create_task(service.ingest_fleet_audit())  # workers' audit events into this chain
+        stop_fleet = asyncio.Event()
+        fleet = asyncio.create_task(service.ingest_fleet_audit(stop_fleet))  # workers' audit events into this chain
         try:
             yield
         finally:
             task.cancel()
-            fleet.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StitchworkError):
-                await fleet
+            stop_fleet.set()
+            with contextlib.suppress(asyncio.CancelledError, StitchworkError, TimeoutError):
+                await asyncio.wait_for(fleet, 10.0)
 
     app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan)
 
