@@ -162,11 +162,14 @@ async def test_a_missing_or_altered_event_of_a_worker_shows_as_a_gap(bus: Bus, t
     await bus.publish(subjects.audit("w"), sent(4, "h3", "h4"))  # event 3 never arrived
     await bus.publish(subjects.audit("w"), sent(5, "forged", "h5"))  # does not link to event 4
     await bus.publish(subjects.audit("w"), b"not json")
+    await bus.publish(subjects.audit("w"), sent(3, "h2", "h3"))  # event 3 after all: kept, marked late
+    await bus.publish(subjects.audit("w"), sent(3, "h2", "h3"))  # and once only
     try:
         async with ingesting(platform, bus, subjects):
-            await until(lambda: len(platform.tail(100)) == 5)
-        links = [e.data["origin"]["link"] for e in fleet_events(platform)]
-        assert links == ["first", "ok", "gap", "gap"]
+            await until(lambda: len(platform.tail(100)) == 6)
+            await asyncio.sleep(0.2)
+        links = [(e.data["origin"]["seq"], e.data["origin"]["link"]) for e in fleet_events(platform)]
+        assert links == [(1, "first"), (2, "ok"), (4, "gap"), (5, "gap"), (3, "late")]
         (bad,) = [e for e in platform.tail(100) if e.decision == "malformed"]
         assert bad.kind == "fleet"
     finally:

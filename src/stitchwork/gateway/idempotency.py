@@ -49,7 +49,9 @@ class IdempotencyLedger(Protocol):
     returned as it was put (JSON: tuples come back as lists); the first *final* put of a key wins; a started
     record (``status == "started"``) is kept only until a final outcome replaces it, and never replaces anything;
     keys are scoped to their run; a record put is found by the next lookup, and by any ledger over the same
-    backend after it; a started record is durable when its put returns.
+    backend after it; a started record is durable when its put returns. A ledger shared by several processes
+    (the bus) refuses a started record on a key that already has one with
+    :class:`~stitchwork.errors.BusConflict`: the caller was fenced out (another worker took the call over).
     """
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:

@@ -149,6 +149,8 @@ class ToolDoor:
             resolved.env["STITCHWORK_IDEMPOTENCY_KEY"] = idempotency_key
             if started is None:
                 await self.replay.start(call, idempotency_key, seq)
+            elif isinstance(late := await self.replay.lookup(call, idempotency_key), ToolOutcome):
+                return late  # the worker that started it finished after all (it had stalled): its outcome stands
         # A call that started runs to its end and its outcome is recorded even if the caller is cancelled (a
         # worker shutting down): an interrupted side effect would be uncertain, and held for a human.
         running = asyncio.ensure_future(self._run(call, resolved, gate, idempotency_key))

@@ -13,8 +13,9 @@ the platform's own chain, with ``data.origin = {writer, chain, seq, hash, prev_h
 is down the events wait in the stream (nothing lost, order kept per writer); a redelivered event (the platform
 died between its append and its acknowledgement) is recognised by its origin ``(writer, chain, seq)`` and skipped.
 ``link`` is ``ok`` when the event's ``prev_hash`` is the hash of the writer's previous event, ``first`` for the
-first event seen of a chain, and ``gap`` when events of the writer are missing (its stream was trimmed, or a
-writer's event was lost): the platform's ``audit verify`` checks the platform's chain, and a query for
+first event seen of a chain, ``late`` for an event that arrived after a newer one of its writer (a redelivery;
+it is kept, never dropped), and ``gap`` when events of the writer are missing before it (its stream was
+trimmed, or it follows a ``late`` one): the platform's ``audit verify`` checks the platform's chain, and a query for
 ``data.origin.link != 'ok'`` finds every break in the workers' chains.
 """
 
@@ -25,6 +26,7 @@ import contextlib
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +173,9 @@ class AuditIngester:
         batch: Events appended together (one durable write).
     """
 
+    remembered: int = 200_000
+    """How many ingested ``(writer, chain, seq)`` are remembered to recognise a redelivery."""
+
     def __init__(self, audit: AuditLog, bus: Bus, subjects: Subjects, *, batch: int = 256,
                  ack_wait_s: float = 60.0) -> None:
         self.audit = audit
@@ -180,6 +185,8 @@ class AuditIngester:
         self.ack_wait_s = ack_wait_s
         self.ingested = 0
         self._last: dict[tuple[str, str], _Last] = {}
+        self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        """The newest ingested ``(writer, chain, seq)`` (bounded): a redelivered one is recognised here."""
 
     def recover(self, scan: int = 50_000) -> None:
         """Learns the newest event of each writer already in the platform's chain (the last ``scan`` events)."""
@@ -187,22 +194,31 @@ class AuditIngester:
             origin = event.data.get("origin") if isinstance(event.data, Mapping) else None
             if isinstance(origin, Mapping) and "writer" in origin and "seq" in origin:
                 key = (str(origin["writer"]), str(origin.get("chain", "")))
+                self._remember((*key, int(origin["seq"])))
                 last = self._last.get(key)
                 if last is None or int(origin["seq"]) > last.seq:
                     self._last[key] = _Last(int(origin["seq"]), str(origin.get("hash", "")))
 
-    @staticmethod
-    def _entry(sent: Mapping[str, Any], lasts: dict[tuple[str, str], _Last]) -> dict[str, Any] | None:
+    def _remember(self, key: tuple[str, str, int]) -> None:
+        self._seen[key] = None
+        while len(self._seen) > self.remembered:
+            self._seen.popitem(last=False)
+
+    def _entry(self, sent: Mapping[str, Any], lasts: dict[tuple[str, str], _Last]) -> dict[str, Any] | None:
         """The platform's event for one forwarded event, or ``None`` for one already ingested."""
         writer, chain, seq = str(sent["writer"]), str(sent.get("chain", "")), int(sent["seq"])
-        last = lasts.get((writer, chain))
-        if last is not None and seq <= last.seq:
+        if (writer, chain, seq) in self._seen:
             return None
+        last = lasts.get((writer, chain))
         if last is None:
             link = "first" if seq == 1 else "gap"
+        elif seq <= last.seq:
+            link = "late"  # arrived after a newer event of its writer (a redelivery): kept, never dropped
         else:
             link = "ok" if seq == last.seq + 1 and sent.get("prev_hash") == last.hash else "gap"
-        lasts[(writer, chain)] = _Last(seq, str(sent.get("hash", "")))
+        if last is None or seq > last.seq:
+            lasts[(writer, chain)] = _Last(seq, str(sent.get("hash", "")))
+        self._remember((writer, chain, seq))
         data = dict(sent.get("data") or {})
         data["origin"] = {"writer": writer, "chain": chain, "seq": seq, "hash": sent.get("hash", ""),
                           "prev_hash": sent.get("prev_hash", ""), "ts": sent.get("ts"), "link": link}
@@ -217,21 +233,38 @@ class AuditIngester:
         stop = stop or asyncio.Event()
         consumer = self.bus.consume(self.subjects.audit("*"), group=GROUP, max_in_flight=self.batch,
                                     ack_wait_s=self.ack_wait_s)
+        # One task iterates the consumer (a timed-out wait on the consumer itself could drop a fetched message
+        # until its redelivery, out of order); the loop below waits on this queue instead.
+        arrived: asyncio.Queue[Delivery] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for delivery in consumer:
+                arrived.put_nowait(delivery)
+
+        pumping = asyncio.create_task(pump())
         try:
             while not stop.is_set():
+                if pumping.done():
+                    pumping.result()  # raises what stopped it
+                    return
                 try:
-                    first = await consumer.next(0.5)
+                    first = await asyncio.wait_for(arrived.get(), 0.5)
                 except TimeoutError:
                     continue
                 deliveries = [first]
-                while len(deliveries) < self.batch:
-                    try:
-                        deliveries.append(await consumer.next(0.005))
-                    except TimeoutError:
-                        break
+                await asyncio.sleep(0.005)  # let a burst gather into one durable append
+                while len(deliveries) < self.batch and not arrived.empty():
+                    deliveries.append(arrived.get_nowait())
                 await self._ingest(deliveries)
         finally:
             await consumer.aclose()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, StitchworkError):
+                await asyncio.wait_for(pumping, 5.0)
+            if not pumping.done():
+                pumping.cancel()
+            while not arrived.empty():  # fetched, not ingested: back to the stream at once
+                with contextlib.suppress(StitchworkError):
+                    await arrived.get_nowait().nak()
 
     async def _ingest(self, deliveries: list[Delivery]) -> None:
         entries = []
