@@ -143,7 +143,11 @@ class Worker:
             if not run_id:
                 raise RunError(f"malformed job on {self.subjects.queue}: {delivery.data[:200]!r}")
             record = await self.runs.afetch(run_id)
-            if job.get("resume") and (record is None or record.status is not RunStatus.WAITING_APPROVAL):
+            # A resume job redelivered while its run is running: its earlier attempt was driving the run and died
+            # (no other job drives it), so this attempt drives it on; a first delivery defers to the driver.
+            took_over = record is not None and record.status is RunStatus.RUNNING and delivery.attempt > 1
+            if job.get("resume") and not took_over and (record is None
+                                                        or record.status is not RunStatus.WAITING_APPROVAL):
                 await self._resume_later(delivery, job, record)
                 return
             if record is None:
