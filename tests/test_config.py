@@ -69,3 +69,14 @@ def test_the_default_config_file_is_named_too(tmp_path: Path) -> None:
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", environ={})
+
+
+def test_every_stitchwork_variable_the_code_reads_is_a_config_key(tmp_path: Path) -> None:
+    from stitchwork.config import load_config
+
+    env = {"STITCHWORK_STATE_DIR": str(tmp_path), "STITCHWORK_BUS": "nats://127.0.0.1:4333",
+           "STITCHWORK_NATS_SERVER": "/opt/nats-server"}
+    config = load_config(environ=env)
+    assert (config.messaging.bus, config.messaging.nats_server) == ("nats://127.0.0.1:4333", "/opt/nats-server")
+    both = load_config(environ={**env, "STITCHWORK_MESSAGING__BUS": "nats://10.0.0.1:4222"})
+    assert both.messaging.bus == "nats://10.0.0.1:4222"  # the long form wins

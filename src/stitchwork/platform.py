@@ -49,6 +49,7 @@ from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_
 from stitchwork.security.vault import Vault, open_vault
 from stitchwork.tools.manifest import SideEffect, ToolRegistry, load_tools
 from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
+from stitchwork.workers.auditfeed import AuditForwarder
 from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
 from stitchwork.workers.ledger import BusLedger
 from stitchwork.workers.messages import AgentMessenger
@@ -266,8 +267,12 @@ async def open_worker(config: Config, *, bus_uri: str, name: str = "", concurren
         await bus.aclose()
         raise
     assert platform.durable is not None
+    feed = AuditForwarder(platform.audit, bus, subjects, writer=name) if config.messaging.fleet_audit else None
     worker = Worker(platform, bus=bus, runs=platform.durable.runs, events=platform.durable.events, name=name,
-                    concurrency=concurrency, ack_wait_s=ack_wait_s, max_deliver=max_deliver, subjects=subjects)
+                    concurrency=concurrency, ack_wait_s=ack_wait_s, max_deliver=max_deliver, subjects=subjects,
+                    audit_feed=feed)
+    if feed is not None:
+        await feed.start()  # first sends what a previous life of this worker had not forwarded
     await worker.keep_checkpoints(config.messaging.checkpoints_kept)
     return worker
 

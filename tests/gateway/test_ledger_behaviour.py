@@ -6,6 +6,7 @@ The store ledger runs on every store adapter of ``tests/plugins/stores.py``, the
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from stitchwork.data._base import Store
+from stitchwork.errors import BusConflict
 from stitchwork.gateway.idempotency import IdempotencyLedger, MemoryLedger, StoreLedger
 from stitchwork.messaging._base import Bus
 from stitchwork.workers.ledger import BusLedger
@@ -59,6 +61,22 @@ class LedgerBehaviour:
         assert await ledger.aget("run_1", "run_1:c2") is None  # the run's next lookup (before its next side effect)
         assert await open_ledger().aget("run_1", "run_1:c1") == OUTCOME  # stored: another ledger (a restart) finds it
 
+    async def test_a_started_record_is_durable_and_replaced_by_the_outcome(self, open_ledger: OpenLedger) -> None:
+        ledger = open_ledger()
+        started = {"status": "started", "tool": "append", "started_at": 1.0, "decision_seq": 4}
+        await ledger.aput("run_1", "k", started)
+        assert await open_ledger().aget("run_1", "k") == started  # durable when the put returned (a crash now)
+        with contextlib.suppress(BusConflict):  # a second intent changes nothing (a shared ledger refuses it)
+            await ledger.aput("run_1", "k", {**started, "started_at": 2.0})
+        assert await ledger.aget("run_1", "k") == started
+        await ledger.aput("run_1", "k", OUTCOME)  # the outcome replaces the intent...
+        assert await ledger.aget("run_1", "k") == OUTCOME
+        with contextlib.suppress(BusConflict):  # ...and an intent never replaces an outcome
+            await ledger.aput("run_1", "k", started)
+        await ledger.aput("run_1", "k", {**OUTCOME, "audit_seq": 99})  # nor does a second outcome
+        assert await ledger.aget("run_1", "k") == OUTCOME
+        assert await open_ledger().aget("run_1", "k") == OUTCOME
+
     async def test_tuples_come_back_as_lists(self, open_ledger: OpenLedger) -> None:
         ledger = open_ledger()
         await ledger.aput("run_1", "k", {**OUTCOME, "policy_ids": ("a", "b")})
@@ -84,3 +102,16 @@ class TestBusLedger(LedgerBehaviour):
     def open_ledger(self, bus: Bus) -> OpenLedger:
         subjects = Subjects("t" + uuid.uuid4().hex[:10])
         return lambda: BusLedger(None, subjects, abus=bus)  # type: ignore[arg-type]  # the async face only
+
+    async def test_a_second_worker_cannot_start_a_call_another_one_started(self, open_ledger: OpenLedger) -> None:
+        # A worker that stalled (its lookup answered before the other took the run over) is fenced out here.
+        first, stale = open_ledger(), open_ledger()
+        started = {"status": "started", "tool": "append", "started_at": 1.0, "decision_seq": 4}
+        await first.aput("run_1", "k", started)
+        with pytest.raises(BusConflict):
+            await stale.aput("run_1", "k", {**started, "started_at": 2.0})
+        await first.aput("run_1", "k", OUTCOME)
+        await first.aget("run_1", "k2")  # the first worker's next lookup: its outcome is stored by then
+        with pytest.raises(BusConflict):
+            await stale.aput("run_1", "k", started)
+        assert await stale.aget("run_1", "k") == OUTCOME

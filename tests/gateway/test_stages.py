@@ -395,8 +395,9 @@ async def test_replay_answers_a_completed_side_effect_from_the_ledger(stack: Sta
     assert replay.durable(call, key) and await replay.lookup(call, key) is None
     done = ToolOutcome("ok", "write_note", content={"written": "n.txt"}, label="tool:write_note (untrusted)",
                        policy_ids=("write-permit",), audit_seq=3)
-    await replay.record(call, key, ToolOutcome("error", "write_note"))  # a failed call is not recorded
-    assert await replay.lookup(call, key) is None
+    await replay.start(call, key, 7)  # intent before effect: the call is found started, not done
+    started = await replay.lookup(call, key)
+    assert isinstance(started, dict) and started["status"] == "started" and started["decision_seq"] == 7
     await replay.record(call, key, done)
     assert await replay.lookup(call, key) is done and stack.run.steps == 0  # this run's own memory
 
@@ -407,6 +408,11 @@ async def test_replay_answers_a_completed_side_effect_from_the_ledger(stack: Sta
     assert call.run.steps == 1 and call.run.tracker.untrusted_labels() == (Label("tool:write_note", False),)
     (event,) = await stack.events("tool")
     assert (event.decision, event.data) == ("replayed", {"idempotency_key": key, "audit_seq": 3})
+    failed_key = idempotency_key(RUN, "c2")  # a call that ran and failed is answered with its failure again
+    await replay.start(call, failed_key, 8)
+    await replay.record(call, failed_key, ToolOutcome("error", "write_note", error={"error": "tool_error"}))
+    again = await replay.lookup(call, failed_key)
+    assert isinstance(again, ToolOutcome) and again.status == "error"
     read = await checked(stack, "read_email", {"id": "m1"})
     assert not replay.durable(read, key)  # read-only calls are not kept durably
 

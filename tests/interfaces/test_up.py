@@ -90,3 +90,49 @@ def test_up_serves_with_embedded_nats_follow_streams_and_stop_is_clean(tmp_path:
         up.send_signal(signal.SIGINT)
         up.wait(30)
     assert not _alive(bus["pid"]) and not (state / "bus.json").exists()
+
+
+def _start_up(root: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "stitchwork", "up", "--port", str(port)], env=cli_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        wait_until(lambda: not _alive(pid) or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+                   or "(Z)" in Path(f"/proc/{pid}/stat").read_text(), 20, f"process {pid} gone")
+    except (AssertionError, OSError):
+        return not _alive(pid)
+    return True
+
+
+def test_up_stops_its_nats_on_sigterm_and_on_sigkill_and_stale_files_never_block_a_restart(tmp_path: Path) -> None:
+    build(tmp_path, [{"content": "ok"}], bus="nats://embedded")
+    state = tmp_path / "state"
+    up = _start_up(tmp_path, free_port())
+    try:
+        wait_until(lambda: (state / "bus.json").exists() and (state / "server.json").exists(), 60, "up started")
+        nats_pid = json.loads((state / "bus.json").read_text())["pid"]
+        up.send_signal(signal.SIGTERM)  # uvicorn re-raises it after its shutdown: the cleanup still runs
+        assert up.wait(30) != 0 or True
+        assert _gone(nats_pid) and not (state / "bus.json").exists() and not (state / "server.json").exists()
+
+        up = _start_up(tmp_path, free_port())
+        wait_until(lambda: (state / "bus.json").exists() and (state / "server.json").exists(), 60, "up again")
+        nats_pid = json.loads((state / "bus.json").read_text())["pid"]
+        up.send_signal(signal.SIGKILL)  # no cleanup at all: the kernel stops the server (parent-death signal)
+        up.wait(30)
+        assert _gone(nats_pid)
+        assert (state / "bus.json").exists() and (state / "server.json").exists()  # stale files stay behind...
+
+        up = _start_up(tmp_path, free_port())  # ...and do not block the next start (same NATS port if fixed)
+        wait_until(lambda: (state / "server.json").exists() and json.loads((state / "server.json").read_text())[
+            "pid"] == up.pid and (state / "bus.json").exists(), 60, "up after a crash")
+        assert _alive(json.loads((state / "bus.json").read_text())["pid"])
+        second = subprocess.run([sys.executable, "-m", "stitchwork", "up", "--port", str(free_port())],
+                                env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "already serves" in second.stdout + second.stderr  # one `up` per state
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            up.wait(30)

@@ -8,16 +8,40 @@ import signal
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stitchwork.messaging._base import open_bus
+from stitchwork.messaging.bridge import SyncBus
+from stitchwork.workers.approvals import BusApprovalStore
 from stitchwork.workers.queue import enqueue_run, run_state, wait_for_run
 from stitchwork.workers.subjects import Subjects
 from tests.conftest import nats_available
 from tests.workers.durable_fixtures import build, call, lines, spawn_worker, wait_until
 
 pytestmark = pytest.mark.skipif(bool(nats_available()), reason=nats_available() or "nats available")
+
+
+async def settled(client: Any, run_id: str, subjects: Subjects, timeout_s: float = 90) -> dict[str, Any]:
+    """The run's state once it neither runs nor waits for a human."""
+    for _ in range(int(timeout_s * 10)):
+        state = await run_state(client, run_id, subjects=subjects) or {}
+        if state.get("status") not in (None, "running", "waiting_approval"):
+            return state
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"run {run_id} did not settle")
+
+
+async def all_events(client: Any, subjects: Subjects, run_id: str) -> list[dict[str, Any]]:
+    """Every event of the run so far."""
+    seen: list[dict[str, Any]] = []
+    async with client.consume(subjects.events(run_id)) as events:
+        while True:
+            try:
+                seen.append(json.loads((await events.next(2)).data))
+            except TimeoutError:
+                return seen
 
 
 def _stop(*procs: object) -> None:
@@ -53,7 +77,18 @@ async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(na
         first.wait()
         assert lines(tmp_path / "effects.log") == ["a1"]
         second = spawn_worker(tmp_path, nats_url, "second", prefix=prefix)  # starts while ack_wait runs out
-        final = await wait_for_run(client, run_id, subjects=subjects, timeout_s=90)
+        # a2 started and never finished: it is uncertain, held for a human (never simply run again)
+        held = await wait_for_run(client, run_id, subjects=subjects, timeout_s=90)
+        assert held["status"] == "waiting_approval", held
+        approvals = BusApprovalStore(SyncBus(nats_url), subjects)
+        try:
+            (approval,) = approvals.find()
+            assert approval.policy_ids == ("uncertain",) and "may already have happened" in approval.reason
+            assert approval.arguments["arguments"]["text"] == "a2"
+            approvals.decide(approval.id, approve=True, by="test", note="a2 is not in effects.log: run it again")
+        finally:
+            approvals.bus.close()
+        final = await settled(client, run_id, subjects)  # the decision queued the run to resume on any worker
         assert final["status"] == "completed" and final["result"] == "done"
         assert Counter(lines(tmp_path / "effects.log")) == {"a1": 1, "a2": 1, "a3": 1}
         starts = Counter(line.split()[0] for line in lines(tmp_path / "starts.log"))
@@ -63,7 +98,7 @@ async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(na
             while not seen or seen[-1]["kind"] != "finished":
                 seen.append(json.loads((await events.next(10)).data))
         claims = [e["worker"] for e in seen if e["kind"] == "claimed"]
-        assert claims == ["first", "second"]
+        assert claims == ["first", "second", "second"]  # the second resumed it after the decision
     finally:
         await client.aclose()
         _stop(first, *([second] if second else []))
@@ -168,20 +203,32 @@ async def test_a_stalled_worker_is_fenced_off_and_abandons_the_run_it_lost(nats_
         await asyncio.to_thread(wait_until, lambda: any(line.startswith("f1 ") for line in
                                                         lines(tmp_path / "starts.log")), 60, "f1 started")
         procs[stalled].send_signal(signal.SIGSTOP)
-        final = await wait_for_run(client, run_id, subjects=subjects, timeout_s=60)
-        assert final["status"] == "completed" and final["result"] == "done"
+        # The other worker finds f1 started and unfinished: uncertain, held for a human instead of run again.
+        held = await wait_for_run(client, run_id, subjects=subjects, timeout_s=60)
+        assert held["status"] == "waiting_approval", held
         procs[stalled].send_signal(signal.SIGCONT)
         seen = []
         async with client.consume(subjects.events(run_id)) as events:
             while not seen or (seen[-1]["kind"], seen[-1]["worker"]) != ("fenced", stalled):
                 seen.append(json.loads((await events.next(20)).data))
-        after = await run_state(client, run_id, subjects=subjects)
-        assert after is not None and after["status"] == "completed" and after["updated_at"] == final["updated_at"]
-        assert [e["worker"] for e in seen if e["kind"] == "claimed"] == [stalled, other]
-        assert [e["worker"] for e in seen if e["kind"] == "finished"] == [other]
-        assert Counter(line.split()[0] for line in lines(tmp_path / "starts.log")) == {"f1": 2, "f2": 1}
-        # f1 was in flight when the worker stalled (the one effect no key can cover); it ran nothing after it.
-        assert Counter(lines(tmp_path / "effects.log")) == {"f1": 2, "f2": 1}
+        approvals = BusApprovalStore(SyncBus(nats_url), subjects)
+        try:
+            (approval,) = approvals.find()
+            assert approval.policy_ids == ("uncertain",)
+            approvals.decide(approval.id, approve=True, by="test")
+        finally:
+            approvals.bus.close()
+        final = await settled(client, run_id, subjects)
+        assert final["status"] == "completed" and final["result"] == "done"
+        seen = await all_events(client, subjects, run_id)
+        claims = [e["worker"] for e in seen if e["kind"] == "claimed"]
+        assert claims[:2] == [stalled, other] and len(claims) == 3  # the decision resumed it on either worker
+        assert [e["worker"] for e in seen if e["kind"] == "finished"] == claims[2:]
+        assert [e["worker"] for e in seen if e["kind"] == "fenced"] == [stalled]
+        # The stalled worker finished f1 and recorded its outcome before it was fenced: the resumed run replays
+        # it, so f1 ran once although it was in flight when its worker stalled.
+        assert Counter(line.split()[0] for line in lines(tmp_path / "starts.log")) == {"f1": 1, "f2": 1}
+        assert Counter(lines(tmp_path / "effects.log")) == {"f1": 1, "f2": 1}
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGCONT)
@@ -244,8 +291,23 @@ async def test_pending_approvals_survive_worker_and_nats_restarts_and_are_decide
         assert expired is not None and expired["result"] == "over"
         assert Counter(lines(tmp_path / "effects.log")) == {"p1": 1}
         platform.audit.flush()
-        assert [(e.run_id, e.decision) for e in platform.audit.tail(50) if e.kind == "approval"] == [
-            (approved_id, "approved")]
+        own = [e for e in platform.audit.tail(500) if "origin" not in e.data]
+        assert [(e.run_id, e.decision) for e in own if e.kind == "approval"] == [(approved_id, "approved")]
+        # The workers' own events of both runs (asked while the platform was not running) reach its chain.
+        stop_feed = asyncio.Event()
+        feed = asyncio.create_task(service.ingest_fleet_audit(stop_feed))
+        want = {(expiring, "ask"), (approved_id, "ask")}
+        for _ in range(300):
+            fleet = [e for e in platform.audit.tail(2000) if "origin" in e.data]
+            if {(e.run_id, e.decision) for e in fleet if e.kind == "approval"} == want and len(
+                    {e.data["origin"]["writer"] for e in fleet}) == 3:
+                break
+            await asyncio.sleep(0.1)
+        stop_feed.set()
+        await asyncio.wait_for(feed, 10)
+        assert {(e.run_id, e.decision) for e in fleet if e.kind == "approval"} == want
+        assert {e.data["origin"]["writer"] for e in fleet} == {"short", "first", "after"}
+        assert platform.audit.verify().ok
         await platform.aclose()
     finally:
         await client.aclose()

@@ -38,7 +38,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -184,6 +184,7 @@ class AuditLog:
             self._close_fds()
             raise
 
+        self._listeners: list[Callable[[list[AuditEvent]], None]] = []
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
         self._flusher: threading.Thread | None = None
@@ -319,6 +320,24 @@ class AuditLog:
             raise AuditError(
                 f"cannot copy audit events into the store: {exc}; they are safe in the journal {self._paths[0]}"
             ) from exc
+
+    def listen(self, callback: Callable[[list[AuditEvent]], None]) -> None:
+        """Calls ``callback`` with every batch of events once it is durable, in chain order (from the writer
+        thread: keep it short and thread-safe; an exception it raises is logged and ignored)."""
+        self._listeners.append(callback)
+
+    def after(self, seq: int, limit: int = 1000) -> list[AuditEvent]:
+        """Up to ``limit`` events after ``seq``, oldest first (events still in the journal are copied first).
+
+        Raises:
+            AuditError: A stored event cannot be decoded, or the journal cannot be copied.
+        """
+        self.flush()
+        rows = self._store.query(f"{_SELECT_EVENTS} WHERE seq > ? ORDER BY seq LIMIT ?", [seq, limit])
+        try:
+            return [_to_event(_decode_row(row)) for row in rows]
+        except _DecodeError as exc:
+            raise AuditError(f"an audit event after {seq} cannot be decoded ({exc}); run verify") from exc
 
     def tail(self, n: int = 20) -> list[AuditEvent]:
         """The newest ``n`` events, oldest first (including events not yet copied into the store).
@@ -457,8 +476,9 @@ class AuditLog:
                 if not group.items:
                     return  # closed and drained
                 self._group = _Group()
+            records: list[_Row] = []
             try:
-                self._commit(group)
+                records = self._commit(group)
             except AuditError as exc:
                 group.error = exc
             except (StoreError, OSError) as exc:
@@ -470,9 +490,17 @@ class AuditLog:
             for loop, waiters in group.waiters.items():
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                     loop.call_soon_threadsafe(_settle, waiters, group.error)
+            if records and self._listeners:
+                events = [_to_event(_Record._make(rec)) for rec in records]
+                for listener in self._listeners:
+                    try:
+                        listener(events)
+                    except Exception:  # a listener must not stop the writer
+                        log.exception("audit listener failed")
 
-    def _commit(self, group: _Group) -> None:
-        """Assigns seq and hashes, makes the batch durable, then advances the chain (writer thread only)."""
+    def _commit(self, group: _Group) -> list[_Row]:
+        """Assigns seq and hashes, makes the batch durable, then advances the chain (writer thread only); returns
+        the batch's records."""
         items: list[_Item | _Batch] = group.items
         marker = self._damage_marker()
         if marker is not None:
@@ -545,6 +573,7 @@ class AuditLog:
         self._next_seq, self._last_hash, self._last_ts = seq, prev, ts
         if marker is not None:
             self._damage = None
+        return records
 
     def _damage_marker(self) -> _Item | None:
         if self._damage is None:

@@ -5,9 +5,13 @@ returned (and audited as ``replayed``) instead of running the tool again. Keys a
 ``(run_id, key)``. The run loop's keys are ``<run_id>:<call_id>``, so a run resumed from a checkpoint by another
 process or worker does not repeat a call that completed before the crash.
 
-One window remains, and no ledger can close it alone: a crash after the tool acted but before its outcome was
-recorded. The gateway therefore also hands the key to the tool (``STITCHWORK_IDEMPOTENCY_KEY`` in its
-environment), so a tool that talks to an outside system can pass it on (as HTTP ``Idempotency-Key``) or check it.
+Intent before effect: before a side-effecting call runs, the gateway records a *started* record under its key
+(``{"status": "started", ...}``, :data:`STARTED`), durable before the tool runs. A crash after the tool acted but
+before its outcome was recorded leaves the started record alone: the next worker finds the call *uncertain* and
+does not run it blindly again (:mod:`stitchwork.gateway.uncertain`: resumed with the tool's own key when its
+manifest says ``idempotency = "key"``, else held for a human). The gateway hands the key to the tool
+(``STITCHWORK_IDEMPOTENCY_KEY`` in its environment), so a tool that talks to an outside system can pass it on (as
+HTTP ``Idempotency-Key``) or check it.
 """
 
 from __future__ import annotations
@@ -29,12 +33,25 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
 """
 
 
+STARTED = "started"
+"""The ``status`` of an intent record: the call was about to run; no outcome was recorded yet."""
+
+
+def is_started(record: dict[str, Any] | None) -> bool:
+    """Whether a ledger record is an intent (the call started) rather than an outcome."""
+    return record is not None and record.get("status") == STARTED
+
+
 class IdempotencyLedger(Protocol):
     """Where completed side-effecting outcomes are kept: the port (the store, a bus for workers, memory).
 
     Contract (``tests/gateway/test_ledger_behaviour.py``): an unknown key is ``None``; a recorded outcome is
-    returned as it was put (JSON: tuples come back as lists); the first put of a key wins; keys are scoped to
-    their run; an outcome put is found by the next lookup, and by any ledger over the same backend after it.
+    returned as it was put (JSON: tuples come back as lists); the first *final* put of a key wins; a started
+    record (``status == "started"``) is kept only until a final outcome replaces it, and never replaces anything;
+    keys are scoped to their run; a record put is found by the next lookup, and by any ledger over the same
+    backend after it; a started record is durable when its put returns. A ledger shared by several processes
+    (the bus) refuses a started record on a key that already has one with
+    :class:`~stitchwork.errors.BusConflict`: the caller was fenced out (another worker took the call over).
     """
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
@@ -71,8 +88,15 @@ class StoreLedger(IdempotencyLedger):
 
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
         # ON CONFLICT keeps the first record on DuckDB; ClickHouse stores keep the newest row of a key instead, so
-        # a recorded key is not written again.
-        if self.get(run_id, key) is not None:
+        # a recorded key is not written again (except a started record, which a final outcome replaces).
+        existing = self.get(run_id, key)
+        if existing is not None:
+            if is_started(existing) and not is_started(outcome):
+                self.store.execute(
+                    "INSERT INTO idempotency_records (run_id, key, outcome, created_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (run_id, key) DO UPDATE SET outcome = excluded.outcome",
+                    [run_id, key, _encoded(outcome), time.time()],
+                )
             return
         self.store.execute(
             "INSERT INTO idempotency_records (run_id, key, outcome, created_at) VALUES (?, ?, ?, ?) "
@@ -103,6 +127,8 @@ class MemoryLedger(IdempotencyLedger):
         return outcome
 
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        if is_started(self.get(run_id, key)) and not is_started(outcome):
+            self._records[(run_id, key)] = _encoded(outcome)
         self._records.setdefault((run_id, key), _encoded(outcome))
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
@@ -112,4 +138,4 @@ class MemoryLedger(IdempotencyLedger):
         self.put(run_id, key, outcome)
 
 
-__all__ = ["IdempotencyLedger", "MemoryLedger", "StoreLedger"]
+__all__ = ["STARTED", "IdempotencyLedger", "MemoryLedger", "StoreLedger", "is_started"]

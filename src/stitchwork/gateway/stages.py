@@ -12,7 +12,9 @@ sandbox) and the host-tool door (a registered handler); the model door uses :cla
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 from stitchwork.compute._keys import provider_keys
 from stitchwork.errors import AuthError, PolicyDenied, SecretError, SecretNotGranted, StitchworkError, UnknownAgent
 from stitchwork.gateway.context import GatewayContext, RunContext, ToolOutcome, content_text, digest
+from stitchwork.gateway.idempotency import STARTED, is_started
 from stitchwork.security.identity.tokens import TokenClaims
 from stitchwork.security.policy import Decision, Effect, Request
 from stitchwork.security.taint import OUTWARD_ROLES, ArgumentTaint, Label
@@ -167,11 +170,14 @@ class Audit:
         """Queues an event (durable with the next awaited one)."""
         self.context.audit.append_nowait(kind, **who, decision=decision, data=data)
 
-    async def decided(self, call: Checked, tainted: Tainted, gate: Gate) -> int:
+    async def decided(self, call: Checked, tainted: Tainted, gate: Gate, *, durable: bool = False) -> int:
         """The ``decision`` event of a tool call (``approval``/``ask`` when it waits for a human).
 
+        Args:
+            durable: Await an allowed decision too (the intent of a side-effecting call is durable before it runs).
+
         Returns:
-            The event's sequence number; 0 for an allowed call (its event is queued, not awaited).
+            The event's sequence number; 0 for an allowed call not awaited (its event is queued).
         """
         redactor = self.context.redactor
         decision = gate.decision
@@ -186,17 +192,29 @@ class Audit:
             return await self.record("approval", call.who, data, decision="ask")
         if decision.effect is Effect.DENY:
             return await self.record("decision", call.who, data)
+        if durable:
+            return await self.record("decision", call.who, data, decision="allow")
         self.queue("decision", call.who, data)
         return 0
 
-    async def executed(self, call: Checked, executed: Executed, labelled: Labelled, decision: Decision) -> int:
-        """The ``tool`` event of a call that ran; returns its sequence number."""
+    async def executed(self, call: Checked, executed: Executed, labelled: Labelled, decision: Decision, *,
+                       key: str = "", undo: Mapping[str, Any] | None = None) -> int:
+        """The ``tool`` event of a call that ran; returns its sequence number.
+
+        Args:
+            key: The call's idempotency key (``<run>:<call id>`` from the run loop), recorded as ``call``.
+            undo: The call that reverses this one (``{"tool", "args"}``), when its manifest declares one.
+        """
         tool = call.tool
         data = {
             **executed.details, "output_sha256": digest(labelled.content), "label": labelled.label,
             "undo": tool.undo, "side_effect": tool.side_effect.value, "policy_ids": list(decision.policy_ids),
             "error": executed.error,
         }
+        if key:
+            data["idempotency_key"] = key
+        if undo is not None:
+            data["undo_call"] = self.context.redactor.redact(dict(undo))
         return await self.record("tool", call.who, data, decision=executed.status)
 
 
@@ -273,9 +291,10 @@ class Replay:
         """Whether this call's outcome is kept in the durable ledger."""
         return bool(key and self.context.idempotency is not None and call.tool.side_effect is not SideEffect.READ)
 
-    async def lookup(self, call: Checked, key: str) -> ToolOutcome | None:
+    async def lookup(self, call: Checked, key: str) -> ToolOutcome | dict[str, Any] | None:
         """The recorded outcome for ``key`` (a durable one is counted as a step, labelled and audited
-        ``replayed``), or ``None`` when the call must run."""
+        ``replayed``); the started record of a call that began and never finished (it is *uncertain*: see
+        :mod:`stitchwork.gateway.uncertain`); or ``None`` when the call must run."""
         run = call.run
         if key in run.idempotent:
             return run.idempotent[key]
@@ -285,6 +304,8 @@ class Replay:
         recorded = await ledger.aget(run.run_id, key)
         if recorded is None:
             return None
+        if is_started(recorded):
+            return recorded
         replayed = ToolOutcome(**{**recorded, "policy_ids": tuple(recorded.get("policy_ids", ()))})
         run.idempotent[key] = replayed
         run.steps += 1
@@ -294,11 +315,24 @@ class Replay:
                                 decision="replayed")
         return replayed
 
-    async def record(self, call: Checked, key: str, outcome: ToolOutcome) -> None:
-        """Keeps a successful outcome under ``key`` (durably before returning, for a side-effecting tool)."""
-        if not key or outcome.status != "ok":
+    async def start(self, call: Checked, key: str, decision_seq: int) -> None:
+        """Intent before effect: the started record of a side-effecting call, durable before it runs."""
+        ledger = self.context.idempotency
+        if ledger is None or not self.durable(call, key):
             return
-        call.run.idempotent[key] = outcome
+        await ledger.aput(call.run.run_id, key, {
+            "status": STARTED, "tool": call.tool.name, "started_at": time.time(), "decision_seq": decision_seq,
+            "host": socket.gethostname(), "pid": os.getpid(), "side_effect": call.tool.side_effect.value,
+        })
+
+    async def record(self, call: Checked, key: str, outcome: ToolOutcome) -> None:
+        """Keeps the outcome of a call that ran under ``key``: a side-effecting call's outcome goes to the durable
+        ledger whatever its status (the agent has seen it: a resumed run gets the same answer); in this process
+        only successful ones are kept."""
+        if not key:
+            return
+        if outcome.status == "ok":
+            call.run.idempotent[key] = outcome
         ledger = self.context.idempotency
         if ledger is not None and self.durable(call, key):
             await ledger.aput(call.run.run_id, key, asdict(outcome))

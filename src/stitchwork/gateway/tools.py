@@ -12,6 +12,8 @@ Every refusal on the way is audited and returned to the agent as a structured ou
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +29,7 @@ from stitchwork.gateway.stages import (
     Checked,
     Execute,
     Executed,
+    Gate,
     LabelOutput,
     Replay,
     Resolved,
@@ -35,8 +38,10 @@ from stitchwork.gateway.stages import (
     Validate,
     refusal,
 )
+from stitchwork.gateway.uncertain import Uncertain
 from stitchwork.isolation._base import PythonCall, SandboxSpec, isolation_label
 from stitchwork.security.policy import Decision
+from stitchwork.tools.manifest import undo_arguments
 
 
 class SandboxExecute:
@@ -97,6 +102,7 @@ class ToolDoor:
         self.taint = Taint()
         self.authorize = Authorize(context)
         self.approve = Approve(context, self.authorize)
+        self.uncertain = Uncertain(context, self.authorize, self.approve)
         self.secrets = Secrets(context)
         self.execute: Execute = execute or SandboxExecute(context)
         self.host = host or HostExecute(context)
@@ -119,12 +125,24 @@ class ToolDoor:
         call = await self.validate(claims, tool_name, arguments)
         if isinstance(call, ToolOutcome):
             return call
-        if idempotency_key and (replayed := await self.replay.lookup(call, idempotency_key)) is not None:
-            return replayed
+        started: dict[str, Any] | None = None
+        if idempotency_key:
+            found = await self.replay.lookup(call, idempotency_key)
+            if isinstance(found, ToolOutcome):
+                return found
+            started = found
         call.run.steps += 1
         tainted = self.taint(call)
-        gate = await self.approve(call, tainted, await self.authorize(call, tainted))
-        seq = await self.audit.decided(call, tainted, gate)
+        decision = await self.authorize(call, tainted)
+        if started is not None:  # it began once and never finished: settled, never simply run again
+            settled = await self.uncertain(call, tainted, decision, started, idempotency_key)
+            if isinstance(settled, ToolOutcome):
+                return settled
+            gate = settled
+        else:
+            gate = await self.approve(call, tainted, decision)
+        durable = self.replay.durable(call, idempotency_key)
+        seq = await self.audit.decided(call, tainted, gate, durable=durable)
         if (stopped := refusal(call, gate, seq)) is not None:
             return stopped
         resolved = await self.secrets(call)
@@ -132,17 +150,37 @@ class ToolDoor:
             return resolved
         if idempotency_key:
             resolved.env["STITCHWORK_IDEMPOTENCY_KEY"] = idempotency_key
+            if started is None:
+                await self.replay.start(call, idempotency_key, seq)
+            elif isinstance(late := await self.replay.lookup(call, idempotency_key), ToolOutcome):
+                return late  # the worker that started it finished after all (it had stalled): its outcome stands
+        # A call that started runs to its end and its outcome is recorded even if the caller is cancelled (a
+        # worker shutting down): an interrupted side effect would be uncertain, and held for a human.
+        running = asyncio.ensure_future(self._run(call, resolved, gate, idempotency_key))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await running
+            raise
+
+    async def _run(self, call: Checked, resolved: Resolved, gate: Gate, key: str) -> ToolOutcome:
+        """Execute, label, audit and record one authorized call."""
         execute = self.host if call.tool.host else self.execute
         executed = await execute(call, resolved, gate.decision)
         if isinstance(executed, ToolOutcome):
+            await self.replay.record(call, key, executed)
             return executed
         labelled = self.label(call.run, call.tool, executed)
-        seq = await self.audit.executed(call, executed, labelled, gate.decision)
+        undo = None
+        if call.tool.undo and executed.status == "ok":
+            undo_args = undo_arguments(call.tool, call.args, labelled.content)
+            if undo_args is not None:
+                undo = {"tool": call.tool.undo, "args": undo_args}
+        seq = await self.audit.executed(call, executed, labelled, gate.decision, key=key, undo=undo)
         outcome = ToolOutcome(executed.status, call.tool.name, content=labelled.content, error=executed.error,
                               label=labelled.label, policy_ids=gate.decision.policy_ids, audit_seq=seq)
-        if idempotency_key:
-            await self.replay.record(call, idempotency_key, outcome)
+        await self.replay.record(call, key, outcome)
         return outcome
-
 
 __all__ = ["SandboxExecute", "ToolDoor"]

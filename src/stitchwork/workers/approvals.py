@@ -21,6 +21,7 @@ approvals`` / ``approve ID`` (CLI and HTTP API) decide either kind; decisions ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -157,15 +158,22 @@ class BusApprovalStore(ApprovalStore):
                 call_hash=digest, policy_ids=tuple(policy_ids), reason=reason, status=ApprovalStatus.PENDING,
                 created_at=now, expires_at=now + self.timeout_s,
             )
-            # The timer first: a crash before the approval is stored leaves only a harmless early resume.
+            # The timer first: a crash before the approval is stored leaves only a harmless early resume. The
+            # approval is stored before the pointer to it, so a pointer never names an approval that is not there
+            # (a racing request reads it, instead of creating a second one and orphaning the first).
             self._queue(run_id, f"expiry:{approval.id}", not_before=approval.expires_at)
+            seq = self._write(approval, 0)
             try:
                 self.bus.publish(self.subjects.approval_call(digest), json.dumps({"id": approval.id}).encode(),
                                  headers={EXPECTED_LAST_SUBJECT_SEQ: str(pointer.seq if pointer else 0)},
                                  msg_id=f"apvcall:{approval.id}")
             except BusConflict:
-                continue  # another worker asked for the same call at the same moment: use theirs
-            self._write(approval, 0)
+                # Another request for the same call won: ours is withdrawn (never pending without a pointer).
+                withdrawn = replace(approval, status=ApprovalStatus.EXPIRED, decided_at=self.clock(),
+                                    decided_by="superseded", note="a concurrent request for the same call won")
+                with contextlib.suppress(BusConflict):
+                    self._write(withdrawn, seq)
+                continue
             return approval
         raise ApprovalError(f"could not record an approval for {tool} in run {run_id}: too much contention")
 

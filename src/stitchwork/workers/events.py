@@ -97,6 +97,11 @@ class EventHub:
         body = json.dumps(event_payload(record, kind, data, worker="control-plane"), default=str).encode()
         return self.sync.publish(self.subjects.events(record.id), body)
 
+    @property
+    def memory(self) -> Bus | None:
+        """The in-process bus, when the hub's URI is ``memory://`` (else ``None``)."""
+        return self._memory
+
     async def bus(self) -> Bus:
         """The bus connection of this event loop (opened on first use)."""
         async with self._lock:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
-from stitchwork.gateway.idempotency import IdempotencyLedger
-from stitchwork.messaging._base import Bus, Delivery
+from stitchwork.gateway.idempotency import IdempotencyLedger, is_started
+from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.subjects import Subjects
 
@@ -16,7 +17,14 @@ log = logging.getLogger(__name__)
 
 
 class BusLedger(IdempotencyLedger):
-    """The gateway's idempotency ledger on the bus (``<p>idem.<digest>``; the first record of a key wins)."""
+    """The gateway's idempotency ledger on the bus (``<p>idem.<digest>``; the newest record is the state).
+
+    A started record and the final outcome are two messages with their own message ids (``<subject>:started``,
+    ``<subject>``): the final one follows the started one and the bus drops a repeated final one, so the first
+    final outcome is the newest message of the key. A started record is a compare-and-set on an empty key: on a
+    key with any record it raises :class:`~stitchwork.errors.BusConflict` (the caller was fenced out: another
+    worker took this call over), so two workers never both start one call.
+    """
 
     def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:
         self.bus = bus
@@ -28,6 +36,11 @@ class BusLedger(IdempotencyLedger):
         self._reading: dict[tuple[str, str], asyncio.Task[Delivery | None]] = {}
         """(run, key) → a lookup started by :meth:`prefetch`, answered to the next :meth:`aget` of the key."""
 
+    @staticmethod
+    def _msg_id(subject: str, outcome: dict[str, Any]) -> str:
+        # A started record's id is this attempt's own: the bus must not take another worker's intent for a retry.
+        return f"{subject}:started:{uuid.uuid4().hex[:12]}" if is_started(outcome) else subject
+
     def get(self, run_id: str, key: str) -> dict[str, Any] | None:
         found = self.bus.last(self.subjects.idem(run_id, key))
         if found is None:
@@ -38,7 +51,8 @@ class BusLedger(IdempotencyLedger):
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
         subject = self.subjects.idem(run_id, key)
         body = json.dumps(outcome, ensure_ascii=False, default=str).encode()
-        self.bus.publish(subject, body, msg_id=subject)
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: "0"} if is_started(outcome) else None
+        self.bus.publish(subject, body, msg_id=self._msg_id(subject, outcome), headers=headers)
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
         """:meth:`get` on the worker's event loop, once the run's records sent so far are stored.
@@ -66,6 +80,14 @@ class BusLedger(IdempotencyLedger):
         body = json.dumps(outcome, ensure_ascii=False, default=str).encode()
         if (early := self._reading.pop((run_id, key), None)) is not None:
             early.cancel()  # it may have read the bus before this record
+        if is_started(outcome):
+            # Intent before effect: stored (confirmed) before the tool runs, and only on a key without a record
+            # (compare-and-set): a worker that stalled while another took its run over, and acts on a stale
+            # lookup, is fenced out here (BusConflict) before it can run the call a second time.
+            await self.settle(run_id)
+            await self.abus.publish(subject, body, msg_id=self._msg_id(subject, outcome),
+                                    headers={EXPECTED_LAST_SUBJECT_SEQ: "0"})
+            return
         sending = asyncio.get_running_loop().create_task(self.abus.publish(subject, body, msg_id=subject))
         self._writing.setdefault(run_id, []).append(sending)
 

@@ -41,6 +41,10 @@ class Subjects:
         """``<p>runs.dead.<run_id>``: the newest dead letter of a run (or a note that it was re-submitted)."""
         return f"{self.dead}.{run_id}"
 
+    def audit(self, writer: str = "*") -> str:
+        """``<p>audit.<writer>``: one worker's audit events, in its chain's order (the platform ingests them)."""
+        return f"{self.prefix}audit.{writer}"
+
     def approval(self, approval_id: str = "*") -> str:
         """``<p>apv.id.<approval_id>``: an approval's current state (pending, approved, denied, expired, used)."""
         return f"{self.prefix}apv.id.{approval_id}"

@@ -18,6 +18,7 @@ from stitchwork.config import Config
 from stitchwork.errors import BusConflict, BusError, ModelUnavailable, RunError, StitchworkError
 from stitchwork.messaging._base import Bus, Delivery
 from stitchwork.workers.approvals import due_in
+from stitchwork.workers.auditfeed import AuditForwarder
 from stitchwork.workers.events import RunEventPublisher
 from stitchwork.workers.runstore import BusRunStore
 from stitchwork.workers.subjects import Subjects
@@ -56,7 +57,7 @@ class Worker:
 
     def __init__(self, platform: WorkerPlatform, *, bus: Bus, runs: BusRunStore, events: RunEventPublisher,
                  name: str, concurrency: int = 4, ack_wait_s: float = 30.0, max_deliver: int = 5,
-                 subjects: Subjects = Subjects()) -> None:
+                 subjects: Subjects = Subjects(), audit_feed: AuditForwarder | None = None) -> None:
         self.platform: WorkerPlatform | None = platform
         self.bus: Bus | None = bus
         self.runs = runs
@@ -67,6 +68,8 @@ class Worker:
         self.max_deliver = max_deliver
         self.subjects = subjects
         self.handled = 0
+        self.audit_feed = audit_feed
+        """Sends this worker's audit events to the platform's one trail (:mod:`stitchwork.workers.auditfeed`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()
         """Runs this worker drives now: a job redelivered meanwhile (the bus missed our heartbeats) waits."""
@@ -140,7 +143,11 @@ class Worker:
             if not run_id:
                 raise RunError(f"malformed job on {self.subjects.queue}: {delivery.data[:200]!r}")
             record = await self.runs.afetch(run_id)
-            if job.get("resume") and (record is None or record.status is not RunStatus.WAITING_APPROVAL):
+            # A resume job redelivered while its run is running: its earlier attempt was driving the run and died
+            # (no other job drives it), so this attempt drives it on; a first delivery defers to the driver.
+            took_over = record is not None and record.status is RunStatus.RUNNING and delivery.attempt > 1
+            if job.get("resume") and not took_over and (record is None
+                                                        or record.status is not RunStatus.WAITING_APPROVAL):
                 await self._resume_later(delivery, job, record)
                 return
             if record is None:
@@ -236,6 +243,9 @@ class Worker:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.events.aclose()
+        if self.audit_feed is not None:
+            await self.audit_feed.aclose()
+            self.audit_feed = None
         if self.platform is not None:
             await self.platform.aclose()
             self.platform = None

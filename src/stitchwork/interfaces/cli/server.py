@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def up(
             config = config.replace(dashboard=replace(config.dashboard, public_url=f"http://{host_part}:{bind_port}"))
         if bind_host not in {"127.0.0.1", "localhost", "::1"}:
             err.print(f"[yellow]warning:[/] binding to {bind_host}: the API is reachable from other machines")
+        _clear_stale_server_file(server_file(config))
         # The embedded nats-server (unless [messaging] bus names one) starts first: the platform's events hub uses it.
         local_bus = start_local_bus(config)
         try:
@@ -58,6 +60,10 @@ def up(
     if config.dashboard.enabled:
         console.print(f"Dashboard: {url}/ui/ (sign in with the operator token)", highlight=False, markup=False)
     console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False, markup=False)
+    # uvicorn re-raises a SIGTERM it caught once it has shut down (FACTS.md), so the `finally` below would not run
+    # under the default handler: this one turns it into SystemExit. The embedded nats-server is also bound to
+    # this process's death (PR_SET_PDEATHSIG), for a SIGKILL or a crash.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")
     finally:
@@ -66,6 +72,32 @@ def up(
         import asyncio
 
         asyncio.run(platform.aclose())
+
+
+def _clear_stale_server_file(path: Path) -> None:
+    """A ``server.json`` whose process is gone is removed; one of a running `up` stops this one."""
+    from stitchwork.errors import ConfigError
+
+    try:
+        pid = int(json.loads(path.read_text()).get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        path.unlink(missing_ok=True)
+        return
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pid = 0
+        except PermissionError:
+            pass
+        if pid:
+            raise ConfigError(f"`stitchwork up` (pid {pid}) already serves this state directory ({path}); stop it "
+                              "first")
+    path.unlink(missing_ok=True)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def register(app: typer.Typer) -> None:

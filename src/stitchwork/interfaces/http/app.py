@@ -107,11 +107,16 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                     await failures.flush()
 
         tasks = [asyncio.create_task(expire_loop()), asyncio.create_task(failures_loop())]
+        stop_fleet = asyncio.Event()
+        fleet = asyncio.create_task(service.ingest_fleet_audit(stop_fleet))  # workers' audit events into this chain
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
+            stop_fleet.set()
+            with contextlib.suppress(asyncio.CancelledError, StitchworkError, TimeoutError):
+                await asyncio.wait_for(fleet, 10.0)
             with contextlib.suppress(StitchworkError):
                 await failures.flush(everything=True)
 
