@@ -36,6 +36,8 @@ from stitchwork.gateway.stages import (
     refusal,
 )
 from stitchwork.isolation._base import PythonCall, SandboxSpec
+from stitchwork.observability import METRICS, TRACING
+from stitchwork.observability.tracing import NoSpan
 from stitchwork.security.policy import Decision
 
 
@@ -64,6 +66,9 @@ class SandboxExecute:
                                                              "sandbox": sandbox_uri}, decision="error")
             return ToolOutcome("error", tool.name, error=exc.to_dict(), audit_seq=seq)
         elapsed = time.perf_counter() - started
+        METRICS.sandbox_seconds.observe(elapsed, sandbox_uri.split("?", 1)[0])
+        if result.killed:
+            METRICS.sandbox_kills.inc(sandbox_uri.split("?", 1)[0], str(result.killed))
         details = {"sandbox": sandbox_uri, "exit_code": result.exit_code, "killed": result.killed,
                    "duration_ms": round(elapsed * 1000, 3), "cpu_s": result.cpu_s, "max_rss_kb": result.max_rss_kb}
         if result.ok:
@@ -108,33 +113,67 @@ class ToolDoor:
         *,
         idempotency_key: str = "",
     ) -> ToolOutcome:
-        """Runs one tool call through every stage. Never raises for what the agent sent."""
+        """Runs one tool call through every stage. Never raises for what the agent sent.
+
+        Counted in ``stitchwork_tool_calls_total`` and traced as ``gateway.tool_call`` with one span per stage
+        (:mod:`stitchwork.observability`; names, decisions and policy ids only, never argument values).
+        """
+        name = tool_name if isinstance(tool_name, str) else "?"
+        with TRACING.span("gateway.tool_call", {"stitchwork.tool.name": name}) as span:
+            outcome = await self._call(token, tool_name, arguments, idempotency_key, span)
+            span.set_attributes({"stitchwork.status": outcome.status,
+                                 "stitchwork.policy_ids": list(outcome.policy_ids)})
+        METRICS.tool_calls.inc(name if outcome.status != "unauthenticated" else "?", outcome.status)
+        return outcome
+
+    async def _call(self, token: str | None, tool_name: str, arguments: str | bytes | Mapping[str, Any] | None,
+                    idempotency_key: str, span: NoSpan | Any) -> ToolOutcome:
         try:
-            claims = await self.authenticate(token, action=tool_name if isinstance(tool_name, str) else "?")
+            with TRACING.span("gateway.authenticate"):
+                claims = await self.authenticate(token, action=tool_name if isinstance(tool_name, str) else "?")
         except AuthError as exc:
             return ToolOutcome("unauthenticated", str(tool_name), error=exc.to_dict())
-        call = await self.validate(claims, tool_name, arguments)
+        span.set_attributes({"stitchwork.agent": claims.agent, "stitchwork.run_id": claims.run_id})
+        with TRACING.span("gateway.validate"):
+            call = await self.validate(claims, tool_name, arguments)
         if isinstance(call, ToolOutcome):
             return call
+        span.set_attribute("stitchwork.side_effect", call.tool.side_effect.value)
         if idempotency_key and (replayed := await self.replay.lookup(call, idempotency_key)) is not None:
+            METRICS.tool_calls.inc(call.tool.name, "replayed")
             return replayed
         call.run.steps += 1
-        tainted = self.taint(call)
-        gate = await self.approve(call, tainted, await self.authorize(call, tainted))
+        with TRACING.span("gateway.authorize") as stage:
+            tainted = self.taint(call)
+            decision = await self.authorize(call, tainted)
+            stage.set_attributes({"stitchwork.decision": decision.effect.value,
+                                  "stitchwork.policy_ids": list(decision.policy_ids),
+                                  "stitchwork.tainted": bool(tainted.record.get("any"))})
+        with TRACING.span("gateway.approve") as stage:
+            gate = await self.approve(call, tainted, decision)
+            stage.set_attribute("stitchwork.decision", gate.decision.effect.value)
+        for policy_id in gate.decision.policy_ids:
+            METRICS.policy_decisions.inc(policy_id, gate.decision.effect.value)
+        span.set_attribute("stitchwork.decision", gate.decision.effect.value)
         seq = await self.audit.decided(call, tainted, gate)
         if (stopped := refusal(call, gate, seq)) is not None:
+            if stopped.status == "approval_required":
+                METRICS.approvals_requested.inc(call.tool.name)
             return stopped
-        resolved = await self.secrets(call)
+        with TRACING.span("gateway.secrets"):
+            resolved = await self.secrets(call)
         if isinstance(resolved, ToolOutcome):
             return resolved
         if idempotency_key:
             resolved.env["STITCHWORK_IDEMPOTENCY_KEY"] = idempotency_key
         execute = self.host if call.tool.host else self.execute
-        executed = await execute(call, resolved, gate.decision)
+        with TRACING.span("gateway.execute", {"stitchwork.host": bool(call.tool.host)}):
+            executed = await execute(call, resolved, gate.decision)
         if isinstance(executed, ToolOutcome):
             return executed
         labelled = self.label(call.run, call.tool, executed)
-        seq = await self.audit.executed(call, executed, labelled, gate.decision)
+        with TRACING.span("gateway.audit"):
+            seq = await self.audit.executed(call, executed, labelled, gate.decision)
         outcome = ToolOutcome(executed.status, call.tool.name, content=labelled.content, error=executed.error,
                               label=labelled.label, policy_ids=gate.decision.policy_ids, audit_seq=seq)
         if idempotency_key:

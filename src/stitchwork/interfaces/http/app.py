@@ -25,7 +25,7 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import audit, control, events, memory, models
+from stitchwork.interfaces.http import audit, control, events, memory, metrics, models
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service
@@ -36,6 +36,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    metrics.mount,  # Prometheus /metrics (operator or scrape token)
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -74,6 +75,8 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         token = bearer(request)
+        if request.url.path in metrics.PATHS:  # checks the operator or the scrape token itself
+            return await call_next(request)
         if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
             request.state.run_token = token
             return await call_next(request)
