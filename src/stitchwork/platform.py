@@ -206,6 +206,7 @@ class Platform:
                     raise ConfigError(f"agent {agent.name!r} names unknown tool {tool!r}")
         store = open_store(config.store_uri)
         parts: _RoleParts | None = None
+        audit: AuditLog | None = None
         try:
             ca = CertificateAuthority.load_or_create(state, trust_domain=config.security.trust_domain)
             tokens = TokenService(ca, store, trust_domain=config.security.trust_domain,
@@ -238,6 +239,9 @@ class Platform:
             if parts is not None:
                 for close in parts.closers:
                     close()
+            if audit is not None:
+                with contextlib.suppress(StitchworkError):
+                    audit.close()
             store.close()
             raise
         return cls(config, role, store, ca, tokens, audit, parts.approvals, vault, tools, agents, policy, gateway,

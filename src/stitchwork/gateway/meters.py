@@ -16,13 +16,12 @@ The port, :class:`MeterStore`, has two methods (``read``, ``add``) and three ada
 
 :class:`Meters` sits in front of the store for the model door: a read includes the calls this process has
 admitted but not yet written (so a burst of concurrent calls cannot all pass one limit), and writes leave the
-call's hot path (they run in the background, in order per key, and :meth:`Meters.flush` waits for them).
+call's hot path (they run in the background, in order, and :meth:`Meters.flush` waits for them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -217,8 +216,9 @@ class StoreMeters(MeterStore):
 
     def add_now(self, keys: Sequence[str], windows: Windows, delta: Delta) -> None:
         self.store.append("model_meters", [
-            {"key": key, "recorded_at": windows.now, "minute": windows.minute, "day": windows.day, "month": windows.month,
-             "requests": delta.requests, "tokens": delta.tokens, "cost_microusd": delta.cost_microusd}
+            {"key": key, "recorded_at": windows.now, "minute": windows.minute, "day": windows.day,
+             "month": windows.month, "requests": delta.requests, "tokens": delta.tokens,
+             "cost_microusd": delta.cost_microusd}
             for key in keys])
 
     async def read(self, key: str, windows: Windows) -> Reading:
@@ -233,13 +233,14 @@ class _Pending:
     keys: tuple[str, ...]
     windows: Windows
     delta: Delta
-    written: int = 0
-    """The write counter when this delta was stored (0: not yet)."""
 
 
 @dataclass
 class Meters:
     """The model door's view of a :class:`MeterStore` (see the module docstring).
+
+    A read and a write of this process never overlap at the store, so a read counts each addition exactly once:
+    from the store once it is written, else from memory.
 
     Args:
         store: Where the meters are kept.
@@ -249,34 +250,26 @@ class Meters:
     store: MeterStore
     clock: Callable[[], float] = time.time
     _pending: list[_Pending] = field(default_factory=list)
-    _writes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _written: int = 0
-    _reads: dict[int, int] = field(default_factory=dict)
-    _read_ids: itertools.count[int] = field(default_factory=itertools.count)
+    _io: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tail: asyncio.Task[None] | None = None
     errors: int = 0
-    """Background writes that failed (each is retried once, then counted here and dropped)."""
+    """Background writes that failed (each is tried twice, then counted here and dropped)."""
 
     def windows(self) -> Windows:
         return Windows.at(self.clock())
 
     async def read(self, key: str, windows: Windows | None = None) -> Reading:
-        """The meter ``key`` now, counting what this process added and has not yet stored (never less)."""
+        """The meter ``key`` now, counting what this process added and has not yet stored."""
         windows = windows or self.windows()
-        read_id = next(self._read_ids)
-        self._reads[read_id] = self._written
-        try:
+        async with self._io:
             reading = await self.store.read(key, windows)
-        finally:
-            started = self._reads.pop(read_id)
-        for pending in self._pending:
-            if key in pending.keys and (not pending.written or pending.written > started):
-                reading.add(pending.delta, pending.windows, windows)
-        self._prune()
+            for pending in self._pending:
+                if key in pending.keys:
+                    reading.add(pending.delta, pending.windows, windows)
         return reading
 
     def add(self, keys: Sequence[str], delta: Delta, windows: Windows | None = None) -> None:
-        """Counts ``delta`` now (in this process's reads) and stores it in the background."""
+        """Counts ``delta`` now (in this process's reads) and stores it in the background, in order."""
         if not (delta.requests or delta.tokens or delta.cost_microusd):
             return
         pending = _Pending(tuple(keys), windows or self.windows(), delta)
@@ -287,20 +280,15 @@ class Meters:
     async def _write(self, pending: _Pending, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        for attempt in (1, 2):
-            try:
-                await self.store.add(pending.keys, pending.windows, pending.delta)
-                break
-            except Exception:
-                if attempt == 2:
-                    self.errors += 1
-        self._written = next(self._writes)
-        pending.written = self._written
-        self._prune()
-
-    def _prune(self) -> None:
-        oldest = min(self._reads.values(), default=self._written)
-        self._pending = [p for p in self._pending if not p.written or p.written > oldest]
+        async with self._io:
+            for attempt in (1, 2):
+                try:
+                    await self.store.add(pending.keys, pending.windows, pending.delta)
+                    break
+                except Exception:
+                    if attempt == 2:
+                        self.errors += 1
+            self._pending.remove(pending)
 
     async def flush(self) -> None:
         """Waits until every addition made so far is stored."""
