@@ -27,6 +27,7 @@ metric                                            type       labels
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -61,12 +62,13 @@ class _Metric:
         self.name = name
         self.help = help_text
         self.label_names = tuple(labels)
+        self._arity = len(self.label_names)
         self._lock = threading.Lock()
 
-    def _key(self, labels: Sequence[str]) -> tuple[str, ...]:
-        if len(labels) != len(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
-        return tuple(str(v) for v in labels)
+    def _key(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) != self._arity:
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
+        return labels
 
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {_escape(self.help)}", f"# TYPE {self.name} {self.kind}"]
@@ -90,9 +92,11 @@ class Counter(_Metric):
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
-        key = self._key(labels)
+        if len(labels) != self._arity:
+            self._key(labels)
+        values = self.values
         with self._lock:
-            self.values[key] = self.values.get(key, 0.0) + amount
+            values[labels] = values.get(labels, 0.0) + amount
 
     def value(self, *labels: str) -> float:
         return self.values.get(tuple(labels), 0.0)
@@ -120,17 +124,14 @@ class Histogram(_Metric):
         """labels → [count per bucket..., +Inf count, sum]."""
 
     def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
+        if len(labels) != self._arity:
+            self._key(labels)
+        index = bisect.bisect_left(self.buckets, value)  # the first bucket whose bound is >= value (+Inf: the last)
         with self._lock:
-            series = self.series.get(key)
+            series = self.series.get(labels)
             if series is None:
-                series = self.series[key] = [0.0] * (len(self.buckets) + 2)
-            for index, bound in enumerate(self.buckets):
-                if value <= bound:
-                    series[index] += 1
-                    break
-            else:
-                series[len(self.buckets)] += 1
+                series = self.series[labels] = [0.0] * (len(self.buckets) + 2)
+            series[index] += 1
             series[-1] += value
 
     def count(self, *labels: str) -> int:
