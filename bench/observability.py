@@ -25,10 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway import pct, setup  # noqa: E402
-
-from stitchwork.observability import METRICS, TRACING  # noqa: E402
-from stitchwork.platform import Platform  # noqa: E402
+from gateway import pct, setup
+from stitchwork.observability import METRICS, TRACING
+from stitchwork.platform import Platform
 
 
 def instrumentation_off_ns() -> float:
