@@ -293,3 +293,24 @@ async def test_http_door_answers_429_with_retry_after(tmp_path: Path) -> None:
         await client.close()
     finally:
         await platform.aclose()
+
+
+def test_limits_meters_and_observability_from_the_environment(tmp_path: Path) -> None:
+    from stitchwork.config import load_config
+
+    config = load_config(environ={
+        "STITCHWORK_STATE_DIR": str(tmp_path), "STITCHWORK_COMPUTE__METERS": "bus",
+        "STITCHWORK_COMPUTE__MODELS__LLAMA__RPM": "7", "STITCHWORK_COMPUTE__AGENTS__BOT__PERIOD": "month",
+        "STITCHWORK_OBSERVABILITY__METRICS_TOKEN": "scrape", "STITCHWORK_OBSERVABILITY__OTLP_ENDPOINT": "http://c:4318",
+        "STITCHWORK_OBSERVABILITY__METRICS": "false"})
+    assert config.compute.meters == "bus" and config.compute.models == {"llama": {"rpm": "7"}}
+    assert config.compute.agents == {"bot": {"period": "month"}}
+    observability = config.observability
+    assert (observability.metrics_token, observability.otlp_endpoint, observability.metrics) == (
+        "scrape", "http://c:4318", False)
+    from stitchwork.gateway.models import _agent_limits, _model_limits
+
+    assert _model_limits(config.compute.models)["llama"].rpm == 7
+    assert _agent_limits(config.compute.agents)["bot"].period == "month"
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(environ={"STITCHWORK_OBSERVABILITY__SCRAPE": "x"})

@@ -295,7 +295,13 @@ class ModelDoor:
             budget = f" (the {limits.period}'s budget renews at {ends})" if ends and {
                 "model-token-budget", "model-cost-budget"} & set(ids) else ""
             raise PolicyDenied(f"model call to {name!r} denied: {reasons}{budget}", policy_ids=ids)
-        self.meters.add(keys, Delta(requests=1), windows)
+        self.meters.add(self._meter_keys(agent, name), Delta(requests=1), windows)
+
+    def _meter_keys(self, agent: str, model: str) -> tuple[str, ...]:
+        """The meters a call counts in: its agent's always (spend survives a change of limits), its model's only
+        when that model has limits (one row fewer per call in a store)."""
+        limits = self.model_limits.get(model)
+        return (f"agent:{agent}", f"model:{model}") if limits and (limits.rpm or limits.tpm) else (f"agent:{agent}",)
 
     # -- accounting -------------------------------------------------------------------------------------------
 
@@ -309,7 +315,7 @@ class ModelDoor:
         meter.completion_tokens += usage.completion_tokens
         meter.cost_usd += cost
         meter.calls += 1
-        self.meters.add((f"agent:{claims.agent}", f"model:{name}"),
+        self.meters.add(self._meter_keys(claims.agent, name),
                         Delta(tokens=usage.prompt_tokens + usage.completion_tokens,
                               cost_microusd=round(cost * 1_000_000)))
         agent = claims.agent
