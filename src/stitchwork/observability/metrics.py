@@ -179,7 +179,7 @@ class Gauge(_Metric):
             except Exception:
                 continue
             for labels, value in samples:
-                key = self._key(labels)
+                key = self._key(tuple(str(v) for v in labels))
                 totals[key] = totals.get(key, 0.0) + float(value)
         return [f"{self.name}{_labels(self.label_names, k)} {_number(v)}" for k, v in sorted(totals.items())]
 
