@@ -37,6 +37,7 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │       ├── ModelNotFound       the server does not serve that model (404); the message lists what it serves
     │       └── ContextLengthExceeded  the prompt and completion do not fit the model's context
     ├── RunError
+    │   └── RunTimedOut             waiting for a run (to finish or to ask for approval) took longer than allowed
     └── BusError
         └── BusConflict             a compare-and-set publish lost: another writer advanced the subject
 
@@ -251,6 +252,12 @@ class ContextLengthExceeded(ModelRejected):
 
 class RunError(StitchworkError):
     code = "run_error"
+
+
+class RunTimedOut(RunError):
+    """A client stopped waiting for a run; the run itself may still go on."""
+
+    code = "timed_out"
 
 
 class BusError(StitchworkError):
