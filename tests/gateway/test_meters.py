@@ -124,3 +124,20 @@ def test_windows_are_utc_and_know_the_seconds_left() -> None:
     windows = Windows.at(T0)
     assert (windows.day, windows.month) == ("2026-12-31", "2026-12")
     assert windows.seconds_left_in_minute == pytest.approx(30.0)
+
+
+def test_additions_left_by_a_closed_event_loop_are_stored_by_the_next() -> None:
+    store = MemoryMeters()
+    meters = Meters(store, clock=lambda: T0)
+
+    async def add_and_leave() -> None:
+        meters.add(["agent:a"], Delta(tokens=3))  # the loop closes before the write runs
+
+    asyncio.run(add_and_leave())
+
+    async def later() -> Reading:
+        assert (await meters.read("agent:a")).tokens_total == 3
+        await meters.flush()
+        return await store.read("agent:a", Windows.at(T0))
+
+    assert asyncio.run(later()).tokens_total == 3

@@ -243,3 +243,29 @@ def test_tracing_is_off_unless_configured_and_honours_otel_env() -> None:
     exporter = configured._provider._active_span_processor._span_processors[0].span_exporter
     assert exporter._endpoint == "http://127.0.0.1:9/v1/traces"
     configured.shutdown()
+
+
+async def test_sandbox_kills_are_counted_by_reason(tmp_path: Path) -> None:
+    from stitchwork.isolation._base import Sandbox, SandboxResult, SandboxSpec
+
+    class Killing(Sandbox):
+        uri = "killing://"
+
+        async def run(self, spec: SandboxSpec) -> SandboxResult:
+            return SandboxResult(exit_code=-9, killed="timeout", duration_s=0.01)
+
+    METRICS.reset()
+    config = Config(state_dir=tmp_path / "state", tool_dirs=(str(BUILTIN_TOOLS),),
+                    isolation=IsolationConfig(default="killing://"), data=DataConfig(audit_flush_ms=5))
+    platform = Platform.open(config)
+    try:
+        platform.gateway.context.sandboxes._bound["killing://"] = Killing()
+        platform.gateway.open_run("run-k", "assistant", workdir=tmp_path / "w", max_steps=5)
+        outcome = await platform.gateway.call_tool(platform.tokens.issue("assistant", "run-k"), "list_inbox", {})
+        assert outcome.status == "error" and outcome.error and outcome.error["error"] == "tool_timeout"
+        assert METRICS.sandbox_kills.value("killing://", "timeout") == 1
+        assert METRICS.sandbox_seconds.count("killing://") == 1
+        assert METRICS.tool_calls.value("list_inbox", "error") == 1
+    finally:
+        await platform.aclose()
+        METRICS.reset()

@@ -253,15 +253,28 @@ class Meters:
     _pending: list[_Pending] = field(default_factory=list)
     _io: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tail: asyncio.Task[None] | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     errors: int = 0
     """Background writes that failed (each is tried twice, then counted here and dropped)."""
 
     def windows(self) -> Windows:
         return Windows.at(self.clock())
 
+    def _on_this_loop(self) -> None:
+        """Rebinds to the running event loop (a CLI may run several); writes left by a closed loop run again here."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        self._loop = loop
+        self._io = asyncio.Lock()
+        self._tail = None
+        for pending in list(self._pending):
+            self._tail = loop.create_task(self._write(pending, self._tail))
+
     async def read(self, key: str, windows: Windows | None = None) -> Reading:
         """The meter ``key`` now, counting what this process added and has not yet stored."""
         windows = windows or self.windows()
+        self._on_this_loop()
         async with self._io:
             reading = await self.store.read(key, windows)
             for pending in self._pending:
@@ -273,6 +286,7 @@ class Meters:
         """Counts ``delta`` now (in this process's reads) and stores it in the background, in order."""
         if not (delta.requests or delta.tokens or delta.cost_microusd):
             return
+        self._on_this_loop()
         pending = _Pending(tuple(keys), windows or self.windows(), delta)
         self._pending.append(pending)
         previous = self._tail
@@ -293,6 +307,7 @@ class Meters:
 
     async def flush(self) -> None:
         """Waits until every addition made so far is stored."""
+        self._on_this_loop()
         while self._tail is not None and not self._tail.done():
             await asyncio.gather(self._tail, return_exceptions=True)
 
