@@ -35,7 +35,7 @@ from stitchwork.compute._base import Model, ModelTurn, Usage
 from stitchwork.compute._wire import normalize_messages, turn_from_completion, usage_from
 from stitchwork.compute.router import Deployment, Routed, RoutedModel, Router, RouterSettings, parse_deployments
 from stitchwork.config import ComputeConfig
-from stitchwork.errors import ConfigError, ModelError, PolicyDenied, RateLimited, StitchworkError
+from stitchwork.errors import ConfigError, ModelError, ModelNotFound, PolicyDenied, RateLimited, StitchworkError
 from stitchwork.gateway.context import GatewayContext, digest
 from stitchwork.gateway.meters import Delta, MemoryMeters, Meters, MeterStore, Reading, Windows
 from stitchwork.gateway.stages import Audit, Authenticate, Authorize, Secrets, policy_context
@@ -422,7 +422,8 @@ class ModelDoor:
         if not isinstance(name, str) or not name:
             raise ModelError("the request names no model; GET /v1/models lists them")
         if name not in self.router:
-            raise ModelError(f"unknown model {name!r}; known: {', '.join(self.models_for(claims.agent)) or 'none'}")
+            raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(self.models_for(claims.agent)) or 'none'}",
+                                status=404)
         messages = normalize_messages(body.get("messages"))
         span = self._span(claims, name, stream=stream)
         span_of.append(span)
