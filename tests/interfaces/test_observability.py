@@ -256,14 +256,14 @@ async def test_sandbox_kills_are_counted_by_reason(tmp_path: Path) -> None:
 
     METRICS.reset()
     config = Config(state_dir=tmp_path / "state", tool_dirs=(str(BUILTIN_TOOLS),),
-                    isolation=IsolationConfig(default="killing://"), data=DataConfig(audit_flush_ms=5))
+                    isolation=IsolationConfig(default="killing://?limits=tight"), data=DataConfig(audit_flush_ms=5))
     platform = Platform.open(config)
     try:
-        platform.gateway.context.sandboxes._bound["killing://"] = Killing()
+        platform.gateway.context.sandboxes._bound["killing://?limits=tight"] = Killing()
         platform.gateway.open_run("run-k", "assistant", workdir=tmp_path / "w", max_steps=5)
         outcome = await platform.gateway.call_tool(platform.tokens.issue("assistant", "run-k"), "list_inbox", {})
         assert outcome.status == "error" and outcome.error and outcome.error["error"] == "tool_timeout"
-        assert METRICS.sandbox_kills.value("killing://", "timeout") == 1
+        assert METRICS.sandbox_kills.value("killing://", "timeout") == 1  # labelled without the URI's options
         assert METRICS.sandbox_seconds.count("killing://") == 1
         assert METRICS.tool_calls.value("list_inbox", "error") == 1
     finally:
