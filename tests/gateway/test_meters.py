@@ -100,13 +100,36 @@ async def test_reads_count_additions_not_yet_stored_and_never_twice_after() -> N
     slow = SlowStore()
     meters = Meters(slow, clock=lambda: T0)
     for _ in range(3):
-        meters.add(["agent:a"], Delta(requests=1, tokens=10))
-    assert (await meters.read("agent:a")).requests_minute == 3  # in flight: counted from memory
+        meters.add(["agent:a"], Delta(requests=1, tokens=10, cost_microusd=5))
+    in_flight = await meters.read("agent:a")  # counted from memory, in every window
+    assert (in_flight.requests_minute, in_flight.tokens_minute, in_flight.tokens_day, in_flight.cost_day,
+            in_flight.tokens_month, in_flight.cost_month, in_flight.requests_total, in_flight.tokens_total,
+            in_flight.cost_total) == (3, 30, 30, 15, 30, 15, 3, 30, 15)
+    next_day = await meters.read("agent:a", Windows.at(T0 + 120))  # made yesterday: only the totals count
+    assert (next_day.requests_minute, next_day.tokens_day, next_day.cost_month, next_day.tokens_total) == (0, 0, 0,
+                                                                                                          30)
     assert (await slow.read("agent:a", Windows.at(T0))).requests_minute == 0
     slow.release.set()
     await meters.flush()
     reading = await meters.read("agent:a")
     assert (reading.requests_minute, reading.tokens_total) == (3, 30)  # stored: counted once
+
+
+async def test_a_write_that_fails_once_is_tried_again() -> None:
+    class Flaky(MemoryMeters):
+        failures = 1
+
+        async def add(self, keys: list[str], windows: Windows, delta: Delta) -> None:  # type: ignore[override]
+            if self.failures:
+                self.failures -= 1
+                raise OSError("busy")
+            await super().add(keys, windows, delta)
+
+    store = Flaky()
+    meters = Meters(store, clock=lambda: T0)
+    meters.add(["agent:a"], Delta(tokens=4))
+    await meters.flush()
+    assert meters.errors == 0 and (await store.read("agent:a", Windows.at(T0))).tokens_total == 4
 
 
 async def test_a_failing_store_never_fails_the_caller_and_is_counted() -> None:

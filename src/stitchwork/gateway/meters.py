@@ -294,16 +294,17 @@ class Meters:
 
     async def _write(self, pending: _Pending, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
-            await asyncio.gather(previous, return_exceptions=True)
+            await asyncio.wait([previous])  # in order; whatever became of it
         async with self._io:
-            for attempt in (1, 2):
+            try:
+                await self.store.add(pending.keys, pending.windows, pending.delta)
+            except Exception:
                 try:
                     await self.store.add(pending.keys, pending.windows, pending.delta)
-                    break
                 except Exception:
-                    if attempt == 2:
-                        self.errors += 1
-            self._pending.remove(pending)
+                    self.errors += 1
+            if pending in self._pending:
+                self._pending.remove(pending)
 
     async def flush(self) -> None:
         """Waits until every addition made so far is stored."""
