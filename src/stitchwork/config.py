@@ -204,10 +204,16 @@ class ComputeConfig(RouterConfig):
         cost_out = 0.20
         [compute.fallbacks]
         llama-8b = ["llama-70b"]
-        [compute.agents."*"]               # per agent (or "*"): allowed model names and budgets
+        [compute.agents."*"]               # per agent (or "*"): allowed model names, budgets, rate limits
         models = ["llama-8b"]
         max_tokens = 1_000_000
         max_cost_usd = 5.0
+        period = "day"                     # the budgets' period: total | day | month (UTC)
+        rpm = 60                           # requests per minute (0: no limit)
+        tpm = 100_000                      # tokens per minute
+        [compute.models.llama-8b]          # per model name: rate limits over every agent
+        rpm = 600
+        tpm = 1_000_000
     """
 
     default_model: str = ""
@@ -216,6 +222,29 @@ class ComputeConfig(RouterConfig):
     """Also audit the full prompt and completion text (hashes are always audited)."""
     deployments: list[dict[str, Any]] = field(default_factory=list)
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per agent name (or ``"*"``): ``models``, ``max_tokens``, ``max_cost_usd``, ``period``, ``rpm``, ``tpm``."""
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per model name: ``rpm`` and ``tpm``, counted over every agent."""
+    meters: str = ""
+    """Where spend and rate-limit meters are kept: ``store`` (the platform's store), ``bus`` (shared by the server
+    and every worker of the bus), ``memory`` (this process only); empty: ``bus`` for workers and for a server with
+    a bus other than ``memory://``, else ``store``."""
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """OpenTelemetry spans and the Prometheus ``/metrics`` endpoint (``stitchwork.observability``)."""
+
+    otlp_endpoint: str = ""
+    """Export spans by OTLP/HTTP here (``http://collector:4318``); empty: only if ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    is set. Needs ``pip install 'stitchwork[otel]'``."""
+    service_name: str = "stitchwork"
+    """``service.name`` of the spans (``OTEL_SERVICE_NAME`` wins)."""
+    metrics: bool = True
+    """Serve ``GET /metrics`` on the control plane (operator token, or ``metrics_token``)."""
+    metrics_token: str = ""
+    """A separate bearer token that may read ``/metrics`` and nothing else (for a Prometheus scraper); empty: only
+    the operator token. Set it through ``STITCHWORK_OBSERVABILITY__METRICS_TOKEN`` rather than in the file."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +329,7 @@ class Config:
     messaging: MessagingConfig = field(default_factory=MessagingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     @property
     def store_uri(self) -> str:

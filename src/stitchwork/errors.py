@@ -16,7 +16,8 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │   ├── UnknownTool
     │   └── InvalidArguments        JSON schema, size, encoding or path-traversal problems
     ├── PolicyDenied                Cedar said no (carries the deciding policy ids)
-    │   └── MemoryDenied            agent memory without a grant
+    │   ├── MemoryDenied            agent memory without a grant
+    │   └── RateLimited             a requests- or tokens-per-minute limit (carries Retry-After seconds)
     ├── ApprovalRequired            Cedar asks for a human (carries the approval id)
     ├── ApprovalError               unknown approval, already decided
     ├── SecretError
@@ -34,6 +35,8 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     ├── ModelError
     │   ├── ModelUnavailable        429, 5xx, timeout, refused connection, truncated stream: retry elsewhere
     │   └── ModelRejected           the backend refused the request itself (4xx): retrying will not help
+    │       ├── ModelNotFound       the server does not serve that model (404); the message lists what it serves
+    │       └── ContextLengthExceeded  the prompt and completion do not fit the model's context
     ├── RunError
     │   └── RunTimedOut             waiting for a run (to finish or to ask for approval) took longer than allowed
     └── BusError
@@ -128,6 +131,19 @@ class MemoryDenied(PolicyDenied):
     """An agent tried to read or write agent memory it has no grant for."""
 
     code = "memory_denied"
+
+
+class RateLimited(PolicyDenied):
+    """A requests- or tokens-per-minute limit was reached; retry after ``retry_after_s`` seconds."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, policy_ids: tuple[str, ...] = (), retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, policy_ids=policy_ids)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "retry_after_s": self.retry_after_s}
 
 
 class ApprovalRequired(StitchworkError):
@@ -228,6 +244,18 @@ class ModelRejected(ModelError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class ModelNotFound(ModelRejected):
+    """The server does not serve the model asked for."""
+
+    code = "model_not_found"
+
+
+class ContextLengthExceeded(ModelRejected):
+    """The conversation (and the completion asked for) is longer than the model's context window."""
+
+    code = "context_length_exceeded"
 
 
 class RunError(StitchworkError):

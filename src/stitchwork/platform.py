@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import socket
 from collections.abc import Callable
@@ -30,10 +32,11 @@ from stitchwork.agents.runs import DatabaseRunStore, RunStore
 from stitchwork.audit.log import AuditLog
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
-from stitchwork.errors import ConfigError
+from stitchwork.errors import ConfigError, StitchworkError
 from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
+from stitchwork.gateway.meters import MemoryMeters, MeterStore, StoreMeters
 from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
 from stitchwork.isolation._base import INLINE_REFUSED, is_inline
 from stitchwork.memory.store import AgentMemory
@@ -42,6 +45,7 @@ from stitchwork.memory.tools import MemoryTools
 from stitchwork.messaging._base import Bus, open_bus
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.messaging.embedded import bus_uri as configured_bus_uri
+from stitchwork.observability import METRICS, TRACING
 from stitchwork.security.approvals import ApprovalStore
 from stitchwork.security.identity.ca import CertificateAuthority
 from stitchwork.security.identity.tokens import TokenService
@@ -53,6 +57,7 @@ from stitchwork.workers.auditfeed import AuditForwarder
 from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
 from stitchwork.workers.ledger import BusLedger
 from stitchwork.workers.messages import AgentMessenger
+from stitchwork.workers.meters import BusMeters
 from stitchwork.workers.runstore import BusRunStore
 from stitchwork.workers.subjects import Subjects
 from stitchwork.workers.worker import TRANSIENT, Worker, worker_config
@@ -101,6 +106,44 @@ class _RoleParts:
     events: EventHub | RunEventPublisher | None = None
     durable: Durable | None = None
     closers: tuple[Callable[[], Any], ...] = ()
+    bus_meters: BusMeters | None = None
+    """Model-use meters on this role's bus, if it has one that others share."""
+
+
+def _meters(config: Config, parts: _RoleParts, store: Store) -> tuple[MeterStore, tuple[Callable[[], Any], ...]]:
+    """Where the model door keeps spend and rate meters (``[compute] meters``), and what closes it."""
+    choice = config.compute.meters
+    if choice not in {"", "store", "bus", "memory"}:
+        raise ConfigError(f"compute.meters must be store, bus, memory or empty, got {choice!r}")
+    if choice == "memory":
+        return MemoryMeters(), ()
+    if choice == "store" or (not choice and parts.bus_meters is None):
+        return StoreMeters(store), ()
+    if parts.bus_meters is not None:
+        return parts.bus_meters, ()
+    uri = configured_bus_uri(config)  # "bus" asked for where the role has none: connect to the configured bus
+    if urlsplit(uri).scheme == "memory":
+        raise ConfigError("compute.meters = \"bus\" needs a shared bus; [messaging] bus is memory:// here")
+    sync = SyncBus(uri)
+    return BusMeters(Subjects(config.messaging.subject_prefix), sync=sync), (sync.close,)
+
+
+def _gauges(audit: AuditLog, store: Store) -> tuple[Callable[[], Any], ...]:
+    """Registers this platform's scrape-time gauges (audit lag, queue depth); returns their removers."""
+
+    def depth() -> list[tuple[tuple[str, ...], float]]:
+        out: list[tuple[tuple[str, ...], float]] = []
+        with contextlib.suppress(StitchworkError):  # a worker's store holds neither table
+            runs = store.query("SELECT status, count(*) AS n FROM runs "
+                               "WHERE status IN ('running', 'waiting_approval') GROUP BY status")
+            counts = {r["status"]: float(r["n"]) for r in runs}
+            out += [((f"runs_{status}",), counts.get(status, 0.0)) for status in ("running", "waiting_approval")]
+        with contextlib.suppress(StitchworkError):
+            pending = store.query("SELECT count(*) AS n FROM approvals WHERE status = 'pending'")
+            out.append((("approvals",), float(pending[0]["n"] if pending else 0)))
+        return out
+
+    return (METRICS.audit_lag.source(lambda: [((), float(audit.lag()))]), METRICS.queue_depth.source(depth))
 
 
 @dataclass
@@ -166,6 +209,7 @@ class Platform:
                     raise ConfigError(f"agent {agent.name!r} names unknown tool {tool!r}")
         store = open_store(config.store_uri)
         parts: _RoleParts | None = None
+        audit: AuditLog | None = None
         try:
             ca = CertificateAuthority.load_or_create(state, trust_domain=config.security.trust_domain)
             tokens = TokenService(ca, store, trust_domain=config.security.trust_domain,
@@ -186,13 +230,21 @@ class Platform:
             )
             memory = AgentMemory(store, audit=audit)
             hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
-            gateway = Gateway(context, models=ModelDoor(context, config.compute), host_handlers=hosted)
+            meters, meter_closers = _meters(config, parts, store)
+            parts = dataclasses.replace(parts, closers=(*parts.closers, *meter_closers))
+            gateway = Gateway(context, models=ModelDoor(context, config.compute, meters=meters),
+                              host_handlers=hosted)
+            TRACING.configure(config.observability.otlp_endpoint, service_name=config.observability.service_name)
+            parts = dataclasses.replace(parts, closers=(*parts.closers, *_gauges(audit, store)))
             runner = Runner(gateway, agents, parts.runs, state_dir=state, max_seconds=config.agents.max_seconds,
                             on_event=parts.on_event, reraise=parts.reraise)
         except BaseException:
             if parts is not None:
                 for close in parts.closers:
                     close()
+            if audit is not None:
+                with contextlib.suppress(StitchworkError):
+                    audit.close()
             store.close()
             raise
         return cls(config, role, store, ca, tokens, audit, parts.approvals, vault, tools, agents, policy, gateway,
@@ -229,13 +281,16 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         events = RunEventPublisher(bus, sync, subjects, worker=worker_name)
         durable = Durable(bus, sync, subjects, runs, ledger, events, worker_name)
         return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout), ledger, on_event=events,
-                          reraise=TRANSIENT, events=events, durable=durable, closers=(sync.close,))
+                          reraise=TRANSIENT, events=events, durable=durable, closers=(sync.close,),
+                          bus_meters=BusMeters(subjects, abus=bus))
     local = ApprovalStore(store, timeout_s=timeout)
     if role == "server":
         hub = EventHub(resolve_events_uri(config), subjects)
         # Approvals of durable runs (requested inside workers) are listed and decided here like the platform's own.
         approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout))
-        return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub)
+        shared = urlsplit(hub.uri).scheme != "memory"
+        return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub,
+                          bus_meters=BusMeters(subjects, sync=hub.sync) if shared else None)
     if bus_approvals:
         try:
             uri = configured_bus_uri(config)

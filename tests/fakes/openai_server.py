@@ -70,6 +70,8 @@ class Backend:
     """Delay between streamed chunks."""
     runpod_queue: bool = False
     """RunPod ``/runsync`` answers IN_QUEUE first, so the client polls ``/status``."""
+    served: tuple[str, ...] = ()
+    """The model ids ``GET /v1/models`` lists (default: ``model`` alone)."""
 
 
 def load_fixture(style: str, directory: Path) -> Backend:
@@ -292,8 +294,9 @@ class FakeOpenAIServer:
             yield b"data: [DONE]\n\n"
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.backend.model, "object": "model",
-                                                         "owned_by": self.backend.style}]})
+        names = self.backend.served or (self.backend.model,)
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": self.backend.style}
+                                                        for name in names]})
 
     # -- RunPod serverless ------------------------------------------------------------------------------------
 

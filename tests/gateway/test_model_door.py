@@ -187,7 +187,7 @@ async def test_endpoint_authenticates_enforces_allowlist_and_budget_and_meters(e
         assert not_listed.status_code == 403
         assert not_listed.json()["error"]["policy_ids"] == ["model-not-allowed"]
         unknown = await http.post("/v1/chat/completions", json={**body, "model": "gpt-5"}, headers=auth)
-        assert unknown.status_code == 400 and "unknown model" in unknown.json()["error"]["message"]
+        assert unknown.status_code == 404 and "unknown model" in unknown.json()["error"]["message"]
         spent = 0
         while spent < 400:
             ok = await http.post("/v1/chat/completions", json=body, headers=auth)

@@ -448,5 +448,6 @@ async def test_the_model_door_refuses_a_model_policy_forbids(stack: Stack, tmp_p
     assert denied.value.policy_ids == ("model-not-allowed",)
     (event,) = await stack.events("model")
     assert event.decision == "deny" and set(event.data) == {"model", "policy_ids", "reasons", "tokens_used",
-                                                            "cost_usd"}
+                                                            "cost_usd", "period", "requests_minute",
+                                                            "tokens_minute"}
     assert not isinstance(denied.value, AuthError) and isinstance(denied.value, StitchworkError)

@@ -299,6 +299,12 @@ class AuditLog:
         self._enqueue(batch, (loop, future))
         return await future
 
+    def lag(self) -> int:
+        """Events journaled (durable) but not yet copied into the store (0 without a journal)."""
+        with self._journal_lock:
+            journaled = self._journaled_seq
+        return max(journaled - self._stored_seq, 0) if self._paths else 0
+
     def flush(self) -> None:
         """Copies every event journaled so far into the store, and upserts its signed head.
 

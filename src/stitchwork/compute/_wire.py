@@ -72,6 +72,48 @@ def turn_from_completion(body: Mapping[str, Any]) -> ModelTurn:
                      usage=usage_from(body.get("usage")), model=str(body.get("model") or ""))
 
 
+_TEXT_PARTS = {"text", "input_text", "output_text"}
+_FLATTENED_ROLES = {"tool", "system", "developer", "function"}
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Checks a request's ``messages`` and gives tool results (and system text) as one string.
+
+    The OpenAI API lets ``content`` be a string or a list of content parts; clients such as the OpenAI Agents
+    SDK send tool results as ``[{"type": "text", "text": ...}]``, which several servers refuse for the ``tool``
+    role. Text parts of ``tool``, ``system`` and ``developer`` messages are joined into one string; user and
+    assistant content parts (images, audio) pass unchanged.
+
+    Raises:
+        ModelError: ``messages`` is not a non-empty list of objects with a string ``role``, or a content part
+            of a tool or system message is not text.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ModelError("messages must be a non-empty list")
+    out: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ModelError(f"messages[{index}] must be an object with a string role")
+        content = message.get("content")
+        if isinstance(content, list) and message["role"] in _FLATTENED_ROLES:
+            texts: list[str] = []
+            for position, part in enumerate(content):
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"),
+                                                                                                  str):
+                    texts.append(part["text"])
+                else:
+                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    raise ModelError(f"messages[{index}].content[{position}]: a {message['role']} message may hold "
+                                     f"text parts only, not {kind!r}")
+            message = {**message, "content": "".join(texts)}
+        elif content is not None and not isinstance(content, str | list):
+            raise ModelError(f"messages[{index}].content must be a string, a list of content parts or null")
+        out.append(dict(message))
+    return out
+
+
 def chunks_from_completion(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A complete ``chat.completion`` as the chunks a streaming server would send (the last carries usage)."""
     base = {"id": body.get("id") or new_id(), "object": "chat.completion.chunk",
@@ -197,4 +239,5 @@ def assemble(chunks: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return assembler.completion()
 
 
-__all__ = ["StreamAssembler", "assemble", "chunks_from_completion", "completion_from_turn", "turn_from_completion"]
+__all__ = ["StreamAssembler", "assemble", "chunks_from_completion", "completion_from_turn", "normalize_messages",
+           "turn_from_completion"]

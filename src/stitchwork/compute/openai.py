@@ -3,13 +3,18 @@
 Query parameters:
     profile: ``vllm`` | ``sglang`` | ``llamacpp`` | ``ollama`` | ``generic`` (default), see
         :mod:`stitchwork.compute.profiles` for the quirks each one works around.
-    model: The model name the server knows (default: the name in the request).
+    model: The model name the server knows. Without it the client asks ``GET /v1/models`` once: a server that
+        serves one model gets that one; one that serves several gets the request's model name if it is among
+        them, else the call fails with :class:`ModelNotFound` listing what the server serves.
     key: ``secret://NAME``, the provider key in the vault; injected by the model gateway, never a raw key.
     timeout: Seconds for the whole request (default 120); ``connect_timeout`` for the connection (default 5).
     stream: ``1`` to have :meth:`chat` and :meth:`complete` stream and assemble (default: unstreamed).
 
 Errors: 429, 5xx, timeouts, refused connections and cut streams raise :class:`ModelUnavailable` (a router tries
-elsewhere); other 4xx raise :class:`ModelRejected` (with the server flag to add when the profile knows it).
+elsewhere; ``retry_after_s`` from a ``Retry-After`` header); other 4xx raise :class:`ModelRejected` (with the server
+flag to add when the profile knows it), :class:`ModelNotFound` for an unknown model (404, ``model_not_found``) and
+:class:`ContextLengthExceeded` for a prompt longer than the model's context, whichever of the documented error
+bodies the backend sends (``{"error": {...}}`` or vLLM/SGLang's top-level ``{"object": "error", ...}``).
 """
 
 from __future__ import annotations
@@ -29,12 +34,32 @@ from stitchwork.compute._base import ChatCompletionsModel
 from stitchwork.compute._keys import parse_key_ref, resolve_key
 from stitchwork.compute._wire import StreamAssembler, chunks_from_completion
 from stitchwork.compute.profiles import Profile, get_profile
-from stitchwork.errors import ConfigError, ModelError, ModelRejected, ModelUnavailable
+from stitchwork.errors import (
+    ConfigError,
+    ContextLengthExceeded,
+    ModelError,
+    ModelNotFound,
+    ModelRejected,
+    ModelUnavailable,
+)
 
 _ALNUM = string.ascii_letters + string.digits
 _TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 _PARSER_WORDS = ("tool-call-parser", "tool_call_parser", "enable-auto-tool-choice", "--jinja", "jinja")
+_CONTEXT = re.compile(r"context[ _-]?(length|size|window)|maximum context|too many tokens|prompt is too long|"
+                      r"exceeds? the (available )?context|longer than the model", re.I)
+_NOT_FOUND = re.compile(r"model.{0,200}(not found|does not exist|not exist|unknown|not loaded)|"
+                        r"(unknown|no such) model", re.I | re.S)
+
+
+def _retry_after(value: str) -> float | None:
+    """Seconds from a ``Retry-After`` header (a number; an HTTP date is not used by model servers)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 and seconds == seconds and seconds != float("inf") else None
 
 
 def _query(uri: str) -> tuple[str, dict[str, str]]:
@@ -122,6 +147,8 @@ class OpenAICompatModel(ChatCompletionsModel):
                                      connect=_number(options, "connect_timeout", 5.0))
         self._http = http
         self._own_http = http is None
+        self._served: list[str] | None = None
+        """The model ids ``GET /models`` answered (asked once, when the URI names no model)."""
 
     def __repr__(self) -> str:
         return f"OpenAICompatModel({self.base_url!r}, profile={self.profile.name!r})"
@@ -147,11 +174,66 @@ class OpenAICompatModel(ChatCompletionsModel):
             headers["authorization"] = "Bearer " + resolve_key(self.key_name)
         return headers
 
-    def prepare(self, request: Mapping[str, Any], *, stream: bool) -> tuple[dict[str, Any], bool]:
-        """The body to send for ``request`` under this profile, and whether a tool call is required."""
+    async def served_models(self) -> list[str]:
+        """The model ids the server lists at ``GET /models`` (asked once; ``[]`` if it has no such route).
+
+        Raises:
+            ModelUnavailable: the server could not be reached or answered 429/5xx.
+            ModelRejected: it refused the listing (401, 403).
+        """
+        if self._served is not None:
+            return self._served
+        try:
+            response = await self.http.get(self.base_url + "/models", headers=self._headers())
+        except httpx.HTTPError as exc:
+            raise self._unavailable(exc) from exc
+        if response.status_code in {404, 405, 501}:
+            self._served = []
+            return self._served
+        if response.status_code >= 400:
+            raise self._error(response, response.text)
+        try:
+            data = response.json()
+            items = data.get("data", data.get("models")) if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                raise TypeError("no list of models")
+            served = [str(m.get("id") or m.get("name") or m.get("model")) for m in items if isinstance(m, dict)]
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{self.profile.name} server at {self.base_url} listed its models in an unknown "
+                             f"shape: {response.text[:200]}") from exc
+        self._served = [name for name in served if name and name != "None"]
+        return self._served
+
+    async def resolve_model(self, requested: str = "") -> str:
+        """The model name to send: ``model=`` of the URI, else the one the server serves (see the module doc).
+
+        Raises:
+            ModelNotFound: the server serves several models and ``requested`` is not one of them, or none.
+        """
+        if self.model_name:
+            return self.model_name
+        served = await self.served_models()
+        if len(served) == 1:
+            return served[0]
+        if requested and requested in served:
+            return requested
+        if not served:
+            if requested and "://" not in requested:
+                return requested  # the server lists nothing: send the name the caller asked for
+            raise ModelNotFound(f"{self.profile.name} server at {self.base_url} lists no models at GET /models; "
+                                f"name one with ?model=NAME in the URI {self._redacted_uri()}", status=404)
+        raise ModelNotFound(
+            f"{self.profile.name} server at {self.base_url} serves {len(served)} models: {', '.join(served[:20])}"
+            f"{' ...' if len(served) > 20 else ''}; choose one with ?model=NAME in the URI", status=404)
+
+    def _redacted_uri(self) -> str:
+        return self.uri.split("?", 1)[0]
+
+    def prepare(self, request: Mapping[str, Any], *, stream: bool, model: str = "") -> tuple[dict[str, Any], bool]:
+        """The body to send for ``request`` under this profile (``model``: the resolved name, see
+        :meth:`resolve_model`), and whether a tool call is required."""
         body = {k: v for k, v in request.items() if k not in {"stream", "stream_options"}}
-        if self.model_name or "model" not in body:
-            body["model"] = self.model_name or "default"
+        body["model"] = model or self.model_name or str(body.get("model") or "default")
         required = False
         if not body.get("tools"):
             body.pop("tools", None)
@@ -179,10 +261,15 @@ class OpenAICompatModel(ChatCompletionsModel):
 
     def _error(self, response: httpx.Response, text: str) -> ModelError:
         message = text.strip()[:500]
+        code = ""
         try:
             data = json.loads(text)
             error = data.get("error", data) if isinstance(data, dict) else data
+            if isinstance(error, str) and isinstance(data, dict) and "message" in data:
+                error = data  # {"error": "kind", "message": "..."}
             message = str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+            if isinstance(error, dict):
+                code = f"{error.get('code') or ''} {error.get('type') or ''}".lower()
         except ValueError:
             pass
         if self.key_name:
@@ -190,20 +277,35 @@ class OpenAICompatModel(ChatCompletionsModel):
                 message = message.replace(resolve_key(self.key_name), f"[secret:{self.key_name}]")
         where = f"{self.profile.name} server at {self.base_url}"
         status = response.status_code
+        if (status in {400, 413, 422} and (_CONTEXT.search(message) or "context_length" in code
+                                          or "exceed_context" in code)):
+            return ContextLengthExceeded(f"{where}: the conversation does not fit the model's context "
+                                         f"(HTTP {status}): {message}", status=status)
         if status == 429 or status >= 500:
-            retry_after: float | None = None
-            try:
-                retry_after = float(response.headers.get("retry-after", ""))
-            except ValueError:
-                retry_after = None
             return ModelUnavailable(f"{where} answered HTTP {status}: {message}", status=status,
-                                    retry_after_s=retry_after)
+                                    retry_after_s=_retry_after(response.headers.get("retry-after", "")))
+        if status == 404 or "model_not_found" in code or (status == 400 and _NOT_FOUND.search(message)):
+            served = f"; it serves: {', '.join(self._served)}" if self._served else ""
+            return ModelNotFound(f"{where} does not serve the model asked for (HTTP {status}): {message}{served}",
+                                 status=404)
         hint = ""
         if any(word in message.lower() for word in _PARSER_WORDS) and self.profile.parser_hint:
             hint = f" ({self.profile.parser_hint})"
         if status in {401, 403}:
             hint = f" (check the provider key secret://{self.key_name})" if self.key_name else " (no key configured)"
         return ModelRejected(f"{where} refused the request, HTTP {status}: {message}{hint}", status=status)
+
+    async def _aerror(self, response: httpx.Response, text: str) -> ModelError:
+        """:meth:`_error`; an unknown model also names the models the server lists (asked once)."""
+        error = self._error(response, text)
+        if isinstance(error, ModelNotFound) and self._served is None:
+            try:
+                served = await self.served_models()
+            except ModelError:
+                served = []
+            if served:
+                error = ModelNotFound(f"{error}; it serves: {', '.join(served[:20])}", status=404)
+        return error
 
     def _unavailable(self, exc: httpx.HTTPError) -> ModelUnavailable:
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
@@ -241,7 +343,8 @@ class OpenAICompatModel(ChatCompletionsModel):
         return await self._chat_once(request)
 
     async def _chat_once(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        body, required = self.prepare(request, stream=False)
+        model = await self.resolve_model(str(request.get("model") or ""))
+        body, required = self.prepare(request, stream=False, model=model)
         offered = [(t.get("function") or {}).get("name", "") for t in body.get("tools") or ()]
         headers = self._headers()
         try:
@@ -249,7 +352,7 @@ class OpenAICompatModel(ChatCompletionsModel):
         except httpx.HTTPError as exc:
             raise self._unavailable(exc) from exc
         if response.status_code >= 400:
-            raise self._error(response, response.text)
+            raise await self._aerror(response, response.text)
         try:
             completion = response.json()
         except ValueError as exc:
@@ -263,7 +366,8 @@ class OpenAICompatModel(ChatCompletionsModel):
             for chunk in chunks_from_completion(await self._chat_once(request)):
                 yield chunk
             return
-        body, required = self.prepare(request, stream=True)
+        model = await self.resolve_model(str(request.get("model") or ""))
+        body, required = self.prepare(request, stream=True, model=model)
         offered = [(t.get("function") or {}).get("name", "") for t in body.get("tools") or ()]
         held = _ContentHold(self, offered) if self.profile.tool_calls_in_content and offered else None
         ids: dict[int, str] = {}
@@ -273,7 +377,7 @@ class OpenAICompatModel(ChatCompletionsModel):
             async with self.http.stream("POST", self.base_url + "/chat/completions", json=body,
                                         headers=self._headers()) as response:
                 if response.status_code >= 400:
-                    raise self._error(response, (await response.aread()).decode("utf-8", "replace"))
+                    raise await self._aerror(response, (await response.aread()).decode("utf-8", "replace"))
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue

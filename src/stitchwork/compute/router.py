@@ -298,6 +298,7 @@ class Router:
         """
         errors: list[str] = []
         last = ModelUnavailable("")
+        failures: list[ModelUnavailable] = []
         for attempt, state in enumerate(self._plan(name, request)):
             if attempt:
                 await self.sleep(self._backoff(attempt - 1, last))
@@ -318,11 +319,16 @@ class Router:
                     raise
                 errors.append(f"{state.deployment.id}: {exc}")
                 last = exc
+                failures.append(exc)
                 continue
             self._succeeded(state, started)
             routed.append(Routed(assembler.completion() if stream else completion, state.deployment, attempt + 1))
             return
-        raise ModelUnavailable(f"model {name!r}: every deployment failed ({'; '.join(errors[-4:])})")
+        # Every deployment rate-limited: still a 429, retry after the soonest; else the last failure's status.
+        limited = bool(failures) and all(f.status == 429 for f in failures)
+        waits = [f.retry_after_s for f in (failures if limited else failures[-1:]) if f.retry_after_s is not None]
+        raise ModelUnavailable(f"model {name!r}: every deployment failed ({'; '.join(errors[-4:])})",
+                               status=429 if limited else last.status, retry_after_s=min(waits) if waits else None)
 
 
 _CURRENT: contextvars.ContextVar[Router | None] = contextvars.ContextVar("router", default=None)

@@ -40,6 +40,8 @@ from stitchwork.gateway.stages import (
 )
 from stitchwork.gateway.uncertain import Uncertain
 from stitchwork.isolation._base import PythonCall, SandboxSpec, isolation_label
+from stitchwork.observability import METRICS, TRACING
+from stitchwork.observability.tracing import NoSpan
 from stitchwork.security.policy import Decision
 from stitchwork.tools.manifest import undo_arguments
 
@@ -71,6 +73,9 @@ class SandboxExecute:
                                               decision="error")
             return ToolOutcome("error", tool.name, error=exc.to_dict(), audit_seq=seq)
         elapsed = time.perf_counter() - started
+        METRICS.sandbox_seconds.observe(elapsed, sandbox_uri.split("?", 1)[0])
+        if result.killed:
+            METRICS.sandbox_kills.inc(sandbox_uri.split("?", 1)[0], str(result.killed))
         details = {"sandbox": sandbox_uri, "isolation": isolation_label(sandbox_uri),
                    "exit_code": result.exit_code, "killed": result.killed,
                    "duration_ms": round(elapsed * 1000, 3), "cpu_s": result.cpu_s, "max_rss_kb": result.max_rss_kb}
@@ -117,35 +122,66 @@ class ToolDoor:
         *,
         idempotency_key: str = "",
     ) -> ToolOutcome:
-        """Runs one tool call through every stage. Never raises for what the agent sent."""
+        """Runs one tool call through every stage. Never raises for what the agent sent.
+
+        Counted in ``stitchwork_tool_calls_total`` and traced as ``gateway.tool_call`` with one span per stage
+        (:mod:`stitchwork.observability`; names, decisions and policy ids only, never argument values).
+        """
+        name = tool_name if isinstance(tool_name, str) else "?"
+        with TRACING.span("gateway.tool_call", {"stitchwork.tool.name": name}) as span:
+            outcome = await self._call(token, tool_name, arguments, idempotency_key, span)
+            span.set_attributes({"stitchwork.status": outcome.status,
+                                 "stitchwork.policy_ids": list(outcome.policy_ids)})
+        METRICS.tool_calls.inc(name if outcome.status != "unauthenticated" else "?", outcome.status)
+        return outcome
+
+    async def _call(self, token: str | None, tool_name: str, arguments: str | bytes | Mapping[str, Any] | None,
+                    idempotency_key: str, span: NoSpan | Any) -> ToolOutcome:
         try:
-            claims = await self.authenticate(token, action=tool_name if isinstance(tool_name, str) else "?")
+            with TRACING.span("gateway.authenticate"):
+                claims = await self.authenticate(token, action=tool_name if isinstance(tool_name, str) else "?")
         except AuthError as exc:
             return ToolOutcome("unauthenticated", str(tool_name), error=exc.to_dict())
-        call = await self.validate(claims, tool_name, arguments)
+        span.set_attributes({"stitchwork.agent": claims.agent, "stitchwork.run_id": claims.run_id})
+        with TRACING.span("gateway.validate"):
+            call = await self.validate(claims, tool_name, arguments)
         if isinstance(call, ToolOutcome):
             return call
+        span.set_attribute("stitchwork.side_effect", call.tool.side_effect.value)
         started: dict[str, Any] | None = None
         if idempotency_key:
             found = await self.replay.lookup(call, idempotency_key)
             if isinstance(found, ToolOutcome):
+                METRICS.tool_calls.inc(call.tool.name, "replayed")
                 return found
             started = found
         call.run.steps += 1
-        tainted = self.taint(call)
-        decision = await self.authorize(call, tainted)
-        if started is not None:  # it began once and never finished: settled, never simply run again
-            settled = await self.uncertain(call, tainted, decision, started, idempotency_key)
-            if isinstance(settled, ToolOutcome):
-                return settled
-            gate = settled
-        else:
-            gate = await self.approve(call, tainted, decision)
+        with TRACING.span("gateway.authorize") as stage:
+            tainted = self.taint(call)
+            decision = await self.authorize(call, tainted)
+            stage.set_attributes({"stitchwork.decision": decision.effect.value,
+                                  "stitchwork.policy_ids": list(decision.policy_ids),
+                                  "stitchwork.tainted": bool(tainted.record.get("any"))})
+        with TRACING.span("gateway.approve") as stage:
+            if started is not None:  # it began once and never finished: settled, never simply run again
+                settled = await self.uncertain(call, tainted, decision, started, idempotency_key)
+                if isinstance(settled, ToolOutcome):
+                    return settled
+                gate = settled
+            else:
+                gate = await self.approve(call, tainted, decision)
+            stage.set_attribute("stitchwork.decision", gate.decision.effect.value)
+        for policy_id in gate.decision.policy_ids:
+            METRICS.policy_decisions.inc(policy_id, gate.decision.effect.value)
+        span.set_attribute("stitchwork.decision", gate.decision.effect.value)
         durable = self.replay.durable(call, idempotency_key)
         seq = await self.audit.decided(call, tainted, gate, durable=durable)
         if (stopped := refusal(call, gate, seq)) is not None:
+            if stopped.status == "approval_required":
+                METRICS.approvals_requested.inc(call.tool.name)
             return stopped
-        resolved = await self.secrets(call)
+        with TRACING.span("gateway.secrets"):
+            resolved = await self.secrets(call)
         if isinstance(resolved, ToolOutcome):
             return resolved
         if idempotency_key:
@@ -167,7 +203,8 @@ class ToolDoor:
     async def _run(self, call: Checked, resolved: Resolved, gate: Gate, key: str) -> ToolOutcome:
         """Execute, label, audit and record one authorized call."""
         execute = self.host if call.tool.host else self.execute
-        executed = await execute(call, resolved, gate.decision)
+        with TRACING.span("gateway.execute", {"stitchwork.host": bool(call.tool.host)}):
+            executed = await execute(call, resolved, gate.decision)
         if isinstance(executed, ToolOutcome):
             await self.replay.record(call, key, executed)
             return executed
@@ -177,7 +214,8 @@ class ToolDoor:
             undo_args = undo_arguments(call.tool, call.args, labelled.content)
             if undo_args is not None:
                 undo = {"tool": call.tool.undo, "args": undo_args}
-        seq = await self.audit.executed(call, executed, labelled, gate.decision, key=key, undo=undo)
+        with TRACING.span("gateway.audit"):
+            seq = await self.audit.executed(call, executed, labelled, gate.decision, key=key, undo=undo)
         outcome = ToolOutcome(executed.status, call.tool.name, content=labelled.content, error=executed.error,
                               label=labelled.label, policy_ids=gate.decision.policy_ids, audit_seq=seq)
         await self.replay.record(call, key, outcome)

@@ -19,6 +19,7 @@ from typing import Any
 from stitchwork.agents.runs import RunStatus
 from stitchwork.audit.records import AuditEvent
 from stitchwork.errors import ApprovalError, ConfigError, StitchworkError
+from stitchwork.observability import METRICS
 from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
@@ -152,6 +153,9 @@ class Service:
             data={"approval_id": approval.id, "by": by, "note": note,
                   "latency_s": round((approval.decided_at or 0) - approval.created_at, 3)},
         )
+        outcome = approval.status.value
+        METRICS.approvals_decided.inc(outcome)
+        METRICS.approval_latency.observe(max((approval.decided_at or 0) - approval.created_at, 0.0), outcome)
         result: dict[str, Any] = self.platform.gateway.redactor.redact(approval.to_dict())
         if resume:
             await self.resume_if_ready(approval.run_id)

@@ -145,11 +145,13 @@ def _models(platform: Platform) -> dict[str, Any]:
         out["deployments"] = platform.gateway.redactor.redact(gateway.router.state())
         out["usage"] = [{"agent": agent, "calls": m.calls, "prompt_tokens": m.prompt_tokens,
                          "completion_tokens": m.completion_tokens, "cost_usd": m.cost_usd}
-                        for agent, m in sorted(gateway.meters.items())]
+                        for agent, m in sorted(gateway.usage.items())]
     for agent, limits in sorted(config.agents.items()):
         models = ", ".join(map(str, limits.get("models") or [])) or "any"
         out["budgets"].append({"agent": agent, "models": models, "max_tokens": limits.get("max_tokens", 0),
-                               "max_cost_usd": limits.get("max_cost_usd", 0)})
+                               "max_cost_usd": limits.get("max_cost_usd", 0),
+                               "period": limits.get("period", "total"), "rpm": limits.get("rpm", 0),
+                               "tpm": limits.get("tpm", 0)})
     return out
 
 

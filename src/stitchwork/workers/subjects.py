@@ -49,6 +49,12 @@ class Subjects:
         """``<p>apv.id.<approval_id>``: an approval's current state (pending, approved, denied, expired, used)."""
         return f"{self.prefix}apv.id.{approval_id}"
 
+    def meter(self, key: str = "*") -> str:
+        """``<p>meter.<digest>``: the newest document of one model-use meter (budgets and rate limits)."""
+        if key == "*":
+            return f"{self.prefix}meter.*"
+        return f"{self.prefix}meter.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
+
     def approval_call(self, digest: str) -> str:
         """``<p>apv.call.<digest>``: which approval is the newest for one exact call."""
         return f"{self.prefix}apv.call.{digest[:40]}"

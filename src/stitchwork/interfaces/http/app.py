@@ -34,6 +34,7 @@ from stitchwork.interfaces.http import (
     events,
     health,
     memory,
+    metrics,
     models,
     notifications,
 )
@@ -50,6 +51,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
     notifications.mount,  # pending approvals posted to [notifications] webhooks
     health.mount,  # /readyz: the open readiness probe, never audited (/healthz is in control)
+    metrics.mount,  # Prometheus /metrics (operator or scrape token)
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -124,7 +126,8 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                   default_response_class=SafeJSONResponse)
     app.state.failed_auth = failures
     app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
-                       run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS, self_authenticating=dashboard.owns)
+                       run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS,
+                       self_authenticating=lambda path: dashboard.owns(path) or path in metrics.PATHS)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

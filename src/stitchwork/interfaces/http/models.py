@@ -5,13 +5,23 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from stitchwork.errors import AuthError, ModelRejected, ModelUnavailable, PolicyDenied, StitchworkError
+from stitchwork.errors import (
+    AuthError,
+    ContextLengthExceeded,
+    ModelNotFound,
+    ModelRejected,
+    ModelUnavailable,
+    PolicyDenied,
+    RateLimited,
+    StitchworkError,
+)
 from stitchwork.gateway.models import ModelDoor
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.service import Service
@@ -23,22 +33,34 @@ RUN_TOKEN_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
 def _status(exc: StitchworkError) -> int:
     if isinstance(exc, AuthError):
         return 401
+    if isinstance(exc, RateLimited):
+        return 429
     if isinstance(exc, PolicyDenied):
         return 403
     if isinstance(exc, ModelUnavailable):
-        return 503
+        return 429 if exc.status == 429 else 503
+    if isinstance(exc, ModelNotFound):
+        return 404
+    if isinstance(exc, ContextLengthExceeded):
+        return 400
     if isinstance(exc, ModelRejected) and exc.status in {400, 404, 413, 422}:
         return exc.status
     return 400
 
 
 def openai_error(exc: StitchworkError, models: ModelDoor) -> JSONResponse:
-    """An error in the OpenAI shape (``{"error": {"message", "type", "code"}}``), secrets redacted."""
+    """An error in the OpenAI shape (``{"error": {"message", "type", "code"}}``), secrets redacted; a rate limit
+    carries ``Retry-After`` (whole seconds, rounded up)."""
+    status = _status(exc)
     error: dict[str, Any] = {"message": models.context.redactor.redact_text(str(exc)), "type": exc.code,
-                             "code": exc.code}
+                             "code": exc.code, "param": None}
     if isinstance(exc, PolicyDenied):
         error["policy_ids"] = list(exc.policy_ids)
-    return JSONResponse({"error": error}, status_code=_status(exc))
+    headers: dict[str, str] = {}
+    retry = exc.retry_after_s if isinstance(exc, RateLimited | ModelUnavailable) else None
+    if retry is not None and status in {429, 503}:
+        headers["retry-after"] = str(max(1, math.ceil(retry)))
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def mount(app: FastAPI, service: Service) -> None:
@@ -75,7 +97,8 @@ def mount(app: FastAPI, service: Service) -> None:
                 async for chunk in chunks:
                     yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
             except StitchworkError as exc:
-                error = {"error": {"message": gateway.context.redactor.redact_text(str(exc)), "type": exc.code}}
+                error = {"error": {"message": gateway.context.redactor.redact_text(str(exc)),
+                                   "type": exc.code, "code": exc.code}}
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
                 return
             yield b"data: [DONE]\n\n"
@@ -106,7 +129,7 @@ def mount(app: FastAPI, service: Service) -> None:
             "deployments": gateway.router.state(),
             "usage": {agent: {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
                               "cost_usd": round(m.cost_usd, 8), "calls": m.calls}
-                      for agent, m in gateway.meters.items()},
+                      for agent, m in gateway.usage.items()},
         }
 
 
