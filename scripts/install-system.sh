@@ -5,7 +5,8 @@
 set -euo pipefail
 
 REQUIRED=(bubblewrap "$@")  # bwrap:// (the tests need it)
-OPTIONAL=(runsc)            # gVisor for gvisor:// (the backend reports itself unavailable without it)
+OPTIONAL=(runsc chromium)   # gVisor for gvisor:// (the backend reports itself unavailable without it); Debian's chromium for the
+                            # dashboard's browser tests (Playwright drives it; they skip with the reason without it)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 as_root() {

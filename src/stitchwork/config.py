@@ -222,6 +222,43 @@ class MessagingConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The operator's web dashboard, served by `stitchwork up` at ``/ui/`` (``[dashboard]``)."""
+
+    enabled: bool = True
+    """Serve the dashboard (the API is served either way)."""
+    session_ttl_s: int = 43_200
+    """A sign-in lasts at most this long (12 hours), however active."""
+    idle_ttl_s: int = 3_600
+    """A session unused for this long ends."""
+    public_url: str = ""
+    """The URL operators open (``https://stitchwork.example.com``): links in notifications; an ``https`` URL also
+    makes the session cookie ``Secure`` behind a TLS proxy. Empty: ``http://<server.host>:<server.port>``."""
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """Webhooks told about each pending approval (``[notifications]``): Slack-compatible JSON, HMAC-signed.
+
+    ``webhooks`` are URLs, or ``secret://NAME`` for a URL kept in the vault (a Slack webhook URL is itself a
+    credential). Each POST carries ``X-Stitchwork-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+    "<t>.<body>">`` keyed by the vault secret ``signing_secret``; without that secret nothing is sent.
+    """
+
+    webhooks: tuple[str, ...] = ()
+    signing_secret: str = "notifications_hmac"
+    """Name of the vault secret that keys the signature (``stitchwork secrets set notifications_hmac``)."""
+    retries: int = 5
+    """Further attempts after a failed delivery (connection error, timeout, 429 or 5xx), with doubling backoff."""
+    backoff_s: float = 2.0
+    """Wait before the first retry."""
+    timeout_s: float = 5.0
+    """Per attempt."""
+    poll_s: float = 2.0
+    """How often the server looks for new pending approvals besides the run events that announce them."""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the platform reads at start-up."""
 
@@ -235,6 +272,8 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     messaging: MessagingConfig = field(default_factory=MessagingConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
     @property
     def store_uri(self) -> str:

@@ -16,25 +16,10 @@ from rich.table import Table
 
 from stitchwork.errors import StitchworkError
 from stitchwork.interfaces.cli._common import JsonOpt, console, err, escape, fail, print_json, server_side, working
-from stitchwork.isolation._base import SANDBOXES, Command, Limits, Mount, SandboxResult, SandboxSpec, open_sandbox
+from stitchwork.isolation._base import Command, Limits, Mount, SandboxResult, SandboxSpec, open_sandbox
+from stitchwork.isolation.availability import backend_status
 
 sandbox_app = typer.Typer(help="Run programs in sandboxes; prepare and benchmark the backends.", no_args_is_help=True)
-
-#: Every backend scheme, in the order ``doctor`` lists them.
-BACKENDS = ("wasm", "bwrap", "gvisor", "firecracker", "nanos", "inline")
-
-
-def backend_status() -> list[tuple[str, bool, str]]:
-    """(scheme, usable here, why not) for every backend."""
-    rows = []
-    for name in BACKENDS:
-        try:
-            cls = SANDBOXES.load(f"{name}://")
-            ok, reason = cls.available()
-        except StitchworkError as exc:
-            ok, reason = False, str(exc)
-        rows.append((name, bool(ok), reason))
-    return rows
 
 
 @sandbox_app.command("prepare")

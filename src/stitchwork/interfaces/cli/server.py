@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -29,6 +30,9 @@ def up(
         config = config_from(config_path)
         bind_host = host or config.server.host
         bind_port = port or config.server.port
+        if not config.dashboard.public_url:  # links in approval notifications point at this server
+            host_part = f"[{bind_host}]" if ":" in bind_host else bind_host
+            config = config.replace(dashboard=replace(config.dashboard, public_url=f"http://{host_part}:{bind_port}"))
         if bind_host not in {"127.0.0.1", "localhost", "::1"}:
             err.print(f"[yellow]warning:[/] binding to {bind_host}: the API is reachable from other machines")
         # The embedded nats-server (unless [messaging] bus names one) starts first: the platform's events hub uses it.
@@ -51,6 +55,8 @@ def up(
     server_file(config).write_text(json.dumps({"url": url, "pid": os.getpid()}))
     console.print(f"Stitchwork control plane on {url} (OpenAPI: {url}/openapi.json); state in {config.state_dir}",
                   markup=False)
+    if config.dashboard.enabled:
+        console.print(f"Dashboard: {url}/ui/ (sign in with the operator token)", highlight=False, markup=False)
     console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False, markup=False)
     try:
         uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")

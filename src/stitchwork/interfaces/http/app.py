@@ -25,7 +25,7 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import audit, control, events, memory, models
+from stitchwork.interfaces.http import audit, control, dashboard, events, memory, models, notifications
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service
@@ -36,6 +36,8 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
+    notifications.mount,  # pending approvals posted to [notifications] webhooks
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -79,6 +81,8 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
         if request.url.path in PUBLIC_PATHS:
             return await call_next(request)
         token = bearer(request)
+        if dashboard.owns(request.url.path):
+            return await call_next(request)  # the dashboard signs operators in itself (session cookie + CSRF)
         if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
             request.state.run_token = token
             return await call_next(request)
