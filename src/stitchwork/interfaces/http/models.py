@@ -4,41 +4,24 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from stitchwork.errors import AuthError, ModelRejected, ModelUnavailable, PolicyDenied, StitchworkError
+from stitchwork.errors import AuthError, StitchworkError
 from stitchwork.gateway.models import ModelDoor
 from stitchwork.interfaces.http._auth import bearer
+from stitchwork.interfaces.http._chat import ChatRoute, answer, error_body, status_of
 from stitchwork.service import Service
 
 RUN_TOKEN_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
 """Paths outside ``/v1/agent/`` that authenticate with a run token (the control plane's middleware lets them by)."""
 
 
-def _status(exc: StitchworkError) -> int:
-    if isinstance(exc, AuthError):
-        return 401
-    if isinstance(exc, PolicyDenied):
-        return 403
-    if isinstance(exc, ModelUnavailable):
-        return 503
-    if isinstance(exc, ModelRejected) and exc.status in {400, 404, 413, 422}:
-        return exc.status
-    return 400
-
-
 def openai_error(exc: StitchworkError, models: ModelDoor) -> JSONResponse:
     """An error in the OpenAI shape (``{"error": {"message", "type", "code"}}``), secrets redacted."""
-    error: dict[str, Any] = {"message": models.context.redactor.redact_text(str(exc)), "type": exc.code,
-                             "code": exc.code}
-    if isinstance(exc, PolicyDenied):
-        error["policy_ids"] = list(exc.policy_ids)
-    return JSONResponse({"error": error}, status_code=_status(exc))
+    return JSONResponse(error_body(exc, models), status_code=status_of(exc))
 
 
 def mount(app: FastAPI, service: Service) -> None:
@@ -48,39 +31,10 @@ def mount(app: FastAPI, service: Service) -> None:
         return service.platform.gateway.models
 
     async def chat_completions(request: Request) -> Response:
-        gateway = models()
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request_error",
-                                           "code": "invalid_json"}}, status_code=400)
-        if not isinstance(body, dict):
-            return JSONResponse({"error": {"message": "body must be an object", "type": "invalid_request_error",
-                                           "code": "invalid_json"}}, status_code=400)
-        token = bearer(request) or None
-        try:
-            if not body.get("stream"):
-                return JSONResponse(await gateway.chat(token, body))
-            chunks = gateway.chat_stream(token, body)
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
-        except StitchworkError as exc:
-            return openai_error(exc, gateway)
-
-        async def sse() -> AsyncIterator[bytes]:
-            if first is not None:
-                yield b"data: " + json.dumps(first).encode() + b"\n\n"
-            try:
-                async for chunk in chunks:
-                    yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            except StitchworkError as exc:
-                error = {"error": {"message": gateway.context.redactor.redact_text(str(exc)), "type": exc.code}}
-                yield b"data: " + json.dumps(error).encode() + b"\n\n"
-                return
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        status, content, stream = await answer(models(), bearer(request) or None, await request.body())
+        if stream is None:
+            return JSONResponse(content, status_code=status)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     async def list_models(request: Request) -> Response:
         gateway = models()
@@ -92,6 +46,7 @@ def mount(app: FastAPI, service: Service) -> None:
                 for name in gateway.models_for(claims.agent)]
         return JSONResponse({"object": "list", "data": data})
 
+    app.add_middleware(ChatRoute, door=models)  # the same route without FastAPI's per-request cost (see _chat)
     for prefix in ("/v1", "/v1/agent"):
         app.add_api_route(prefix + "/chat/completions", chat_completions, methods=["POST"],
                           summary="OpenAI-compatible chat completions (run token)")
