@@ -130,5 +130,5 @@ def test_install_system_installs_only_what_is_missing(tmp_path: Path, bin_dir: P
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "update -qq"
-    assert {c.split()[-1] for c in calls[1:]} == {"extra-package", "runsc"}
+    assert {c.split()[-1] for c in calls[1:]} == {"extra-package", "runsc", "chromium"}
     assert "bubblewrap" not in log.read_text()
