@@ -46,7 +46,6 @@ from typing import Any
 from stitchwork.audit.batch import AuditBatch, _Batch, _Item, _prepare_event, _prepare_events
 from stitchwork.audit.canonical import _ENCODER, GENESIS_HASH
 from stitchwork.audit.journal import (
-    JOURNAL_PREALLOC,
     _head_line,
     _open_journal,
     _read_all,
@@ -83,10 +82,6 @@ log = logging.getLogger(__name__)
 
 #: Copy journaled events into the store as soon as this many are waiting.
 FLUSH_THRESHOLD = 5_000
-#: ... or as soon as the active journal file holds this many bytes: copying seals it and switches the writer to
-#: the other (preallocated) file, so appends keep overwriting preallocated blocks (cheap fsyncs) at any rate,
-#: whatever the copy interval.
-JOURNAL_FULL = JOURNAL_PREALLOC * 3 // 4
 
 _Waiter = tuple["asyncio.Future[Any]", "_Item | _Batch"]
 
@@ -525,8 +520,7 @@ class AuditLog:
                 self._unstored.extend(records)
                 self._journaled_seq = seq - 1
                 backlog = len(self._unstored)
-                full = self._offsets[self._active] >= JOURNAL_FULL
-            if backlog >= FLUSH_THRESHOLD or full:
+            if backlog >= FLUSH_THRESHOLD:
                 self._flush_now.set()
         else:  # each batch is a store batch: commit it, then sign and store its head
             head = self._sign_head(seq - 1, prev, ts)
