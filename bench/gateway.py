@@ -40,7 +40,7 @@ def setup(root: Path) -> Config:
     (agents / "bench.jsonl").write_text('{"content": "x"}\n')
     (agents / "bench.toml").write_text('name = "bench"\nmodel = "scripted://bench.jsonl"\ntools = ["lookup"]\n')
     return Config(state_dir=root / "state", tool_dirs=(str(tools),), agent_dirs=(str(agents),),
-                  isolation=IsolationConfig(default="inline://?mode=direct"), data=DataConfig())
+                  isolation=IsolationConfig(default="inline://?mode=direct"), data=DataConfig(audit_flush_ms=50))
 
 
 def pct(values: list[float], q: float) -> float:

@@ -121,10 +121,8 @@ class DataConfig:
 
     store: str = ""
     """Store URI; empty means ``duckdb:///<state_dir>/stitchwork.duckdb``."""
-    audit_flush_ms: float = 250.0
-    """Maximum time a durable audit event waits in the journal before it is copied into the store (sooner when
-    5,000 are waiting; every reader of the store copies first). Each copy costs a few ms of CPU whatever its size
-    (two store statements and a journal reset), so a short interval is paid on every request at low rates."""
+    audit_flush_ms: float = 50.0
+    """Maximum time a durable audit event waits in the journal before it is copied into the store."""
     memory_tools: bool = True
     """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
