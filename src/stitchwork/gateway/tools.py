@@ -65,7 +65,7 @@ class SandboxExecute:
             return ToolOutcome("error", tool.name, error=exc.to_dict(), audit_seq=seq)
         elapsed = time.perf_counter() - started
         details = {"sandbox": sandbox_uri, "exit_code": result.exit_code, "killed": result.killed,
-                   "duration_ms": round(elapsed * 1000, 3), "cpu_s": round(result.cpu_s, 4),  # 0.1 ms: see _fast_canonical
+                   "duration_ms": round(elapsed * 1000, 3), "cpu_s": round(result.cpu_s, 4),  # orjson fast path
                    "max_rss_kb": result.max_rss_kb}
         if result.ok:
             return Executed("ok", result.value, None, details)
