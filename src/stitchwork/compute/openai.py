@@ -19,6 +19,7 @@ bodies the backend sends (``{"error": {...}}`` or vLLM/SGLang's top-level ``{"ob
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -44,6 +45,8 @@ from stitchwork.errors import (
 )
 
 _ALNUM = string.ascii_letters + string.digits
+DRAIN_AFTER_DONE_S = 0.05
+"""How long a stream is read past ``[DONE]`` to keep its connection for the next request."""
 _TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 _PARSER_WORDS = ("tool-call-parser", "tool_call_parser", "enable-auto-tool-choice", "--jinja", "jinja")
@@ -378,12 +381,14 @@ class OpenAICompatModel(ChatCompletionsModel):
                                         headers=self._headers()) as response:
                 if response.status_code >= 400:
                     raise await self._aerror(response, (await response.aread()).decode("utf-8", "replace"))
-                async for line in response.aiter_lines():
+                lines = response.aiter_lines()
+                async for line in lines:
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
                         done = True
+                        await _drain(lines)
                         break
                     try:
                         chunk = json.loads(data)
@@ -415,6 +420,16 @@ class OpenAICompatModel(ChatCompletionsModel):
                 yield out
         if required and not saw_call:
             raise ModelRejected(f"{self.profile.name} server answered without the required tool call")
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Reads what follows ``[DONE]`` (normally only the end of the chunked body) for a moment, so the connection
+    goes back to the pool instead of being closed and reopened for the next request; a server that keeps the
+    stream open after ``[DONE]`` only loses its connection, as before."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+            async for _ in lines:
+                pass
 
 
 class _ContentHold:

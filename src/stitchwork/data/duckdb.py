@@ -47,6 +47,11 @@ def _checkpoint_mb(uri: str) -> int:
     return mb
 
 
+ARROW_MIN_ROWS = 100
+"""Fewer rows go in as ``unnest`` lists: registering an Arrow table costs about 1 ms more per statement, which
+only pays off from about this many rows (the audit log copies a few dozen events every 50 ms at low rates)."""
+
+
 def _arrow_array(pa: Any, values: list[Any]) -> Any:
     """One Arrow column; text goes in as ``large_string`` (converted about 1.5x faster than ``string``)."""
     if values and type(values[0]) is str:
@@ -151,7 +156,7 @@ class DuckDBStore(Store):
         """Inserts one list per column (caller holds the lock): Arrow, else ``unnest``, else row by row."""
         names = ", ".join(columns)
         try:
-            if _arrow_insert(self._conn, table, columns, lists):
+            if len(lists[0]) >= ARROW_MIN_ROWS and _arrow_insert(self._conn, table, columns, lists):
                 return
             unnests = ", ".join("unnest(?)" for _ in columns)
             try:

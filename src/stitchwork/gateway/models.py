@@ -45,6 +45,8 @@ from stitchwork.security.identity.tokens import TokenClaims
 from stitchwork.security.policy import Effect, ToolAction
 
 MODEL_ACTION = "model_call"
+HTTP_CONVERSATION = "http:"
+"""Prefix of the redactor's conversation key for a run's requests over HTTP (apart from its in-process calls)."""
 _ARGS = {"model_name": "string", "model_listed": "boolean", "model_tokens_used": "integer",
          "model_max_tokens": "integer", "model_cost_used_microusd": "integer", "model_max_cost_microusd": "integer",
          "rate_agent_requests_minute": "integer", "rate_agent_rpm": "integer",
@@ -428,8 +430,24 @@ class ModelDoor:
         span = self._span(claims, name, stream=stream)
         span_of.append(span)
         await self._admit_traced(span, claims, name)
-        request = self.context.redactor.redact({**body, "messages": messages})
+        request = self._redact_request(claims, {**body, "messages": messages})
         return claims, name, request
+
+    def _redact_request(self, claims: TokenClaims, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``redact(dict(body))``, with the messages a client sends again (its whole conversation, each request)
+        redacted only when they differ from the ones at the same place in its previous request (per run)."""
+        redactor = self.context.redactor
+        messages = body.get("messages")
+        if not (type(messages) is list and all(type(m) is dict for m in messages)):
+            whole: dict[str, Any] = redactor.redact(dict(body))
+            return whole
+        request: dict[str, Any] = {}
+        for key, value in body.items():
+            if key == "messages":
+                request[key] = redactor.redact_messages(HTTP_CONVERSATION + claims.run_id, messages)
+            else:
+                request[redactor.redact(key)] = redactor.redact(value)
+        return request
 
     async def chat(self, token: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
         """``POST /v1/chat/completions`` without streaming."""
