@@ -50,7 +50,6 @@ def serve(
 
 
 async def _local(config: Any, token: str) -> None:
-    from stitchwork import __version__
     from stitchwork.gateway.mcp import McpDoor, serve_stdio
     from stitchwork.platform import Platform
     from stitchwork.service import Service
@@ -59,7 +58,7 @@ async def _local(config: Any, token: str) -> None:
     try:
         Service(platform)  # sessions: the run loader restores the token's run
         door = McpDoor(platform.gateway, approval_wait_s=config.mcp.approval_wait_s)
-        await serve_stdio(door, token, version=__version__)
+        await serve_stdio(door, token)
     finally:
         await platform.aclose()
 
@@ -72,8 +71,6 @@ async def _forward(url: str, token: str) -> None:
     from mcp.client.streamable_http import streamable_http_client
     from mcp.server import Server, ServerRequestContext
     from mcp.server.stdio import stdio_server
-
-    from stitchwork import __version__
 
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=300))
     async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http)) as upstream:
@@ -89,7 +86,7 @@ async def _forward(url: str, token: str) -> None:
 
             return await upstream.call_tool(params.name, params.arguments or {}, progress_callback=relay)
 
-        server: Server[Any] = Server("stitchwork", version=__version__, on_list_tools=on_list_tools,
+        server: Server[Any] = Server("stitchwork", on_list_tools=on_list_tools,
                                      on_call_tool=on_call_tool)
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())

@@ -116,10 +116,8 @@ def mount(app: FastAPI, service: Service) -> None:
         endpoint: ASGIApp = _missing_extra(f"the MCP door needs the mcp extra: pip install 'stitchwork[mcp]' ({exc})")
         app.router.routes.append(Route("/mcp", endpoint=_Endpoint(endpoint), methods=["GET", "POST", "DELETE"]))
         return
-    from stitchwork import __version__
-
     door = McpDoor(platform.gateway, approval_wait_s=platform.config.mcp.approval_wait_s)
-    server = build_server(door, bearer_of, version=__version__)
+    server = build_server(door, bearer_of)
     manager = StreamableHTTPSessionManager(app=server, stateless=True, json_response=False)
     previous = app.router.lifespan_context
 
