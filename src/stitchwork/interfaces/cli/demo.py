@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from stitchwork.errors import StitchworkError
-from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail
+from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail, server_side
 
 
 def demo(
@@ -15,8 +15,7 @@ def demo(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """The inbox-assistant scenario (SCRIPTED model): a prompt injection tries to exfiltrate an API key."""
-    from stitchwork.demo.scenario import run_demo
-
+    run_demo = server_side("stitchwork.demo.scenario", "stitchwork demo").run_demo
     try:
         ok = run_demo(config_from(config_path), state_dir=state_dir, console=console)
     except StitchworkError as exc:
