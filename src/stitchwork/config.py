@@ -230,7 +230,7 @@ class McpConfig:
         [mcp.servers.git]                  # its tools become git.<tool>
         command = ["mcp-server-git", "--repository", "/srv/repo"]   # stdio, started in a sandbox
         dirs = ["/srv/repo"]               # directories the process may read and write
-        egress = []                        # hosts it may reach (empty: no network)
+        egress = []                        # empty: no network; any host listed: the host's network (unfiltered)
         env = { GITHUB_TOKEN = "secret://github" }                  # resolved into that process only
         [mcp.servers.crm]
         url = "https://crm.example/mcp"    # Streamable HTTP

@@ -50,9 +50,25 @@ class Door:
         return [e for e in self.service.audit_tail(500) if kind is None or e["kind"] == kind]
 
 
+def reset_stale_shutdown() -> None:
+    """Undoes what other tests' uvicorn servers leave behind in this process: two servers run at once in one thread
+    restore each other's SIGTERM handler, so the handler can stay a stopped server's (``should_exit`` true), and
+    sse-starlette then ends every SSE response (the legacy MCP era's) at once."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    if getattr(getattr(handler, "__self__", None), "should_exit", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.should_exit = False
+
+
 @contextlib.asynccontextmanager
 async def open_door(config: Config) -> AsyncIterator[Door]:
     from stitchwork.interfaces.http.app import create_app
+
+    reset_stale_shutdown()
 
     platform = Platform.open(config, role="server")
     try:

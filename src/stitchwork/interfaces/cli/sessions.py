@@ -127,6 +127,7 @@ def show_session(
 def list_sessions(
     include_closed: bool = typer.Option(False, "--all", help="Closed sessions too."),
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the same as --format json)."),
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Sessions, newest first."""
@@ -139,7 +140,7 @@ def list_sessions(
         rows = _remote_or_local(config_path, "GET", f"/v1/sessions?all={str(include_closed).lower()}", None, local)
     except StitchworkError as exc:
         fail(exc)
-    print_rows(rows, fmt, title="sessions")
+    print_rows(rows, "json" if as_json else fmt, title="sessions")
 
 
 def register(app: typer.Typer) -> None:

@@ -121,6 +121,15 @@ def _missing_extra(message: str) -> ASGIApp:
     return app
 
 
+def _reset_sse_shutdown() -> None:
+    """Clears sse-starlette's process-wide "server is shutting down" flag (set when any uvicorn server in this
+    process stopped before): left set, every SSE response of the legacy MCP era would end at once, empty."""
+    with contextlib.suppress(ImportError):
+        from sse_starlette.sse import AppStatus
+
+        AppStatus.should_exit = False
+
+
 def mount(app: FastAPI, service: Service) -> None:
     """Adds ``/mcp`` (GET, POST, DELETE) and runs the MCP session manager in the app's lifespan."""
     platform = service.platform
@@ -139,6 +148,7 @@ def mount(app: FastAPI, service: Service) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[Any]:
+        _reset_sse_shutdown()
         async with manager.run(), previous(application) as state:
             yield state
 
