@@ -115,7 +115,7 @@ def test_finished_statuses_are_all_subject_to_retention() -> None:
 
 ACTIONS = {
     "up", "worker", "demo", "kafka-export", "submit", "secrets set", "secrets rm", "memory grant", "memory revoke",
-    "runs resubmit", "sandbox run", "sandbox bench", "eval agentdojo",
+    "runs resubmit", "sandbox run", "sandbox bench", "eval agentdojo", "mcp serve",
 }
 """Commands that act rather than read (``submit`` always prints JSON; ``sandbox run`` prints the program's output and
 a JSON summary on stderr; ``eval agentdojo --json PATH`` writes a file)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ class RunContext:
     max_steps: int = 20
     steps: int = 0
     idempotent: dict[str, ToolOutcome] = field(default_factory=dict)
+    checkpoint: Callable[[RunContext, ToolOutcome], Awaitable[None]] | None = None
+    """Called after each of the run's tool calls with its outcome (a session run persists its steps and provenance
+    and publishes a run event here)."""
     _workdirs: dict[str, Path] = field(default_factory=dict)
 
     def tool_workdir(self, tool: str) -> Path:
@@ -149,7 +152,7 @@ class GatewayContext:
         approvals: ApprovalStore,
         vault: Vault,
         tools: ToolRegistry,
-        agents: Mapping[str, Sequence[str]],
+        agents: Mapping[str, Collection[str]],
         sandboxes: Sandboxes,
         trusted_sources: frozenset[str] = frozenset(),
         audience: str | None = None,
@@ -168,6 +171,8 @@ class GatewayContext:
         self.idempotency = idempotency
         self.runs: dict[str, RunContext] = {}
         """The live runs by id, each with its provenance (taint) and budget."""
+        self.run_loader: Callable[[str], RunContext | None] | None = None
+        """Restores a run that is not live in this process (an operator's session after a restart), or ``None``."""
         self.redactor = Redactor({})
         """Replaces every secret of the vault in text that leaves the gateway (rebuilt by :meth:`refresh_secrets`)."""
         self.refresh_secrets()
@@ -200,6 +205,13 @@ class GatewayContext:
 
     def close_run(self, run_id: str) -> None:
         self.runs.pop(run_id, None)
+
+    def live_run(self, run_id: str) -> RunContext | None:
+        """The live run ``run_id``, restored by :attr:`run_loader` when this process does not hold it."""
+        run = self.runs.get(run_id)
+        if run is None and self.run_loader is not None:
+            run = self.run_loader(run_id)
+        return run
 
     def record_content(self, run_id: str, text: str, label: Label) -> Label:
         """Labels content that enters a run outside a tool call (the user's task, channel messages)."""

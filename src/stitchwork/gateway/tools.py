@@ -149,6 +149,12 @@ class ToolDoor:
         if isinstance(call, ToolOutcome):
             return call
         span.set_attribute("stitchwork.side_effect", call.tool.side_effect.value)
+        outcome = await self._checked(call, idempotency_key, span)
+        if call.run.checkpoint is not None:  # a session's run: its steps and provenance are checkpointed
+            await call.run.checkpoint(call.run, outcome)
+        return outcome
+
+    async def _checked(self, call: Checked, idempotency_key: str, span: NoSpan | Any) -> ToolOutcome:
         started: dict[str, Any] | None = None
         if idempotency_key:
             found = await self.replay.lookup(call, idempotency_key)
@@ -221,5 +227,6 @@ class ToolDoor:
                               label=labelled.label, policy_ids=gate.decision.policy_ids, audit_seq=seq)
         await self.replay.record(call, key, outcome)
         return outcome
+
 
 __all__ = ["SandboxExecute", "ToolDoor"]

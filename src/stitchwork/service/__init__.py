@@ -24,6 +24,7 @@ from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
+from stitchwork.service.sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class Service:
         self.platform = platform
         self.platform.store.execute(OPERATOR_TABLE)
         self._tasks: set[asyncio.Task[Any]] = set()
+        server = platform.config.server
+        self.sessions = Sessions(platform, base_url=f"http://{server.host}:{server.port}")
+        """External runs: agents outside the platform calling through the gateway (:mod:`.sessions`)."""
 
     # operator tokens ---------------------------------------------------------------------------------------
     def has_operator_token(self) -> bool:
@@ -186,6 +190,7 @@ class Service:
                                               tool=approval.tool, decision="expired",
                                               data={"approval_id": approval_id})
             await self.resume_if_ready(approval.run_id)
+        await self.sessions.expire_due()
         return expired
 
     async def ingest_fleet_audit(self, stop: asyncio.Event | None = None, *, retry_s: float = 2.0) -> None:

@@ -12,11 +12,13 @@ from stitchwork.interfaces.cli import (
     data,
     demo,
     eval,
+    mcp,
     memory,
     runs,
     sandbox,
     secrets,
     server,
+    sessions,
     workers,
 )
 from stitchwork.interfaces.cli._common import EXIT_CODES_HELP, ExitCode, err, missing_extra
@@ -33,6 +35,8 @@ REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
     secrets.register,  # secrets set|list|rm
     memory.register,  # memory ls|search|grant|revoke|grants
     eval.register,  # eval agentdojo
+    sessions.register,  # session open|renew|close|show|ls
+    mcp.register,  # mcp serve --stdio
 )
 """Every command group, in the order ``--help`` lists them. A new group is one line here."""
 

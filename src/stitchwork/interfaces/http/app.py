@@ -33,10 +33,12 @@ from stitchwork.interfaces.http import (
     dashboard,
     events,
     health,
+    mcp,
     memory,
     metrics,
     models,
     notifications,
+    sessions,
 )
 from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
@@ -52,12 +54,17 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     notifications.mount,  # pending approvals posted to [notifications] webhooks
     health.mount,  # /readyz: the open readiness probe, never audited (/healthz is in control)
     metrics.mount,  # Prometheus /metrics (operator or scrape token)
+    mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
+    sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
 )
 """Every route group of the control plane. A new group is one line here."""
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 """Paths served without a token and never audited: the liveness probe says only that the server answers; the
 readiness probe only whether the store, the audit log and the bus work."""
+
+MCP_PATHS = frozenset({"/mcp"})
+"""Paths that authenticate with a run token themselves (the MCP door)."""
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
@@ -127,7 +134,8 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     app.state.failed_auth = failures
     app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
                        run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS,
-                       self_authenticating=lambda path: dashboard.owns(path) or path in metrics.PATHS)
+                       self_authenticating=lambda path: (dashboard.owns(path) or path in metrics.PATHS
+                                                         or path in MCP_PATHS))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
