@@ -31,6 +31,7 @@ from stitchwork.audit.log import AuditLog
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import ConfigError
+from stitchwork.gateway.a2a import A2ACaller
 from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
@@ -46,6 +47,8 @@ from stitchwork.security.identity.ca import CertificateAuthority
 from stitchwork.security.identity.tokens import TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.vault import Vault, open_vault
+from stitchwork.tools.a2a import HOST as A2A_HOST
+from stitchwork.tools.a2a import remote_manifests
 from stitchwork.tools.manifest import SideEffect, ToolRegistry, load_tools
 from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
@@ -144,8 +147,9 @@ class Platform:
         state = ensure_state_dir(config.state_dir)
         subjects = subjects or Subjects(config.messaging.subject_prefix)
         tool_dirs = [*(config.tool_dirs or (BUILTIN_TOOLS,)), *([MEMORY_TOOLS] if config.data.memory_tools else [])]
-        tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes)
-        hosts = set(MemoryTools.HANDLERS) if config.data.memory_tools else set()
+        tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes,
+                           extra=remote_manifests(config.a2a.remotes))
+        hosts = {*(MemoryTools.HANDLERS if config.data.memory_tools else ()), A2A_HOST}
         if unbound := sorted(t.name for t in tools if t.host and t.host not in hosts):
             raise ConfigError(f"host-side tool(s) {', '.join(unbound)} name no registered handler")
         agents = load_agents(config.agent_dirs or (BUILTIN_AGENTS,))
@@ -183,6 +187,8 @@ class Platform:
             )
             memory = AgentMemory(store, audit=audit)
             hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
+            if any(t.host == A2A_HOST for t in tools):
+                hosted[A2A_HOST] = A2ACaller(context)
             gateway = Gateway(context, models=ModelDoor(context, config.compute), host_handlers=hosted)
             runner = Runner(gateway, agents, parts.runs, state_dir=state, max_seconds=config.agents.max_seconds,
                             on_event=parts.on_event, reraise=parts.reraise)

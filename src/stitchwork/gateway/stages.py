@@ -308,7 +308,7 @@ class Taint:
 
     def __call__(self, call: Checked) -> Tainted:
         tool = call.tool
-        target = str(call.args.get(tool.target, "")) if tool.target else ""
+        target = str(call.args.get(tool.target, "")) if tool.target else tool.remote
         taint = call.run.tracker.check(call.args)
         return Tainted(taint, target, taint.context(tool.target))
 

@@ -25,7 +25,7 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import audit, control, events, memory, models
+from stitchwork.interfaces.http import a2a, audit, control, events, memory, models
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service
@@ -36,6 +36,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -76,6 +77,8 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
         token = bearer(request)
         if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
             request.state.run_token = token
+            return await call_next(request)
+        if request.url.path.startswith(a2a.PREFIX):  # the A2A door authenticates its peers itself
             return await call_next(request)
         if not token or not service.check_operator_token(token):
             await service.platform.audit.aappend(
