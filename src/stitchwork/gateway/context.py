@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ class RunContext:
     max_steps: int = 20
     steps: int = 0
     idempotent: dict[str, ToolOutcome] = field(default_factory=dict)
+    checkpoint: Callable[[RunContext], Awaitable[None]] | None = None
+    """Called after each of the run's tool calls (a session run persists its steps and provenance here)."""
     _workdirs: dict[str, Path] = field(default_factory=dict)
 
     def tool_workdir(self, tool: str) -> Path:
@@ -165,6 +167,8 @@ class GatewayContext:
         self.idempotency = idempotency
         self.runs: dict[str, RunContext] = {}
         """The live runs by id, each with its provenance (taint) and budget."""
+        self.run_loader: Callable[[str], RunContext | None] | None = None
+        """Restores a run that is not live in this process (an operator's session after a restart), or ``None``."""
         self.redactor = Redactor({})
         """Replaces every secret of the vault in text that leaves the gateway (rebuilt by :meth:`refresh_secrets`)."""
         self.refresh_secrets()
@@ -197,6 +201,13 @@ class GatewayContext:
 
     def close_run(self, run_id: str) -> None:
         self.runs.pop(run_id, None)
+
+    def live_run(self, run_id: str) -> RunContext | None:
+        """The live run ``run_id``, restored by :attr:`run_loader` when this process does not hold it."""
+        run = self.runs.get(run_id)
+        if run is None and self.run_loader is not None:
+            run = self.run_loader(run_id)
+        return run
 
     def record_content(self, run_id: str, text: str, label: Label) -> Label:
         """Labels content that enters a run outside a tool call (the user's task, channel messages)."""

@@ -239,7 +239,7 @@ class Validate:
         try:
             if agent not in context.agents:
                 raise UnknownAgent(f"agent {agent!r} is not registered")
-            run = context.runs.get(run_id)
+            run = context.live_run(run_id)
             if run is None or run.agent != agent:
                 raise AuthError(f"run {run_id} is not active for agent {agent!r}")
             tool = context.tools.get(tool_name)

@@ -116,6 +116,13 @@ class ToolDoor:
         call = await self.validate(claims, tool_name, arguments)
         if isinstance(call, ToolOutcome):
             return call
+        try:
+            return await self._checked(call, idempotency_key)
+        finally:
+            if call.run.checkpoint is not None:
+                await call.run.checkpoint(call.run)
+
+    async def _checked(self, call: Checked, idempotency_key: str) -> ToolOutcome:
         if idempotency_key and (replayed := await self.replay.lookup(call, idempotency_key)) is not None:
             return replayed
         call.run.steps += 1

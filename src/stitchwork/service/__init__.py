@@ -18,6 +18,7 @@ from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
+from stitchwork.service.sessions import Sessions
 
 OPERATOR_TABLE = """
 CREATE TABLE IF NOT EXISTS operator_tokens (
@@ -53,6 +54,9 @@ class Service:
         self.platform = platform
         self.platform.store.execute(OPERATOR_TABLE)
         self._tasks: set[asyncio.Task[Any]] = set()
+        server = platform.config.server
+        self.sessions = Sessions(platform, base_url=f"http://{server.host}:{server.port}")
+        """External runs: agents outside the platform calling through the gateway (:mod:`.sessions`)."""
 
     # operator tokens ---------------------------------------------------------------------------------------
     def has_operator_token(self) -> bool:
@@ -136,6 +140,7 @@ class Service:
                                               tool=approval.tool, decision="expired",
                                               data={"approval_id": approval_id})
             await self.resume_if_ready(approval.run_id)
+        await self.sessions.expire_due()
         return expired
 
     # audit --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from stitchwork.interfaces.cli import (
     sandbox,
     secrets,
     server,
+    sessions,
     workers,
 )
 
@@ -30,6 +31,7 @@ REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
     secrets.register,  # secrets set|list|rm
     memory.register,  # memory ls|search|grant|revoke|grants
     eval.register,  # eval agentdojo
+    sessions.register,  # session open|renew|close|show|ls
 )
 """Every command group, in the order ``--help`` lists them. A new group is one line here."""
 

@@ -25,7 +25,7 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import a2a, audit, control, events, memory, models
+from stitchwork.interfaces.http import a2a, audit, control, events, memory, models, sessions
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service
@@ -36,6 +36,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
     a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
 )
 """Every route group of the control plane. A new group is one line here."""

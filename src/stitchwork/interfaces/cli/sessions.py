@@ -1,0 +1,149 @@
+"""``stitchwork session open|renew|close|ls|show``: external runs for agents outside the platform.
+
+``session open AGENT "TASK" --json`` prints ``{"run_id", "token", "mcp_url", "openai_base_url", "expires_at"}``:
+hand the token to the agent (LangGraph, the OpenAI Agents SDK, any MCP client); it calls tools at ``mcp_url`` and
+models at ``openai_base_url`` through the gateway. Goes through ``stitchwork up`` when it runs, else opens the
+platform here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from stitchwork.errors import StitchworkError
+from stitchwork.interfaces.cli._common import ConfigOpt, client_for, config_from, console, fail, print_rows
+
+session_app = typer.Typer(help="External runs: a run token for an agent outside the platform (MCP, SDK, OpenAI).",
+                          no_args_is_help=True)
+
+
+def _remote_or_local(config_path: Path | None, method: str, path: str, body: dict[str, Any] | None,
+                     local: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Calls the running control plane (``method path``), or runs ``local(service)`` on a platform opened here."""
+    client = client_for(config_from(config_path))
+    if hasattr(client, "_call"):  # a running `stitchwork up`
+        kwargs: dict[str, Any] = {"json": body} if body is not None else {}
+        return client._call(method, path, **kwargs)
+    return client._with(local)
+
+
+def _show(data: Any, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps(data, default=str))
+        return
+    if isinstance(data, dict):
+        for key, value in data.items():
+            console.print(f"[bold]{key}[/]: {value}", highlight=False)
+
+
+@session_app.command("open")
+def open_session(
+    agent: str = typer.Argument(..., help="The agent identity the external run acts as."),
+    task: str = typer.Argument(..., help="The task (recorded as trusted user content)."),
+    ttl: int = typer.Option(None, "--ttl", help="Lifetime of the session and its token, seconds (default 3600)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Open a session: prints the run id, its token, the MCP URL and the OpenAI-compatible base URL."""
+
+    async def local(service: Any) -> dict[str, Any]:
+        info = await service.sessions.open(agent, task, ttl_s=ttl, by="operator:cli")
+        result: dict[str, Any] = info.to_dict()
+        return result
+
+    try:
+        data = _remote_or_local(config_path, "POST", "/v1/sessions", {"agent": agent, "task": task, "ttl_s": ttl},
+                                local)
+    except StitchworkError as exc:
+        fail(exc)
+    _show(data, as_json)
+
+
+@session_app.command("renew")
+def renew_session(
+    run_id: str = typer.Argument(..., help="The session's run id."),
+    ttl: int = typer.Option(None, "--ttl", help="New lifetime from now, seconds (default 3600)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """A new token for an open session (the previous token is revoked)."""
+
+    async def local(service: Any) -> dict[str, Any]:
+        info = await service.sessions.renew(run_id, ttl_s=ttl, by="operator:cli")
+        result: dict[str, Any] = info.to_dict()
+        return result
+
+    try:
+        data = _remote_or_local(config_path, "POST", f"/v1/sessions/{run_id}/renew", {"ttl_s": ttl}, local)
+    except StitchworkError as exc:
+        fail(exc)
+    _show(data, as_json)
+
+
+@session_app.command("close")
+def close_session(
+    run_id: str = typer.Argument(..., help="The session's run id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Close a session: its tokens are revoked and its run finishes."""
+
+    async def local(service: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await service.sessions.close(run_id, by="operator:cli")
+        return result
+
+    try:
+        data = _remote_or_local(config_path, "DELETE", f"/v1/sessions/{run_id}", None, local)
+    except StitchworkError as exc:
+        fail(exc)
+    _show(data, as_json)
+
+
+@session_app.command("show")
+def show_session(
+    run_id: str = typer.Argument(..., help="The session's run id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """A session's state (open, expired, closed), steps and expiry."""
+
+    async def local(service: Any) -> dict[str, Any]:
+        result: dict[str, Any] = service.sessions.describe(run_id)
+        return result
+
+    try:
+        data = _remote_or_local(config_path, "GET", f"/v1/sessions/{run_id}", None, local)
+    except StitchworkError as exc:
+        fail(exc)
+    _show(data, as_json)
+
+
+@session_app.command("ls")
+def list_sessions(
+    include_closed: bool = typer.Option(False, "--all", help="Closed sessions too."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Sessions, newest first."""
+
+    async def local(service: Any) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = service.sessions.find(include_closed=include_closed)
+        return result
+
+    try:
+        rows = _remote_or_local(config_path, "GET", f"/v1/sessions?all={str(include_closed).lower()}", None, local)
+    except StitchworkError as exc:
+        fail(exc)
+    print_rows(rows, fmt, title="sessions")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(session_app, name="session")
+
+
+__all__ = ["register"]
