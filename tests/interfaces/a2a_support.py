@@ -1,4 +1,4 @@
-"""A control plane on a real loopback port, for A2A tests (the A2A client needs real HTTP)."""
+"""A control plane on a real loopback port, for tests of A2A and the framework adapters (they speak real HTTP)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from typing import Any
 
 import uvicorn
 
-from stitchwork.config import A2AConfig, Config, DataConfig, IsolationConfig, SecurityConfig, ServerConfig
+from stitchwork.config import (
+    A2AConfig,
+    ComputeConfig,
+    Config,
+    DataConfig,
+    IsolationConfig,
+    SecurityConfig,
+    ServerConfig,
+)
 from stitchwork.interfaces.http.app import create_app
 from stitchwork.platform import BUILTIN_TOOLS, Platform
 from stitchwork.service import Service
@@ -33,7 +41,8 @@ def write_agent(directory: Path, name: str, turns: list[dict[str, Any]], tools: 
 
 
 def a2a_config(tmp: Path, agents: dict[str, tuple[list[dict[str, Any]], list[str]]], a2a: dict[str, Any],
-               *, port: int, tools_dir: Path | None = None, **security: Any) -> Config:
+               *, port: int, tools_dir: Path | None = None, compute: ComputeConfig | None = None,
+               sandbox: str = "bwrap://", **security: Any) -> Config:
     agent_dir = tmp / "agents"
     for name, (turns, tools) in agents.items():
         write_agent(agent_dir, name, turns, tools)
@@ -43,9 +52,9 @@ def a2a_config(tmp: Path, agents: dict[str, tuple[list[dict[str, Any]], list[str
             shutil.copytree(BUILTIN_TOOLS, tools_dir, ignore=shutil.ignore_patterns("__pycache__"))
     return Config(
         state_dir=tmp / "state", tool_dirs=(str(tools_dir),), agent_dirs=(str(agent_dir),),
-        security=SecurityConfig(**security), isolation=IsolationConfig(default="inline://", timeout_s=10),
+        security=SecurityConfig(**security), isolation=IsolationConfig(default=sandbox, timeout_s=10),
         data=DataConfig(audit_flush_ms=5), server=ServerConfig(port=port),
-        a2a=A2AConfig(public_url=f"http://127.0.0.1:{port}", **a2a),
+        a2a=A2AConfig(public_url=f"http://127.0.0.1:{port}", **a2a), compute=compute or ComputeConfig(),
     )
 
 

@@ -117,7 +117,10 @@ class ToolDoor:
         if isinstance(call, ToolOutcome):
             return call
         try:
-            return await self._checked(call, idempotency_key)
+            if not idempotency_key:
+                return await self._checked(call, idempotency_key)
+            async with self.replay.exclusive(call.run.run_id, idempotency_key):  # a retry waits for its original
+                return await self._checked(call, idempotency_key)
         finally:
             if call.run.checkpoint is not None:
                 await call.run.checkpoint(call.run)
