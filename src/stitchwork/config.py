@@ -221,6 +221,40 @@ class MessagingConfig:
 
 
 @dataclass(frozen=True)
+class McpConfig:
+    """MCP in both directions (``[mcp]``; env ``STITCHWORK_MCP__<KEY>``): the door at ``/mcp`` and upstream servers.
+
+    Upstream servers are tool sources, one table each (see ``stitchwork.gateway.upstream``)::
+
+        [mcp.servers.git]                  # its tools become git.<tool>
+        command = ["mcp-server-git", "--repository", "/srv/repo"]   # stdio, started in a sandbox
+        dirs = ["/srv/repo"]               # directories the process may read and write
+        egress = []                        # hosts it may reach (empty: no network)
+        env = { GITHUB_TOKEN = "secret://github" }                  # resolved into that process only
+        [mcp.servers.crm]
+        url = "https://crm.example/mcp"    # Streamable HTTP
+        key = "secret://crm_key"           # sent as a bearer token
+        [mcp.servers.git.tools.git_commit] # per-tool overrides of the classification
+        side_effect = "write"
+        target = "repo_path"
+    """
+
+    approval_wait_s: float = 4.0
+    """How long a ``tools/call`` held for a human waits for the decision before it answers ``approval_required``
+    (keep it below MCP clients' read timeouts: the OpenAI Agents SDK's default is 5 s)."""
+    call_timeout_s: float = 30.0
+    """Longest wait for one upstream server's answer (a hanging server is a tool error)."""
+    connect_timeout_s: float = 20.0
+    """Longest wait for an upstream server to start and list its tools."""
+    max_response_bytes: int = 4_000_000
+    """Largest upstream tool result accepted (a bigger one is a tool error)."""
+    sandbox: str = ""
+    """Sandbox of stdio upstream servers: ``bwrap://`` where available (default), ``inline://`` (no isolation)."""
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Upstream MCP servers by name."""
+
+
+@dataclass(frozen=True)
 class A2AConfig:
     """Agent-to-agent (A2A protocol, extra ``a2a``): agents published to remote peers, remote agents as tools::
 
@@ -271,6 +305,7 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     messaging: MessagingConfig = field(default_factory=MessagingConfig)
+    mcp: McpConfig = field(default_factory=McpConfig)
     a2a: A2AConfig = field(default_factory=A2AConfig)
 
     @property
@@ -344,7 +379,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in {"STITCHWORK_CONFIG", "STITCHWORK_VAULT_KEY",
-                                                      "STITCHWORK_TOKEN", "STITCHWORK_URL"}:
+                                                      "STITCHWORK_TOKEN", "STITCHWORK_URL", "STITCHWORK_RUN_TOKEN"}:
             continue
         rest = key[len(ENV_PREFIX):].lower()
         if "__" in rest:

@@ -50,8 +50,9 @@ class RunContext:
     max_steps: int = 20
     steps: int = 0
     idempotent: dict[str, ToolOutcome] = field(default_factory=dict)
-    checkpoint: Callable[[RunContext], Awaitable[None]] | None = None
-    """Called after each of the run's tool calls (a session run persists its steps and provenance here)."""
+    checkpoint: Callable[[RunContext, ToolOutcome], Awaitable[None]] | None = None
+    """Called after each of the run's tool calls with its outcome (a session run persists its steps and provenance
+    and publishes a run event here)."""
     _workdirs: dict[str, Path] = field(default_factory=dict)
 
     def tool_workdir(self, tool: str) -> Path:

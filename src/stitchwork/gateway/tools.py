@@ -116,14 +116,14 @@ class ToolDoor:
         call = await self.validate(claims, tool_name, arguments)
         if isinstance(call, ToolOutcome):
             return call
-        try:
-            if not idempotency_key:
-                return await self._checked(call, idempotency_key)
+        if not idempotency_key:
+            outcome = await self._checked(call, idempotency_key)
+        else:
             async with self.replay.exclusive(call.run.run_id, idempotency_key):  # a retry waits for its original
-                return await self._checked(call, idempotency_key)
-        finally:
-            if call.run.checkpoint is not None:
-                await call.run.checkpoint(call.run)
+                outcome = await self._checked(call, idempotency_key)
+        if call.run.checkpoint is not None:
+            await call.run.checkpoint(call.run, outcome)
+        return outcome
 
     async def _checked(self, call: Checked, idempotency_key: str) -> ToolOutcome:
         if idempotency_key and (replayed := await self.replay.lookup(call, idempotency_key)) is not None:

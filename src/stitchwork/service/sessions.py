@@ -23,9 +23,10 @@ from typing import Any
 
 from stitchwork.agents.runs import RunRecord, RunStatus
 from stitchwork.errors import ConfigError, RunError, StitchworkError
-from stitchwork.gateway.context import RunContext
+from stitchwork.gateway.context import RunContext, ToolOutcome
 from stitchwork.platform import Platform
 from stitchwork.security.taint import Label
+from stitchwork.workers.events import EventHub
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Sessions:
             "closed_at": None, "closed_by": None,
         }])
         await self.checkpoint(run)
+        self._emit(record, "session", {"state": "opened", "expires_at": claims.exp})
         await platform.audit.aappend("session", agent=spec.name, run_id=record.id, decision="opened",
                                      data={"by": by, "expires_at": claims.exp, "jti": claims.jti,
                                            "task_chars": len(task)})
@@ -153,8 +155,9 @@ class Sessions:
         final = replace(record, status=RunStatus.COMPLETED, result=f"session {reason}",
                         steps=run.steps if run else record.steps,
                         provenance=run.tracker.snapshot() if run else record.provenance)
-        platform.runs.save(final)
+        final = platform.runs.save(final)
         platform.gateway.close_run(run_id)
+        self._emit(final, "finished", {"status": final.status.value, "session": reason})
         await platform.audit.aappend("session", agent=row["agent"], run_id=run_id, decision=reason,
                                      data={"by": by, "steps": final.steps})
         return self.describe(run_id)
@@ -203,13 +206,25 @@ class Sessions:
             return None
         return self._live(record)
 
-    async def checkpoint(self, run: RunContext) -> None:
-        """Persists a session run's steps and provenance after a tool call (a failure is logged, not raised)."""
+    async def checkpoint(self, run: RunContext, outcome: ToolOutcome | None = None) -> None:
+        """Persists a session run's steps and provenance after a tool call, and publishes its ``tool`` run event
+        (a failure is logged, not raised: the call's outcome is already audited)."""
         try:
             record = self.platform.runs.get(run.run_id)
-            await self.platform.runs.asave(replace(record, steps=run.steps, provenance=run.tracker.snapshot()))
+            record = await self.platform.runs.asave(replace(record, steps=run.steps,
+                                                            provenance=run.tracker.snapshot()))
         except StitchworkError as exc:
             log.error("session %s: checkpoint failed: %s", run.run_id, exc)
+            return
+        if outcome is not None:
+            self._emit(record, "tool", {"call": outcome.tool, "status": outcome.status,
+                                        "policy_ids": list(outcome.policy_ids),
+                                        "approval_id": outcome.approval_id or None})
+
+    def _emit(self, record: RunRecord, kind: str, data: dict[str, Any]) -> None:
+        events = self.platform.events
+        if isinstance(events, EventHub):
+            events.on_event(record, kind, data)
 
     # -- helpers ------------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from stitchwork.interfaces.cli import (
     audit,
     demo,
     eval,
+    mcp,
     memory,
     runs,
     sandbox,
@@ -32,6 +33,7 @@ REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
     memory.register,  # memory ls|search|grant|revoke|grants
     eval.register,  # eval agentdojo
     sessions.register,  # session open|renew|close|show|ls
+    mcp.register,  # mcp serve --stdio
 )
 """Every command group, in the order ``--help`` lists them. A new group is one line here."""
 

@@ -25,7 +25,7 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import a2a, audit, control, events, memory, models, sessions
+from stitchwork.interfaces.http import a2a, audit, control, events, mcp, memory, models, sessions
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service
@@ -36,10 +36,14 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
     sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
     a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
 )
 """Every route group of the control plane. A new group is one line here."""
+
+MCP_PATHS = frozenset({"/mcp"})
+"""Paths that authenticate with a run token themselves (the MCP door)."""
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
@@ -76,7 +80,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         token = bearer(request)
-        if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS:
+        if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS | MCP_PATHS:
             request.state.run_token = token
             return await call_next(request)
         if request.url.path.startswith(a2a.PREFIX):  # the A2A door authenticates its peers itself

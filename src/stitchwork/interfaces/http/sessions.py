@@ -25,7 +25,8 @@ class RenewIn(BaseModel):
 
 
 def mount(app: FastAPI, service: Service) -> None:
-    """Adds ``/v1/sessions`` (open, list), ``/v1/sessions/{run_id}`` (show, close) and ``.../renew``."""
+    """Adds ``/v1/sessions`` (open, list), ``/v1/sessions/{run_id}`` (show, close), ``.../renew``, and
+    ``GET /v1/approvals/{approval_id}``."""
 
     @app.post("/v1/sessions", status_code=201)
     async def open_session(body: SessionIn, request: Request) -> dict[str, Any]:
@@ -44,6 +45,13 @@ def mount(app: FastAPI, service: Service) -> None:
     async def renew_session(run_id: str, request: Request, body: RenewIn | None = None) -> dict[str, Any]:
         info = await service.sessions.renew(run_id, ttl_s=body.ttl_s if body else None, by="operator:api")
         return info.at(str(request.base_url)).to_dict()
+
+    @app.get("/v1/approvals/{approval_id}")
+    async def get_approval(approval_id: str) -> dict[str, Any]:
+        """One approval (the SDK's ``wait_for_approval`` polls it)."""
+        approval = service.platform.approvals.get(approval_id)
+        result: dict[str, Any] = service.platform.gateway.redactor.redact(approval.to_dict())
+        return result
 
     @app.delete("/v1/sessions/{run_id}")
     async def close_session(run_id: str) -> dict[str, Any]:
