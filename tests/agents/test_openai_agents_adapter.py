@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("agents", reason="the openai-agents extra is not installed: pip install 'stitchwork[openai-agents]'")
+pytest.importorskip("agents", reason="the openai-agents extra is not installed")
 pytest.importorskip("mcp", reason="the mcp extra is not installed")
 
 from agents import Agent, Runner
