@@ -19,6 +19,7 @@ from stitchwork.config import (
     Config,
     DataConfig,
     IsolationConfig,
+    McpConfig,
     SecurityConfig,
     ServerConfig,
 )
@@ -42,7 +43,7 @@ def write_agent(directory: Path, name: str, turns: list[dict[str, Any]], tools: 
 
 def a2a_config(tmp: Path, agents: dict[str, tuple[list[dict[str, Any]], list[str]]], a2a: dict[str, Any],
                *, port: int, tools_dir: Path | None = None, compute: ComputeConfig | None = None,
-               sandbox: str = "bwrap://", **security: Any) -> Config:
+               sandbox: str = "bwrap://", mcp: McpConfig | None = None, **security: Any) -> Config:
     agent_dir = tmp / "agents"
     for name, (turns, tools) in agents.items():
         write_agent(agent_dir, name, turns, tools)
@@ -55,6 +56,7 @@ def a2a_config(tmp: Path, agents: dict[str, tuple[list[dict[str, Any]], list[str
         security=SecurityConfig(**security), isolation=IsolationConfig(default=sandbox, timeout_s=10),
         data=DataConfig(audit_flush_ms=5), server=ServerConfig(port=port),
         a2a=A2AConfig(public_url=f"http://127.0.0.1:{port}", **a2a), compute=compute or ComputeConfig(),
+        mcp=mcp or McpConfig(),
     )
 
 

@@ -21,12 +21,20 @@ dashboard: an agent cannot approve its own calls), then the graph resumes with `
 is informational; Stitchwork's decision is the one that counts). LangGraph re-runs the tool node from its start on
 resume, so each call carries an idempotency key (thread id + tool-call id): an approved call runs exactly once, a
 denied one comes back denied, and one resumed before anybody decided interrupts again.
+
+**Over MCP.** ``async with mcp_tools(session) as tools:`` gives the same tools through the session's MCP door
+(``/mcp``, the official ``mcp`` client, extra ``mcp``): the same gateway path, upstream MCP servers' tools
+included. MCP has no idempotency key, so keep calls that must not repeat on a resumed step on
+:func:`session_tools`; the MCP door itself waits ``[mcp] approval_wait_s`` for a human before answering
+``approval_required`` (then an ``interrupt()`` as above).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -36,7 +44,7 @@ from langchain_core.tools import BaseTool
 from langchain_openai import ChatOpenAI
 from langgraph.types import interrupt
 
-from stitchwork.agents.adapters import SessionLike, gateway_url
+from stitchwork.agents.adapters import SessionLike, gateway_url, mcp_url
 
 _CALL_ID: ContextVar[str] = ContextVar("stitchwork_langgraph_tool_call_id", default="")
 
@@ -97,6 +105,71 @@ class GatewayTool(BaseTool):
         return json.dumps(message, ensure_ascii=False, default=str)
 
 
+class McpGatewayTool(BaseTool):
+    """One tool of the session, called through the session's MCP door (async only)."""
+
+    client: Any
+    timeout_s: float = 300.0
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("Stitchwork tools are async: use ainvoke / astream (graph.ainvoke)")
+
+    async def call(self, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """One ``tools/call``: the text the model sees and the gateway's status record (``_meta.stitchwork``)."""
+        from mcp.shared.exceptions import MCPError
+
+        try:
+            result = await self.client.call_tool(self.name, arguments, read_timeout_seconds=self.timeout_s)
+        except MCPError as exc:
+            return json.dumps(_error("mcp_error", str(exc))), {"status": "error"}
+        text = "\n".join(str(getattr(part, "text", "")) for part in result.content)
+        meta = dict((result.meta or {}).get("stitchwork") or {})
+        meta.setdefault("status", "error" if result.is_error else "ok")
+        return text, meta
+
+    async def _arun(self, *args: Any, **kwargs: Any) -> str:
+        arguments = dict(kwargs)
+        text, meta = await self.call(arguments)
+        while meta.get("status") == "approval_required":
+            interrupt({"type": "stitchwork_approval", "approval_id": meta.get("approval_id"), "tool": self.name,
+                       "args": arguments})
+            text, meta = await self.call(arguments)
+        return text
+
+
+@contextlib.asynccontextmanager
+async def mcp_tools(session: SessionLike, *, names: list[str] | None = None,
+                    timeout_s: float = 300.0) -> AsyncIterator[list[BaseTool]]:
+    """The session's tools through its MCP door, for as long as the block runs (one MCP connection).
+
+    Raises:
+        ConnectionError: the MCP door could not be reached or refused the session's token.
+    """
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    url = mcp_url(session)
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {session.token}"},
+                                  timeout=httpx2.Timeout(30, read=max(timeout_s, 30))) as http:
+        try:
+            client = Client(streamable_http_client(url, http_client=http), read_timeout_seconds=timeout_s)
+            await client.__aenter__()
+        except BaseException as exc:  # the SDK reports a refused or absent door as an exception group
+            raise ConnectionError(f"the MCP door at {url} could not be reached or refused the token: {exc!r}") \
+                from None
+        try:
+            listed = await client.list_tools()
+            tools: list[BaseTool] = [
+                McpGatewayTool(name=tool.name, description=tool.description or tool.name,
+                               args_schema=dict(tool.input_schema), client=client, timeout_s=timeout_s)
+                for tool in listed.tools if names is None or tool.name in names
+            ]
+            yield tools
+        finally:
+            await client.__aexit__(None, None, None)
+
+
 async def session_tools(session: SessionLike, *, names: list[str] | None = None,
                         timeout_s: float = 300.0) -> list[BaseTool]:
     """The tools the session's agent is given, as LangChain tools (``names``: only these).
@@ -133,4 +206,4 @@ def chat_model(session: SessionLike, model: str, **options: Any) -> ChatOpenAI:
                       **options)
 
 
-__all__ = ["GatewayTool", "chat_model", "session_tools"]
+__all__ = ["GatewayTool", "McpGatewayTool", "chat_model", "mcp_tools", "session_tools"]
