@@ -36,6 +36,7 @@ from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
 from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
+from stitchwork.gateway.upstream import UpstreamTools, expand_grants
 from stitchwork.memory.store import AgentMemory
 from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
 from stitchwork.memory.tools import MemoryTools
@@ -49,7 +50,7 @@ from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_
 from stitchwork.security.vault import Vault, open_vault
 from stitchwork.tools.a2a import HOST as A2A_HOST
 from stitchwork.tools.a2a import remote_manifests
-from stitchwork.tools.manifest import SideEffect, ToolRegistry, load_tools
+from stitchwork.tools.manifest import SideEffect, ToolManifest, ToolRegistry, load_tools
 from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
 from stitchwork.workers.ledger import BusLedger
@@ -129,6 +130,8 @@ class Platform:
     durable: Durable | None = None
     """A worker's bus-backed parts (``worker`` only)."""
     _closers: tuple[Callable[[], Any], ...] = field(default=(), repr=False)
+    upstream: UpstreamTools | None = None
+    """The upstream MCP servers whose tools are ``NAME.tool`` (:mod:`stitchwork.gateway.upstream`)."""
 
     @classmethod
     def open(cls, config: Config, *, role: Role = "local", bus: Bus | None = None, bus_uri: str = "",
@@ -149,22 +152,25 @@ class Platform:
         tool_dirs = [*(config.tool_dirs or (BUILTIN_TOOLS,)), *([MEMORY_TOOLS] if config.data.memory_tools else [])]
         tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes,
                            extra=remote_manifests(config.a2a.remotes))
-        hosts = {*(MemoryTools.HANDLERS if config.data.memory_tools else ()), A2A_HOST}
-        if unbound := sorted(t.name for t in tools if t.host and t.host not in hosts):
-            raise ConfigError(f"host-side tool(s) {', '.join(unbound)} name no registered handler")
-        agents = load_agents(config.agent_dirs or (BUILTIN_AGENTS,))
-        agents = with_default_assistant(agents, tools, model=config.compute.default_model)
-        policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
-        policy_paths += [Path(p) for p in config.security.policy_dirs]
-        policy = PolicyEngine.load(
-            policy_paths,
-            [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION],
-            agents=agents.names(),
-        )
-        for agent in agents:
-            for tool in agent.tools:
-                if tool not in tools:
-                    raise ConfigError(f"agent {agent.name!r} names unknown tool {tool!r}")
+        vault = open_vault(config.vault_uri)
+        try:  # upstream MCP servers' tools join the registry before policies and agents are checked against it
+            upstream = UpstreamTools(config.mcp, vault, state, fresh=role == "server")
+            for manifest in upstream.all_manifests():
+                tools.register(manifest)
+            hosts = set(MemoryTools.HANDLERS) if config.data.memory_tools else set()
+            hosts |= {f"mcp:{name}" for name in upstream.servers} | {A2A_HOST}
+            if unbound := sorted(t.name for t in tools if t.host and t.host not in hosts):
+                raise ConfigError(f"host-side tool(s) {', '.join(unbound)} name no registered handler")
+            agents = load_agents(config.agent_dirs or (BUILTIN_AGENTS,))
+            agents = with_default_assistant(agents, tools, model=config.compute.default_model)
+            policy = _policy(config, tools, agents)
+            for agent in agents:
+                for tool in agent.tools:
+                    if tool not in tools and not tool.startswith(upstream.prefixes() or ("\0",)):
+                        raise ConfigError(f"agent {agent.name!r} names unknown tool {tool!r}")
+        except BaseException:
+            vault.close()
+            raise
         store = open_store(config.store_uri)
         parts: _RoleParts | None = None
         try:
@@ -175,11 +181,10 @@ class Platform:
                              flush_ms=config.data.audit_flush_ms)
             parts = _role_parts(config, role, store, tools, subjects, bus=bus, bus_uri=bus_uri,
                                 worker_name=worker_name, bus_approvals=bus_approvals)
-            vault = open_vault(config.vault_uri)
             iso = config.isolation
             context = GatewayContext(
                 tokens=tokens, policy=policy, audit=audit, approvals=parts.approvals, vault=vault, tools=tools,
-                agents={a.name: a.tools for a in agents},
+                agents=_grants(agents, tools),
                 sandboxes=Sandboxes(iso.default, iso.limits),
                 trusted_sources=frozenset(config.security.trusted_sources),
                 audience=config.security.audience,
@@ -187,6 +192,7 @@ class Platform:
             )
             memory = AgentMemory(store, audit=audit)
             hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
+            hosted.update({f"mcp:{name}": server for name, server in upstream.servers.items()})
             if any(t.host == A2A_HOST for t in tools):
                 hosted[A2A_HOST] = A2ACaller(context)
             gateway = Gateway(context, models=ModelDoor(context, config.compute), host_handlers=hosted)
@@ -197,9 +203,27 @@ class Platform:
                 for close in parts.closers:
                     close()
             store.close()
+            vault.close()
             raise
-        return cls(config, role, store, ca, tokens, audit, parts.approvals, vault, tools, agents, policy, gateway,
-                   parts.runs, runner, memory, parts.events, parts.durable, parts.closers)
+        platform = cls(config, role, store, ca, tokens, audit, parts.approvals, vault, tools, agents, policy, gateway,
+                       parts.runs, runner, memory, parts.events, parts.durable, parts.closers, upstream=upstream)
+        upstream.on_change(platform._upstream_changed)
+        return platform
+
+    async def _upstream_changed(self, server: str, manifests: list[ToolManifest]) -> None:
+        """An upstream MCP server's tool list changed: registry, the agents' grants and the policy follow it."""
+        prefix = f"{server}."
+        for tool in list(self.tools):
+            if tool.name.startswith(prefix):
+                self.tools.remove(tool.name)
+        for manifest in manifests:
+            self.tools.register(manifest)
+        self.policy = _policy(self.config, self.tools, self.agents)
+        context = self.gateway.context
+        context.policy = self.policy
+        context.agents = _grants(self.agents, self.tools)
+        await self.audit.aappend("mcp", tool=server, decision="tools_changed",
+                                 data={"tools": sorted(m.name for m in manifests)})
 
     def messenger(self, bus: Bus, *, subjects: Subjects | None = None) -> AgentMessenger:
         """Signed agent-to-agent messages of this platform's agents over ``bus``."""
@@ -208,6 +232,8 @@ class Platform:
                               subjects=subjects or Subjects(self.config.messaging.subject_prefix))
 
     async def aclose(self) -> None:
+        if self.upstream is not None:
+            await self.upstream.aclose()
         await self.gateway.aclose()
         await self.audit.aclose()
         if isinstance(self.events, EventHub):
@@ -216,6 +242,23 @@ class Platform:
             close()
         self.vault.close()
         self.store.close()
+
+
+def _policy(config: Config, tools: ToolRegistry, agents: AgentRegistry) -> PolicyEngine:
+    """The Cedar engine over the built-in and configured policies, with every tool's action."""
+    policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
+    policy_paths += [Path(p) for p in config.security.policy_dirs]
+    return PolicyEngine.load(
+        policy_paths,
+        [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION],
+        agents=agents.names(),
+    )
+
+
+def _grants(agents: AgentRegistry, tools: ToolRegistry) -> dict[str, frozenset[str]]:
+    """Each agent's tools, ``NAME.*`` (an upstream server's every tool) expanded."""
+    names = [t.name for t in tools]
+    return {a.name: expand_grants(a.tools, names) for a in agents}
 
 
 def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, subjects: Subjects, *,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ class GatewayContext:
         approvals: ApprovalStore,
         vault: Vault,
         tools: ToolRegistry,
-        agents: Mapping[str, Sequence[str]],
+        agents: Mapping[str, Collection[str]],
         sandboxes: Sandboxes,
         trusted_sources: frozenset[str] = frozenset(),
         audience: str | None = None,

@@ -221,7 +221,20 @@ class ToolRegistry:
                 raise ConfigError(f"tool {tool.name!r}: undo tool {tool.undo!r} is not declared")
 
     def __iter__(self) -> Iterator[ToolManifest]:
-        return iter(self._tools.values())
+        return iter(list(self._tools.values()))
+
+    def register(self, tool: ToolManifest) -> None:
+        """Adds ``tool``, or replaces the tool of that name (an upstream MCP server's tools change at run time)."""
+        validator = Draft202012Validator(tool.args_schema, format_checker=FORMATS)
+        self._tools[tool.name] = tool
+        self._validators[tool.name] = validator
+        self._quick[tool.name] = compile_check(tool.args_schema)
+
+    def remove(self, name: str) -> None:
+        """Forgets the tool ``name`` (no error when it is unknown)."""
+        self._tools.pop(name, None)
+        self._validators.pop(name, None)
+        self._quick.pop(name, None)
 
     def __len__(self) -> int:
         return len(self._tools)
