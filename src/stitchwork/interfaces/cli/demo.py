@@ -6,19 +6,30 @@ from pathlib import Path
 
 import typer
 
-from stitchwork.errors import StitchworkError
+from stitchwork.errors import ConfigError, StitchworkError
 from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail
 
 
 def demo(
+    scenario: str = typer.Argument("inbox", help="inbox (the default) or mcp (LangGraph + upstream MCP servers)."),
     state_dir: Path = typer.Option(None, help="Where the demo keeps its state (default: <state dir>/demo, wiped)."),
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """The inbox-assistant scenario (SCRIPTED model): a prompt injection tries to exfiltrate an API key."""
+    """A scenario with a SCRIPTED model that obeys a prompt injection: ``inbox`` (an API key exfiltration through
+    sandboxed tools) or ``mcp`` (a LangGraph agent using real upstream MCP servers through /mcp)."""
     from stitchwork.demo.scenario import run_demo
 
+    if scenario not in {"inbox", "mcp"}:
+        fail(ConfigError(f"unknown demo scenario {scenario!r}; known: inbox, mcp"))
     try:
-        ok = run_demo(config_from(config_path), state_dir=state_dir, console=console)
+        if scenario == "mcp":
+            from stitchwork.demo.mcp_scenario import run_mcp_demo
+            from stitchwork.interfaces.http.app import create_app
+
+            ok = run_mcp_demo(config_from(config_path), lambda service: create_app(service, expiry_interval_s=3600),
+                              state_dir=state_dir, console=console)
+        else:
+            ok = run_demo(config_from(config_path), state_dir=state_dir, console=console)
     except StitchworkError as exc:
         fail(exc)
     raise typer.Exit(0 if ok else 1)
