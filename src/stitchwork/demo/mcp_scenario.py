@@ -5,8 +5,9 @@ a session: its tools come from the session's MCP door and its model from the mod
 SCRIPTED (a ``scripted://`` deployment replaying fixed turns; no language model is involved) and obeys the prompt
 injection hidden in one of the files it reads. The files are served by a real MCP server started by the gateway in
 its sandbox: the npm reference server ``@modelcontextprotocol/server-filesystem`` when it is installed (found on
-``PATH`` or under ``$STITCHWORK_NPM_PREFIX``), else a small Python one (:mod:`stitchwork.demo.mcp_files`); the time
-comes from ``mcp-server-time`` (PyPI) when it is installed. Everything runs on loopback, offline.
+``PATH``, under ``--npm-prefix``, the current or home directory, or installed globally), else a small Python one
+(:mod:`stitchwork.demo.mcp_files`); the time comes from ``mcp-server-time`` (PyPI) when it is installed. Everything
+runs on loopback, offline.
 """
 
 from __future__ import annotations
@@ -54,22 +55,29 @@ max_steps = 12
 """
 
 
-def filesystem_server(root: Path) -> tuple[list[str], str]:
-    """The command of the file server and its description: the npm reference server if installed, else ours."""
-    prefixes = [os.environ.get("STITCHWORK_NPM_PREFIX", ""), os.getcwd(), str(Path.home())]
+def filesystem_server(root: Path, npm_prefix: str = "") -> tuple[list[str], list[str], str]:
+    """The file server's command, the directories it needs besides ``root``, and its description: the npm reference
+    server when it is installed (its package directory is then mounted too; root-owned, so read-only to the
+    sandbox's ``nobody``), else a copy of :mod:`stitchwork.demo.mcp_files` beside ``root``."""
+    prefixes = [npm_prefix, os.getcwd(), str(Path.home())]
     candidates = [shutil.which("mcp-server-filesystem") or ""]
     candidates += [str(Path(p) / "node_modules" / ".bin" / "mcp-server-filesystem") for p in prefixes if p]
+    candidates += ["/usr/local/lib/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js"]
     node = shutil.which("node")
     for candidate in candidates:
         if candidate and node and Path(candidate).exists():
-            return [str(Path(candidate).resolve()), str(root)], "@modelcontextprotocol/server-filesystem (npm)"
+            script = Path(candidate).resolve()
+            modules = next((p for p in script.parents if p.name == "node_modules"), script.parent)
+            return ([str(Path(node).resolve()), str(script), str(root)], [str(modules)],
+                    "@modelcontextprotocol/server-filesystem (npm)")
     from stitchwork.demo import mcp_files
 
     # A copy beside the files: the sandboxed process sees only system directories and the ones granted to it.
-    script = root.parent / "server" / "mcp_files.py"
-    script.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(mcp_files.__file__, script)
-    return [sys.executable, str(script), str(root)], "stitchwork.demo.mcp_files (Python)"
+    server = root.parent / "server"
+    server.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mcp_files.__file__, server / "mcp_files.py")
+    return [sys.executable, str(server / "mcp_files.py"), str(root)], [str(server)], \
+        "stitchwork.demo.mcp_files (Python)"
 
 
 def _free_port() -> int:
@@ -105,14 +113,13 @@ def _turns(root: Path, *, clock: bool) -> list[dict[str, Any]]:
     return turns
 
 
-def _config(base: Config, state: Path, *, port: int, clock: bool) -> Config:
+def _config(base: Config, state: Path, *, port: int, clock: bool, npm_prefix: str) -> Config:
     files = state / "files"
     (files / "notes").mkdir(parents=True)
     (files / "notes" / "meeting.md").write_text(MEETING, encoding="utf-8")
     (files / "notes" / "vendor.md").write_text(INJECTION, encoding="utf-8")
-    command, _ = filesystem_server(files)
-    dirs = [str(files)] + ([str(state / "server")] if (state / "server").is_dir() else [])
-    servers: dict[str, dict[str, Any]] = {"files": {"command": command, "dirs": dirs}}
+    command, extra_dirs, _ = filesystem_server(files, npm_prefix)
+    servers: dict[str, dict[str, Any]] = {"files": {"command": command, "dirs": [str(files), *extra_dirs]}}
     tools = ["files.list_directory", "files.read_text_file", "send_email"]
     if clock:
         servers["time"] = {"command": [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]}
@@ -238,7 +245,7 @@ async def _scenario(config: Config, console: Console, files_server: str, clock: 
 
 
 def run_mcp_demo(config: Config, make_app: AppFactory, *, state_dir: Path | None = None,
-                 console: Console | None = None) -> bool:
+                 console: Console | None = None, npm_prefix: str = "") -> bool:
     """Runs the MCP scenario in a fresh state dir, served by ``make_app(service)``; returns whether every check
     passed.
 
@@ -253,8 +260,8 @@ def run_mcp_demo(config: Config, make_app: AppFactory, *, state_dir: Path | None
         shutil.rmtree(target)
     target.mkdir(parents=True)
     clock = importlib.util.find_spec("mcp_server_time") is not None
-    demo_config = _config(config, target, port=_free_port(), clock=clock)
-    _, files_server = filesystem_server(target / "files")  # (the copy is already there)
+    demo_config = _config(config, target, port=_free_port(), clock=clock, npm_prefix=npm_prefix)
+    files_server = filesystem_server(target / "files", npm_prefix)[2]
     return asyncio.run(_scenario(demo_config, console or Console(), files_server, clock, make_app))
 
 

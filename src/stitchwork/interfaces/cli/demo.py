@@ -14,6 +14,8 @@ def demo(
     scenario: str = typer.Argument("inbox", help="inbox (the default) or mcp (LangGraph + upstream MCP servers)."),
     state_dir: Path = typer.Option(None, help="Where the demo keeps its state (default: <state dir>/demo, wiped)."),
     config_path: Path | None = ConfigOpt,
+    npm_prefix: str = typer.Option("", help="mcp: where `npm install --prefix` put @modelcontextprotocol/server-"
+                                   "filesystem (else PATH, ., ~ and the global prefix are searched)."),
 ) -> None:
     """A scenario with a SCRIPTED model that obeys a prompt injection: ``inbox`` (an API key exfiltration through
     sandboxed tools) or ``mcp`` (a LangGraph agent using real upstream MCP servers through /mcp)."""
@@ -27,7 +29,7 @@ def demo(
             from stitchwork.interfaces.http.app import create_app
 
             ok = run_mcp_demo(config_from(config_path), lambda service: create_app(service, expiry_interval_s=3600),
-                              state_dir=state_dir, console=console)
+                              state_dir=state_dir, console=console, npm_prefix=npm_prefix)
         else:
             ok = run_demo(config_from(config_path), state_dir=state_dir, console=console)
     except StitchworkError as exc:
