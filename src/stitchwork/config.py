@@ -11,6 +11,7 @@ Adapters are chosen by URI (``bwrap://``, ``duckdb:///path``, ``scripted://file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -292,6 +293,43 @@ class A2AConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The operator's web dashboard, served by `stitchwork up` at ``/ui/`` (``[dashboard]``)."""
+
+    enabled: bool = True
+    """Serve the dashboard (the API is served either way)."""
+    session_ttl_s: int = 43_200
+    """A sign-in lasts at most this long (12 hours), however active."""
+    idle_ttl_s: int = 3_600
+    """A session unused for this long ends."""
+    public_url: str = ""
+    """The URL operators open (``https://stitchwork.example.com``): links in notifications; an ``https`` URL also
+    makes the session cookie ``Secure`` behind a TLS proxy. Empty: ``http://<server.host>:<server.port>``."""
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """Webhooks told about each pending approval (``[notifications]``): Slack-compatible JSON, HMAC-signed.
+
+    ``webhooks`` are URLs, or ``secret://NAME`` for a URL kept in the vault (a Slack webhook URL is itself a
+    credential). Each POST carries ``X-Stitchwork-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+    "<t>.<body>">`` keyed by the vault secret ``signing_secret``; without that secret nothing is sent.
+    """
+
+    webhooks: tuple[str, ...] = ()
+    signing_secret: str = "notifications_hmac"
+    """Name of the vault secret that keys the signature (``stitchwork secrets set notifications_hmac``)."""
+    retries: int = 5
+    """Further attempts after a failed delivery (connection error, timeout, 429 or 5xx), with doubling backoff."""
+    backoff_s: float = 2.0
+    """Wait before the first retry."""
+    timeout_s: float = 5.0
+    """Per attempt."""
+    poll_s: float = 2.0
+    """How often the server looks for new pending approvals besides the run events that announce them."""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the platform reads at start-up."""
 
@@ -307,6 +345,8 @@ class Config:
     messaging: MessagingConfig = field(default_factory=MessagingConfig)
     mcp: McpConfig = field(default_factory=McpConfig)
     a2a: A2AConfig = field(default_factory=A2AConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
     @property
     def store_uri(self) -> str:
@@ -320,7 +360,25 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+class _BadKey(ConfigError):
+    """A bad key or value at ``key`` (a path of names); :func:`load_config` says where it came from."""
+
+    def __init__(self, key: tuple[str, ...], detail: str, *, table: bool = False) -> None:
+        self.key = key
+        self.detail = detail
+        self.name = f"[{'.'.join(key)}]" if table and key else _key_name(key)
+        super().__init__(f"{self.name}: {detail}")
+
+
+def _key_name(key: tuple[str, ...]) -> str:
+    """How the TOML file spells a key: ``[security] token_ttl_s``, ``[data.retention] runs_days``, ``state_dir``;
+    a whole table: ``[security]``."""
+    if len(key) <= 1:
+        return "".join(key) or "top level"
+    return f"[{'.'.join(key[:-1])}] {key[-1]}"
+
+
+def _coerce(value: Any, annotation: Any, key: tuple[str, ...]) -> Any:
     """Converts TOML or environment values to the annotated field type."""
     origin = typing.get_origin(annotation)
     if annotation is Path:
@@ -329,7 +387,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v for v in (p.strip() for p in value.split(",")) if v]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise _BadKey(key, f"expected a list, got {value!r}")
         return tuple(str(v) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
@@ -339,42 +397,48 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return True
         if text in {"0", "false", "no", "off"}:
             return False
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise _BadKey(key, f"expected true or false, got {value!r}")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise _BadKey(key, f"expected a number, got {value!r}")
         try:
             return annotation(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from exc
+            raise _BadKey(key, f"expected {annotation.__name__}, got {value!r}") from exc
     if annotation is str:
         if not isinstance(value, str | int | float):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise _BadKey(key, f"expected a string, got {value!r}")
         return str(value)
     if isinstance(annotation, types.UnionType):  # pragma: no cover - not used yet
         return value
     return value
 
 
-def _build(cls: Any, data: Mapping[str, Any], where: str) -> Any:
+def _build(cls: Any, data: Mapping[str, Any], key: tuple[str, ...] = ()) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        listed = f"known: {', '.join(sorted(known))}"
+        if len(unknown) > 1:
+            raise _BadKey(key, f"unknown keys {', '.join(unknown)}; {listed}", table=True)
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        raise _BadKey((*key, unknown[0]), "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+                      + f"; {listed}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}.{name}: expected a table")
-            kwargs[name] = _build(hint, value, f"{where}.{name}")
+                raise _BadKey((*key, name), f"expected a table, got {value!r}", table=True)
+            kwargs[name] = _build(hint, value, (*key, name))
         else:
-            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+            kwargs[name] = _coerce(value, hint, (*key, name))
     return cls(**kwargs)
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(environ: Mapping[str, str], names: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
+    """The ``STITCHWORK_*`` variables as nested keys; ``names`` (if given) gets each key's variable name."""
     sections = {name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
     out: dict[str, Any] = {}
     for key, value in environ.items():
@@ -385,14 +449,21 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if "__" in rest:
             section, _, name = rest.partition("__")
             if section not in sections:
-                raise ConfigError(f"environment {key}: unknown section {section!r}")
+                raise ConfigError(f"environment {key}: unknown section {section!r}; known: "
+                                  f"{', '.join(sorted(sections))}")
             table = out.setdefault(section, {})
+            path = [section]
             while "__" in name:  # a nested table: STITCHWORK_DATA__RETENTION__RUNS_DAYS
                 sub, _, name = name.partition("__")
                 table = table.setdefault(sub, {})
+                path.append(sub)
             table[name] = value
+            path.append(name)
         else:
             out[rest] = value
+            path = [rest]
+        if names is not None:
+            names[tuple(path)] = key
     return out
 
 
@@ -410,7 +481,9 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
     """Loads configuration from ``path`` (or the default file if it exists) and the environment.
 
     Raises:
-        ConfigError: the file does not parse, or a key or value is unknown or of the wrong type.
+        ConfigError: the file does not parse, or a key or value is unknown or of the wrong type; the message names
+            the file and the key (``config file /etc/sw.toml: [security] token_ttl_s: expected int, got 'soon'``)
+            or the environment variable it came from.
     """
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
@@ -428,6 +501,14 @@ def load_config(path: str | Path | None = None, *, environ: Mapping[str, str] | 
             raise ConfigError(f"config file {candidate} does not exist") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {candidate}: {exc}") from exc
-    data = _merge(data, _env_overrides(env))
-    config: Config = _build(Config, data, "config")
+    names: dict[tuple[str, ...], str] = {}
+    data = _merge(data, _env_overrides(env, names))
+    try:
+        config: Config = _build(Config, data)
+    except _BadKey as exc:  # name where the bad key came from: its environment variable, else the file
+        source = next((names[exc.key[:i]] for i in range(len(exc.key), 0, -1) if exc.key[:i] in names), "")
+        if source:
+            raise ConfigError(f"environment {source} ({exc.name}): {exc.detail}") from None
+        where = f"config file {candidate}: " if candidate is not None else ""
+        raise ConfigError(f"{where}{exc.name}: {exc.detail}") from None
     return config

@@ -35,6 +35,7 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │   ├── ModelUnavailable        429, 5xx, timeout, refused connection, truncated stream: retry elsewhere
     │   └── ModelRejected           the backend refused the request itself (4xx): retrying will not help
     ├── RunError
+    │   └── RunTimedOut             waiting for a run (to finish or to ask for approval) took longer than allowed
     └── BusError
         └── BusConflict             a compare-and-set publish lost: another writer advanced the subject
 
@@ -230,6 +231,12 @@ class ModelRejected(ModelError):
 
 class RunError(StitchworkError):
     code = "run_error"
+
+
+class RunTimedOut(RunError):
+    """A client stopped waiting for a run; the run itself may still go on."""
+
+    code = "timed_out"
 
 
 class BusError(StitchworkError):

@@ -51,6 +51,8 @@ async def test_injected_recipient_is_denied_and_clean_send_runs(make_config) -> 
         denied = [e for e in events(platform, "decision") if e["decision"] == "deny"]
         assert denied[0]["data"]["taint"]["target"] is True
         assert denied[0]["data"]["policy_ids"] == ["external-tainted-target"]
+        # where each argument's value came from: the recipient from the mail, the subject from nowhere untrusted
+        assert denied[0]["data"]["provenance"] == {"to": {"sources": ["tool:read_email"], "level": "prose"}}
         outbox = list((platform.config.state_dir / "runs" / record.id / "send_email" / "outbox").glob("*.json"))
         assert [json.loads(p.read_text())["to"] for p in outbox] == ["alice@example.com"]
         assert platform.audit.verify().ok

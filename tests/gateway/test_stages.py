@@ -342,8 +342,8 @@ async def test_label_records_nothing_for_a_failed_tool_and_only_untrusted_parts_
 
 # -- audit -----------------------------------------------------------------------------------------------------
 
-DECISION_KEYS = {"effect", "policy_ids", "reasons", "target", "taint", "side_effect", "jti", "arguments",
-                 "approval_id"}
+DECISION_KEYS = {"effect", "policy_ids", "reasons", "target", "taint", "provenance", "side_effect", "jti",
+                 "arguments", "approval_id"}
 TOOL_KEYS = {"sandbox", "exit_code", "killed", "duration_ms", "cpu_s", "max_rss_kb", "output_sha256", "label", "undo",
              "side_effect", "policy_ids", "error"}
 
@@ -364,6 +364,7 @@ async def test_audit_events_keep_their_shape(stack: Stack) -> None:
     assert (decision.kind, decision.decision, decision.tool, decision.agent, decision.run_id) == (
         "decision", "allow", "send_email", "tester", RUN)
     assert set(decision.data) == DECISION_KEYS and decision.data["arguments"]["body"] == "[secret:crm_api_key]"
+    assert decision.data["provenance"] == tainted.taint.provenance()  # where each argument's value came from
     assert decision.data["taint"] == tainted.taint.context("to") and decision.data["jti"] == call.claims.jti
     assert (tool.kind, tool.decision, tool.seq, set(tool.data)) == ("tool", "ok", seq, TOOL_KEYS)
     assert tool.data["output_sha256"] == digest({"sent": True}) and tool.data["policy_ids"] == ["external-permit"]

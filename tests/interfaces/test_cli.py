@@ -85,7 +85,7 @@ def test_run_waits_for_approval_then_resumes(state: Path, make_config, monkeypat
     )
     monkeypatch.setenv("STITCHWORK_CONFIG", str(config_file))
     code, out = invoke("run", "tester", "write then delete n.txt", "--json")
-    assert code == 0, out
+    assert code == 4, out  # waiting for approval
     record = json.loads(out)
     assert record["status"] == "waiting_approval"
     (approval_id,) = record["pending_approvals"]

@@ -41,6 +41,28 @@ def test_every_endpoint_requires_the_operator_token(api, method: str, path: str)
     assert client.request(method, path, headers=auth("swo_wrong")).status_code == 401
 
 
+def test_the_liveness_probe_needs_no_token_and_says_nothing_else(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert client.get("/healthz/../v1/health").status_code == 401
+    assert client.get("/healthzx").status_code == 401
+    assert client.post("/healthz").status_code == 405
+
+
+def test_runs_are_listed_newest_first_and_filtered_by_status(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, token = api
+    run = client.post("/v1/runs", json={"agent": "tester", "task": "t", "wait": True}, headers=auth(token)).json()
+    assert run["status"] == "waiting_approval"
+    listed = client.get("/v1/runs", headers=auth(token)).json()
+    assert [r["id"] for r in listed] == [run["id"]] and "messages" not in listed[0]
+    assert client.get("/v1/runs", params={"status": "waiting_approval"}, headers=auth(token)).json() == listed
+    assert client.get("/v1/runs", params={"status": "completed"}, headers=auth(token)).json() == []
+    assert client.get("/v1/runs", params={"status": "all"}, headers=auth(token)).json() == listed
+    bad = client.get("/v1/runs", params={"status": "exploded"}, headers=auth(token))
+    assert bad.status_code == 400 and "unknown run status 'exploded'" in bad.json()["message"]
+
+
 def test_openapi_is_served_with_a_token(api) -> None:  # type: ignore[no-untyped-def]
     client, _, token = api
     spec = client.get("/openapi.json", headers=auth(token)).json()

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from stitchwork.interfaces.cli.client import LocalClient
+from stitchwork.interfaces.cli.local import LocalClient
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.workers.approvals import BusApprovalStore

@@ -12,7 +12,7 @@ from typing import Any
 from stitchwork.agents.definition import AgentRegistry, AgentSpec
 from stitchwork.agents.runs import RunRecord, RunStatus, RunStore
 from stitchwork.compute._base import Model, ToolCall, open_model
-from stitchwork.errors import ConfigError, RunError, StitchworkError
+from stitchwork.errors import ConfigError, PolicyDenied, RunError, StitchworkError
 from stitchwork.gateway.core import Gateway, ToolOutcome
 from stitchwork.security.taint import Label, ProvenanceTracker
 
@@ -145,9 +145,10 @@ class Runner:
                     record = await self.runs.asave(record)
                     pending = []
                 if run.steps >= agent.max_steps or time.monotonic() > deadline:
-                    why = "step" if run.steps >= agent.max_steps else "time"
-                    record = await self.runs.asave(replace(record, status=RunStatus.BUDGET_EXHAUSTED,
-                                                    error=f"{why} budget exhausted after {run.steps} tool calls"))
+                    steps = run.steps >= agent.max_steps
+                    record = await self.runs.asave(replace(
+                        record, status=RunStatus.BUDGET_EXHAUSTED if steps else RunStatus.TIMED_OUT,
+                        error=f"{'step' if steps else 'time'} budget exhausted after {run.steps} tool calls"))
                     self._emit(record, "finished", {"status": record.status.value})
                     return record
                 turn = await self.gateway.complete(token, model, messages, tools)
@@ -166,7 +167,8 @@ class Runner:
         except StitchworkError as exc:
             if isinstance(exc, self.reraise):
                 raise  # the caller retries the run from its last checkpoint (durable workers)
-            record = await self.runs.asave(replace(record, status=RunStatus.FAILED, error=str(exc)))
+            status = RunStatus.DENIED if isinstance(exc, PolicyDenied) else RunStatus.FAILED  # its model call refused
+            record = await self.runs.asave(replace(record, status=status, error=str(exc)))
             self._emit(record, "finished", {"status": record.status.value, "error": str(exc)})
             return record
         finally:

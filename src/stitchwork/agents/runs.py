@@ -45,10 +45,20 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    """The run used its step budget (``max_steps``)."""
+    DENIED = "denied"
+    """A policy refused the run's model call (an allowlist, a token or cost budget): the run cannot go on."""
+    TIMED_OUT = "timed_out"
+    """The run used its time budget (``[agents] max_seconds``)."""
 
     @property
     def finished(self) -> bool:
-        return self in {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.BUDGET_EXHAUSTED}
+        return self in FINISHED
+
+
+FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.BUDGET_EXHAUSTED, RunStatus.DENIED,
+                      RunStatus.TIMED_OUT})
+"""The statuses a run ends in (retention deletes such runs once they are old)."""
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,8 @@ class RetentionPolicy:
 
 #: Sensible defaults: finished runs for 90 days, decided approvals for 365, expired revocations after a day.
 DEFAULT_POLICIES = (
-    RetentionPolicy("runs", "updated_at", 90, "status IN ('completed', 'failed', 'budget_exhausted')"),
+    RetentionPolicy("runs", "updated_at", 90,
+                    "status IN ('completed', 'failed', 'budget_exhausted', 'denied', 'timed_out')"),
     RetentionPolicy("approvals", "created_at", 365, "status <> 'pending'"),
     RetentionPolicy("revoked_tokens", "expires_at", 1),
 )

@@ -140,6 +140,8 @@ class Gateway:
         """Runs one tool call through the whole gateway path. Never raises for what the agent sent."""
         return await self.tool_door.call(token, tool_name, arguments, idempotency_key=idempotency_key)
 
+    # -- models -----------------------------------------------------------------------------------------------
+
     async def complete(
         self, token: str | None, model: Model, messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]],

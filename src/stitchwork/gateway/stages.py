@@ -180,7 +180,8 @@ class Audit:
         data = {
             "effect": decision.effect.value, "policy_ids": list(decision.policy_ids),
             "reasons": list(decision.reasons), "target": redactor.redact_text(tainted.target),
-            "taint": tainted.record, "side_effect": call.tool.side_effect.value,
+            "taint": tainted.record, "provenance": tainted.taint.provenance(),
+            "side_effect": call.tool.side_effect.value,
             "jti": call.claims.jti, "arguments": redactor.redact(call.args), "approval_id": gate.approval_id,
         }
         if decision.effect is Effect.ASK:

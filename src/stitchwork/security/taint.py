@@ -221,6 +221,8 @@ class ArgumentTaint:
     sources: frozenset[str] = frozenset()
     levels: tuple[tuple[str, str], ...] = ()
     """(argument, level) for tainted arguments: ``prose``, ``unattributed`` or ``record`` (see the module)."""
+    by_arg: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(argument, its untrusted sources) for tainted arguments: where each argument's value came from."""
 
     @property
     def any(self) -> bool:
@@ -231,6 +233,12 @@ class ArgumentTaint:
         if arg not in self.args:
             return ""
         return dict(self.levels).get(arg, "prose")
+
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """Per tainted argument, its untrusted sources and level (for the audit log and the dashboard); an
+        argument not listed was not found in untrusted content."""
+        sources = dict(self.by_arg)
+        return {arg: {"sources": list(sources.get(arg, ())), "level": self.level(arg)} for arg in sorted(self.args)}
 
     def context(self, target_arg: str) -> dict[str, Any]:
         """The ``taint`` record for Cedar's context."""
@@ -409,6 +417,7 @@ class ProvenanceTracker:
             return ArgumentTaint()
         tainted: set[str] = set()
         sources: set[str] = set()
+        per_arg: dict[str, set[str]] = {}
         levels: dict[str, str] = {}
         rank = {"prose": 3, "unattributed": 2, "record": 1}
         for top, raw in _leaves(arguments):
@@ -416,9 +425,11 @@ class ProvenanceTracker:
             if hits:
                 tainted.add(top)
                 sources |= hits
+                per_arg.setdefault(top, set()).update(hits)
                 if rank.get(level, 0) > rank.get(levels.get(top, ""), 0):
                     levels[top] = level
-        return ArgumentTaint(frozenset(tainted), frozenset(sources), tuple(sorted(levels.items())))
+        by_arg = tuple((arg, tuple(sorted(found))) for arg, found in sorted(per_arg.items()))
+        return ArgumentTaint(frozenset(tainted), frozenset(sources), tuple(sorted(levels.items())), by_arg)
 
     def untrusted_labels(self) -> tuple[Label, ...]:
         """The distinct labels of the untrusted content recorded so far, in first-seen order."""

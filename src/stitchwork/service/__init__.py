@@ -13,7 +13,7 @@ import duckdb
 
 from stitchwork.agents.runs import RunStatus
 from stitchwork.audit.records import AuditEvent
-from stitchwork.errors import ApprovalError, StitchworkError, StoreError
+from stitchwork.errors import ApprovalError, ConfigError, StitchworkError, StoreError
 from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
@@ -93,8 +93,18 @@ class Service:
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self.platform.runs.get(run_id).to_dict()
 
-    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        return [r.to_dict(messages=False) for r in self.platform.runs.list(limit=limit)]
+    def list_runs(self, limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
+        """The newest runs (without their messages), only those in ``status`` when given.
+
+        Raises:
+            ConfigError: ``status`` is not a run status.
+        """
+        try:
+            chosen = RunStatus(status) if status and status != "all" else None
+        except ValueError as exc:
+            raise ConfigError(f"unknown run status {status!r}; one of: "
+                           f"{', '.join(s.value for s in RunStatus)}, all") from exc
+        return [r.to_dict(messages=False) for r in self.platform.runs.list(status=chosen, limit=limit)]
 
     # approvals ----------------------------------------------------------------------------------------------
     def approvals(self, status: str | None = "pending") -> list[dict[str, Any]]:

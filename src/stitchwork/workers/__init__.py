@@ -34,7 +34,7 @@ the job back at once) is retried from the checkpoint after a backoff (``nak`` wi
 to ``max_deliver`` attempts; a permanent one (an unknown agent, a bad model URI, ...) is not retried. Either way
 the job is then dead-lettered and the run marked failed; ``stitchwork runs dead`` lists the letters and ``stitchwork
 runs resubmit RUN`` queues the run again (:mod:`stitchwork.workers.deadletters`). A run the model or a policy
-ended (``failed``, ``budget_exhausted``, a denied call) is a finished run, not a failure of the job.
+ended (``failed``, ``budget_exhausted``, ``denied``, ``timed_out``) is a finished run, not a failure of the job.
 
 Approvals: requested inside a worker, they are stored on the bus, listed and decided on the platform (CLI and
 HTTP API), and a decision or the expiry timer queues the run to resume on any worker

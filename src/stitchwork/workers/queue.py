@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from stitchwork.agents.runs import record_from_row
-from stitchwork.errors import RunError
+from stitchwork.errors import RunError, RunTimedOut
 from stitchwork.messaging._base import Bus
 from stitchwork.workers.subjects import Subjects
 
@@ -47,6 +47,6 @@ async def wait_for_run(bus: Bus, run_id: str, *, subjects: Subjects = Subjects()
                 return state
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RunError(f"run {run_id} did not finish within {timeout_s:.0f}s")
+                raise RunTimedOut(f"run {run_id} did not finish within {timeout_s:.0f}s")
             with contextlib.suppress(TimeoutError):
                 await events.next(min(left, 1.0))

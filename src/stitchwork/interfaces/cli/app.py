@@ -9,6 +9,7 @@ import typer
 from stitchwork.interfaces.cli import (
     approvals,
     audit,
+    data,
     demo,
     eval,
     mcp,
@@ -20,15 +21,17 @@ from stitchwork.interfaces.cli import (
     sessions,
     workers,
 )
+from stitchwork.interfaces.cli._common import EXIT_CODES_HELP, ExitCode, err, missing_extra
 
 REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
     server.register,  # up
-    runs.register,  # run
+    runs.register,  # run, runs ls|show
     approvals.register,  # approvals, approve, deny
     demo.register,  # demo
     workers.register,  # worker, submit, kafka-export, runs dead|resubmit
     sandbox.register,  # sandbox run|prepare|bench, doctor
-    audit.register,  # audit tail|query|verify|report|export|compact, data retention
+    audit.register,  # audit tail|query|verify|report
+    data.register,  # data retention|export|compact (and the hidden old spellings audit export|compact)
     secrets.register,  # secrets set|list|rm
     memory.register,  # memory ls|search|grant|revoke|grants
     eval.register,  # eval agentdojo
@@ -38,10 +41,18 @@ REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
 """Every command group, in the order ``--help`` lists them. A new group is one line here."""
 
 
+EPILOG = (
+    f"{EXIT_CODES_HELP} Remote mode: STITCHWORK_URL (e.g. http://host:8470) and STITCHWORK_TOKEN (the operator "
+    "token) point every command at a running `stitchwork up`; the light install (pip install stitchwork) needs "
+    "nothing else."
+)
+
+
 def build() -> typer.Typer:
     """The command line with every group of :data:`REGISTRATIONS`."""
-    app = typer.Typer(help="Stitchwork: run autonomous agents safely.", no_args_is_help=True,
-                      pretty_exceptions_enable=False, add_completion=False)
+    app = typer.Typer(help="Stitchwork: run autonomous agents safely.", epilog=EPILOG, no_args_is_help=True,
+                      pretty_exceptions_enable=False, add_completion=False,
+                      rich_markup_mode=None)  # help shows config names such as [data.retention] as written
     for register in REGISTRATIONS:
         register(app)
     return app
@@ -51,7 +62,13 @@ app = build()
 
 
 def main() -> None:
-    app()
+    """The ``stitchwork`` script. A server-side package missing from a light install (``pip install stitchwork``
+    without extras) ends the command with exit 2 and the extra that provides it, never a traceback."""
+    try:
+        app()
+    except ImportError as exc:
+        err.print(f"error: {missing_extra(exc, 'this command')}", markup=False)
+        raise SystemExit(ExitCode.USAGE) from None
 
 
 __all__ = ["REGISTRATIONS", "app", "build", "main"]

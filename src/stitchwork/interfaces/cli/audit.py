@@ -1,7 +1,8 @@
-"""``stitchwork audit tail / query / verify / report / export / compact`` and ``stitchwork data retention``.
+"""``stitchwork audit tail | query | verify | report``: read and verify the audit log.
 
 Each command goes through the platform's API when ``stitchwork up`` runs (DuckDB has one writer), otherwise it
-opens the platform in this process.
+opens the platform in this process. Export and compaction are ``stitchwork data export | compact``
+(:mod:`~stitchwork.interfaces.cli.data`); ``audit export`` and ``audit compact`` remain as hidden old spellings.
 """
 
 from __future__ import annotations
@@ -10,13 +11,27 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from stitchwork.audit.reports import REPORTS
-from stitchwork.errors import ConfigError, StitchworkError
-from stitchwork.interfaces.cli._common import ConfigOpt, client_for, config_from, console, err, fail, print_rows
+from stitchwork.errors import ConfigError
+from stitchwork.interfaces.cli._common import (
+    ConfigOpt,
+    FormatOpt,
+    JsonOpt,
+    StitchworkError,
+    client_for,
+    config_from,
+    console,
+    err,
+    escape,
+    fail,
+    group,
+    output_format,
+    print_json,
+    print_rows,
+    working,
+)
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -49,114 +64,87 @@ def parse_time(text: str | None, *, now: float | None = None) -> float | None:
 
 
 def register(app: typer.Typer) -> None:
-    """Adds the ``audit`` group (tail, query, verify, report, export, compact) and the ``data`` group."""
-    audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
-    app.add_typer(audit_app, name="audit")
+    """Adds the ``audit`` group: tail, query, verify, report (``data`` adds the hidden export and compact)."""
+    audit_app = group(app, "audit", AUDIT_HELP)
     audit_app.command("tail")(audit_tail)
     audit_app.command("query")(audit_query)
     audit_app.command("verify")(audit_verify)
-    names = ", ".join(f"{name} ({r.title.lower()})" for name, r in REPORTS.items())
-
-    @audit_app.command("report")
-    def audit_report(
-        name: str = typer.Argument(..., help=f"One of: {names}."),
-        since: str = typer.Option(None, "--since", help="From: Unix seconds, ISO date, or an age (7d, 24h)."),
-        until: str = typer.Option(None, "--until", help="Until (same forms as --since)."),
-        fmt: str = typer.Option("table", "--format", help="table | csv | json"),
-        config_path: Path | None = ConfigOpt,
-    ) -> None:
-        """A ready report over the audit log: denied, approvals, tools, tokens, runs."""
-        try:
-            rows = client_for(config_from(config_path)).audit_report(name, parse_time(since), parse_time(until))
-        except StitchworkError as exc:
-            fail(exc)
-        report = REPORTS.get(name)
-        print_rows(rows, fmt, title=report.title if report else name)
-
-    @audit_app.command("export")
-    def audit_export(
-        to: str = typer.Option(..., "--to", help="iceberg+sqlite:///catalog.db?warehouse=file:///wh, or "
-                                                 "iceberg+https://rest-catalog/...?warehouse=..."),
-        since: str = typer.Option(None, "--since", help="First export only: start at this time (later runs "
-                                                        "continue after the last exported event)."),
-        config_path: Path | None = ConfigOpt,
-    ) -> None:
-        """Append new audit events to an Iceberg table (incremental: no duplicates on re-run)."""
-        try:
-            result: dict[str, Any] = client_for(config_from(config_path)).audit_export(to, parse_time(since))
-        except StitchworkError as exc:
-            fail(exc)
-        if result["exported"]:
-            console.print(f"exported {result['exported']} events ({result['first_seq']}..{result['last_seq']}) in "
-                          f"{result['snapshots']} snapshot(s)")
-        else:
-            console.print(f"nothing new: the archive holds events up to {result['last_seq']}")
-
-    @audit_app.command("compact")
-    def audit_compact(
-        to: str = typer.Option(..., "--to", help="The Iceberg archive (as for export)."),
-        older_than_days: float = typer.Option(None, "--older-than-days", help="Move events older than this."),
-        upto_seq: int = typer.Option(None, "--upto-seq", help="Move events up to this seq."),
-        config_path: Path | None = ConfigOpt,
-    ) -> None:
-        """Move old audit events into Iceberg, keeping a signed checkpoint so verify spans both."""
-        if older_than_days is None and upto_seq is None:
-            fail(ConfigError("give --older-than-days or --upto-seq"))
-        try:
-            result = client_for(config_from(config_path)).audit_compact(to, older_than_days, upto_seq)
-        except StitchworkError as exc:
-            fail(exc)
-        console.print(f"checkpoint at seq {result['checkpoint_seq']}: {result['exported']} exported, "
-                      f"{result['deleted']} removed from the live store")
-
-    data_app = typer.Typer(help="Data retention.", no_args_is_help=True)
-    app.add_typer(data_app, name="data")
-
-    @data_app.command("retention")
-    def data_retention(config_path: Path | None = ConfigOpt) -> None:
-        """Apply [data.retention]: old finished runs, decided approvals, revocations, memory; compact the audit log."""
-        try:
-            deleted = client_for(config_from(config_path)).data_retention()
-        except StitchworkError as exc:
-            fail(exc)
-        print_rows([{"table": t, "deleted": n} for t, n in deleted.items()], "table", title="retention")
+    audit_app.command("report")(audit_report)
 
 
-def audit_tail(n: int = typer.Option(20, "-n", help="How many events."),
-               fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+AUDIT_HELP = "Read and verify the tamper-evident audit log."
+
+
+REPORT_NAMES = {"denied": "Denied calls by agent and rule", "approvals": "Approvals and their latency",
+                "tools": "Tool usage", "tokens": "Token spend by agent, provider and model", "runs": "Runs by outcome"}
+"""The ready reports (``stitchwork.audit.reports.REPORTS``, listed here so that ``--help`` imports no server code;
+``tests/interfaces`` keeps the two in step)."""
+REPORTS_HELP = "One of: " + ", ".join(f"{name} ({title.lower()})" for name, title in REPORT_NAMES.items()) + "."
+
+
+def audit_report(
+    name: str = typer.Argument(..., help=REPORTS_HELP),
+    since: str = typer.Option(None, "--since", help="From: Unix seconds, ISO date, or an age (7d, 24h)."),
+    until: str = typer.Option(None, "--until", help="Until (same forms as --since)."),
+    fmt: str = FormatOpt,
+    as_json: bool = JsonOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """A ready report over the audit log: denied, approvals, tools, tokens, runs."""
+    fmt = output_format(fmt, as_json)
+    try:
+        window = parse_time(since), parse_time(until)
+        client = client_for(config_from(config_path))
+        with working(f"report {name}"):
+            rows = client.audit_report(name, *window)
+    except StitchworkError as exc:
+        fail(exc)
+    print_rows(rows, fmt, title=REPORT_NAMES.get(name, name), empty=f"report {name}: nothing in this window")
+
+
+def audit_tail(n: int = typer.Option(20, "-n", min=1, max=10_000, help="How many events."),
+               fmt: str = FormatOpt,
+               as_json: bool = JsonOpt,
                config_path: Path | None = ConfigOpt) -> None:
     """The newest audit events."""
+    fmt = output_format(fmt, as_json)
     try:
         rows = client_for(config_from(config_path)).audit_tail(n)
     except StitchworkError as exc:
         fail(exc)
     if fmt == "table":
         rows = [{k: r[k] for k in ("seq", "kind", "agent", "run_id", "tool", "decision")} for r in rows]
-    print_rows(rows, fmt, title="audit")
+    print_rows(rows, fmt, title="audit", empty="no audit events yet")
 
 
 def audit_query(sql: str = typer.Argument(..., help="One SELECT over audit_events, runs, approvals, ..."),
-                fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+                fmt: str = FormatOpt,
+                as_json: bool = JsonOpt,
                 config_path: Path | None = ConfigOpt) -> None:
     """Run a read-only SQL query over the audit store."""
+    fmt = output_format(fmt, as_json)
     try:
         rows = client_for(config_from(config_path)).audit_query(sql)
     except StitchworkError as exc:
         fail(exc)
-    print_rows(rows, fmt)
+    print_rows(rows, fmt, empty="no rows")
 
 
-def audit_verify(config_path: Path | None = ConfigOpt) -> None:
-    """Verify the hash chain and the signed head; names the first bad event."""
+def audit_verify(as_json: bool = JsonOpt, config_path: Path | None = ConfigOpt) -> None:
+    """Verify the hash chain and the signed head; names the first bad event (exit 1 when broken)."""
     try:
-        report = client_for(config_from(config_path)).audit_verify()
+        client = client_for(config_from(config_path))
+        with working("verifying the audit chain"):
+            report = client.audit_verify()
     except StitchworkError as exc:
         fail(exc)
-    if report["ok"]:
+    if as_json:
+        print_json(report)
+    elif report["ok"]:
         console.print(f"[green]audit chain verified[/]: {report['events']} events, signed head at "
                       f"{report['head_seq']}")
-        return
-    err.print(f"[bold red]audit chain BROKEN[/] at event {report['first_bad_seq']}: {report['reason']}")
-    raise typer.Exit(1)
-
-
+    else:
+        err.print(f"[bold red]audit chain BROKEN[/] at event {report['first_bad_seq']}: "
+                  f"{escape(str(report['reason']))}")
+    if not report["ok"]:
+        raise typer.Exit(1)

@@ -1,23 +1,26 @@
 """How the CLI reaches the platform: over HTTP when ``stitchwork up`` is running (DuckDB has one writer: the
-server), otherwise by opening the platform in this process."""
+server), otherwise by opening the platform in this process (:mod:`~stitchwork.interfaces.cli.local`).
+
+Remote mode: ``STITCHWORK_URL`` (e.g. ``http://10.0.0.5:8470``) names the server and ``STITCHWORK_TOKEN`` the
+operator token it printed on first start; without them, the server recorded in ``<state dir>/server.json`` by a
+``stitchwork up`` on this machine and its ``operator.token`` are used. This module imports only ``httpx``: the light
+install (``pip install stitchwork``, no extras) reaches a remote server with it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from stitchwork.config import Config
-from stitchwork.errors import AuthError, StitchworkError
-from stitchwork.platform import Platform
-from stitchwork.service import Service
+from stitchwork.errors import AuthError, ConfigError, StitchworkError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from stitchwork.interfaces.cli.local import LocalClient
 
 
 def server_file(config: Config) -> Path:
@@ -40,8 +43,10 @@ def _pid_alive(pid: int) -> bool:
 
 def running_server(config: Config) -> str | None:
     """The URL of a live `stitchwork up` for this state dir, if any."""
-    if url := os.environ.get("STITCHWORK_URL"):
-        return url
+    if url := os.environ.get("STITCHWORK_URL", "").strip():
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"STITCHWORK_URL must be the server's http(s)://host:port, got {url!r}")
+        return url.rstrip("/")
     path = server_file(config)
     try:
         info = json.loads(path.read_text())
@@ -91,6 +96,11 @@ class HttpClient:
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", f"/v1/runs/{run_id}")
+        return result
+
+    def list_runs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        result: list[dict[str, Any]] = self._call("GET", "/v1/runs", params=params)
         return result
 
     def approvals(self, status: str) -> list[dict[str, Any]]:
@@ -144,75 +154,22 @@ class HttpClient:
         self._call("DELETE", f"/v1/secrets/{name}")
 
 
-class LocalClient:
-    """Opens the platform in this process for each operation."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def _with(self, fn: Callable[[Service], Awaitable[T]], *, bus_approvals: bool = False) -> T:
-        async def go() -> T:
-            platform = Platform.open(self.config, bus_approvals=bus_approvals)
-            try:
-                return await fn(Service(platform))
-            finally:
-                await platform.aclose()
-
-        return asyncio.run(go())
-
-    def run(self, agent: str, task: str, model: str | None) -> dict[str, Any]:
-        return self._with(lambda s: s.run(agent, task, model=model))
-
-    def get_run(self, run_id: str) -> dict[str, Any]:
-        return self._with(lambda s: _now(s.get_run(run_id)))
-
-    def approvals(self, status: str) -> list[dict[str, Any]]:
-        return self._with(lambda s: _now(s.approvals(status)), bus_approvals=True)
-
-    def decide(self, approval_id: str, approve: bool, note: str) -> dict[str, Any]:
-        return self._with(lambda s: s.decide(approval_id, approve=approve, by="operator:cli", note=note),
-                          bus_approvals=True)
-
-    def audit_tail(self, n: int) -> list[dict[str, Any]]:
-        return self._with(lambda s: _now(s.audit_tail(n)))
-
-    def audit_query(self, sql: str) -> list[dict[str, Any]]:
-        return self._with(lambda s: _now(s.audit_query(sql)))
-
-    def audit_verify(self) -> dict[str, Any]:
-        return self._with(lambda s: _now(s.audit_verify()))
-
-    def audit_report(self, name: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
-        return self._with(lambda s: _now(s.audit_report(name, since, until)))
-
-    def audit_export(self, to: str, since: float | None = None) -> dict[str, Any]:
-        return self._with(lambda s: _now(s.audit_export(to, since)))
-
-    def audit_compact(self, to: str, older_than_days: float | None = None, upto_seq: int | None = None
-                      ) -> dict[str, Any]:
-        return self._with(lambda s: _now(s.audit_compact(to, older_than_days, upto_seq)))
-
-    def data_retention(self) -> dict[str, int]:
-        return self._with(lambda s: _now(s.data_retention()))
-
-    def secret_set(self, name: str, value: str) -> None:
-        self._with(lambda s: s.secret_set(name, value, by="operator:cli"))
-
-    def secret_names(self) -> list[str]:
-        return self._with(lambda s: _now(s.secret_names()))
-
-    def secret_delete(self, name: str) -> None:
-        self._with(lambda s: s.secret_delete(name, by="operator:cli"))
-
-
-async def _now(value: T) -> T:
-    return value
-
-
 def connect(config: Config) -> HttpClient | LocalClient:
-    """An HTTP client if a server runs for this state dir, else a local one."""
+    """An HTTP client if a server runs for this state dir (or ``STITCHWORK_URL`` names one), else a local one.
+
+    Raises:
+        ConfigError: no server, and the server side is not installed here (the light client install).
+    """
     url = running_server(config)
     if url is None:
+        try:
+            from stitchwork.interfaces.cli.local import LocalClient
+        except ImportError as exc:
+            raise ConfigError(
+                f"no `stitchwork up` is running for {config.state_dir} and this install cannot open the platform "
+                f"itself (no module {(exc.name or '?').split('.')[0]!r}): set STITCHWORK_URL (and STITCHWORK_TOKEN) "
+                "to a running server, or run: pip install 'stitchwork[server]'"
+            ) from exc
         return LocalClient(config)
     token = os.environ.get("STITCHWORK_TOKEN")
     if not token:

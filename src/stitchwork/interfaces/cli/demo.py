@@ -1,4 +1,4 @@
-"""``stitchwork demo``: the inbox-assistant scenario."""
+"""``stitchwork demo [inbox|mcp]``: the inbox-assistant scenario, or a LangGraph agent with upstream MCP servers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from stitchwork.errors import ConfigError, StitchworkError
-from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail
+from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail, server_side
 
 
 def demo(
@@ -19,17 +19,17 @@ def demo(
 ) -> None:
     """A scenario with a SCRIPTED model that obeys a prompt injection: ``inbox`` (an API key exfiltration through
     sandboxed tools) or ``mcp`` (a LangGraph agent using real upstream MCP servers through /mcp)."""
-    from stitchwork.demo.scenario import run_demo
+    run_demo = server_side("stitchwork.demo.scenario", "stitchwork demo").run_demo
 
     if scenario not in {"inbox", "mcp"}:
         fail(ConfigError(f"unknown demo scenario {scenario!r}; known: inbox, mcp"))
     try:
         if scenario == "mcp":
-            from stitchwork.demo.mcp_scenario import run_mcp_demo
-            from stitchwork.interfaces.http.app import create_app
-
-            ok = run_mcp_demo(config_from(config_path), lambda service: create_app(service, expiry_interval_s=3600),
-                              state_dir=state_dir, console=console, npm_prefix=npm_prefix)
+            scenario_mcp = server_side("stitchwork.demo.mcp_scenario", "stitchwork demo mcp")
+            http = server_side("stitchwork.interfaces.http.app", "stitchwork demo mcp")
+            ok = scenario_mcp.run_mcp_demo(config_from(config_path),
+                                           lambda service: http.create_app(service, expiry_interval_s=3600),
+                                           state_dir=state_dir, console=console, npm_prefix=npm_prefix)
         else:
             ok = run_demo(config_from(config_path), state_dir=state_dir, console=console)
     except StitchworkError as exc:

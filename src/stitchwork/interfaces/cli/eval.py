@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from stitchwork.errors import StitchworkError
+from stitchwork.interfaces.cli._common import console, err, escape, server_side
 
 eval_app = typer.Typer(help="Evaluate the gateway against public benchmarks.", no_args_is_help=True)
 
@@ -28,9 +27,9 @@ def agentdojo(
     show_tools: bool = typer.Option(False, "--show-tools", help="Print how each tool was classified and exit."),
 ) -> None:
     """Runs AgentDojo's suites in the worst case (the planner obeys the attacker) through the real gateway."""
-    from stitchwork.eval.agentdojo import SUITES, evaluate, require_agentdojo, tool_manifests
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    harness = server_side("stitchwork.eval.agentdojo", "stitchwork eval agentdojo")
+    SUITES, evaluate, require_agentdojo, tool_manifests = (
+        harness.SUITES, harness.evaluate, harness.require_agentdojo, harness.tool_manifests)
     try:
         require_agentdojo()
         suites = tuple(suite) if suite else SUITES
@@ -45,10 +44,10 @@ def agentdojo(
             return
         report = asyncio.run(evaluate(suites=suites, benchmark_version=benchmark_version,
                                       policy_dirs=tuple(policy_dir or ()),
-                                      progress=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False)))
+                                      progress=lambda m: err.print(f"[dim]{escape(m)}[/dim]", highlight=False)))
     except StitchworkError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
     totals = report.totals()
     table = Table(title=f"AgentDojo {benchmark_version}, worst case (no model), gateway vs no gateway")
     for column in ("suite", "pairs", "scorable", "attacks ok (policy, deny)", "attacks ok (no gateway)",

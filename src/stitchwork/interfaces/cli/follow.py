@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from stitchwork.config import Config
-from stitchwork.errors import AuthError, ConfigError, RunError
+from stitchwork.errors import AuthError, ConfigError, RunError, RunTimedOut
 from stitchwork.interfaces.cli.client import running_server, token_file
 
 STOP_KINDS = {"finished", "waiting_approval"}
@@ -63,7 +63,7 @@ def follow_events(url: str, token: str, run_id: str, on_event: Callable[[dict[st
             if failures > retries:
                 raise RunError(f"lost the event stream of {run_id} {failures} times: {exc}") from exc
             time.sleep(min(2.0, 0.1 * failures))
-    raise RunError(f"run {run_id} did not finish within {timeout_s:.0f}s")
+    raise RunTimedOut(f"run {run_id} did not finish within {timeout_s:.0f}s")
 
 
 def run_and_follow(config: Config, agent: str, task: str, model: str | None,
@@ -100,25 +100,15 @@ def describe(event: dict[str, Any]) -> str:
 
 
 def follow_command(config_path: Any, agent: str, task: str, model: str | None, as_json: bool) -> None:
-    """The body of `stitchwork run --follow` (prints events, then the run; exit code 2 on errors)."""
-    import typer
-    from rich.console import Console
-
+    """The body of `stitchwork run --follow`: prints events, then the run; exits with the run's code."""
     from stitchwork.config import load_config
     from stitchwork.errors import StitchworkError
+    from stitchwork.interfaces.cli._common import console, exit_for_run, fail, show_run
 
-    console, err = Console(), Console(stderr=True)
     try:
         record = run_and_follow(load_config(config_path), agent, task, model,
-                                lambda event: console.print(describe(event), highlight=False))
+                                lambda event: console.print(describe(event), highlight=False, markup=False))
     except StitchworkError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    if as_json:
-        console.print_json(json.dumps(record, default=str))
-        return
-    console.print(f"run {record['id']}: [bold]{record['status']}[/] after {record['steps']} tool calls")
-    if record.get("result"):
-        console.print(record["result"])
-    if record.get("error"):
-        err.print(f"[red]{record['error']}[/]")
+        fail(exc)
+    show_run(record, as_json)
+    exit_for_run(record)

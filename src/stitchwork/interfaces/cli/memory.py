@@ -23,12 +23,11 @@ __all__ = ["register"]
 
 def _call(config: Config, method: str, path: str, local: Callable[[Platform], Any], **http: Any) -> Any:
     """``method path`` on the running server, else ``local(platform)`` on a platform opened here."""
-    from stitchwork.interfaces.cli.client import HttpClient, LocalClient, connect
+    from stitchwork.interfaces.cli.client import HttpClient, connect
 
     client = connect(config)
     if isinstance(client, HttpClient):
         return client._call(method, path, **http)
-    assert isinstance(client, LocalClient)
 
     async def run(service: Any) -> Any:
         return local(service.platform)
@@ -38,8 +37,24 @@ def _call(config: Config, method: str, path: str, local: Callable[[Platform], An
 
 def register(app: typer.Typer) -> None:
     """Adds the ``memory`` command group."""
-    from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, fail, print_rows
-    from stitchwork.service import memory as api
+    from stitchwork.interfaces.cli._common import (
+        ConfigOpt,
+        FormatOpt,
+        JsonOpt,
+        config_from,
+        console,
+        fail,
+        output_format,
+        print_rows,
+    )
+
+    class _Api:  # stitchwork.service.memory, imported only when the platform opens in this process
+        def __getattr__(self, name: str) -> Any:
+            from stitchwork.service import memory
+
+            return getattr(memory, name)
+
+    api = _Api()
 
     memory_app = typer.Typer(help="Agent memory: list, search, and who may read whose.", no_args_is_help=True)
     app.add_typer(memory_app, name="memory")
@@ -49,7 +64,8 @@ def register(app: typer.Typer) -> None:
         agent: str = typer.Argument(None, help="An agent: list its items (default: list agents with memory)."),
         namespace: str = typer.Option(None, "--namespace", "-n", help="Only this namespace."),
         limit: int = typer.Option(100, "--limit", help="Most items shown."),
-        fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+        fmt: str = FormatOpt,
+        as_json: bool = JsonOpt,
         config_path: Path | None = ConfigOpt,
     ) -> None:
         """Agents with memory, or one agent's items (newest first) with their provenance."""
@@ -60,14 +76,16 @@ def register(app: typer.Typer) -> None:
                          params=params)
         except StitchworkError as exc:
             fail(exc)
-        print_rows(rows, fmt, title="memory" if agent is None else f"memory of {agent}")
+        print_rows(rows, output_format(fmt, as_json), title="memory" if agent is None else f"memory of {agent}",
+                   empty="no agent has memory yet" if agent is None else f"no memory items for {agent}")
 
     @memory_app.command("search")
     def memory_search(
         agent: str = typer.Argument(..., help="Whose memory."),
         query: str = typer.Argument(..., help="Words to look for (BM25, any term)."),
         limit: int = typer.Option(10, "--limit"),
-        fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+        fmt: str = FormatOpt,
+        as_json: bool = JsonOpt,
         config_path: Path | None = ConfigOpt,
     ) -> None:
         """Full-text search of one agent's memory."""
@@ -76,7 +94,8 @@ def register(app: typer.Typer) -> None:
                          lambda p: api.search(p, agent, query, limit), params={"q": query, "limit": limit})
         except StitchworkError as exc:
             fail(exc)
-        print_rows(rows, fmt, title=f"memory of {agent}: {query}")
+        print_rows(rows, output_format(fmt, as_json), title=f"memory of {agent}: {query}",
+                   empty=f"nothing in {agent}'s memory matches {query!r}")
 
     def _change(verb: str, owner: str, grantee: str, namespace: str, write: bool, config_path: Path | None) -> None:
         mode: Literal["read", "write"] = "write" if write else "read"
@@ -89,7 +108,7 @@ def register(app: typer.Typer) -> None:
         except StitchworkError as exc:
             fail(exc)
         what = f"{mode} {owner}'s memory" + ("" if namespace == "*" else f" (namespace {namespace})")
-        console.print(f"{grantee} may {what}" if verb == "grant" else f"{grantee} may no longer {what}")
+        console.print(f"{grantee} may {what}" if verb == "grant" else f"{grantee} may no longer {what}", markup=False)
 
     namespace_opt = typer.Option("*", "--namespace", "-n", help="One namespace (default: all).")
     write_opt = typer.Option(False, "--write", help="A write grant (the memory tools write only one's own memory).")
@@ -119,7 +138,8 @@ def register(app: typer.Typer) -> None:
     @memory_app.command("grants")
     def memory_grants(
         owner: str = typer.Argument(None, help="Only this owner's grants."),
-        fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+        fmt: str = FormatOpt,
+        as_json: bool = JsonOpt,
         config_path: Path | None = ConfigOpt,
     ) -> None:
         """Who may read whose memory."""
@@ -128,4 +148,5 @@ def register(app: typer.Typer) -> None:
                          params={"owner": owner} if owner else {})
         except StitchworkError as exc:
             fail(exc)
-        print_rows(rows, fmt, title="memory grants")
+        print_rows(rows, output_format(fmt, as_json), title="memory grants",
+                   empty="no memory grants" + (f" for {owner}'s memory" if owner else ""))

@@ -12,44 +12,32 @@ import tempfile
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from stitchwork.errors import StitchworkError
-from stitchwork.isolation._base import SANDBOXES, Command, Limits, Mount, SandboxResult, SandboxSpec, open_sandbox
+from stitchwork.interfaces.cli._common import JsonOpt, console, err, escape, fail, print_json, server_side, working
+from stitchwork.isolation._base import Command, Limits, Mount, SandboxResult, SandboxSpec, open_sandbox
+from stitchwork.isolation.availability import backend_status
 
-console = Console()
 sandbox_app = typer.Typer(help="Run programs in sandboxes; prepare and benchmark the backends.", no_args_is_help=True)
-
-#: Every backend scheme, in the order ``doctor`` lists them.
-BACKENDS = ("wasm", "bwrap", "gvisor", "firecracker", "nanos", "inline")
-
-
-def backend_status() -> list[tuple[str, bool, str]]:
-    """(scheme, usable here, why not) for every backend."""
-    rows = []
-    for name in BACKENDS:
-        try:
-            cls = SANDBOXES.load(f"{name}://")
-            ok, reason = cls.available()
-        except StitchworkError as exc:
-            ok, reason = False, str(exc)
-        rows.append((name, bool(ok), reason))
-    return rows
 
 
 @sandbox_app.command("prepare")
-def prepare_cmd(cache: Path | None = typer.Option(None, help="Cache directory (default: XDG cache).")) -> None:
+def prepare_cmd(cache: Path | None = typer.Option(None, help="Cache directory (default: XDG cache)."),
+                as_json: bool = JsonOpt) -> None:
     """Compile the CPython WASI module once and cache it (the first compile takes seconds)."""
-    from stitchwork.isolation import wasm
-
+    wasm = server_side("stitchwork.isolation.wasm", "stitchwork sandbox prepare")
     try:
-        path, compiled, seconds = wasm.prepare(cache)
+        with working("compiling the CPython WASI module for wasm:// (once; about 20 s)"):
+            path, compiled, seconds = wasm.prepare(cache)
     except StitchworkError as exc:
-        console.print(f"[red]wasm:// not prepared:[/red] {exc}")
+        err.print(f"[red]wasm:// not prepared:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
+    if as_json:
+        print_json({"path": str(path), "compiled": compiled, "seconds": round(seconds, 3)})
+        return
     verb = "compiled" if compiled else "already cached"
-    console.print(f"wasm:// module {verb}: {path} ({seconds:.1f} s)")
+    console.print(f"wasm:// module {verb}: {path} ({seconds:.1f} s)", markup=False)
 
 
 def _parse_dir(value: str) -> Mount:
@@ -80,7 +68,10 @@ def run_cmd(
     if not uri:
         from stitchwork.config import load_config
 
-        uri = load_config().isolation.default
+        try:
+            uri = load_config().isolation.default
+        except StitchworkError as exc:
+            fail(exc)
     mounts = tuple(_parse_dir(d) for d in dirs)
     if len(args) == 1 and args[0].endswith(".py") and Path(args[0]).is_file():
         script = Path(args[0]).resolve()
@@ -98,9 +89,10 @@ def run_cmd(
             return await sandbox.run(spec)
 
     try:
-        result = asyncio.run(go())
+        with working(f"running in {uri}"):
+            result = asyncio.run(go())
     except StitchworkError as exc:
-        console.print(f"[red]{uri}:[/red] {exc}")
+        err.print(f"[red]{escape(uri)}:[/red] {escape(str(exc))}")
         _hint_backends()
         raise typer.Exit(2) from exc
     sys.stdout.buffer.write(result.stdout)
@@ -118,7 +110,7 @@ def run_cmd(
 
 def _hint_backends() -> None:
     usable = [name for name, ok, _ in backend_status() if ok and name != "inline"]
-    console.print(f"backends usable on this host: {', '.join(f'{n}://' for n in usable) or 'none'} "
+    err.print(f"backends usable on this host: {', '.join(f'{n}://' for n in usable) or 'none'} "
                   "(`stitchwork doctor` says why not the others)")  # fmt: skip
 
 
@@ -135,22 +127,19 @@ def bench_cmd(
     raise typer.Exit(subprocess.call(argv))
 
 
-def doctor() -> None:
+def doctor(as_json: bool = JsonOpt) -> None:
     """Which sandbox backends this host supports (and why not the others), plus configuration warnings."""
     from stitchwork.config import load_config
 
-    table = Table("backend", "usable", "why not / notes")
-    for name, ok, reason in backend_status():
-        table.add_row(f"{name}://", "[green]yes[/green]" if ok else "[red]no[/red]", reason)
-    console.print(table)
+    backends = backend_status()
     warnings = []
     try:
         config = load_config()
     except StitchworkError as exc:
-        console.print(f"[red]config:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        err.print(f"[red]config:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
     default = config.isolation.default
-    status = {f"{n}://": ok for n, ok, _ in backend_status()}
+    status = {f"{n}://": ok for n, ok, _ in backends}
     scheme = default.split("://", 1)[0] + "://"
     if not status.get(scheme, False):
         warnings.append(f"the default sandbox {default} is not usable here; tools without their own sandbox fail")
@@ -163,7 +152,7 @@ def doctor() -> None:
         loopback = host == "localhost"
     if not loopback:
         warnings.append(f"the control plane binds {host}, not loopback: it is reachable from the network")
-    if scheme == "wasm://":
+    if scheme == "wasm://" and status.get("wasm://"):
         from stitchwork.isolation import wasm
 
         if not wasm.cwasm_path().exists():
@@ -177,8 +166,16 @@ def doctor() -> None:
             )
     if os.environ.get("STITCHWORK_VAULT_KEY"):
         warnings.append("STITCHWORK_VAULT_KEY is set in the environment: every child process of this shell sees it")
+    if as_json:
+        print_json({"backends": [{"backend": f"{n}://", "usable": ok, "why_not": reason} for n, ok, reason in backends],
+                    "warnings": warnings})
+        return
+    table = Table("backend", "usable", "why not / notes")
+    for name, ok, reason in backends:
+        table.add_row(f"{name}://", "[green]yes[/green]" if ok else "[red]no[/red]", escape(reason))
+    console.print(table)
     for warning in warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if not warnings:
         console.print("[green]no warnings[/green]")
 

@@ -8,7 +8,16 @@ from pathlib import Path
 import typer
 
 from stitchwork.errors import StitchworkError
-from stitchwork.interfaces.cli._common import ConfigOpt, client_for, config_from, console, fail
+from stitchwork.interfaces.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    client_for,
+    config_from,
+    console,
+    fail,
+    nothing,
+    print_json,
+)
 
 
 def secrets_set(name: str, value: str = typer.Option(None, "--value", help="The value (default: read stdin)."),
@@ -20,17 +29,22 @@ def secrets_set(name: str, value: str = typer.Option(None, "--value", help="The 
         client_for(config_from(config_path)).secret_set(name, value)
     except StitchworkError as exc:
         fail(exc)
-    console.print(f"secret {name!r} stored")
+    console.print(f"secret {name!r} stored", markup=False)
 
 
-def secrets_list(config_path: Path | None = ConfigOpt) -> None:
-    """Names of stored secrets (never values)."""
+def secrets_list(as_json: bool = JsonOpt, config_path: Path | None = ConfigOpt) -> None:
+    """Names of stored secrets (never values), one a line."""
     try:
         names = client_for(config_from(config_path)).secret_names()
     except StitchworkError as exc:
         fail(exc)
+    if as_json:
+        print_json(names)
+        return
+    if not names:
+        nothing("no secrets stored")
     for name in names:
-        console.print(name)
+        console.print(name, markup=False)
 
 
 def secrets_rm(name: str, config_path: Path | None = ConfigOpt) -> None:
@@ -39,7 +53,7 @@ def secrets_rm(name: str, config_path: Path | None = ConfigOpt) -> None:
         client_for(config_from(config_path)).secret_delete(name)
     except StitchworkError as exc:
         fail(exc)
-    console.print(f"secret {name!r} removed")
+    console.print(f"secret {name!r} removed", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from stitchwork.errors import StitchworkError
-from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, err, fail
+from stitchwork.interfaces.cli._common import ConfigOpt, config_from, console, err, escape, fail, server_side
 
 
 def up(
@@ -18,18 +19,20 @@ def up(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Serve the control plane (HTTP API + OpenAPI) until interrupted."""
-    import uvicorn
-
+    uvicorn = server_side("uvicorn", "stitchwork up")
+    create_app = server_side("stitchwork.interfaces.http.app", "stitchwork up").create_app
+    start_local_bus = server_side("stitchwork.messaging.embedded", "stitchwork up").start_local_bus
+    Platform = server_side("stitchwork.platform", "stitchwork up").Platform
+    Service = server_side("stitchwork.service", "stitchwork up").Service
     from stitchwork.interfaces.cli.client import server_file, token_file
-    from stitchwork.interfaces.http.app import create_app
-    from stitchwork.messaging.embedded import start_local_bus
-    from stitchwork.platform import Platform
-    from stitchwork.service import Service
 
     try:
         config = config_from(config_path)
         bind_host = host or config.server.host
         bind_port = port or config.server.port
+        if not config.dashboard.public_url:  # links in approval notifications point at this server
+            host_part = f"[{bind_host}]" if ":" in bind_host else bind_host
+            config = config.replace(dashboard=replace(config.dashboard, public_url=f"http://{host_part}:{bind_port}"))
         if bind_host not in {"127.0.0.1", "localhost", "::1"}:
             err.print(f"[yellow]warning:[/] binding to {bind_host}: the API is reachable from other machines")
         # The embedded nats-server (unless [messaging] bus names one) starts first: the platform's events hub uses it.
@@ -47,11 +50,14 @@ def up(
         path = token_file(config)
         path.write_text(token + "\n")
         os.chmod(path, 0o600)
-        console.print(f"[bold]operator token (shown once; also saved to {path}, mode 0600):[/] {token}")
+        console.print(f"[bold]operator token (shown once; also saved to {escape(str(path))}, mode 0600):[/] {token}")
     url = f"http://{bind_host}:{bind_port}"
     server_file(config).write_text(json.dumps({"url": url, "pid": os.getpid()}))
-    console.print(f"Stitchwork control plane on {url} (OpenAPI: {url}/openapi.json); state in {config.state_dir}")
-    console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False)
+    console.print(f"Stitchwork control plane on {url} (OpenAPI: {url}/openapi.json); state in {config.state_dir}",
+                  markup=False)
+    if config.dashboard.enabled:
+        console.print(f"Dashboard: {url}/ui/ (sign in with the operator token)", highlight=False, markup=False)
+    console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False, markup=False)
     try:
         uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")
     finally:

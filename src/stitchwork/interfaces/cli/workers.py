@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stitchwork.config import load_config
 from stitchwork.errors import StitchworkError
-
-console = Console()
-err = Console(stderr=True)
+from stitchwork.interfaces.cli._common import (
+    ConfigOpt,
+    FormatOpt,
+    JsonOpt,
+    console,
+    exit_for_run,
+    fail,
+    group,
+    output_format,
+    print_json,
+    print_rows,
+    server_side,
+    working,
+)
+from stitchwork.interfaces.cli.runs import RUNS_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -30,18 +39,16 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Option("", "--name", help="Worker name (default host-pid); its state dir is "
                                  "<state>/workers/<name>."),
         ack_wait: float = typer.Option(None, "--ack-wait", help="Seconds before an unacknowledged job moves on."),
-        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+        config_path: Path | None = ConfigOpt,
     ) -> None:
         """Process runs from the durable run queue until interrupted (any number of workers share it)."""
-        from stitchwork.messaging.embedded import bus_uri
-        from stitchwork.platform import open_worker
-
+        bus_uri = server_side("stitchwork.messaging.embedded", "stitchwork worker").bus_uri
+        open_worker = server_side("stitchwork.platform", "stitchwork worker").open_worker
         try:
             config = load_config(config_path)
             uri = bus or bus_uri(config)
         except StitchworkError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            fail(exc)
         m = config.messaging
 
         async def serve() -> None:
@@ -60,8 +67,7 @@ def register(app: typer.Typer) -> None:
         try:
             asyncio.run(serve())
         except StitchworkError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            fail(exc)
 
     @app.command()
     def submit(
@@ -70,9 +76,13 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, "--model", help="Model URI (overrides the agent's)."),
         wait: bool = typer.Option(False, "--wait", help="Wait until the run finishes (or waits for approval)."),
         bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
-        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+        config_path: Path | None = ConfigOpt,
     ) -> None:
-        """Put a run on the durable queue for `stitchwork worker`; prints its id (or, with --wait, its result)."""
+        """Put a run on the durable queue for `stitchwork worker`; prints its id (or, with --wait, its result).
+
+        With --wait, exits with the run's outcome: 0 completed, 1 failed, 3 denied, 4 waiting for approval,
+        5 timed out.
+        """
         from stitchwork.messaging._base import open_bus
         from stitchwork.messaging.embedded import bus_uri
         from stitchwork.workers.queue import enqueue_run, wait_for_run
@@ -92,14 +102,14 @@ def register(app: typer.Typer) -> None:
                     await opened.aclose()
 
         try:
-            result = asyncio.run(go())
+            with working("waiting for the run" if wait else "queueing the run"):
+                result = asyncio.run(go())
         except StitchworkError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
-        console.print_json(json.dumps({k: v for k, v in result.items() if k != "messages"}, default=str))
+            fail(exc)
+        print_json({k: v for k, v in result.items() if k != "messages"})
+        exit_for_run(result)
 
-    runs_app = typer.Typer(help="Runs on the durable queue: dead letters and re-submission.", no_args_is_help=True)
-    app.add_typer(runs_app, name="runs")
+    runs_app = group(app, "runs", RUNS_HELP)
 
     def _on_bus(bus: str | None, config_path: Path | None, act: Any) -> Any:
         from stitchwork.messaging._base import open_bus
@@ -118,35 +128,30 @@ def register(app: typer.Typer) -> None:
         try:
             return asyncio.run(go())
         except StitchworkError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            fail(exc)
 
     @runs_app.command("dead")
     def runs_dead(
-        fmt: str = typer.Option("table", "--format", help="table | json"),
+        fmt: str = FormatOpt,
+        as_json: bool = JsonOpt,
         bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
-        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+        config_path: Path | None = ConfigOpt,
     ) -> None:
         """List runs given up on (dead letters): why, after how many attempts, by which worker."""
         from stitchwork.workers.deadletters import dead_letters
 
+        fmt = output_format(fmt, as_json)
         letters = _on_bus(bus, config_path, lambda b, s: dead_letters(b, subjects=s))
-        if fmt == "json":
-            console.print_json(json.dumps(letters, default=str))
-            return
-        table = Table(title="dead letters")
-        for column in ("run_id", "retryable", "attempts", "worker", "error"):
-            table.add_column(column, overflow="fold")
-        for letter in letters:
-            table.add_row(str(letter.get("run_id")), str(letter.get("retryable")), str(letter.get("attempts")),
-                          str(letter.get("worker")), str(letter.get("error")))
-        console.print(table)
+        if fmt != "json":
+            letters = [{k: letter.get(k) for k in ("run_id", "retryable", "attempts", "worker", "error")}
+                       for letter in letters]
+        print_rows(letters, fmt, title="dead letters", empty="no dead letters")
 
     @runs_app.command("resubmit")
     def runs_resubmit(
         run_id: str = typer.Argument(..., help="A dead-lettered run."),
         bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
-        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+        config_path: Path | None = ConfigOpt,
     ) -> None:
         """Put a dead-lettered run back on the queue (it resumes from its last checkpoint)."""
         from stitchwork.workers.deadletters import resubmit
@@ -162,12 +167,12 @@ def register(app: typer.Typer) -> None:
                                         "platform's database: run it while `stitchwork up` is stopped)."),
         follow: bool = typer.Option(False, "--follow", help="Keep exporting new events until interrupted."),
         bus: str = typer.Option(None, "--bus", help="Bus URI (default: [messaging] bus)."),
-        config_path: Path | None = typer.Option(None, "--config", "-c", help="TOML config file."),
+        config_path: Path | None = ConfigOpt,
     ) -> None:
         """Stream run events (and, with --audit-topic, the audit log) into Kafka; resumes where it stopped."""
+        KafkaSink = server_side("stitchwork.messaging.kafka", "stitchwork kafka-export").KafkaSink
         from stitchwork.messaging._base import open_bus
         from stitchwork.messaging.embedded import bus_uri
-        from stitchwork.messaging.kafka import KafkaSink
         from stitchwork.workers.export import export_audit, export_events
         from stitchwork.workers.subjects import Subjects
 
@@ -208,8 +213,7 @@ def register(app: typer.Typer) -> None:
         try:
             exported, audited = asyncio.run(go())
         except StitchworkError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            fail(exc)
         console.print(f"exported {exported} run events to {events_topic}"
                       + (f" and {audited} audit events to {audit_topic}" if audit_topic else ""))
 

@@ -25,7 +25,18 @@ from stitchwork.errors import (
     UnknownAgent,
     UnknownTool,
 )
-from stitchwork.interfaces.http import a2a, audit, control, events, mcp, memory, models, sessions
+from stitchwork.interfaces.http import (
+    a2a,
+    audit,
+    control,
+    dashboard,
+    events,
+    mcp,
+    memory,
+    models,
+    notifications,
+    sessions,
+)
 from stitchwork.interfaces.http._auth import bearer
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service
@@ -39,11 +50,16 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
     sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
     a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
+    dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
+    notifications.mount,  # pending approvals posted to [notifications] webhooks
 )
 """Every route group of the control plane. A new group is one line here."""
 
 MCP_PATHS = frozenset({"/mcp"})
 """Paths that authenticate with a run token themselves (the MCP door)."""
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+"""Paths served without a token: the liveness probe (containers, load balancers) says only that the server answers."""
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
@@ -79,7 +95,11 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path in PUBLIC_PATHS:
+            return await call_next(request)
         token = bearer(request)
+        if dashboard.owns(request.url.path):
+            return await call_next(request)  # the dashboard signs operators in itself (session cookie + CSRF)
         if request.url.path.startswith("/v1/agent/") or request.url.path in RUN_TOKEN_PATHS | MCP_PATHS:
             request.state.run_token = token
             return await call_next(request)

@@ -32,8 +32,14 @@ class SecretIn(BaseModel):
 
 
 def mount(app: FastAPI, service: Service) -> None:
-    """Adds ``/v1/health``, ``/v1/runs``, ``/v1/approvals``, ``/v1/audit/{tail,query,verify}``, ``/v1/secrets``
+    """Adds ``/healthz`` (no token), ``/v1/health``,
+    ``/v1/runs``, ``/v1/approvals``, ``/v1/audit/{tail,query,verify}``, ``/v1/secrets``
     and ``/v1/agent/tools/{name}`` (run token)."""
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        """Liveness, without a token (``PUBLIC_PATHS``): the process serves requests. Nothing else is said."""
+        return {"status": "ok"}
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -47,8 +53,8 @@ def mount(app: FastAPI, service: Service) -> None:
         return service.start_background(body.agent, body.task, model=body.model)
 
     @app.get("/v1/runs")
-    async def list_runs(limit: int = 50) -> list[dict[str, Any]]:
-        return service.list_runs(limit=min(max(limit, 1), 1000))
+    async def list_runs(limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
+        return service.list_runs(limit=min(max(limit, 1), 1000), status=status)
 
     @app.get("/v1/runs/{run_id}")
     async def get_run(run_id: str) -> dict[str, Any]:

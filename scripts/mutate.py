@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Mutation testing of Stitchwork's security core: one small change at a time, run against the module's own tests.
+
+A mutant is a copy of the source tree with exactly one change in one module (a flipped comparison, ``and``/``or``
+swapped, a negated condition, a changed constant, a deleted statement, ``return None``). Each mutant runs the test
+files mapped to its module (``[tool.stitchwork.mutation]`` in ``pyproject.toml``); it is *killed* when they fail or
+time out and *survives* when they pass. A surviving mutant is a behaviour no test pins down: add a test, or list it
+in ``tests/mutation_equivalents.txt`` with the reason it cannot change behaviour.
+
+Usage::
+
+    python3 scripts/mutate.py                         # every configured module (slow: minutes per module)
+    python3 scripts/mutate.py security/taint.py       # one module (a path under src/stitchwork)
+    python3 scripts/mutate.py --sample 20 --seed 1    # a random sample of 20 mutants per module (quick mode)
+    python3 scripts/mutate.py --list security/taint.py  # the mutants, without running anything
+    python3 scripts/mutate.py --json out.json          # also write every result as JSON
+
+Exit status: 0 when every module meets ``min_score`` (equivalents excluded), 1 otherwise, 2 on bad usage or when
+the unmutated tests fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+PACKAGE = SRC / "stitchwork"
+EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
+
+_FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {
+    ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt,
+    ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
+}
+_BOUNDARY: dict[type[ast.cmpop], type[ast.cmpop]] = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}
+_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.In: "in",
+        ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    """One change: where (module, line, column), what (a short description), and which node it applies to."""
+
+    module: str
+    """The path under ``src/stitchwork``, e.g. ``security/taint.py``."""
+    line: int
+    col: int
+    description: str
+    node_index: int
+    """The position of the mutated node in the module's ``ast.walk`` order."""
+    variant: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.line}: {self.description}"
+
+
+@dataclasses.dataclass
+class Result:
+    mutant: Mutant
+    status: str
+    """``killed``, ``survived``, ``timeout`` (counted as killed) or ``equivalent``."""
+    seconds: float
+    detail: str = ""
+
+
+def _skipped_nodes(tree: ast.AST) -> set[int]:
+    """Nodes never mutated: docstrings, annotations, ``__all__`` and ``TYPE_CHECKING`` blocks, logging calls."""
+    skip: set[int] = set()
+
+    def mark(node: ast.AST | None) -> None:
+        if node is not None:
+            skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                    first.value.value, str):
+                mark(first)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            mark(node)  # attribute docstrings
+        if isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        if isinstance(node, ast.arg):
+            mark(node.annotation)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            mark(node.returns)
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            mark(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            mark(node)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(
+                node.func.value, ast.Name) and node.func.value.id in {"log", "logger", "logging"}:
+            mark(node)
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            mark(node)
+    return skip
+
+
+def _constant_variants(value: object) -> list[tuple[Any, str]]:
+    if isinstance(value, bool):
+        return [(not value, f"{value} -> {not value}")]
+    if isinstance(value, int):
+        return [(value + 1, f"{value} -> {value + 1}")] + ([(value - 1, f"{value} -> {value - 1}")] if value else [])
+    if isinstance(value, float):
+        return [(value * 2 + 1, f"{value} -> {value * 2 + 1}")]
+    if isinstance(value, str):
+        return [("", f"{value[:20]!r} -> ''")] if value else [("XX", "'' -> 'XX'")]
+    return []
+
+
+def _deletable(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr | ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Raise | ast.Return
+                      | ast.Continue | ast.Break | ast.If | ast.For | ast.With | ast.Try) and not (
+        isinstance(stmt, ast.AnnAssign) and stmt.value is None)
+
+
+def enumerate_mutants(module: str, source: str) -> list[Mutant]:
+    """Every mutant of one module, in a stable order."""
+    tree = ast.parse(source)
+    skip = _skipped_nodes(tree)
+    found: list[Mutant] = []
+    for index, node in enumerate(ast.walk(tree)):
+        if id(node) in skip:
+            continue
+        line, col = getattr(node, "lineno", 0), getattr(node, "col_offset", 0)
+
+        def add(description: str, variant: int = 0, *, line: int = line, col: int = col, index: int = index) -> None:
+            found.append(Mutant(module, line, col, description, index, variant))
+
+        if isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                flipped = _FLIP.get(type(op))
+                if flipped is not None:
+                    add(f"{_OPS[type(op)]} -> {_OPS[flipped]}", i * 2)
+                boundary = _BOUNDARY.get(type(op))
+                if boundary is not None:
+                    add(f"{_OPS[type(op)]} -> {_OPS[boundary]}", i * 2 + 1)
+        elif isinstance(node, ast.BoolOp):
+            add("and -> or" if isinstance(node.op, ast.And) else "or -> and")
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            add("not x -> x")
+        elif isinstance(node, ast.If | ast.While | ast.IfExp | ast.Assert):
+            add("condition negated")
+        elif isinstance(node, ast.Constant) and not isinstance(node.value, bytes):
+            for i, (_value, description) in enumerate(_constant_variants(node.value)):
+                add(f"constant {description}", i)
+        elif isinstance(node, ast.Return) and node.value is not None and not (
+                isinstance(node.value, ast.Constant) and node.value.value is None):
+            add("return ... -> return None")
+        if isinstance(node, ast.stmt) and _deletable(node):
+            add(f"statement deleted ({type(node).__name__.lower()})", 100)
+    return found
+
+
+class _Apply(ast.NodeTransformer):
+    def __init__(self, mutant: Mutant, targets: dict[int, int]) -> None:
+        self.mutant = mutant
+        self.targets = targets  # id(node) -> walk index
+
+    def visit(self, node: ast.AST) -> ast.AST | None:
+        if self.targets.get(id(node)) != self.mutant.node_index:
+            return self.generic_visit(node)
+        m = self.mutant
+        if m.variant == 100:  # statement deleted
+            return ast.Pass()
+        if isinstance(node, ast.Compare):
+            i, boundary = divmod(m.variant, 2)
+            table = _BOUNDARY if boundary else _FLIP
+            node.ops[i] = table[type(node.ops[i])]()
+        elif isinstance(node, ast.BoolOp):
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif isinstance(node, ast.UnaryOp):
+            return node.operand
+        elif isinstance(node, ast.If | ast.While | ast.IfExp | ast.Assert):
+            node.test = ast.UnaryOp(op=ast.Not(), operand=node.test)
+        elif isinstance(node, ast.Constant):
+            node.value = _constant_variants(node.value)[m.variant][0]
+        elif isinstance(node, ast.Return):
+            node.value = ast.Constant(value=None)
+        return node
+
+
+def mutated_source(mutant: Mutant, source: str) -> str:
+    tree = ast.parse(source)
+    targets = {id(node): index for index, node in enumerate(ast.walk(tree))}
+    mutated = _Apply(mutant, targets).visit(tree)
+    assert mutated is not None
+    return ast.unparse(ast.fix_missing_locations(mutated))
+
+
+def load_config() -> dict[str, object]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return dict(data.get("tool", {}).get("stitchwork", {}).get("mutation", {}))
+
+
+def load_equivalents() -> dict[str, str]:
+    """``module:line: description  # reason`` lines of ``tests/mutation_equivalents.txt``."""
+    found: dict[str, str] = {}
+    if EQUIVALENTS.exists():
+        for raw in EQUIVALENTS.read_text().splitlines():
+            if raw.strip() and not raw.lstrip().startswith("#"):
+                key, _, reason = raw.partition("  # ")
+                found[key.strip()] = reason.strip()
+    return found
+
+
+def _pytest(src: Path, tests: list[str], timeout: float) -> tuple[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+               "-o", "addopts=", *tests]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", ""
+    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+    return ("survived" if done.returncode == 0 else "killed"), tail[0]
+
+
+_workdirs: dict[int, Path] = {}
+
+
+def _workdir() -> Path:
+    """A private copy of ``src/`` for this worker thread (made once)."""
+    key = threading.get_ident()
+    if key not in _workdirs:
+        target = Path(tempfile.mkdtemp(prefix="stitchwork-mutant-")) / "src"
+        shutil.copytree(SRC, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        _workdirs[key] = target
+    return _workdirs[key]
+
+
+def run_mutant(mutant: Mutant, source: str, tests: list[str], timeout: float) -> Result:
+    src = _workdir()
+    path = src / "stitchwork" / mutant.module
+    started = time.monotonic()
+    try:
+        path.write_text(mutated_source(mutant, source))
+        status, detail = _pytest(src, tests, timeout)
+    finally:
+        path.write_text(source)
+    return Result(mutant, status, time.monotonic() - started, detail)
+
+
+def iter_modules(config: dict[str, object], only: list[str]) -> Iterator[tuple[str, list[str]]]:
+    modules = config.get("modules", {})
+    if not isinstance(modules, dict):
+        raise SystemExit("[tool.stitchwork.mutation] modules must be a table of module = [test files]")
+    names = only or sorted(modules)
+    for name in names:
+        if name not in modules:
+            raise SystemExit(f"{name} has no tests mapped in [tool.stitchwork.mutation.modules] (pyproject.toml)")
+        if not (PACKAGE / name).is_file():
+            raise SystemExit(f"no module src/stitchwork/{name}")
+        yield name, list(modules[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="paths under src/stitchwork (default: every configured one)")
+    parser.add_argument("--sample", type=int, default=0, help="run a random sample of N mutants per module")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=0, help="seconds per mutant (default: 5x the clean run)")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--json", type=Path, help="write every result to this file")
+    args = parser.parse_args(argv)
+    config = load_config()
+    min_score = float(config.get("min_score", 0.95))  # type: ignore[arg-type]
+    equivalents = load_equivalents()
+    results: list[Result] = []
+    failed = False
+    for module, tests in iter_modules(config, args.modules):
+        source = (PACKAGE / module).read_text()
+        mutants = enumerate_mutants(module, source)
+        if args.sample and len(mutants) > args.sample:
+            mutants = random.Random(f"{args.seed}:{module}").sample(mutants, args.sample)
+        if args.list:
+            for m in mutants:
+                print(m.key)
+            continue
+        status, detail = _pytest(SRC, tests, 1800)
+        if status != "survived":
+            print(f"{module}: its tests fail without any mutation ({detail}); fix them first", file=sys.stderr)
+            return 2
+        started = time.monotonic()
+        _pytest(SRC, tests, 1800)
+        timeout = args.timeout or max(30.0, 5 * (time.monotonic() - started))
+        print(f"== {module}: {len(mutants)} mutants, tests {' '.join(tests)} (timeout {timeout:.0f} s each)",
+              flush=True)
+        mine: list[Result] = []
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_mutant, m, source, tests, timeout)
+                       if m.key not in equivalents else None for m in mutants]
+            for m, future in zip(mutants, futures, strict=True):
+                if future is None:
+                    mine.append(Result(m, "equivalent", 0.0, equivalents[m.key]))
+                    continue
+                result = future.result()
+                mine.append(result)
+                if result.status == "survived":
+                    print(f"  SURVIVED {m.key}", flush=True)
+        counted = [r for r in mine if r.status != "equivalent"]
+        killed = sum(r.status in {"killed", "timeout"} for r in counted)
+        score = killed / len(counted) if counted else 1.0
+        print(f"{module}: {killed}/{len(counted)} killed = {score:.0%} "
+              f"({sum(r.status == 'equivalent' for r in mine)} listed equivalent)", flush=True)
+        failed |= score < min_score
+        results.extend(mine)
+    for workdir in _workdirs.values():
+        shutil.rmtree(workdir.parent, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps([{**dataclasses.asdict(r.mutant), "key": r.mutant.key, "status": r.status,
+                                          "seconds": round(r.seconds, 2), "detail": r.detail} for r in results],
+                                        indent=1))
+    return 1 if failed and not args.list else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The CLI without a server: each operation opens the platform in this process (the ``server`` extra).
+
+Imported only when no ``stitchwork up`` is running (:func:`stitchwork.interfaces.cli.client.connect`), so the light
+client install never loads DuckDB, Cedar or wasmtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from stitchwork.config import Config
+from stitchwork.platform import Platform
+from stitchwork.service import Service
+
+T = TypeVar("T")
+
+
+class LocalClient:
+    """Opens the platform in this process for each operation."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def _with(self, fn: Callable[[Service], Awaitable[T]], *, bus_approvals: bool = False) -> T:
+        async def go() -> T:
+            platform = Platform.open(self.config, bus_approvals=bus_approvals)
+            try:
+                return await fn(Service(platform))
+            finally:
+                await platform.aclose()
+
+        return asyncio.run(go())
+
+    def run(self, agent: str, task: str, model: str | None) -> dict[str, Any]:
+        return self._with(lambda s: s.run(agent, task, model=model))
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.get_run(run_id)))
+
+    def list_runs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.list_runs(limit=limit, status=status)))
+
+    def approvals(self, status: str) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.approvals(status)), bus_approvals=True)
+
+    def decide(self, approval_id: str, approve: bool, note: str) -> dict[str, Any]:
+        return self._with(lambda s: s.decide(approval_id, approve=approve, by="operator:cli", note=note),
+                          bus_approvals=True)
+
+    def audit_tail(self, n: int) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.audit_tail(n)))
+
+    def audit_query(self, sql: str) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.audit_query(sql)))
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.audit_verify()))
+
+    def audit_report(self, name: str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.audit_report(name, since, until)))
+
+    def audit_export(self, to: str, since: float | None = None) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.audit_export(to, since)))
+
+    def audit_compact(self, to: str, older_than_days: float | None = None, upto_seq: int | None = None
+                      ) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.audit_compact(to, older_than_days, upto_seq)))
+
+    def data_retention(self) -> dict[str, int]:
+        return self._with(lambda s: _now(s.data_retention()))
+
+    def secret_set(self, name: str, value: str) -> None:
+        self._with(lambda s: s.secret_set(name, value, by="operator:cli"))
+
+    def secret_names(self) -> list[str]:
+        return self._with(lambda s: _now(s.secret_names()))
+
+    def secret_delete(self, name: str) -> None:
+        self._with(lambda s: s.secret_delete(name, by="operator:cli"))
+
+
+async def _now(value: T) -> T:
+    return value
+
+
+__all__ = ["LocalClient"]
