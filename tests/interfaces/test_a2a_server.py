@@ -256,3 +256,21 @@ def test_trust_label_is_recorded_in_the_run_provenance(tmp_path: Path) -> None:
         import asyncio
 
         asyncio.run(platform.aclose())
+
+
+async def test_an_empty_or_textless_message_fails_the_task_clearly(tmp_path: Path, port: int) -> None:
+    cfg = config(tmp_path, port, [{"content": "x"}])
+    async with serve(cfg, SECRETS) as (service, _), httpx.AsyncClient(timeout=30) as http:
+        url = f"http://127.0.0.1:{port}/a2a/mailer"
+        headers = {"Authorization": f"Bearer {KEY}", "A2A-Version": "1.0"}
+        for parts in ([{"text": "   "}], [{"data": {"k": 1}}]):
+            body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage",
+                    "params": {"message": {"role": "ROLE_USER", "parts": parts, "messageId": uuid.uuid4().hex}}}
+            response = await http.post(url, json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            task = response.json()["result"]["task"]
+            assert task["status"]["state"] == "TASK_STATE_FAILED", task
+            assert "run_error" in json.dumps(task["status"])
+        assert service.platform.runs.list() == []
+        errors = [e for e in events(service.platform, "a2a") if e["decision"] == "error"]
+        assert len(errors) == 2
