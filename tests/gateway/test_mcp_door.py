@@ -63,6 +63,7 @@ async def test_calls_take_the_gateway_path(config: Config, mode: str) -> None:
         assert decisions[0]["data"]["effect"] == "deny" and len(decisions) == 2
         tools = door.events("tool")
         assert [e["tool"] for e in tools] == ["list_inbox", "read_email", "send_email"]
+        door.service.sessions.flush()  # checkpoints are written behind the calls (within flush_s)
         assert door.platform.runs.get(tools[0]["run_id"]).steps == 4
         assert door.platform.audit.verify().ok
 

@@ -195,3 +195,13 @@ def test_cli_session_open_renew_close(config: Config, monkeypatch: pytest.Monkey
     assert again.exit_code != 0 and "already closed" in again.output
     missing = runner.invoke(cli, ["session", "open", "nobody", "x", "-c", str(toml)])
     assert missing.exit_code != 0 and "unknown agent" in missing.output
+
+
+def test_checkpoints_are_written_behind_the_calls(api: Api) -> None:
+    session = api.open()
+    assert api.call(session["token"], "read_email", {"id": "m3"})[1]["status"] == "ok"
+    deadline = time.monotonic() + 20
+    while api.platform.runs.get(session["run_id"]).steps != 1:  # written by the session's flush, not by close
+        assert time.monotonic() < deadline, "the checkpoint was not written"
+        time.sleep(0.05)
+    assert "read_email" in json.dumps(api.platform.runs.get(session["run_id"]).provenance)

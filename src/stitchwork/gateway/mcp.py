@@ -33,6 +33,9 @@ from stitchwork.gateway.core import Gateway
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.tools.manifest import SideEffect, ToolManifest
 
+TOOLS_TTL_MS = 10_000
+"""How long a 2026-07-28 client may cache ``tools/list`` (upstream tool lists rarely change; grants never do)."""
+
 Progress = Callable[[float, str], Awaitable[None]]
 """Reports progress of a waiting call: ``(step, message)``."""
 
@@ -82,6 +85,7 @@ class McpDoor:
         self.gateway = gateway
         self.approval_wait_s = max(0.0, approval_wait_s)
         self.poll_s = max(0.01, poll_s)
+        self._lists: dict[str, tuple[tuple[int, int], list[types.Tool]]] = {}
 
     async def list_tools(self, token: str | None) -> list[types.Tool]:
         """The tools the token's agent is given, sorted by name.
@@ -92,7 +96,13 @@ class McpDoor:
         claims = await self.gateway.authenticate(token, action="tools/list")
         context = self.gateway.context
         granted = context.agents.get(claims.agent, frozenset())
-        return [tool_of(context.tools.get(name)) for name in sorted(granted) if name in context.tools]
+        key = (id(granted), len(context.tools))  # grants are replaced, not changed, when upstream tools change
+        cached = self._lists.get(claims.agent)
+        if cached is not None and cached[0] == key:
+            return list(cached[1])
+        tools = [tool_of(context.tools.get(name)) for name in sorted(granted) if name in context.tools]
+        self._lists[claims.agent] = (key, tools)
+        return list(tools)
 
     async def call_tool(self, token: str | None, name: str, arguments: Mapping[str, Any] | None,
                         progress: Progress | None = None) -> types.CallToolResult:
@@ -158,7 +168,8 @@ def build_server(door: McpDoor, token_of: TokenOf, *, version: str = "") -> Serv
             from mcp.shared.exceptions import MCPError
 
             raise MCPError(code=types.INVALID_REQUEST, message=f"unauthenticated: {exc}") from exc
-        return types.ListToolsResult(tools=tools)
+        # Private to this caller; a client may reuse it briefly instead of listing again around every call.
+        return types.ListToolsResult(tools=tools, ttl_ms=TOOLS_TTL_MS, cache_scope="private")
 
     async def on_call_tool(ctx: ServerRequestContext[Any, Any],
                            params: types.CallToolRequestParams) -> types.CallToolResult:

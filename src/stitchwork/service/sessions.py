@@ -4,8 +4,9 @@
 A session is an ordinary run (a ``runs`` row whose model is ``external``) plus a ``sessions`` row: its expiry, the
 id of its current token and when it was closed. The task is recorded as trusted (user) content in the run's
 provenance; everything tools return is labelled by the gateway as for built-in runs, so taint, approvals, budgets
-and audit are the same. After every tool call the run's steps and provenance are checkpointed
-(:attr:`RunContext.checkpoint <stitchwork.gateway.context.RunContext.checkpoint>`), and a session that is not live
+and audit are the same. After tool calls the run's steps and provenance are checkpointed (one write per session
+within ``flush_s``, and at once on close and shutdown: :attr:`RunContext.checkpoint
+<stitchwork.gateway.context.RunContext.checkpoint>`), and a session that is not live
 in this process (after ``stitchwork up`` restarts) is restored from them on its next call
 (:attr:`GatewayContext.run_loader <stitchwork.gateway.context.GatewayContext.run_loader>`).
 
@@ -16,6 +17,7 @@ revokes the run, so every token of it is refused from then on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -75,13 +77,20 @@ class Sessions:
     Args:
         platform: The open platform (its store keeps the ``sessions`` table; its gateway gets the run loader).
         base_url: The control plane's URL, for the ``mcp_url`` and ``openai_base_url`` handed out (``""``: none).
+        flush_s: How long a session's checkpoint may lag its last tool call (calls within it share one write).
+            A crash of the process within that window loses those calls' provenance; the calls are audited.
     """
 
-    def __init__(self, platform: Platform, *, base_url: str = "") -> None:
+    def __init__(self, platform: Platform, *, base_url: str = "", flush_s: float = 0.05) -> None:
         self.platform = platform
         self.base_url = base_url.rstrip("/")
         platform.store.execute(SESSIONS_TABLE)
         platform.gateway.context.run_loader = self.load_run
+        self.flush_s = flush_s
+        self._records: dict[str, RunRecord] = {}
+        self._dirty: dict[str, RunContext] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        platform._closers = (self.flush, *platform._closers)  # the last checkpoints before the store closes
 
     # -- operator operations ------------------------------------------------------------------------------------
 
@@ -102,6 +111,8 @@ class Sessions:
         record = platform.runs.save(replace(record, messages=({"role": "user", "content": task},)))
         run = self._live(record)
         run.tracker.add(task, Label("user", True))
+        record = platform.runs.save(replace(record, provenance=run.tracker.snapshot()))
+        self._records[record.id] = record
         token = platform.tokens.issue(spec.name, record.id, ttl_s=lifetime)
         claims = platform.tokens.verify(token, audience=platform.gateway.context.audience)
         now = time.time()
@@ -109,7 +120,6 @@ class Sessions:
             "run_id": record.id, "agent": spec.name, "created_at": now, "expires_at": claims.exp, "jti": claims.jti,
             "closed_at": None, "closed_by": None,
         }])
-        await self.checkpoint(run)
         self._emit(record, "session", {"state": "opened", "expires_at": claims.exp})
         await platform.audit.aappend("session", agent=spec.name, run_id=record.id, decision="opened",
                                      data={"by": by, "expires_at": claims.exp, "jti": claims.jti,
@@ -147,6 +157,7 @@ class Sessions:
         if row["closed_at"] is not None:
             raise RunError(f"session {run_id} is already closed")
         platform = self.platform
+        self.flush()
         platform.tokens.revoke_run(run_id, reason=f"session {reason}")
         now = time.time()
         platform.store.execute("UPDATE sessions SET closed_at = ?, closed_by = ? WHERE run_id = ?", [now, by, run_id])
@@ -156,6 +167,7 @@ class Sessions:
                         steps=run.steps if run else record.steps,
                         provenance=run.tracker.snapshot() if run else record.provenance)
         final = platform.runs.save(final)
+        self._records.pop(run_id, None)
         platform.gateway.close_run(run_id)
         self._emit(final, "finished", {"status": final.status.value, "session": reason})
         await platform.audit.aappend("session", agent=row["agent"], run_id=run_id, decision=reason,
@@ -207,19 +219,36 @@ class Sessions:
         return self._live(record)
 
     async def checkpoint(self, run: RunContext, outcome: ToolOutcome | None = None) -> None:
-        """Persists a session run's steps and provenance after a tool call, and publishes its ``tool`` run event
-        (a failure is logged, not raised: the call's outcome is already audited)."""
-        try:
-            record = self.platform.runs.get(run.run_id)
-            record = await self.platform.runs.asave(replace(record, steps=run.steps,
-                                                            provenance=run.tracker.snapshot()))
-        except StitchworkError as exc:
-            log.error("session %s: checkpoint failed: %s", run.run_id, exc)
+        """After a tool call: publishes its ``tool`` run event and schedules the run's checkpoint (steps and
+        provenance), written within ``flush_s`` together with every other call made meanwhile (one write per
+        session, not one per call). :meth:`close` and the platform's shutdown write it at once."""
+        record = self._records.get(run.run_id)
+        if record is None:
             return
+        self._dirty[run.run_id] = run
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
         if outcome is not None:
-            self._emit(record, "tool", {"call": outcome.tool, "status": outcome.status,
-                                        "policy_ids": list(outcome.policy_ids),
-                                        "approval_id": outcome.approval_id or None})
+            self._emit(replace(record, steps=run.steps), "tool", {
+                "call": outcome.tool, "status": outcome.status, "policy_ids": list(outcome.policy_ids),
+                "approval_id": outcome.approval_id or None})
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_s)
+        await asyncio.to_thread(self.flush)  # the store serialises its connection; the loop keeps serving
+
+    def flush(self) -> None:
+        """Writes the pending checkpoints now (a failure is logged: the calls themselves are audited)."""
+        dirty, self._dirty = self._dirty, {}
+        for run_id, run in dirty.items():
+            record = self._records.get(run_id)
+            if record is None:
+                continue
+            try:
+                self._records[run_id] = self.platform.runs.save(
+                    replace(record, steps=run.steps, provenance=run.tracker.snapshot()))
+            except StitchworkError as exc:
+                log.error("session %s: checkpoint failed: %s", run_id, exc)
 
     def _emit(self, record: RunRecord, kind: str, data: dict[str, Any]) -> None:
         events = self.platform.events
@@ -236,6 +265,7 @@ class Sessions:
         )
         run.steps = record.steps
         run.checkpoint = self.checkpoint
+        self._records[record.id] = record
         return run
 
     def _lifetime(self, ttl_s: int | None) -> int:

@@ -47,19 +47,19 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     audit.mount,  # audit reports, export, compaction; data retention (and its timer)
     events.mount,  # run events over WebSocket; the durable run queue and its dead letters
     memory.mount,  # operator access to agent memory
+    dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
+    notifications.mount,  # pending approvals posted to [notifications] webhooks
     mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
     sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
     a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
-    dashboard.mount,  # the operator's web dashboard under /ui (its own sign-in: session cookie + CSRF)
-    notifications.mount,  # pending approvals posted to [notifications] webhooks
 )
 """Every route group of the control plane. A new group is one line here."""
 
-MCP_PATHS = frozenset({"/mcp"})
-"""Paths that authenticate with a run token themselves (the MCP door)."""
-
 PUBLIC_PATHS = frozenset({"/healthz"})
 """Paths served without a token: the liveness probe (containers, load balancers) says only that the server answers."""
+
+MCP_PATHS = frozenset({"/mcp"})
+"""Paths that authenticate with a run token themselves (the MCP door)."""
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,

@@ -88,6 +88,22 @@ class BearerGate:
                                          data={"status": status, "method": scope.get("method", "")})
 
 
+class McpFastPath:
+    """ASGI middleware: ``/mcp`` goes straight to the door's gate (it authenticates the run token itself), without
+    the control plane's other middleware; everything else passes through."""
+
+    def __init__(self, app: ASGIApp, gate: ASGIApp) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/mcp" and scope.get("method") in {"GET", "POST",
+                                                                                              "DELETE"}:
+            await self.gate(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _Endpoint:
     """A Starlette endpoint that is an ASGI app (a plain function endpoint would be taken as request → response)."""
 
@@ -129,6 +145,7 @@ def mount(app: FastAPI, service: Service) -> None:
     app.router.lifespan_context = lifespan
     gate = BearerGate(StreamableHTTPASGIApp(manager), platform.gateway)
     app.router.routes.append(Route("/mcp", endpoint=_Endpoint(gate), methods=["GET", "POST", "DELETE"]))
+    app.add_middleware(McpFastPath, gate=gate)  # outermost: /mcp skips the operator-token middleware and routing
 
 
-__all__ = ["MAX_BODY_BYTES", "BearerGate", "mount"]
+__all__ = ["MAX_BODY_BYTES", "BearerGate", "McpFastPath", "mount"]
