@@ -34,12 +34,12 @@ class Door:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app), base_url=BASE, headers=headers,
-                                  timeout=30)
+                                  timeout=180)  # a loaded CI machine: never a read timeout mid-stream
 
     @contextlib.asynccontextmanager
     async def client(self, token: str, *, mode: str = "auto") -> AsyncIterator[Any]:
         async with self.http(token) as http, Client(streamable_http_client(f"{BASE}/mcp", http_client=http),
-                                                    mode=mode, read_timeout_seconds=30) as client:
+                                                    mode=mode, read_timeout_seconds=180) as client:
             yield client
 
     async def session(self, agent: str = "tester", task: str = TASK, **kwargs: Any) -> str:

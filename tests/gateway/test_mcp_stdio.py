@@ -23,7 +23,8 @@ mcp = pytest.importorskip("mcp", reason="the MCP door needs the mcp extra: pip i
 from mcp import Client, StdioServerParameters, stdio_client  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-NPM_PREFIX = os.environ.get("MCP_NPM_PREFIX", "")
+CI_NPM = Path(__file__).resolve().parents[2] / ".ci"
+NPM_PREFIX = os.environ.get("MCP_NPM_PREFIX", "") or (str(CI_NPM) if (CI_NPM / "node_modules").is_dir() else "")
 """A directory where ``npm install --prefix DIR`` put the MCP npm packages (``.ci/run`` sets it)."""
 
 
@@ -130,3 +131,49 @@ async def test_mcp_inspector_cli_lists_and_calls_over_stdio(config: Config) -> N
     called = await asyncio.to_thread(run, "--method", "tools/call", "--tool-name", "read_email",
                                      "--tool-arg", "id=m1")
     assert called.get("isError") in (False, None) and "Carol" in json.dumps(called)
+
+
+async def test_stdio_forwards_to_a_running_server(tmp_path: Path) -> None:
+    """With `stitchwork up` running for the state dir, `mcp serve --stdio` forwards to its /mcp (one store writer)."""
+    import socket
+    import time
+
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": SRC, "STITCHWORK_STATE_DIR": str(state), "STITCHWORK_MESSAGING__BUS":
+           "memory://", "STITCHWORK_ISOLATION__DEFAULT": "bwrap://"}
+    env.pop("STITCHWORK_CONFIG", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    up = subprocess.Popen([sys.executable, "-m", "stitchwork", "up", "--port", str(port)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with socket.socket() as probe:
+                if (state / "server.json").exists() and probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and up.poll() is None, "stitchwork up did not start"
+            await asyncio.sleep(0.1)
+        opened = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "stitchwork", "session", "open",
+                                                          "inbox-assistant", "Summarise my inbox", "--json"],
+                                         env=env, capture_output=True, text=True, timeout=120)
+        assert opened.returncode == 0, opened.stderr
+        token = json.loads(opened.stdout)["token"]
+        child_env = {"PYTHONPATH": SRC, "STITCHWORK_STATE_DIR": str(state), "STITCHWORK_RUN_TOKEN": token}
+        server = StdioServerParameters(command=sys.executable, args=["-m", "stitchwork", "mcp", "serve", "--stdio"],
+                                       env=child_env)
+        with (tmp_path / "stderr.log").open("w") as errlog:
+            async with Client(stdio_client(server, errlog=errlog), read_timeout_seconds=60) as client:
+                assert "read_email" in [t.name for t in (await client.list_tools()).tools]
+                result = await client.call_tool("read_email", {"id": "m1"})
+                assert result.is_error is False and "carol@example.com" in result.content[0].text
+                refused = await client.call_tool("send_email", {"to": "security-audit@evil.example",
+                                                                "subject": "s", "body": "b"})
+                assert refused.is_error is True
+    finally:
+        up.send_signal(2)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()

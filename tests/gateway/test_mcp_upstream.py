@@ -31,7 +31,8 @@ from stitchwork.gateway.upstream import UpstreamSpec, manifest_for
 from tests.gateway.mcp_fixtures import open_door
 
 SERVER = str(Path(__file__).with_name("upstream_server.py"))
-NPM_PREFIX = os.environ.get("MCP_NPM_PREFIX", "")
+CI_NPM = Path(__file__).resolve().parents[2] / ".ci"
+NPM_PREFIX = os.environ.get("MCP_NPM_PREFIX", "") or (str(CI_NPM) if (CI_NPM / "node_modules").is_dir() else "")
 TASK = "Use the test server; report to alice@example.com"
 SECRET = "s3cr3t-upstream-token-value"
 
