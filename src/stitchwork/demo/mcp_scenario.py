@@ -59,7 +59,7 @@ def filesystem_server(root: Path, npm_prefix: str = "") -> tuple[list[str], list
     """The file server's command, the directories it needs besides ``root``, and its description: the npm reference
     server when it is installed (its package directory is then mounted too; root-owned, so read-only to the
     sandbox's ``nobody``), else a copy of :mod:`stitchwork.demo.mcp_files` beside ``root``."""
-    prefixes = [npm_prefix, os.getcwd(), str(Path.home())]
+    prefixes = [npm_prefix, os.getcwd(), str(Path(os.getcwd()) / ".ci"), str(Path.home())]
     candidates = [shutil.which("mcp-server-filesystem") or ""]
     candidates += [str(Path(p) / "node_modules" / ".bin" / "mcp-server-filesystem") for p in prefixes if p]
     candidates += ["/usr/local/lib/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js"]
