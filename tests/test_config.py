@@ -34,7 +34,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("[data.retention]\nruns_days = 'x'\n", {}, "{file}: [data.retention] runs_days: expected float, got 'x'"),
         ("tool_dirs = 3\n", {}, "{file}: tool_dirs: expected a list, got 3"),
         ("security = 3\n", {}, "{file}: [security]: expected a table, got 3"),
-        ("bogus = 1\n", {}, "{file}: bogus: unknown key; known: agent_dirs,"),
+        ("bogus = 1\n", {}, "{file}: bogus: unknown key; known: a2a, agent_dirs,"),
         ("state_dir = \n", {}, "{file}: Invalid value (at line 1"),
         ("", {"STITCHWORK_SECURITY__BUILTIN_POLICIES": "maybe"},
          "environment STITCHWORK_SECURITY__BUILTIN_POLICIES ([security] builtin_policies): expected true or false, "

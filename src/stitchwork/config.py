@@ -311,6 +311,43 @@ class McpConfig:
 
 
 @dataclass(frozen=True)
+class A2AConfig:
+    """Agent-to-agent (A2A protocol, extra ``a2a``): agents published to remote peers, remote agents as tools::
+
+        [a2a]
+        public_url = "https://agents.example"      # base of the URLs in agent cards (default: [server])
+        [a2a.publish.inbox-assistant]              # serve this agent at /a2a/inbox-assistant
+        description = "Answers questions about the inbox"
+        peers = ["partner"]                        # who may call it (default: every peer below)
+        [a2a.peers.partner]                        # a remote caller, authenticated by its bearer key
+        key = "secret://a2a_partner"               # the key the operator issued it, kept in the vault
+        trusted = false                            # its messages are untrusted content (the default)
+        [a2a.remotes.weather]                      # a remote A2A agent as the tool `a2a_weather`
+        url = "a2a+https://weather.example/a2a/forecaster"
+        key = "secret://weather_key"               # optional bearer key for it
+        timeout_s = 60
+
+    See ``stitchwork.service.a2a`` (publishing) and ``stitchwork.gateway.a2a`` (calling).
+    """
+
+    public_url: str = ""
+    """Base URL of this control plane as peers reach it (agent cards name it); empty: ``http://[server]``."""
+    wait_s: float = 30.0
+    """How long a message waits for its run (a human approval included) before the task is answered as
+    still working; the peer asks again with ``GetTask`` or another message to the same task."""
+    run_tokens: bool = True
+    """Whether a Stitchwork run token also authenticates a caller (as the peer ``agent:<name>``, untrusted)."""
+    publish: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Published agents by name: ``description``, ``peers`` (allowed callers; default all)."""
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Callers by name: ``key`` (``secret://name`` of their bearer key), ``trusted`` (default false)."""
+    remotes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Remote agents by name, each a tool ``a2a_<name>``: ``url`` (``a2a+https://…``; ``a2a+http://`` only to
+    loopback), ``key``, ``description``, ``side_effect`` (default ``external``), ``timeout_s``. An agent is given
+    the tool by naming it in its ``tools``."""
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     """The operator's web dashboard, served by `stitchwork up` at ``/ui/`` (``[dashboard]``)."""
 
@@ -362,6 +399,7 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     messaging: MessagingConfig = field(default_factory=MessagingConfig)
     mcp: McpConfig = field(default_factory=McpConfig)
+    a2a: A2AConfig = field(default_factory=A2AConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)

@@ -14,7 +14,8 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     ├── UnknownAgent
     ├── ToolError
     │   ├── UnknownTool
-    │   └── InvalidArguments        JSON schema, size, encoding or path-traversal problems
+    │   ├── InvalidArguments        JSON schema, size, encoding or path-traversal problems
+    │   └── RemoteAgentError        a remote A2A agent could not be reached or answered unusably
     ├── PolicyDenied                Cedar said no (carries the deciding policy ids)
     │   ├── MemoryDenied            agent memory without a grant
     │   └── RateLimited             a requests- or tokens-per-minute limit (carries Retry-After seconds)
@@ -112,6 +113,12 @@ class UnknownTool(ToolError):
 
 class InvalidArguments(ToolError):
     code = "invalid_arguments"
+
+
+class RemoteAgentError(ToolError):
+    """A remote A2A agent could not be reached, refused the call, or answered with something unusable."""
+
+    code = "remote_agent_error"
 
 
 class PolicyDenied(StitchworkError):

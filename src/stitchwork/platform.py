@@ -33,6 +33,7 @@ from stitchwork.audit.log import AuditLog
 from stitchwork.config import Config
 from stitchwork.data._base import Store, open_store
 from stitchwork.errors import ConfigError, StitchworkError
+from stitchwork.gateway.a2a import A2ACaller
 from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
@@ -52,6 +53,8 @@ from stitchwork.security.identity.ca import CertificateAuthority
 from stitchwork.security.identity.tokens import TokenService
 from stitchwork.security.policy import PolicyEngine, ToolAction, builtin_policy_dir
 from stitchwork.security.vault import Vault, open_vault
+from stitchwork.tools.a2a import HOST as A2A_HOST
+from stitchwork.tools.a2a import remote_manifests
 from stitchwork.tools.manifest import SideEffect, ToolManifest, ToolRegistry, load_tools
 from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.workers.auditfeed import AuditForwarder
@@ -192,14 +195,15 @@ class Platform:
         state = ensure_state_dir(config.state_dir)
         subjects = subjects or Subjects(config.messaging.subject_prefix)
         tool_dirs = [*(config.tool_dirs or (BUILTIN_TOOLS,)), *([MEMORY_TOOLS] if config.data.memory_tools else [])]
-        tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes)
+        tools = load_tools(tool_dirs, max_arg_bytes=config.agents.max_arg_bytes,
+                           extra=remote_manifests(config.a2a.remotes))
         vault = open_vault(config.vault_uri)
         try:  # upstream MCP servers' tools join the registry before policies and agents are checked against it
             upstream = UpstreamTools(config.mcp, vault, state, fresh=role == "server")
             for manifest in upstream.all_manifests():
                 tools.register(manifest)
             hosts = set(MemoryTools.HANDLERS) if config.data.memory_tools else set()
-            hosts |= {f"mcp:{name}" for name in upstream.servers}
+            hosts |= {f"mcp:{name}" for name in upstream.servers} | {A2A_HOST}
             if unbound := sorted(t.name for t in tools if t.host and t.host not in hosts):
                 raise ConfigError(f"host-side tool(s) {', '.join(unbound)} name no registered handler")
             _check_inline(config, tools)
@@ -236,6 +240,8 @@ class Platform:
             memory = AgentMemory(store, audit=audit)
             hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
             hosted.update({f"mcp:{name}": server for name, server in upstream.servers.items()})
+            if any(t.host == A2A_HOST for t in tools):
+                hosted[A2A_HOST] = A2ACaller(context)
             meters, meter_closers = _meters(config, parts, store)
             parts = dataclasses.replace(parts, closers=(*parts.closers, *meter_closers))
             gateway = Gateway(context, models=ModelDoor(context, config.compute, meters=meters),

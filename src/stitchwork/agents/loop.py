@@ -14,7 +14,7 @@ from stitchwork.agents.runs import RunRecord, RunStatus, RunStore
 from stitchwork.compute._base import Model, ToolCall, open_model
 from stitchwork.errors import ConfigError, PolicyDenied, RunError, StitchworkError
 from stitchwork.gateway.core import Gateway, ToolOutcome
-from stitchwork.security.taint import Label
+from stitchwork.security.taint import Label, ProvenanceTracker
 
 StepCallback = Callable[[RunRecord, str, dict[str, Any]], None]
 
@@ -55,8 +55,17 @@ class Runner:
         if self.on_event is not None:
             self.on_event(record, kind, data)
 
-    def create(self, agent_name: str, task: str, *, model: str | None = None) -> RunRecord:
-        """Creates a run record (status running) without executing it."""
+    def create(self, agent_name: str, task: str, *, model: str | None = None,
+               task_source: Label | None = None) -> RunRecord:
+        """Creates a run record (status running) without executing it.
+
+        Args:
+            agent_name: The agent.
+            task: The task, the run's first user message.
+            model: A model URI instead of the agent's own.
+            task_source: Where the task came from when it is not the operator's (default: ``user``, trusted); a
+                remote peer's message is untrusted content, so that what it names cannot steer sensitive calls.
+        """
         agent = self.agents.get(agent_name)
         uri = model or agent.model
         if not uri:
@@ -66,7 +75,13 @@ class Runner:
             raise RunError("a run needs a non-empty task")
         record = self.runs.create(agent.name, task, uri)
         messages = ({"role": "system", "content": agent.system}, {"role": "user", "content": task})
-        return self.runs.save(replace(record, messages=messages))
+        provenance: dict[str, Any] = {}
+        if task_source is not None:
+            tracker = ProvenanceTracker(trusted_sources=self.gateway.context.trusted_sources)
+            tracker.add(agent.system, Label("operator", True))
+            tracker.add(task, task_source)
+            provenance = tracker.snapshot()
+        return self.runs.save(replace(record, messages=messages, provenance=provenance))
 
     async def start(self, agent_name: str, task: str, *, model: str | None = None) -> RunRecord:
         """Creates a run and drives it until it finishes or waits for a human."""

@@ -12,11 +12,13 @@ sandbox) and the host-tool door (a registered handler); the model door uses :cla
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -286,6 +288,21 @@ class Replay:
     def __init__(self, context: GatewayContext) -> None:
         self.context = context
         self.audit = Audit(context)
+        self._inflight: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, run_id: str, key: str) -> AsyncIterator[None]:
+        """One call per ``(run, key)`` at a time in this process: a retry sent while its original is still running
+        (a client that timed out, a framework re-running a step) waits for it, then finds its recorded outcome."""
+        lock, users = self._inflight.setdefault((run_id, key), (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                self._inflight.pop((run_id, key), None)
 
     def durable(self, call: Checked, key: str) -> bool:
         """Whether this call's outcome is kept in the durable ledger."""
@@ -344,7 +361,7 @@ class Taint:
 
     def __call__(self, call: Checked) -> Tainted:
         tool = call.tool
-        target = str(call.args.get(tool.target, "")) if tool.target else ""
+        target = str(call.args.get(tool.target, "")) if tool.target else tool.remote
         taint = call.run.tracker.check(call.args)
         roles = tool.destination_roles()
         outward = any(role in OUTWARD_ROLES and call.args.get(arg) not in (None, "", [], {})

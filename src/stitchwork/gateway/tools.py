@@ -149,7 +149,11 @@ class ToolDoor:
         if isinstance(call, ToolOutcome):
             return call
         span.set_attribute("stitchwork.side_effect", call.tool.side_effect.value)
-        outcome = await self._checked(call, idempotency_key, span)
+        if not idempotency_key:
+            outcome = await self._checked(call, idempotency_key, span)
+        else:
+            async with self.replay.exclusive(call.run.run_id, idempotency_key):  # a retry waits for its original
+                outcome = await self._checked(call, idempotency_key, span)
         if call.run.checkpoint is not None:  # a session's run: its steps and provenance are checkpointed
             await call.run.checkpoint(call.run, outcome)
         return outcome

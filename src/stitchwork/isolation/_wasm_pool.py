@@ -24,7 +24,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import stitchwork
 from stitchwork.config import Limits
 from stitchwork.errors import SandboxError
 from stitchwork.isolation import _guard, _process, _rootfs, _runner
@@ -67,7 +66,7 @@ else:
 """
 
 
-_PACKAGE_ROOT = str(Path(stitchwork.__file__).resolve().parents[1])
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the stitchwork package
 
 
 @dataclasses.dataclass(eq=False)

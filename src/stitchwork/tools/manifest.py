@@ -55,6 +55,11 @@ paths, no ``..`` segments, no NUL bytes.
 A *host-side* tool is trusted platform code that runs in the gateway's process instead of a sandbox: its manifest
 says ``host = "<handler>"`` instead of ``entry`` (and has no ``sandbox``, ``secrets``, ``egress`` or ``limits``).
 It takes the same gateway path (identity, policy, taint, approval, audit); see :mod:`stitchwork.tools.host`.
+
+A *remote agent* is a tool too: ``a2a = "a2a+https://host/a2a/agent"`` instead of ``entry`` (optionally
+``a2a_key = "secret://name"``, its bearer key) calls that A2A agent with the arguments ``message`` and ``task_id``
+(:data:`~stitchwork.tools._remote.A2A_ARGS`); its side effect defaults to ``external`` and its Cedar resource is
+the URL. Its answers are untrusted content labelled ``a2a:<tool name>``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from stitchwork.errors import ConfigError, InvalidArguments, UnknownTool
 from stitchwork.isolation._base import Limits
 from stitchwork.security.policy import SideEffect as SideEffect  # the classes are the policy's action groups
 from stitchwork.tools._fastcheck import Check, compile_check
+from stitchwork.tools._remote import A2A_ARGS, a2a_endpoint, secret_name
 from stitchwork.tools.classify import ROLES, roles
 
 UNDO_PATH_RE = re.compile(r"^(args|result)(\.[A-Za-z0-9_-]+|\[[0-9]+\])*$")
@@ -147,6 +153,11 @@ class ToolManifest:
     (empty with an ``undo`` tool: the undo call gets this call's arguments as they were)."""
     idempotency: str = "none"
     """``key``: the tool de-duplicates by ``STITCHWORK_IDEMPOTENCY_KEY``, so an uncertain call may be resumed."""
+    remote: str = ""
+    """A remote agent's endpoint (``https://…``) when the tool calls one; the call's Cedar resource (target)
+    when the tool has no ``target`` argument."""
+    remote_key: str = ""
+    """The vault name of the bearer key sent to ``remote`` ("" for none)."""
 
     def openai_schema(self) -> dict[str, Any]:
         """The tool as an OpenAI chat-completions ``tools`` entry."""
@@ -168,12 +179,22 @@ def _parse_manifest(path: Path) -> ToolManifest:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"tool manifest {path}: {exc}") from exc
     known = {"name", "description", "side_effect", "entry", "sandbox", "target", "secrets", "egress", "undo",
-             "trusted_output", "limits", "args", "host", "destinations", "confidential", "idempotency"}
+             "trusted_output", "limits", "args", "host", "destinations", "confidential", "idempotency", "a2a",
+             "a2a_key"}
     if unknown := sorted(set(data) - known):
         raise ConfigError(f"tool manifest {path}: unknown key(s) {', '.join(unknown)}")
     name = data.get("name", "")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"tool manifest {path}: name {name!r} must match {NAME_RE.pattern}")
+    remote = remote_key = ""
+    if "a2a" in data:
+        if clash := sorted(k for k in ("entry", "host", "sandbox", "secrets", "egress", "limits") if k in data):
+            raise ConfigError(f"tool manifest {path}: a remote agent (a2a) has no {', '.join(clash)}")
+        remote = a2a_endpoint(data["a2a"], where=f"tool manifest {path}")
+        remote_key = secret_name(data.get("a2a_key"), where=f"tool manifest {path}: a2a_key")
+        data = {"side_effect": "external", "args": A2A_ARGS, **data, "host": "a2a"}
+    elif "a2a_key" in data:
+        raise ConfigError(f"tool manifest {path}: a2a_key without a2a")
     try:
         side_effect = SideEffect(data.get("side_effect", ""))
     except ValueError as exc:
@@ -234,6 +255,8 @@ def _parse_manifest(path: Path) -> ToolManifest:
         host=str(host),
         destinations=destinations,
         confidential=bool(data.get("confidential", False)),
+        remote=remote,
+        remote_key=remote_key,
     )
 
 
@@ -433,9 +456,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return str(error.message)
 
 
-def load_tools(dirs: Iterable[str | Path], *, max_arg_bytes: int = 65_536) -> ToolRegistry:
-    """Loads every ``*.toml`` manifest in ``dirs`` (not recursive)."""
-    manifests: list[ToolManifest] = []
+def load_tools(dirs: Iterable[str | Path], *, max_arg_bytes: int = 65_536,
+               extra: Iterable[ToolManifest] = ()) -> ToolRegistry:
+    """Loads every ``*.toml`` manifest in ``dirs`` (not recursive), and the manifests in ``extra`` (declared in
+    config: remote agents)."""
+    manifests: list[ToolManifest] = list(extra)
     for d in dirs:
         directory = Path(d)
         if not directory.is_dir():

@@ -28,6 +28,7 @@ from stitchwork.errors import (
     UnknownTool,
 )
 from stitchwork.interfaces.http import (
+    a2a,
     audit,
     control,
     dashboard,
@@ -56,6 +57,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     metrics.mount,  # Prometheus /metrics (operator or scrape token)
     mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
     sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
+    a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -135,7 +137,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
                        run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS,
                        self_authenticating=lambda path: (dashboard.owns(path) or path in metrics.PATHS
-                                                         or path in MCP_PATHS))
+                                                         or path in MCP_PATHS or path.startswith(a2a.PREFIX)))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

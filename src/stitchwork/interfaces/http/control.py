@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from stitchwork.errors import ApprovalError
+from stitchwork.errors import ApprovalError, StitchworkError
 from stitchwork.service import Service
 
 
@@ -102,6 +102,17 @@ def mount(app: FastAPI, service: Service) -> None:
     async def secret_delete(name: str) -> Response:
         await service.secret_delete(name, by="operator:api")
         return Response(status_code=204)
+
+    @app.get("/v1/agent/tools")
+    async def agent_tools(request: Request) -> JSONResponse:
+        """The tools the run token's agent is given, as OpenAI ``tools`` entries (for SDKs and adapters)."""
+        gateway = service.platform.gateway
+        try:
+            claims = await gateway.authenticate(request.state.run_token or None, action="tools/list")
+        except StitchworkError as exc:
+            return JSONResponse(exc.to_dict(), status_code=401)
+        given = gateway.context.agents.get(claims.agent, frozenset())
+        return JSONResponse([t.openai_schema() for t in gateway.tools if t.name in given])
 
     @app.post("/v1/agent/tools/{name}")
     async def agent_tool_call(name: str, request: Request) -> JSONResponse:
