@@ -49,7 +49,7 @@ class Clock:
 
 def cfg(tmp_path: Path, *, state: str = "state", **compute: Any) -> Config:
     return Config(state_dir=tmp_path / state, tool_dirs=(str(BUILTIN_TOOLS),),
-                  isolation=IsolationConfig(default="inline://"), data=DataConfig(audit_flush_ms=5),
+                  isolation=IsolationConfig(default="inline://", allow_inline=True), data=DataConfig(audit_flush_ms=5),
                   compute=ComputeConfig(**compute))
 
 

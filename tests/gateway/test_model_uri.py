@@ -24,7 +24,8 @@ TASK = "What is in my inbox? Read the first mail."
 
 def config(tmp_path: Path, **compute: Any) -> Config:
     return Config(state_dir=tmp_path / "state", tool_dirs=(str(BUILTIN_TOOLS),),
-                  isolation=IsolationConfig(default="inline://", timeout_s=10), data=DataConfig(audit_flush_ms=5),
+                  isolation=IsolationConfig(default="inline://", timeout_s=10, allow_inline=True),
+                  data=DataConfig(audit_flush_ms=5),
                   messaging=MessagingConfig(bus="memory://"), compute=ComputeConfig(**compute))
 
 

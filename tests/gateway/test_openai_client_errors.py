@@ -24,7 +24,8 @@ USER = [{"role": "user", "content": "hi"}]
 async def gateway(fake: Callable[..., Any], tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     upstream: FakeOpenAIServer = await fake("generic")
     config = Config(state_dir=tmp_path / "state", tool_dirs=(str(BUILTIN_TOOLS),),
-                    isolation=IsolationConfig(default="inline://"), data=DataConfig(audit_flush_ms=5),
+                    isolation=IsolationConfig(default="inline://", allow_inline=True),
+                    data=DataConfig(audit_flush_ms=5),
                     messaging=MessagingConfig(bus="memory://"),
                     compute=ComputeConfig(retries=0, deployments=[
                         {"model": "m", "uri": upstream.uri()}, {"model": "secret", "uri": upstream.uri()}],

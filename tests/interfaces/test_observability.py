@@ -40,7 +40,8 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     script = tmp_path / "turns.jsonl"
     script.write_text('{"content": "answer"}\n')
     config = Config(
-        state_dir=tmp_path / "state", tool_dirs=(str(BUILTIN_TOOLS),), isolation=IsolationConfig(default="inline://"),
+        state_dir=tmp_path / "state", tool_dirs=(str(BUILTIN_TOOLS),),
+        isolation=IsolationConfig(default="inline://", allow_inline=True),
         data=DataConfig(audit_flush_ms=5), messaging=MessagingConfig(bus="memory://"),
         compute=ComputeConfig(deployments=[{"model": "m", "uri": f"scripted://{script}", "cost_in": 1_000,
                                             "cost_out": 2_000}]),

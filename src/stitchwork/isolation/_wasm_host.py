@@ -63,16 +63,24 @@ def _bind_to_parent(expected: int) -> int:
         pidfd = os.pidfd_open(expected)
     except ProcessLookupError:
         os._exit(ORPHANED)
-    if os.getppid() != expected or select.select([pidfd], [], [], 0)[0]:
+    if os.getppid() != expected or _ready(pidfd, 0):
         os._exit(ORPHANED)
     return pidfd
+
+
+def _ready(fd: int, timeout_ms: int | None) -> bool:
+    """Whether ``fd`` is readable (a pidfd: its process ended) within ``timeout_ms`` (``None``: wait); ``poll``
+    works for any descriptor number, ``select`` only below 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout_ms))
 
 
 def _watch_parent(pidfd: int) -> None:
     """Ends this process the moment the parent ends."""
 
     def watch() -> None:
-        select.select([pidfd], [], [])
+        _ready(pidfd, None)
         os._exit(ORPHANED)
 
     threading.Thread(target=watch, name="stitchwork-wasm-parent", daemon=True).start()

@@ -30,6 +30,14 @@ from stitchwork.isolation import _guard, _process, _rootfs, _runner
 
 log = logging.getLogger("stitchwork.isolation.wasm")
 
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` has data (or EOF) within ``timeout_s``: ``poll``, which, unlike ``select``, works for
+    descriptors numbered above 1023 (a busy server holds that many)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(max(0.0, timeout_s) * 1000))
+
 #: A parked interpreter must print its ready marker within this (generous: a loaded machine).
 START_DEADLINE_S = 120.0
 #: How long a stopped host may take to stop its guest, write back and report before it is SIGKILLed.
@@ -101,7 +109,7 @@ class Host:
     def _error(self) -> str:
         stderr = self.sup.proc.stderr
         with contextlib.suppress(OSError, ValueError):
-            if stderr is not None and select.select([stderr], [], [], 0)[0]:
+            if stderr is not None and _readable(stderr.fileno(), 0):
                 return os.read(stderr.fileno(), 4096).decode(errors="replace").strip()
         return ""
 
@@ -121,7 +129,7 @@ def _read_frame(fd: int, timeout_s: float) -> dict[str, Any]:
         if frames:
             return frames[0]
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not _readable(fd, remaining):
             return {}
         chunk = os.read(fd, 4096 if len(data) >= 4 else 4 - len(data))
         if not chunk:
@@ -289,7 +297,7 @@ def _await_ready(host: Host, timeout_s: float) -> bool:
     while len(seen) < len(marker):
         remaining = deadline - time.monotonic()
         try:
-            if remaining <= 0 or not select.select([stdout], [], [], remaining)[0]:
+            if remaining <= 0 or not _readable(stdout.fileno(), remaining):
                 return False
             chunk = os.read(stdout.fileno(), len(marker) - len(seen))
         except (ValueError, OSError):  # the pool closed (and discarded this host) meanwhile
