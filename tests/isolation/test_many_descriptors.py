@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.isolation.conftest import backend_available
 
 from stitchwork.isolation._base import Limits, PythonCall, SandboxSpec, open_sandbox
-from tests.isolation.conftest import backend_available
 
 
 @pytest.fixture
