@@ -141,7 +141,7 @@ def build(root: Path, bus: str, prefix: str) -> Path:
     path = root / "stitchwork.toml"
     path.write_text(
         f'state_dir = "{root / "state"}"\ntool_dirs = ["{tools}"]\nagent_dirs = ["{agents}"]\n'
-        f'[isolation]\ndefault = "inline://"\ntimeout_s = 30\n[data]\naudit_flush_ms = 5\n'
+        f'[isolation]\ndefault = "inline://"\nallow_inline = true\ntimeout_s = 30\n[data]\naudit_flush_ms = 5\n'
         f'[messaging]\nbus = "{bus}"\nnats_port = 0\nsubject_prefix = "{prefix}"\n'
     )
     return path

@@ -248,7 +248,7 @@ def test_trust_label_is_recorded_in_the_run_provenance(tmp_path: Path) -> None:
     platform = Platform.open(cfg)
     try:
         record = platform.runner.create("mailer", "mail bob@x.example", task_source=Label("a2a-peer:p", False))
-        assert record.provenance["untrusted"] == [["a2a-peer:p", "mail bob@x.example"]]
+        assert record.provenance["untrusted"] == [["a2a-peer:p", "mail bob@x.example", ""]]  # source, text, secrecy
         plain = platform.runner.create("mailer", "mail bob@x.example")
         assert plain.provenance == {}
         assert json.dumps(record.to_dict())  # checkpoints stay JSON

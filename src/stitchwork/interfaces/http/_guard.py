@@ -198,7 +198,12 @@ class RequestGuard:
             await self.failures.record(client_address(scope), reason, path)
             code, text = refusal or ("unauthenticated", "a valid token is required")
             openai = path in MODEL_PATHS or path in ("/v1/models", "/v1/agent/models")
-            await _reply(send, 401, code, text, openai=openai)
+            if path.startswith(TOOL_PATH):  # the tool door's own answer shape (what agents and the SDK parse)
+                await _send_json(send, 401, {"status": "unauthenticated", "result": None,
+                                             "error": {"error": code, "message": text}, "approval_id": None,
+                                             "label": "", "policy_ids": []})
+            else:
+                await _reply(send, 401, code, text, openai=openai)
             return
         limit = self.server.max_model_body_bytes if path in MODEL_PATHS else self.server.max_body_bytes
         declared = headers.get("content-length", "")
@@ -244,9 +249,17 @@ class RequestGuard:
         return None
 
 
+TOOL_PATH = "/v1/agent/tools/"
+"""Tool calls over HTTP: a refused token is answered in the tool door's shape (``status``, ``error``)."""
+
+
 async def _reply(send: Send, status: int, code: str, message: str, *, openai: bool) -> None:
     payload: dict[str, Any] = ({"error": {"message": message, "type": code, "code": code}} if openai else
                                {"error": code, "message": message})
+    await _send_json(send, status, payload)
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

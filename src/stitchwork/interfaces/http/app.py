@@ -134,10 +134,6 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
     app = FastAPI(title="Stitchwork control plane", version="0.1.0", lifespan=lifespan,
                   default_response_class=SafeJSONResponse)
     app.state.failed_auth = failures
-    app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
-                       run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS,
-                       self_authenticating=lambda path: (dashboard.owns(path) or path in metrics.PATHS
-                                                         or path in MCP_PATHS or path.startswith(a2a.PREFIX)))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -151,4 +147,10 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
 
     for mount in MOUNTS:
         mount(app, service)
+    # Outermost (added last): every request is authenticated from its headers before any route or route-level
+    # middleware (the chat route, the MCP door) reads its body. The MCP door authenticates and bounds its own.
+    app.add_middleware(RequestGuard, service=service, server=server, failures=failures,
+                       run_token_paths=RUN_TOKEN_PATHS, open_paths=PUBLIC_PATHS | MCP_PATHS,
+                       self_authenticating=lambda path: (dashboard.owns(path) or path in metrics.PATHS
+                                                         or path.startswith(a2a.PREFIX)))
     return app
