@@ -7,6 +7,7 @@ import os
 import signal
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -20,12 +21,12 @@ def up(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Serve the control plane (HTTP API + OpenAPI) until interrupted."""
-    uvicorn = server_side("uvicorn", "stitchwork up")
-    create_app = server_side("stitchwork.interfaces.http.app", "stitchwork up").create_app
+    server_side("uvicorn", "stitchwork up")  # names the extra to install when the server side is missing
+    server_side("stitchwork.interfaces.http.app", "stitchwork up")
     start_local_bus = server_side("stitchwork.messaging.embedded", "stitchwork up").start_local_bus
     Platform = server_side("stitchwork.platform", "stitchwork up").Platform
     Service = server_side("stitchwork.service", "stitchwork up").Service
-    from stitchwork.interfaces.cli.client import server_file, token_file
+    from stitchwork.interfaces.cli.client import server_file
 
     try:
         config = config_from(config_path)
@@ -37,6 +38,11 @@ def up(
         if bind_host not in {"127.0.0.1", "localhost", "::1"}:
             err.print(f"[yellow]warning:[/] binding to {bind_host}: the API is reachable from other machines")
         _clear_stale_server_file(server_file(config))
+        # From here on a SIGTERM is a SystemExit, so every cleanup below runs whenever it arrives (also during
+        # start-up). uvicorn re-raises a SIGTERM it caught once it has shut down (FACTS.md): under the default
+        # handler the `finally` below would not run. The embedded nats-server is also bound to this process's death
+        # (PR_SET_PDEATHSIG), for a SIGKILL or a crash.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         # The embedded nats-server (unless [messaging] bus names one) starts first: the platform's events hub uses it.
         local_bus = start_local_bus(config)
         try:
@@ -46,7 +52,23 @@ def up(
             raise
     except StitchworkError as exc:
         fail(exc)
-    service = Service(platform)
+    try:
+        _serve(config, platform, Service(platform), bind_host, bind_port, local_bus.note or f"bus: {local_bus.uri}")
+    finally:
+        local_bus.stop()
+        server_file(config).unlink(missing_ok=True)
+        import asyncio
+
+        asyncio.run(platform.aclose())
+
+
+def _serve(config: Any, platform: Any, service: Any, bind_host: str, bind_port: int, bus_note: str) -> None:
+    """Saves the operator token (first start), announces the server (``server.json``) and runs it."""
+    import uvicorn
+
+    from stitchwork.interfaces.cli.client import server_file, token_file
+    from stitchwork.interfaces.http.app import create_app
+
     if not service.has_operator_token():
         token = service.create_operator_token()
         path = token_file(config)
@@ -59,19 +81,8 @@ def up(
                   markup=False)
     if config.dashboard.enabled:
         console.print(f"Dashboard: {url}/ui/ (sign in with the operator token)", highlight=False, markup=False)
-    console.print(local_bus.note or f"bus: {local_bus.uri}", highlight=False, markup=False)
-    # uvicorn re-raises a SIGTERM it caught once it has shut down (FACTS.md), so the `finally` below would not run
-    # under the default handler: this one turns it into SystemExit. The embedded nats-server is also bound to
-    # this process's death (PR_SET_PDEATHSIG), for a SIGKILL or a crash.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")
-    finally:
-        local_bus.stop()
-        server_file(config).unlink(missing_ok=True)
-        import asyncio
-
-        asyncio.run(platform.aclose())
+    console.print(bus_note, highlight=False, markup=False)
+    uvicorn.run(create_app(service), host=bind_host, port=bind_port, log_level="warning")
 
 
 def _clear_stale_server_file(path: Path) -> None:
