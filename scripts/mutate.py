@@ -297,12 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             for m in mutants:
                 print(m.key)
             continue
+        started = time.monotonic()
         status, detail = _pytest(SRC, tests, 1800)
         if status != "survived":
             print(f"{module}: its tests fail without any mutation ({detail}); fix them first", file=sys.stderr)
             return 2
-        started = time.monotonic()
-        _pytest(SRC, tests, 1800)
         timeout = args.timeout or max(30.0, 5 * (time.monotonic() - started))
         print(f"== {module}: {len(mutants)} mutants, tests {' '.join(tests)} (timeout {timeout:.0f} s each)",
               flush=True)

@@ -8,7 +8,6 @@ platform here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,18 @@ from typing import Any
 import typer
 
 from stitchwork.errors import StitchworkError
-from stitchwork.interfaces.cli._common import ConfigOpt, client_for, config_from, console, fail, print_rows
+from stitchwork.interfaces.cli._common import (
+    ConfigOpt,
+    FormatOpt,
+    JsonOpt,
+    client_for,
+    config_from,
+    console,
+    fail,
+    output_format,
+    print_json,
+    print_rows,
+)
 
 session_app = typer.Typer(help="External runs: a run token for an agent outside the platform (MCP, SDK, OpenAI).",
                           no_args_is_help=True)
@@ -34,7 +44,7 @@ def _remote_or_local(config_path: Path | None, method: str, path: str, body: dic
 
 def _show(data: Any, as_json: bool) -> None:
     if as_json:
-        console.print_json(json.dumps(data, default=str))
+        print_json(data)
         return
     if isinstance(data, dict):
         for key, value in data.items():
@@ -126,11 +136,12 @@ def show_session(
 @session_app.command("ls")
 def list_sessions(
     include_closed: bool = typer.Option(False, "--all", help="Closed sessions too."),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (the same as --format json)."),
+    fmt: str = FormatOpt,
+    as_json: bool = JsonOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Sessions, newest first."""
+    fmt = output_format(fmt, as_json)
 
     async def local(service: Any) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = service.sessions.find(include_closed=include_closed)
@@ -140,7 +151,7 @@ def list_sessions(
         rows = _remote_or_local(config_path, "GET", f"/v1/sessions?all={str(include_closed).lower()}", None, local)
     except StitchworkError as exc:
         fail(exc)
-    print_rows(rows, "json" if as_json else fmt, title="sessions")
+    print_rows(rows, fmt, title="sessions")
 
 
 def register(app: typer.Typer) -> None:
