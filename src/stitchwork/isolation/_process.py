@@ -296,8 +296,10 @@ class Supervised:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-        with contextlib.suppress(OSError):
-            os.close(self.status_fd)
+        status_fd, self.status_fd = self.status_fd, -1  # closed once: the number may be reused at once
+        if status_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(status_fd)
         if self.cgroup is not None:
             _cgroup.remove_later(self.cgroup)
             self.cgroup = None
@@ -308,6 +310,8 @@ class Supervised:
 
     def _read_report(self) -> dict[str, Any]:
         report: dict[str, Any] = {}
+        if self.status_fd < 0:  # already closed: nothing more will come
+            return report
         os.set_blocking(self.status_fd, False)
         data = b""
         with contextlib.suppress(OSError):

@@ -42,8 +42,10 @@ def _readable(fd: int, timeout_s: float) -> bool:
 START_DEADLINE_S = 120.0
 #: How long a stopped host may take to stop its guest, write back and report before it is SIGKILLed.
 STOP_GRACE_S = 2.0
-#: The host's command line before its plan descriptor.
-HOST_ARGV = (os.path.realpath(sys.executable), "-B", "-m", "stitchwork.isolation._wasm_host")
+#: The host's command line before its plan descriptor. This process's own interpreter as it was started, not its
+#: resolved path: a virtual environment's ``python`` is a link to the base interpreter, and only through the link
+#: does the host find the environment's site-packages (wasmtime).
+HOST_ARGV = (sys.executable, "-B", "-m", "stitchwork.isolation._wasm_host")
 #: The runner's WASI entry point (:func:`._runner.wasi_main`), imported rather than run as a script: measured ~4x
 #: faster from request to result (2-4 ms vs 10-14 ms).
 RUNNER_ARGV = (
@@ -99,8 +101,7 @@ class Host:
         except OSError as exc:  # the host is gone: its report says why
             raise SandboxError(f"wasm://: the interpreter host ended before its call: {self._error()}") from exc
         finally:
-            with contextlib.suppress(OSError):
-                os.close(self.ctl)
+            self._close_ctl()
         message = _read_frame(self.sup.status_fd, timeout_s)
         if not message.get("ready"):
             error = message.get("error") or self._error() or "no answer"
@@ -115,9 +116,16 @@ class Host:
 
     def discard(self) -> None:
         """Ends a host that will not serve a call."""
-        with contextlib.suppress(OSError):
-            os.close(self.ctl)
+        self._close_ctl()
         self.sup.abandon()
+
+    def _close_ctl(self) -> None:
+        """Closes the control pipe once: a second ``close`` of the same number would close whatever descriptor
+        this process opened under that number since (another sandbox's pipe or pidfd)."""
+        ctl, self.ctl = self.ctl, -1
+        if ctl >= 0:
+            with contextlib.suppress(OSError):
+                os.close(ctl)
 
 
 def _read_frame(fd: int, timeout_s: float) -> dict[str, Any]:
