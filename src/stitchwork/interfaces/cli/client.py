@@ -98,6 +98,15 @@ class HttpClient:
         result: dict[str, Any] = self._call("GET", f"/v1/runs/{run_id}")
         return result
 
+    def run_calls(self, run_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/runs/{run_id}/calls")
+        return result
+
+    def undo(self, run_id: str, call: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/v1/runs/{run_id}/undo",
+                                            json={"call": call} if call is not None else {})
+        return result
+
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
         result: list[dict[str, Any]] = self._call("GET", "/v1/runs", params=params)

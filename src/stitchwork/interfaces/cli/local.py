@@ -39,6 +39,12 @@ class LocalClient:
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._with(lambda s: _now(s.get_run(run_id)))
 
+    def run_calls(self, run_id: str) -> list[dict[str, Any]]:
+        return self._with(lambda s: s.run_calls(run_id), bus_approvals=True)
+
+    def undo(self, run_id: str, call: str | None = None) -> dict[str, Any]:
+        return self._with(lambda s: s.undo(run_id, call=call, by="operator:cli"), bus_approvals=True)
+
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         return self._with(lambda s: _now(s.list_runs(limit=limit, status=status)))
 
