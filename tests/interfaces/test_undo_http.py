@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,14 @@ def test_undo_over_http_for_operators_and_the_runs_agent_with_clear_errors(api: 
     by_agent = client.post("/v1/agent/undo", json={"call": "c2"}, headers=bearer)
     assert by_agent.status_code == 200 and by_agent.json()["results"][0]["status"] == "ok"
     assert sorted(calendar(tmp_path)) == ["ev1"]
+    login = re.search(r'name="login" value="([^"]+)"', client.get("/ui/login").text)
+    assert login is not None
+    signed = client.post("/ui/login", data={"login": login.group(1), "token": headers["Authorization"][7:],
+                                            "next": "/ui/runs"}, follow_redirects=False)
+    assert signed.status_code == 303
+    page = client.get(f"/ui/runs/{run_id}").text  # the dashboard's run page shows the same
+    assert 'data-call="c2" data-state="undone"' in page and 'data-call="c1" data-state="undoable"' in page
+    assert 'data-call="c3" data-state="not_undoable"' in page and "its manifest declares no undo" in page
     every = client.post(undo, headers=headers)  # no body: every call, newest first
     assert every.status_code == 200 and every.json()["ok"] is True
     assert [(r["call"], r["status"]) for r in every.json()["results"]] == [("c2", "already_undone"), ("c1", "ok")]

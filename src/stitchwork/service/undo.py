@@ -216,6 +216,15 @@ class Undo:
                           steps=record.steps if record is not None else 0)
 
 
+def recorded_states(platform: Platform, run_id: str) -> list[CallState]:
+    """The run's executed calls and their undo states from the audit log alone (the dashboard's run page; without
+    the uncertain calls pending a human, which :meth:`Undo.calls` adds)."""
+    events = platform.audit.for_run(run_id, ("tool", "undo"))
+    states = _states(run_id, events)
+    states += _undone_elsewhere({s.seq for s in states}, events)
+    return sorted(states, key=lambda s: s.seq)
+
+
 def _agent_of(events: Sequence[AuditEvent]) -> str:
     return next((e.agent for e in events if e.agent), "")
 
@@ -310,4 +319,4 @@ def describe(states: Sequence[CallState]) -> list[dict[str, Any]]:
     return [json.loads(json.dumps(s.to_dict(), default=str)) for s in states]
 
 
-__all__ = ["UNDOABLE", "CallState", "Undo", "describe"]
+__all__ = ["UNDOABLE", "CallState", "Undo", "describe", "recorded_states"]
