@@ -125,3 +125,14 @@ def test_the_cli_undoes_and_shows_what_can_be_undone(make_config: Any, tmp_path:
     (tmp_path / "delete_fails").write_text("")
     failed = runner.invoke(cli, ["undo", run_id, "--config", str(path)])
     assert failed.exit_code == 1 and "unavailable" in failed.output
+
+
+def test_the_answer_is_202_while_an_undo_waits_for_a_human_and_ok_only_when_all_were_undone() -> None:
+    from stitchwork.interfaces.http.undo import answer
+
+    waiting = answer({"run_id": "r", "results": [{"status": "approval_required"}], "waiting": 1})
+    assert waiting.status_code == 202 and json.loads(waiting.body)["ok"] is False
+    mixed = answer({"run_id": "r", "results": [{"status": "ok"}, {"status": "error"}], "waiting": 0})
+    assert mixed.status_code == 200 and json.loads(mixed.body)["ok"] is False
+    done = answer({"run_id": "r", "results": [{"status": "ok"}, {"status": "already_undone"}], "waiting": 0})
+    assert done.status_code == 200 and json.loads(done.body)["ok"] is True

@@ -162,9 +162,12 @@ async def test_undo_denied_by_policy_is_audited_stays_undoable_and_stops_the_old
     assert await ops.states() == {"c1": "undoable", "c2": "undo_failed"}
     denied = [e for e in ops.events("decision") if e.data.get("reverses")]
     assert denied and "undo-create-denied" in denied[0].data["policy_ids"] and denied[0].decision == "deny"
-    agent = await ops.service.undo(ops.run_id, call="c1", by="agent:tester",  # the rule names operators only
-                                   token=ops.platform.tokens.issue("tester", ops.run_id))
-    assert agent["results"][0]["status"] == "ok"
+    token = ops.platform.tokens.issue("tester", ops.run_id)
+    agent = await ops.service.undo(ops.run_id, call="c2", by="agent:tester", token=token)  # the rule names operators
+    assert agent["results"][0]["status"] == "ok" and sorted(calendar(ops.cwd)) == ["ev1"]
+    own = await ops.service.undo(ops.run_id, call="c1", by="agent:tester", token=token)  # the undo tool's own rule
+    assert own["results"][0]["status"] == "denied" and sorted(calendar(ops.cwd)) == ["ev1"]
+    assert own["results"][0]["error"]["policy_ids"] == ["delete-ev1-denied"]
 
 
 async def test_undo_needing_approval_waits_then_runs_once_approved(open_ops: Any) -> None:
@@ -211,6 +214,9 @@ async def test_a_failed_undo_stays_undoable_and_an_undo_that_died_midway_is_not_
     assert sorted(calendar(ops.cwd)) == ["ev1", "ev2"]
     approval = ops.platform.approvals.get(held["results"][0]["approval_id"])
     assert "uncertain" in approval.policy_ids and "this undo may already have happened" in approval.reason
+    still = await ops.service.undo(ops.run_id, by="operator:cli")  # asking again does not get round the human
+    assert [(r["status"], r["approval_id"]) for r in still["results"][:1]] == [("approval_required", approval.id)]
+    assert sorted(calendar(ops.cwd)) == ["ev1", "ev2"]
     await ops.service.decide(approval.id, approve=True, by="ops", resume=False)
     fixed = await ops.service.undo(ops.run_id, by="operator:cli")
     assert [(r["call"], r["status"]) for r in fixed["results"]] == [("c2", "ok"), ("c1", "ok")]

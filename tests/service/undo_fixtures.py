@@ -136,6 +136,10 @@ UNDO_DENIED = '''
 @id("undo-create-denied")
 forbid (principal, action == Stitchwork::Action::"undo", resource == Stitchwork::Target::"create_event")
 when { context.args has by && context.args.by like "operator:*" };
+
+@id("delete-ev1-denied")
+forbid (principal, action == Stitchwork::Action::"delete_event", resource)
+when { context.args.id == "ev1" };
 '''
 
 

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -36,7 +37,7 @@ from typing import Any
 from stitchwork.errors import AuthError, BusConflict, StitchworkError
 from stitchwork.gateway.context import RunContext, ToolOutcome
 from stitchwork.gateway.idempotency import STARTED, is_started
-from stitchwork.gateway.stages import Checked, Gate, policy_context, refusal, untainted
+from stitchwork.gateway.stages import Checked, Gate, Resolved, policy_context, refusal, untainted
 from stitchwork.gateway.tools import ToolDoor
 from stitchwork.gateway.uncertain import evidence_text
 from stitchwork.security.identity.tokens import TokenClaims
@@ -69,8 +70,9 @@ class Reversal:
         side_effect: Its side-effect class.
         undo_tool: The tool that reverses it.
         undo_args: The undo call's arguments.
-        attempt: How many undos of this call ended without success before (each attempt has its own ledger key,
-            so an attempt that failed may be tried again, and one that died midway is found started).
+        attempt: How many undos of this call ran the undo tool and failed before: each such attempt used up its own
+            ledger key, so a failed undo may be tried again, while one that died midway leaves its key *started*
+            and is found there (an attempt refused before it ran uses no key).
     """
 
     seq: int
@@ -92,8 +94,10 @@ class Reversal:
 
 
 def _stricter(a: Decision, b: Decision) -> Decision:
-    """The stricter of two decisions (deny over ask over allow), with both decisions' policy ids and reasons."""
+    """The stricter of two decisions (deny over ask over allow); of equal ones, both policy ids and reasons."""
     first, second = (a, b) if _RANK[a.effect] >= _RANK[b.effect] else (b, a)
+    if first.effect is not second.effect:
+        return first
     ids = tuple(dict.fromkeys((*first.policy_ids, *second.policy_ids)))
     reasons = tuple(dict.fromkeys((*first.reasons, *second.reasons)))
     return Decision(first.effect, ids, reasons, first.errors + second.errors)
@@ -148,7 +152,7 @@ class UndoDoor:
         started = await ledger.aget(run.run_id, item.key) if ledger is not None else None
         if started is not None and not is_started(started):  # this attempt ended, its undo event was not written
             outcome = ToolOutcome(**{**started, "policy_ids": tuple(started.get("policy_ids", ()))})
-            return await self._finish(who, item, {**link, "replayed": True}, outcome)
+            return await self._finish(who, item, {**link, "replayed": True, "key_used": True}, outcome)
         # The undo's arguments are not the agent's choice: the operator's manifest maps them from the recorded call
         # (whose own taint was decided when it ran) and its result. Checked as carrying no taint.
         tainted = self.door.taint(Checked(claims, replace(run, tracker=ProvenanceTracker()), tool, args, who))
@@ -159,6 +163,20 @@ class UndoDoor:
         resolved = await self.door.secrets(call)
         if isinstance(resolved, ToolOutcome):
             return await self._finish(who, item, link, resolved)
+        # From here the undo runs to its end and its outcome is recorded even if the caller goes away (a closed HTTP
+        # connection): an interrupted undo would be left started, and held for a human.
+        running = asyncio.ensure_future(self._run(call, item, link, resolved, gate, seq, started))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await running
+            raise
+
+    async def _run(self, call: Checked, item: Reversal, link: Mapping[str, Any], resolved: Resolved, gate: Gate,
+                   seq: int, started: Mapping[str, Any] | None) -> ToolOutcome:
+        """Intent, execute, label, audit and record one authorized undo call."""
+        audit, ledger, run, tool, who = self.door.audit, self.context.idempotency, call.run, call.tool, call.who
         if ledger is not None and started is None:
             try:
                 await ledger.aput(run.run_id, item.key, {
@@ -180,7 +198,7 @@ class UndoDoor:
                                   label=labelled.label, policy_ids=gate.decision.policy_ids, audit_seq=tool_seq)
         if ledger is not None:
             await ledger.aput(run.run_id, item.key, asdict(outcome))
-        return await self._finish(who, item, link, outcome)
+        return await self._finish(who, item, {**link, "key_used": True}, outcome)
 
     async def _identity(self, run: RunContext, token: str | None, by: str) -> TokenClaims:
         if token is None:

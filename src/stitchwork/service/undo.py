@@ -54,6 +54,9 @@ class CallState:
     undo_args: dict[str, Any] | None = None
     reason: str = ""
     attempts: int = 0
+    """Undos of it that did not succeed (refused, failed or waiting)."""
+    key_index: int = 0
+    """Undos of it that ran the undo tool and failed: the next attempt's ledger key (:class:`Reversal`)."""
     undo_seq: int = 0
     """The ``undo`` event of the last attempt (0: none)."""
     approval_id: str = ""
@@ -183,7 +186,7 @@ class Undo:
                     results.append({**base, "status": "not_attempted"})
                     continue
                 item = Reversal(state.seq, state.call, state.tool, state.side_effect, state.undo_tool,
-                                dict(state.undo_args or {}), attempt=state.attempts)
+                                dict(state.undo_args or {}), attempt=state.key_index)
                 outcome = await door.undo(run, item, by=by, token=token)
                 results.append({**base, "status": outcome.status, "undo_seq": outcome.audit_seq,
                                 "result": outcome.content, "error": outcome.error,
@@ -285,6 +288,7 @@ def _apply_attempts(state: CallState, attempts: Sequence[AuditEvent]) -> None:
         state.undo_seq = next(a.seq for a in attempts if a.decision == "ok")
         return
     state.attempts = len(attempts)
+    state.key_index = sum(1 for a in attempts if a.data.get("key_used") is True)
     error = last.data.get("error")
     state.last_error = error if isinstance(error, dict) else None
     if last.decision == "approval_required":
