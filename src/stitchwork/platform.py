@@ -302,6 +302,9 @@ class Platform:
 
 def _policy(config: Config, tools: ToolRegistry, agents: AgentRegistry) -> PolicyEngine:
     """The Cedar engine over the built-in and configured policies, with every tool's action."""
+    if UNDO_TOOL_ACTION.name in tools:
+        raise ConfigError(f"a tool cannot be named {UNDO_TOOL_ACTION.name!r}: it is the Cedar action of undo calls "
+                          f"({tools.get(UNDO_TOOL_ACTION.name).source})")
     policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
     policy_paths += [Path(p) for p in config.security.policy_dirs]
     return PolicyEngine.load(

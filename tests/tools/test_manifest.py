@@ -151,3 +151,11 @@ def test_undo_mappings_take_paths_into_args_and_result_and_report_the_missing_on
                                                  "value there")
     assert undo_call(registry.get("p"), {"id": "k"}, None) == ({"id": "k"}, "")  # no mapping: the same arguments
     assert undo_call(registry.get("undo_it"), {"id": "k"}, None) == (None, "")  # no undo declared
+
+
+def test_a_tool_cannot_take_the_name_of_the_undo_action(make_config, tools_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from stitchwork.platform import Platform
+
+    write_tool(tools_dir, "undo")
+    with pytest.raises(ConfigError, match="a tool cannot be named 'undo': it is the Cedar action of undo calls"):
+        Platform.open(make_config([{"content": "ok"}], sandbox="inline://"))
