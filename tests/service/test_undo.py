@@ -245,6 +245,12 @@ async def test_an_uncertain_call_is_resolved_by_undoing_it(open_ops: Any) -> Non
     assert calls["c9"]["undo_args"] == args and calls["c9"]["approval_id"] == held.approval_id
     assert calls["c8"]["state"] == "not_undoable" and "result is unknown" in calls["c8"]["reason"]
     assert "result.id" in calls["c8"]["reason"]
+    (ops.cwd / "refund_fails").write_text("")
+    failed = await ops.service.undo(ops.run_id, call="c9", by="operator:cli")
+    assert failed["results"][0]["status"] == "error"
+    assert (await ops.states())["c9"] == "undo_failed"  # still held for its human, still undoable
+    assert ops.platform.approvals.get(held.approval_id).status is ApprovalStatus.PENDING
+    (ops.cwd / "refund_fails").unlink()
     report = await ops.service.undo(ops.run_id, call="c9", by="operator:cli")
     assert report["results"][0]["status"] == "ok"
     assert (ops.cwd / "ledger.log").read_text() == "refund acme 40\n"

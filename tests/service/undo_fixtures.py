@@ -70,6 +70,8 @@ def pay(account, amount):
 
 
 def refund(account, amount):
+    if os.path.exists("refund_fails"):
+        raise RuntimeError("the bank is closed")
     with open("ledger.log", "a", encoding="utf-8") as handle:
         handle.write(f"refund {account} {amount}\\n")
     return {"refunded": amount}

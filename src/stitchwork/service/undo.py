@@ -61,6 +61,8 @@ class CallState:
     """The ``undo`` event of the last attempt (0: none)."""
     approval_id: str = ""
     """The approval the last attempt waits for, or the uncertain call's own."""
+    held_by: str = ""
+    """An uncertain call's own approval (denied with the note "undone" once an undo of it succeeds)."""
     last_error: dict[str, Any] | None = None
     key: str = field(default="", repr=False)
 
@@ -124,7 +126,7 @@ class Undo:
             if seq in known or not seq:
                 continue
             state = CallState(seq, _call_id(run_id, key, seq), approval.tool, str(started.get("side_effect", "")),
-                              "uncertain", approval_id=approval.id, key=key)
+                              "uncertain", approval_id=approval.id, held_by=approval.id, key=key)
             tools = self.platform.gateway.tools
             manifest = tools.get(approval.tool) if approval.tool in tools else None
             if manifest is None or not manifest.undo:
@@ -191,7 +193,7 @@ class Undo:
                 results.append({**base, "status": outcome.status, "undo_seq": outcome.audit_seq,
                                 "result": outcome.content, "error": outcome.error,
                                 "approval_id": outcome.approval_id or None,
-                                "uncertain_approval": state.approval_id if state.state == "uncertain" else None})
+                                "uncertain_approval": state.held_by or None})
                 stopped = outcome.status != "ok"
         statuses = [r["status"] for r in results]
         return {"run_id": run_id, "results": results, "undone": statuses.count("ok"),
@@ -293,7 +295,7 @@ def _apply_attempts(state: CallState, attempts: Sequence[AuditEvent]) -> None:
     state.last_error = error if isinstance(error, dict) else None
     if last.decision == "approval_required":
         state.state, state.approval_id = "undo_waiting", str(last.data.get("approval_id") or "")
-    elif state.state != "uncertain":
+    else:
         state.state = "undo_failed"
 
 
