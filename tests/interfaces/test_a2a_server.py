@@ -216,6 +216,46 @@ async def test_a_run_waiting_for_approval_is_picked_up_by_the_next_message(tmp_p
             await send(url, SECRETS["a2a_friend"], "mine now", task_id=task.id)
 
 
+async def get_task(url: str, key: str, task_id: str) -> Any:
+    from a2a.types import GetTaskRequest
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        client = await create_client(url, client_config=ClientConfig(httpx_client=http))
+        async with client:
+            return await client.get_task(GetTaskRequest(id=task_id))
+
+
+async def list_tasks(url: str, key: str) -> list[str]:
+    from a2a.types import ListTasksRequest
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        client = await create_client(url, client_config=ClientConfig(httpx_client=http))
+        async with client:
+            return [t.id for t in (await client.list_tasks(ListTasksRequest())).tasks]
+
+
+async def test_tasks_survive_a_restart_of_the_platform(tmp_path: Path, port: int) -> None:
+    cfg = config(tmp_path, port, APPROVAL, tools=["write_note", "delete_note"], wait_s=0.3)
+    url = f"http://127.0.0.1:{port}/a2a/mailer"
+    async with serve(cfg, SECRETS) as (service, _):
+        task = final_task(await send(url, KEY, "tidy up n.txt"))
+        assert task.status.state == TaskState.TASK_STATE_AUTH_REQUIRED
+        (approval,) = service.approvals("pending")
+    async with serve(cfg, SECRETS) as (service, _):  # a new platform on the same state directory
+        got = await get_task(url, KEY, task.id)
+        assert (got.id, got.context_id, got.status.state) == (task.id, task.context_id, task.status.state)
+        assert approval["id"] in got.status.message.parts[0].text
+        with pytest.raises(Exception):  # noqa: B017 - another peer does not see it
+            await get_task(url, SECRETS["a2a_friend"], task.id)
+        assert await list_tasks(url, KEY) == [task.id] and await list_tasks(url, SECRETS["a2a_friend"]) == []
+        await service.decide(approval["id"], approve=True, by="operator")
+        done = final_task(await send(url, KEY, "done yet?", task_id=task.id))
+        assert done.status.state == TaskState.TASK_STATE_COMPLETED
+        assert get_artifact_text(done.artifacts[0], delimiter="") == "cleaned up"
+        assert len(service.platform.runs.list()) == 1  # the task kept its run across the restart
+        assert (await get_task(url, KEY, task.id)).status.state == TaskState.TASK_STATE_COMPLETED
+
+
 def test_publication_config_errors_are_clear(tmp_path: Path) -> None:
     from stitchwork.service import Service
     from stitchwork.service.a2a import A2APublisher
