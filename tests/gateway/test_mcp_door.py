@@ -189,7 +189,10 @@ async def test_an_oversized_request_is_refused_unread(config: Config) -> None:
         token = await door.session()
         async with door.http(token) as http:
             response = await http.post("/mcp", content=b"{" * 9_000_000, headers={"content-type": "application/json"})
-        assert response.status_code == 413
+        assert response.status_code == 413 and response.json()["error"] == "too_large"
+        assert [e["data"]["status"] for e in door.events("mcp")] == [413]  # audited
+        async with door.client(token) as client:  # nothing else affected
+            assert (await client.call_tool("list_inbox", {})).is_error is False
 
 
 async def test_each_session_sees_its_own_agent(config: Config, tmp_path: Any) -> None:
