@@ -57,6 +57,16 @@ def final_task(chunks: list[Any]) -> Any:
     return tasks[-1]
 
 
+async def settled(url: str, task: Any, tries: int = 50) -> Any:
+    """The task once its run stopped running: a slow host may answer WORKING after wait_s; asking again picks the
+    same run up (as a peer would)."""
+    for _ in range(tries):
+        if task.status.state != TaskState.TASK_STATE_WORKING:
+            return task
+        task = final_task(await send(url, KEY, "and now?", task_id=task.id))
+    return task
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()
@@ -202,12 +212,12 @@ async def test_a_run_waiting_for_approval_is_picked_up_by_the_next_message(tmp_p
     cfg = config(tmp_path, port, APPROVAL, tools=["write_note", "delete_note"], wait_s=0.3)
     async with serve(cfg, SECRETS) as (service, _):
         url = f"http://127.0.0.1:{port}/a2a/mailer"
-        task = final_task(await send(url, KEY, "tidy up n.txt"))
+        task = await settled(url, final_task(await send(url, KEY, "tidy up n.txt")))
         assert task.status.state == TaskState.TASK_STATE_AUTH_REQUIRED
         (approval,) = service.approvals("pending")
         assert approval["id"] in task.status.message.parts[0].text
         await service.decide(approval["id"], approve=True, by="operator")
-        task = final_task(await send(url, KEY, "done yet?", task_id=task.id))
+        task = await settled(url, final_task(await send(url, KEY, "done yet?", task_id=task.id)))
         assert task.status.state == TaskState.TASK_STATE_COMPLETED
         assert get_artifact_text(task.artifacts[0], delimiter="") == "cleaned up"
         assert len(service.platform.runs.list()) == 1  # the same run, not a second one
@@ -238,7 +248,7 @@ async def test_tasks_survive_a_restart_of_the_platform(tmp_path: Path, port: int
     cfg = config(tmp_path, port, APPROVAL, tools=["write_note", "delete_note"], wait_s=0.3)
     url = f"http://127.0.0.1:{port}/a2a/mailer"
     async with serve(cfg, SECRETS) as (service, _):
-        task = final_task(await send(url, KEY, "tidy up n.txt"))
+        task = await settled(url, final_task(await send(url, KEY, "tidy up n.txt")))
         assert task.status.state == TaskState.TASK_STATE_AUTH_REQUIRED
         (approval,) = service.approvals("pending")
     async with serve(cfg, SECRETS) as (service, _):  # a new platform on the same state directory
@@ -249,7 +259,7 @@ async def test_tasks_survive_a_restart_of_the_platform(tmp_path: Path, port: int
             await get_task(url, SECRETS["a2a_friend"], task.id)
         assert await list_tasks(url, KEY) == [task.id] and await list_tasks(url, SECRETS["a2a_friend"]) == []
         await service.decide(approval["id"], approve=True, by="operator")
-        done = final_task(await send(url, KEY, "done yet?", task_id=task.id))
+        done = await settled(url, final_task(await send(url, KEY, "done yet?", task_id=task.id)))
         assert done.status.state == TaskState.TASK_STATE_COMPLETED
         assert get_artifact_text(done.artifacts[0], delimiter="") == "cleaned up"
         assert len(service.platform.runs.list()) == 1  # the task kept its run across the restart
