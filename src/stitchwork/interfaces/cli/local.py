@@ -86,6 +86,29 @@ class LocalClient:
     def secret_delete(self, name: str) -> None:
         self._with(lambda s: s.secret_delete(name, by="operator:cli"))
 
+    def session_open(self, agent: str, task: str, ttl_s: int | None = None) -> dict[str, Any]:
+        async def go(service: Service) -> dict[str, Any]:
+            info = await service.sessions.open(agent, task, ttl_s=ttl_s, by="operator:cli")
+            return info.to_dict()
+
+        return self._with(go)
+
+    def session_renew(self, run_id: str, ttl_s: int | None = None) -> dict[str, Any]:
+        async def go(service: Service) -> dict[str, Any]:
+            info = await service.sessions.renew(run_id, ttl_s=ttl_s, by="operator:cli")
+            return info.to_dict()
+
+        return self._with(go)
+
+    def session_close(self, run_id: str) -> dict[str, Any]:
+        return self._with(lambda s: s.sessions.close(run_id, by="operator:cli"))
+
+    def session_show(self, run_id: str) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.sessions.describe(run_id)))
+
+    def sessions(self, include_closed: bool = False) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.sessions.find(include_closed=include_closed)))
+
 
 async def _now(value: T) -> T:
     return value
