@@ -60,6 +60,7 @@ from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.workers.auditfeed import AuditForwarder
 from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
 from stitchwork.workers.ledger import BusLedger
+from stitchwork.workers.limits import apply_stream_limits
 from stitchwork.workers.messages import AgentMessenger
 from stitchwork.workers.meters import BusMeters
 from stitchwork.workers.runstore import BusRunStore
@@ -319,24 +320,27 @@ def _grants(agents: AgentRegistry, tools: ToolRegistry) -> dict[str, frozenset[s
 def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, subjects: Subjects, *,
                 bus: Bus | None, bus_uri: str, worker_name: str, bus_approvals: bool) -> _RoleParts:
     timeout = config.security.approval_timeout_s
+    kept = config.messaging.limits
+    apv_ttl = kept.approvals.max_age_s
     if role == "worker":
         if bus is None or not bus_uri:
             raise ConfigError("a worker's platform needs its open bus and the bus URI")
         sync = SyncBus(bus_uri, bus=bus)
         runs = BusRunStore(sync, subjects, abus=bus)
-        ledger = BusLedger(sync, subjects, abus=bus)
+        ledger = BusLedger(sync, subjects, abus=bus, ttl_s=kept.idempotency.max_age_s)
         runs.ledger = ledger
         runs.side_effecting = lambda name: name in tools and tools.get(name).side_effect is not SideEffect.READ
         events = RunEventPublisher(bus, sync, subjects, worker=worker_name)
         durable = Durable(bus, sync, subjects, runs, ledger, events, worker_name)
-        return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout), ledger, on_event=events,
+        return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout, ttl_s=apv_ttl), ledger,
+                          on_event=events,
                           reraise=TRANSIENT, events=events, durable=durable, closers=(sync.close,),
                           bus_meters=BusMeters(subjects, abus=bus))
     local = ApprovalStore(store, timeout_s=timeout)
     if role == "server":
         hub = EventHub(resolve_events_uri(config), subjects)
         # Approvals of durable runs (requested inside workers) are listed and decided here like the platform's own.
-        approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout))
+        approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout, ttl_s=apv_ttl))
         shared = urlsplit(hub.uri).scheme != "memory"
         return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub,
                           bus_meters=BusMeters(subjects, sync=hub.sync) if shared else None)
@@ -349,7 +353,8 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         # external NATS workers keep theirs on it, and an unreachable bus is an error rather than a shorter list.
         if uri and urlsplit(uri).scheme != "memory":
             sync = SyncBus(uri)
-            approvals = FederatedApprovals(local, BusApprovalStore(sync, subjects, timeout_s=timeout))
+            approvals = FederatedApprovals(local, BusApprovalStore(sync, subjects, timeout_s=timeout,
+                                                                   ttl_s=apv_ttl))
             return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), closers=(sync.close,))
     return _RoleParts(DatabaseRunStore(store), local, StoreLedger(store))
 
@@ -365,13 +370,16 @@ async def open_worker(config: Config, *, bus_uri: str, name: str = "", concurren
     subjects = subjects or Subjects(config.messaging.subject_prefix)
     bus = await open_bus(bus_uri)
     try:
+        await apply_stream_limits(bus, subjects, config.messaging.limits)  # before this worker uses the streams
         platform = Platform.open(worker_config(config, name), role="worker", bus=bus, bus_uri=bus_uri,
                                  subjects=subjects, worker_name=name)
     except BaseException:
         await bus.aclose()
         raise
     assert platform.durable is not None
-    feed = AuditForwarder(platform.audit, bus, subjects, writer=name) if config.messaging.fleet_audit else None
+    feed = AuditForwarder(platform.audit, bus, subjects, writer=name,
+                          position=platform.config.state_dir / "audit-forwarded.json") \
+        if config.messaging.fleet_audit else None
     worker = Worker(platform, bus=bus, runs=platform.durable.runs, events=platform.durable.events, name=name,
                     concurrency=concurrency, ack_wait_s=ack_wait_s, max_deliver=max_deliver, subjects=subjects,
                     audit_feed=feed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,8 @@ from stitchwork.interfaces.http import (
 from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service, json_safe
+
+log = logging.getLogger(__name__)
 
 MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     control.mount,  # health, runs, approvals, audit tail/query/verify, secrets, agents' tool calls
@@ -105,11 +108,11 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def expire_loop() -> None:
+        async def sessions_loop() -> None:
             while True:
                 await asyncio.sleep(expiry_interval_s)
                 with contextlib.suppress(StitchworkError):
-                    await service.expire_and_resume()
+                    await service.sessions.expire_due()
 
         async def failures_loop() -> None:
             while True:
@@ -117,7 +120,12 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                 with contextlib.suppress(StitchworkError):
                     await failures.flush()
 
-        tasks = [asyncio.create_task(expire_loop()), asyncio.create_task(failures_loop())]
+        try:  # before workers and runs use the streams: a new stream gets its retention from the start
+            await asyncio.wait_for(service.bound_bus_streams(), 30.0)
+        except (StitchworkError, TimeoutError) as exc:
+            log.warning("bus streams are not limited: %s", exc)
+        tasks = [asyncio.create_task(service.expire_on_time()),  # approvals: a deadline heap, not a listing
+                 asyncio.create_task(sessions_loop()), asyncio.create_task(failures_loop())]
         stop_fleet = asyncio.Event()
         fleet = asyncio.create_task(service.ingest_fleet_audit(stop_fleet))  # workers' audit events into this chain
         try:
