@@ -132,6 +132,10 @@ class DataConfig:
     audit_flush_ms: float = 50.0
     """Maximum time a durable audit event waits in the journal before it is copied into the store."""
     memory_tools: bool = True
+    memory: str = "store"
+    """Where agent memory and its grants live: ``store`` (this process's store; each worker has its own) or
+    ``bus`` (keys on the bus of durable runs, shared by every worker and the platform: a run resumed on another
+    worker reads what it wrote and the grants it was given; needs a shared bus such as NATS)."""
     """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Per-table retention (``[data.retention]``)."""

@@ -41,6 +41,7 @@ from stitchwork.gateway.meters import MemoryMeters, MeterStore, StoreMeters
 from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
 from stitchwork.gateway.upstream import UpstreamTools, expand_grants
 from stitchwork.isolation._base import INLINE_REFUSED, is_inline
+from stitchwork.memory.bus import BusMemory
 from stitchwork.memory.store import AgentMemory
 from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
 from stitchwork.memory.tools import MemoryTools
@@ -113,6 +114,26 @@ class _RoleParts:
     closers: tuple[Callable[[], Any], ...] = ()
     bus_meters: BusMeters | None = None
     """Model-use meters on this role's bus, if it has one that others share."""
+
+
+def _memory(config: Config, parts: _RoleParts, store: Store,
+            audit: AuditLog) -> tuple[AgentMemory, tuple[Callable[[], Any], ...]]:
+    """Agent memory (``[data] memory``): the store's, or the bus's shared by the fleet; and what closes it."""
+    choice = config.data.memory
+    if choice not in {"store", "bus"}:
+        raise ConfigError(f"[data] memory must be store or bus, got {choice!r}")
+    if choice == "store":
+        return AgentMemory(store, audit=audit), ()
+    prefix = config.messaging.subject_prefix
+    if parts.durable is not None:
+        return BusMemory(parts.durable.sync, prefix=prefix, audit=audit), ()
+    if isinstance(parts.events, EventHub):  # the server: the bus its workers use
+        return BusMemory(parts.events.sync, prefix=prefix, audit=audit), ()
+    uri = configured_bus_uri(config)
+    if urlsplit(uri).scheme == "memory":
+        raise ConfigError('[data] memory = "bus" needs a shared bus; [messaging] bus is memory:// here')
+    sync = SyncBus(uri)
+    return BusMemory(sync, prefix=prefix, audit=audit), (sync.close,)
 
 
 def _meters(config: Config, parts: _RoleParts, store: Store) -> tuple[MeterStore, tuple[Callable[[], Any], ...]]:
@@ -238,7 +259,8 @@ class Platform:
                 audience=config.security.audience,
                 idempotency=parts.ledger,
             )
-            memory = AgentMemory(store, audit=audit)
+            memory, memory_closers = _memory(config, parts, store, audit)
+            parts = dataclasses.replace(parts, closers=(*parts.closers, *memory_closers))
             hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
             hosted.update({f"mcp:{name}": server for name, server in upstream.servers.items()})
             if any(t.host == A2A_HOST for t in tools):

@@ -133,3 +133,36 @@ async def test_on_jetstream_a_new_installation_gets_work_queues_and_ttls(nats_ur
         assert (events.max_age, events.max_bytes) == (3600, 1 << 20)
     finally:
         await bus.aclose()
+
+
+async def test_with_bus_memory_every_worker_and_the_platform_share_memory_and_grants(tmp_path: Any, root: str) -> None:
+    from dataclasses import replace
+
+    from stitchwork.memory.bus import BusMemory
+    from stitchwork.platform import Platform, open_worker
+    from stitchwork.security.taint import Label
+    from tests.workers.durable_fixtures import build
+
+    uri = "memory://shared-memory-" + root
+    config = build(tmp_path, [{"content": "ok"}], bus=uri)
+    config = config.replace(data=replace(config.data, memory="bus"))
+    subjects = Subjects(root)
+    first = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects)
+    second = await open_worker(config, bus_uri=uri, name="w2", subjects=subjects)
+    server = Platform.open(config, role="server")
+    try:
+        memories = [first.platform.memory, second.platform.memory, server.memory]  # type: ignore[union-attr]
+        assert all(isinstance(m, BusMemory) for m in memories)
+        one, two, platform = memories
+        assert one is not None and two is not None and platform is not None
+        one.put("scribe", "draft", text="chapter two", labels=[Label("user", True)])
+        item = two.get("scribe", "draft")
+        assert item is not None and item.text == "chapter two"  # a run resumed on w2 reads what w1 wrote
+        platform.grant("scribe", "cashier", mode="read", by="operator")
+        assert two.get("cashier", "draft", owner="scribe") is not None  # and the grant given on the platform
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await server.aclose()
+    with pytest.raises(ConfigError, match="store or bus"):
+        Platform.open(config.replace(data=replace(config.data, memory="redis")))
