@@ -4,6 +4,7 @@ clock that the test moves, never by waiting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,10 @@ async def test_approvals_pending_at_start_are_loaded_and_a_decided_one_is_left_a
         timers.poke()
         assert await _until(lambda: platform.approvals.get(kept).status is ApprovalStatus.EXPIRED)
         assert platform.approvals.get(decided).status is not ApprovalStatus.EXPIRED
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        assert platform.approvals.watchers == []  # a stopped loop leaves no watcher behind
     finally:
         loop.cancel()
         await platform.aclose()

@@ -90,6 +90,11 @@ class ApprovalStore:
         """Calls ``callback`` with every approval this store creates from now on (the expiry timers)."""
         self.watchers.append(callback)
 
+    def unwatch(self, callback: Callable[[Approval], None]) -> None:
+        """Stops calling ``callback`` (it is not an error if it was not watching)."""
+        if callback in self.watchers:
+            self.watchers.remove(callback)
+
     def _created(self, approval: Approval) -> Approval:
         for callback in self.watchers:
             callback(approval)

@@ -84,7 +84,8 @@ class Deadlines:
         if running is loop:
             wake.set()
         else:
-            loop.call_soon_threadsafe(wake.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(wake.set)
 
     async def wait(self, *, longest_s: float = 3600.0) -> None:
         """Returns when the earliest deadline is due, when :meth:`poke` is called, or after ``longest_s``."""
@@ -96,8 +97,12 @@ class Deadlines:
         delay = longest_s if upcoming is None else min(longest_s, max(0.0, upcoming - self.clock()))
         if delay <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+        # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation that races a wake-up.
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=delay)
+        finally:
+            waiter.cancel()
 
 
 __all__ = ["Deadlines"]

@@ -21,6 +21,7 @@ from stitchwork.audit.records import AuditEvent
 from stitchwork.errors import ApprovalError, ConfigError, StitchworkError
 from stitchwork.observability import METRICS
 from stitchwork.platform import Platform
+from stitchwork.security.approvals import Approval as ApprovalRecord
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.deadlines import Deadlines
 from stitchwork.security.vault import validate_secret_name
@@ -216,7 +217,17 @@ class Service:
         :mod:`stitchwork.workers.approvals`) and when next read here. Runs until cancelled."""
         approvals = self.platform.approvals
         timers = Deadlines(clock=approvals.clock) if timers is None else timers
-        approvals.watch(lambda approval: timers.add(approval.id, approval.expires_at))
+
+        def created(approval: ApprovalRecord) -> None:
+            timers.add(approval.id, approval.expires_at)
+
+        approvals.watch(created)
+        try:
+            await self._expire_on_time(approvals, timers)
+        finally:
+            approvals.unwatch(created)
+
+    async def _expire_on_time(self, approvals: Any, timers: Deadlines) -> None:
         try:
             for approval in await asyncio.to_thread(approvals.find, ApprovalStatus.PENDING):
                 timers.add(approval.id, approval.expires_at)

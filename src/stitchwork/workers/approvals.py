@@ -294,6 +294,10 @@ class FederatedApprovals(ApprovalStore):
         self.local.watch(callback)
         self.remote.watch(callback)
 
+    def unwatch(self, callback: Callable[[Approval], None]) -> None:
+        self.local.unwatch(callback)
+        self.remote.unwatch(callback)
+
     def expire(self, approval_ids: list[str]) -> list[str]:
         local = self.local.expire(approval_ids)
         rest = [i for i in approval_ids if i not in local]

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from stitchwork.errors import (
     ApprovalError,
     AuthError,
+    BusFull,
     ConfigError,
     InvalidArguments,
     RunError,
@@ -74,6 +75,7 @@ MCP_PATHS = frozenset({"/mcp"})
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
     InvalidArguments: 422, ConfigError: 400, StoreError: 400,
+    BusFull: 503,  # a bounded stream of unfinished work is full: try again once some is done
 }
 
 
