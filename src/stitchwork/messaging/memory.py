@@ -287,6 +287,8 @@ class MemoryBus(Bus):
     ) -> int:
         self._check_open()
         stream = self._stream(check_subject(subject))
+        now = self.clock()
+        stream.expire(now)  # what aged out is gone before de-duplication and compare-and-set look
         if msg_id and msg_id in stream.ids:
             return stream.ids[msg_id]
         expected = (headers or {}).get(EXPECTED_LAST_SUBJECT_SEQ)
@@ -294,8 +296,6 @@ class MemoryBus(Bus):
             raise BusConflict(f"publish to {subject}: wrong last sequence {stream.last.get(subject, 0)} "
                               f"(expected {expected})")
         ttl = parse_ttl(headers[MESSAGE_TTL]) if headers and MESSAGE_TTL in headers else 0.0
-        now = self.clock()
-        stream.expire(now)
         stored = _Stored(subject, bytes(data), dict(headers or {}), stream.next_seq, now, msg_id)
         if stream.limits.discard_new and stream.full(stored.size) and not stream.at_subject_limit(subject):
             limits = stream.limits
