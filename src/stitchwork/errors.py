@@ -40,6 +40,7 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │       └── ContextLengthExceeded  the prompt and completion do not fit the model's context
     ├── RunError
     │   └── RunTimedOut             waiting for a run (to finish or to ask for approval) took longer than allowed
+    ├── NothingToUndo               `stitchwork undo`: the run (or the call asked for) has no call left to undo
     └── BusError
         └── BusConflict             a compare-and-set publish lost: another writer advanced the subject
 
@@ -273,6 +274,13 @@ class RunTimedOut(RunError):
     """A client stopped waiting for a run; the run itself may still go on."""
 
     code = "timed_out"
+
+
+class NothingToUndo(StitchworkError):
+    """``stitchwork undo`` found no call to reverse: none declares an undo, all are undone, or the call asked for
+    is not undoable (the message says which and why)."""
+
+    code = "nothing_to_undo"
 
 
 class BusError(StitchworkError):

@@ -39,6 +39,7 @@ from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
 from stitchwork.gateway.meters import MemoryMeters, MeterStore, StoreMeters
 from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
+from stitchwork.gateway.undo import UNDO_TOOL_ACTION
 from stitchwork.gateway.upstream import UpstreamTools, expand_grants
 from stitchwork.isolation._base import INLINE_REFUSED, is_inline
 from stitchwork.memory.store import AgentMemory
@@ -301,11 +302,14 @@ class Platform:
 
 def _policy(config: Config, tools: ToolRegistry, agents: AgentRegistry) -> PolicyEngine:
     """The Cedar engine over the built-in and configured policies, with every tool's action."""
+    if UNDO_TOOL_ACTION.name in tools:
+        raise ConfigError(f"a tool cannot be named {UNDO_TOOL_ACTION.name!r}: it is the Cedar action of undo calls "
+                          f"({tools.get(UNDO_TOOL_ACTION.name).source})")
     policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
     policy_paths += [Path(p) for p in config.security.policy_dirs]
     return PolicyEngine.load(
         policy_paths,
-        [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION],
+        [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION, UNDO_TOOL_ACTION],
         agents=agents.names(),
     )
 

@@ -25,6 +25,7 @@ from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
 from stitchwork.service.sessions import Sessions
+from stitchwork.service.undo import Undo, describe
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class Service:
         server = platform.config.server
         self.sessions = Sessions(platform, base_url=f"http://{server.host}:{server.port}")
         """External runs: agents outside the platform calling through the gateway (:mod:`.sessions`)."""
+        self.reversals = Undo(platform)
+        """Undoing runs' calls through the gateway (:mod:`.undo`)."""
 
     # operator tokens ---------------------------------------------------------------------------------------
     def has_operator_token(self) -> bool:
@@ -142,6 +145,32 @@ class Service:
             raise ConfigError(f"unknown run status {status!r}; one of: "
                            f"{', '.join(s.value for s in RunStatus)}, all") from exc
         return [r.to_dict(messages=False) for r in self.platform.runs.list(status=chosen, limit=limit)]
+
+    async def run_calls(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's calls and whether each can be undone, or was (``stitchwork runs show``, ``audit reversible``).
+
+        Raises:
+            RunError: no such run.
+        """
+        _, states = await self.reversals.calls(run_id)
+        return [self.platform.gateway.redactor.redact(row) for row in describe(states)]
+
+    async def undo(self, run_id: str, *, call: str | None = None, by: str, token: str | None = None
+                   ) -> dict[str, Any]:
+        """Reverses the run's calls newest first, or one (:meth:`.undo.Undo.undo`); an uncertain call undone is
+        resolved: its approval is denied ("undone"), so it is never run again.
+
+        Raises:
+            RunError: no such run or call. NothingToUndo: nothing there can be undone.
+        """
+        report = await self.reversals.undo(run_id, call=call, by=by, token=token)
+        for result in report["results"]:
+            if result["status"] == "ok" and result.get("uncertain_approval"):
+                with contextlib.suppress(ApprovalError):  # decided meanwhile: the human's answer stands
+                    await self.decide(result["uncertain_approval"], approve=False, by=by,
+                                      note=f"undone (undo event #{result['undo_seq']})")
+        redacted: dict[str, Any] = self.platform.gateway.redactor.redact(json_safe(report))
+        return redacted
 
     # approvals ----------------------------------------------------------------------------------------------
     def approvals(self, status: str | None = "pending") -> list[dict[str, Any]]:

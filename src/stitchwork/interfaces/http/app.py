@@ -20,6 +20,7 @@ from stitchwork.errors import (
     AuthError,
     ConfigError,
     InvalidArguments,
+    NothingToUndo,
     RunError,
     SecretNotFound,
     StitchworkError,
@@ -40,6 +41,7 @@ from stitchwork.interfaces.http import (
     models,
     notifications,
     sessions,
+    undo,
 )
 from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
@@ -58,6 +60,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
     sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
     a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
+    undo.mount,  # undo a run's calls through the gateway (operator token; /v1/agent/undo: run token)
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -70,7 +73,7 @@ MCP_PATHS = frozenset({"/mcp"})
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
-    InvalidArguments: 422, ConfigError: 400, StoreError: 400,
+    InvalidArguments: 422, ConfigError: 400, StoreError: 400, NothingToUndo: 409,
 }
 
 
