@@ -40,7 +40,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -348,6 +348,24 @@ class AuditLog:
             return [_to_event(_decode_row(row)) for row in rows]
         except _DecodeError as exc:
             raise AuditError(f"an audit event after {seq} cannot be decoded ({exc}); run verify") from exc
+
+    def for_run(self, run_id: str, kinds: Sequence[str] = ()) -> list[AuditEvent]:
+        """The events of run ``run_id`` (only of ``kinds`` when given), oldest first, once every event appended
+        so far is in the store.
+
+        Raises:
+            AuditError: A stored event cannot be decoded (run :meth:`verify`).
+        """
+        self.flush()
+        where, params = "WHERE run_id = ?", [run_id]
+        if kinds:
+            where += f" AND kind IN ({', '.join('?' for _ in kinds)})"
+            params += list(kinds)
+        rows = self._store.query(f"{_SELECT_EVENTS} {where} ORDER BY seq", params)
+        try:
+            return [_to_event(_decode_row(row)) for row in rows]
+        except _DecodeError as exc:
+            raise AuditError(f"an audit event of run {run_id} cannot be decoded ({exc}); run verify") from exc
 
     def tail(self, n: int = 20) -> list[AuditEvent]:
         """The newest ``n`` events, oldest first (including events not yet copied into the store).
