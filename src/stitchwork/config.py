@@ -129,8 +129,9 @@ class DataConfig:
 
     store: str = ""
     """Store URI; empty means ``duckdb:///<state_dir>/stitchwork.duckdb``."""
-    audit_flush_ms: float = 50.0
-    """Maximum time a durable audit event waits in the journal before it is copied into the store."""
+    audit_flush_ms: float = 250.0
+    """Maximum time a durable audit event waits in the journal before it is copied into the store (the audit
+    commands, reports and dashboard copy first; each copy costs 3-8 ms of CPU however few events it holds)."""
     memory_tools: bool = True
     memory: str = "store"
     """Where agent memory and its grants live: ``store`` (this process's store; each worker has its own) or

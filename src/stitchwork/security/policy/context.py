@@ -26,6 +26,7 @@ class Prepared:
         tool: The action's name.
         cedar: The Cedar request (principal, action, resource, and the context as projected JSON).
         context: The whole Cedar context, before projection.
+        cache_context: The context as the decision cache keys it ("": the projected JSON of ``cedar``).
     """
 
     index: int
@@ -33,6 +34,7 @@ class Prepared:
     tool: str
     cedar: dict[str, Any]
     context: dict[str, Any]
+    cache_context: str = ""
 
 
 def _is_long(value: object) -> bool:

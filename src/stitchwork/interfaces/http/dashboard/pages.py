@@ -288,6 +288,7 @@ def _run_context(board: Dashboard, session: Session, run_id: str, after: int) ->
     if record is None:
         return None
     run = platform.gateway.redactor.redact(record.to_dict(messages=False))
+    platform.audit.flush()  # the run's newest model events, still in the journal, count in its usage
     refresh_activity(platform.store)
     usage = run_usage(platform.store, [run_id]).get(run_id, NO_USAGE)
     pending = views.pending_approvals(platform, run_id)
