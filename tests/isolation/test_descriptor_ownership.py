@@ -6,10 +6,13 @@ was then discarded). These pin that the second close is a no-op for the number's
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +111,31 @@ def test_a_supervised_process_closes_its_status_pipe_once() -> None:
         for fd in reused:
             os.close(fd)
         os.close(status_w)
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+async def test_the_stdin_pipe_number_reused_by_a_socket_during_the_run_is_left_alone(tmp_path: Path) -> None:
+    """The program's stdin pipe is closed as soon as all of it is written; the loop may hand its number to a new
+    socket while the program still runs. Ending the run must not touch that socket (it raised RuntimeError)."""
+    from stitchwork.isolation._base import Command, Limits, SandboxSpec, open_sandbox
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    async with open_sandbox("bwrap://") as sandbox:
+        command = Command(("/bin/sh", "-c", "cat >/dev/null; sleep 1.5; echo done"), stdin=b"x" * 10)
+        running = asyncio.ensure_future(sandbox.run(SandboxSpec(command, workdir=workdir, limits=Limits(timeout_s=60))))
+        await asyncio.sleep(0.5)  # its stdin is written and closed by now; the program is still sleeping
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]  # lowest numbers first
+        try:
+            result = await running
+        finally:
+            for _, writer in connections:
+                writer.close()
+            server.close()
+    assert result.exit_code == 0 and result.stdout.strip() == b"done", result

@@ -460,7 +460,10 @@ async def _run(sup: Supervised, stdin: bytes, limits: Limits, on_killed: Callabl
             reap(0)
         for fd in chunks:
             loop.remove_reader(fd)
-        loop.remove_writer(in_fd)
+        if proc.stdin is not None and not proc.stdin.closed:
+            # Closed once all stdin was written: its number may belong to someone else by now (a socket
+            # transport of this loop, which remove_writer would refuse with a RuntimeError).
+            loop.remove_writer(in_fd)
         loop.remove_reader(pidfd)
         os.close(pidfd)
     stats = None
