@@ -40,6 +40,8 @@ def test_strongest_orders_prose_over_unattributed_over_record() -> None:
     assert strongest(["record", "unattributed"]) == "unattributed"
     assert strongest(["unattributed", "prose", "record"]) == "prose"
     assert strongest(["record", "something-new"]) == "something-new"  # an unknown level counts as the strongest
+    assert taint_module.LEVELS == ("prose", "unattributed", "record")
+    assert [strongest(taint_module.LEVELS[i:]) for i in range(3)] == list(taint_module.LEVELS)
 
 
 def test_label_text_and_secrecy() -> None:
