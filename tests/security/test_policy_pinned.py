@@ -446,7 +446,8 @@ def test_approval_only_denies_ask_and_others_stay_denied(tmp_path: Path) -> None
 
 def test_an_approval_that_would_not_allow_is_a_plain_deny(tmp_path: Path) -> None:
     engine = engine_for(tmp_path, "permit(principal, action, resource) when { !context.approved };\n"
-                        '@id("ask") @approval("required") forbid(principal, action, resource) when { context.taint.any } unless { context.approved };')
+                        '@id("ask") @approval("required") forbid(principal, action, resource) '
+                        "when { context.taint.any } unless { context.approved };")
     denied = engine.decide(Request("ann", "mail", "y", ctx(taint={"any": True})))
     assert denied == Decision(Effect.DENY, (), ("no policy permits (default deny)",
                                                 "approval would not allow it (held by ask)"))
