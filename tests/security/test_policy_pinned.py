@@ -10,9 +10,9 @@ from typing import Any
 import cedarpy
 import pytest
 
+import stitchwork.security.policy.engine as engine_module
+import stitchwork.security.policy.projection as projection_module
 from stitchwork.errors import ConfigError, PolicyLoadError
-from stitchwork.security.policy import engine as engine_module
-from stitchwork.security.policy import projection as projection_module
 from stitchwork.security.policy.context import BadContext, cedar_context
 from stitchwork.security.policy.engine import Decision, Effect, PolicyEngine, Request
 from stitchwork.security.policy.schema import (
@@ -135,6 +135,7 @@ def test_argument_specs_from_json_schema() -> None:
     schema = {"required": ["a", "b", "c", "z"], "properties": {
         "a": {"type": "string"}, "b": {"type": ["integer", "null"]}, "c": {"type": "boolean"},
         "d": {"type": ["string", "integer"]}, "e": {"type": "array"}, "__entity": {"type": "string"},
+        "__extn": {"type": "string"}, "__expr": {"type": "boolean"},
         "f": "not a schema", "g": {"type": ["null", "boolean"]}, "h": {}}}
     assert arg_specs(schema) == (ArgSpec("a", "String", True), ArgSpec("b", "Long", False),
                                  ArgSpec("c", "Bool", True), ArgSpec("g", "Bool", False))
@@ -360,16 +361,20 @@ def test_agents_added_at_decide_time_are_capped(tmp_path: Path, monkeypatch: pyt
     assert engine.decide(Request("a4", "look", "", ctx())).effect is Effect.ALLOW
     assert engine.decide(Request("b5", "look", "", ctx())).effect is Effect.DENY
     assert "a4" not in engine._known_agents and engine._dynamic_agents == 3 and engine._entities is shared
+    key = ("look", "a4", "", False, engine._context_json("look", cedar_context(engine._tools["look"], ctx())))
+    assert engine._cache.get(key) is None  # decided against a per-batch entity set: not remembered
+    assert engine._cache.get(("look", "a3", *key[2:])) is not None
 
 
 def test_a_new_agent_clears_the_decision_cache(tmp_path: Path) -> None:
     engine = engine_for(tmp_path, "permit(principal, action, resource);")
     engine.decide(Request("a1", "look", "", ctx()))
-    assert len(engine._cache._data) == 1 if hasattr(engine._cache, "_data") else True
+    assert len(engine._cache) == 1
     first = engine._cache.get(("look", "a1", "", False, engine._context_json("look", cedar_context(
         engine._tools["look"], ctx()))))
     assert first == Decision(Effect.ALLOW, ("p.cedar:1",), ("permit p.cedar:1",))
     engine.decide(Request("a2", "look", "", ctx()))
+    assert len(engine._cache) == 1  # only a2's decision, made against the grown entity set
     assert engine._cache.get(("look", "a1", "", False, engine._context_json("look", cedar_context(
         engine._tools["look"], ctx())))) is None
 
