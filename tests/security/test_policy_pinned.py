@@ -390,7 +390,7 @@ def test_one_bad_request_in_a_cedar_batch_is_isolated(tmp_path: Path, monkeypatc
             raise ValueError("cannot evaluate poison")
         return real(requests, *args)
 
-    monkeypatch.setattr(engine_module.cedarpy, "is_authorized_batch", flaky)
+    monkeypatch.setattr(cedarpy, "is_authorized_batch", flaky)
     decisions = engine.decide_batch([Request("ann", "look", t, ctx()) for t in ("a", "poison", "b")])
     assert [d.effect for d in decisions] == [Effect.ALLOW, Effect.DENY, Effect.ALLOW]
     assert decisions[1] == Decision(Effect.DENY, reasons=("evaluation errors (fail closed)",),
