@@ -3,6 +3,7 @@ entities, policy text and ids, projections, and the engine's limits (issue 19: m
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -462,3 +463,18 @@ def test_describe_rows(tmp_path: Path) -> None:
     engine = engine_for(tmp_path, '@id("a") @approval("required") forbid(principal, action, resource) when { false };')
     assert engine.describe() == [{"id": "a", "effect": "forbid", "file": "p.cedar", "path": str(tmp_path / "p.cedar"),
                                   "line": "1", "annotations": '@approval("required") @id("a")'}]
+
+
+def test_requests_decisions_and_their_parts_are_immutable(tmp_path: Path) -> None:
+    from stitchwork.security.policy.context import Prepared
+    from stitchwork.security.policy.text import LoadedPolicies, _Statement
+
+    values: list[Any] = [
+        Request("a", "t", "", {}), Decision(Effect.ALLOW), Prepared(0, "a", "t", {}, {}), ToolAction("t", "read"),
+        ArgSpec("a", "String", True), TOOL, PolicyInfo("i", "permit", "f", "f", 1, {}), LoadedPolicies((), (), ""),
+        _Statement(1, "permit;", True),
+    ]
+    for value in values:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.extra = 1
+    assert hash(Decision(Effect.DENY, ("a",))) == hash(Decision(Effect.DENY, ("a",)))

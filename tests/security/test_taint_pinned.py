@@ -4,6 +4,7 @@ attributed to, each decoding and normalisation, and the edge of every limit (iss
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import Any
 
@@ -470,3 +471,10 @@ def test_a_value_equal_to_trusted_text_is_never_tainted_wherever_else_it_appears
                                                                                untrusted: list[str]) -> None:
     t = tracker(*((f"tool:t{i}", f"{w} {word} {w}") for i, w in enumerate(untrusted)), trusted=f"use {word} please")
     assert not t.check({"v": word}).any
+
+
+def test_labels_findings_and_taints_are_immutable() -> None:
+    for value in (USER, Finding("a", "prose", ()), ArgumentTaint()):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.extra = 1  # type: ignore[union-attr]
+    assert len({Label("tool:a", False), Label("tool:a", False)}) == 1
