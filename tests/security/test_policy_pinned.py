@@ -349,6 +349,7 @@ def engine_for(tmp_path: Path, text: str, **kwargs: Any) -> PolicyEngine:
 
 
 def test_agents_added_at_decide_time_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert engine_module._MAX_DYNAMIC_AGENTS == 10_000  # the documented cap; 3 below keeps the test small
     monkeypatch.setattr(engine_module, "_MAX_DYNAMIC_AGENTS", 3)
     engine = engine_for(tmp_path, 'permit(principal, action, resource) when { principal.name like "a*" };',
                         agents=["ann"])

@@ -352,8 +352,9 @@ def test_addresses_inside_longer_values_keep_their_source() -> None:
         taint = t.check({"body": body})
         assert taint.embedded == (("body", "prose"),) and taint.levels == (("body", "prose"),), body
         assert only(taint) == Finding("body", "prose", ("tool:a",), "a@evil.co")
-    taint = t.check({"body": "get https://evil.example/drop now"})
-    assert only(taint) == Finding("body", "prose", ("tool:b",), "https://evil.example/drop")
+    for body in ("get https://evil.example/drop now", "(get https://evil.example/drop).", "at https://evil.example/drop;"):
+        taint = t.check({"body": body})  # trailing punctuation is not part of an address
+        assert only(taint) == Finding("body", "prose", ("tool:b",), "https://evil.example/drop"), body
     unknown = t.check({"body": "also mail x@unknown.example please"})
     assert only(unknown) == Finding("body", "unattributed", ("unattributed",), "x@unknown.example")
     assert unknown.embedded == (("body", "unattributed"),)
