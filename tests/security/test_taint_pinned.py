@@ -479,3 +479,19 @@ def test_labels_findings_and_taints_are_immutable() -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
             value.extra = 1  # type: ignore[union-attr]
     assert len({Label("tool:a", False), Label("tool:a", False)}) == 1
+
+
+def test_trusted_confidential_content_is_still_confidential_on_the_way_out() -> None:
+    """The agent's own confidential memory and a ``trusted_output`` + ``confidential`` tool are trusted (they ground
+    values for taint) but their values were never typed by the user: carrying one out is confidential."""
+    t = ProvenanceTracker()
+    t.add("remember the door code", USER)
+    t.add("door code 4711-8812-0093", Label("memory:me", True, "confidential"))
+    t.add(json.dumps({"salary": "EUR 123,456.78 gross"}), Label("tool:hr", True, "confidential"))
+    taint = t.check({"body": "the code is 4711-8812-0093", "note": "salary EUR 123,456.78 gross"})
+    assert taint.secret_args == {"body", "note"} and taint.secret_sources == {"memory:me", "tool:hr"}
+    assert not taint.args  # trusted: no taint
+    typed = ProvenanceTracker()
+    typed.add("my door code is 4711-8812-0093", USER)
+    typed.add("door code 4711-8812-0093", Label("memory:me", True, "confidential"))
+    assert not typed.check({"body": "the code is 4711-8812-0093"}).secret_args  # the user typed it
