@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cedarpy
@@ -479,3 +480,14 @@ def test_requests_decisions_and_their_parts_are_immutable(tmp_path: Path) -> Non
         with pytest.raises(dataclasses.FrozenInstanceError):
             value.extra = 1
     assert hash(Decision(Effect.DENY, ("a",))) == hash(Decision(Effect.DENY, ("a",)))
+
+
+def test_a_cedar_answer_that_is_neither_allow_nor_deny_fails_closed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = engine_for(tmp_path, '@id("all") permit(principal, action, resource);')
+
+    odd = SimpleNamespace(decision="maybe", diagnostics=SimpleNamespace(reasons=["policy0"], errors=[]))
+    monkeypatch.setattr(cedarpy, "is_authorized_batch", lambda requests, *_: [odd for _ in requests])
+    assert engine.decide(Request("ann", "look", "", ctx())) == Decision(
+        Effect.DENY, ("all",), ("permit all (p.cedar:1)", "evaluation errors (fail closed)"),
+        ("Cedar reached no decision",))

@@ -310,6 +310,11 @@ def test_excerpts_are_cut_at_80_characters() -> None:
     t = tracker(("tool:a", f"send to {long}"))
     assert only(t.check({"to": long})).value == long[:80]
     assert only(tracker(("tool:a", "x")).check({"to": long})).value == long[:80]  # unattributed
+    inside = tracker(("tool:a", "x")).check({"body": f"write to {long} today"})
+    assert only(inside) == Finding("body", "unattributed", ("unattributed",), long[:80])
+    spoof = long.replace("o", "\u043e")  # Cyrillic o: a look-alike of what the user named
+    lookalike = tracker(("tool:a", "x"), trusted=f"write to {long}").check({"to": spoof})
+    assert only(lookalike).value == spoof[:80]
 
 
 def test_findings_are_capped_per_call() -> None:
@@ -325,6 +330,7 @@ def test_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     t.add("more text", Label("tool:b", False))
     taint = t.check({"v": "nothing here", "short": "abc"})
     assert taint.args == {"v"} and only(taint) == Finding("v", "prose", ("overflow",), "nothing here")
+    assert only(t.check({"v": "n" * 100})).value == "n" * 80
     t.add("x", Label("tool:c", False))
     assert t.check({"v": "nothing here"}).sources == {"overflow"}
     assert t.untrusted_labels() == (Label("tool:a", False), Label("tool:b", False), Label("tool:c", False))
