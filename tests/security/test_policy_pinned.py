@@ -4,6 +4,7 @@ entities, policy text and ids, projections, and the engine's limits (issue 19: m
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -287,7 +288,10 @@ def test_validation_errors_name_the_first_policy_and_count_the_rest(tmp_path: Pa
     message = str(caught.value)
     assert caught.value.line == 2 and caught.value.path == str(path)
     assert message.startswith(f"{path}:2: does not validate against the schema: policy bad-one: ")
-    assert "(and " in message and f"{path}:3: " in message
+    assert message.startswith(f"{path}:2: does not validate against the schema: policy bad-one: attribute `nope` in ")
+    head, _, rest = message.partition(" more: ")
+    assert re.search(r"\(and \d+$", head) and rest.count(f"{path}:") == 5  # five more shown, with file and line
+    assert f"{path}:3: attribute `alsonope` in " in rest
     assert "for policy `policy" not in message
 
 
@@ -491,3 +495,13 @@ def test_a_cedar_answer_that_is_neither_allow_nor_deny_fails_closed(tmp_path: Pa
     assert engine.decide(Request("ann", "look", "", ctx())) == Decision(
         Effect.DENY, ("all",), ("permit all (p.cedar:1)", "evaluation errors (fail closed)"),
         ("Cedar reached no decision",))
+
+
+def test_only_context_attribute_chains_are_context_paths() -> None:
+    path = projection_module._context_path
+    assert path({"Var": "context"}) == []
+    assert path({".": {"left": {"Var": "context"}, "attr": "taint"}}) == ["taint"]
+    assert path({"Var": "context", "extra": 1}) is None
+    assert path("x") is None and path(["context"]) is None and path({"Var": "principal"}) is None
+    assert path({".": {"left": {"Var": "principal"}, "attr": "name"}}) is None
+    assert path({".": {"left": {"Var": "context"}, "attr": 3}}) is None
