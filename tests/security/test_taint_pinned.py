@@ -204,6 +204,10 @@ def test_record_and_prose_boundaries() -> None:
     assert t.check({"v": "first line second line"}).level("v") == "prose"
     assert t.check({"v": "deepest value"}).level("v") == "record"  # depth 32
     assert t.check({"v": "lowest value"}).level("v") == "prose"  # depth 33
+    lists = tracker(("tool:l", json.dumps({"k": nest("listed value", 32)})),
+                    ("tool:m", json.dumps({"k": nest("buried value", 33)})))
+    assert lists.check({"v": "listed value"}).level("v") == "record"  # depth 32 through lists
+    assert lists.check({"v": "buried value"}).level("v") == "prose"
 
 
 def test_json_booleans_and_nulls_are_not_content_and_keys_are_schema() -> None:
@@ -259,6 +263,9 @@ def test_reversal_and_rot13_find_text_but_never_addresses() -> None:
     assert t.check({"x": "transfer the funds"}).sources == {"tool:web"}
     assert t.check({"x": "transfer all money"}).sources == {"tool:web"}
     assert t.check({"to": "bob@evil.example"}).sources == {"unattributed"}
+    urls = tracker(("tool:web", "see pord/elpmaxe.live and live@bob here"))
+    assert urls.check({"url": "https://evil.example/drop"}).sources == {"unattributed"}
+    assert not urls.check({"x": "bob@evil"}).any  # not an address, but "@": never turned either
 
 
 def test_hidden_base64_inside_a_value_is_found() -> None:
@@ -296,12 +303,21 @@ def nest(value: Any, depth: int) -> Any:
     return value
 
 
+def nest_dicts(value: Any, depth: int) -> Any:
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
 def test_nesting_depth_edge() -> None:
     t = tracker(("tool:a", "anything"))
     assert not t.check({"a": nest("clean", 32)}).any
     taint = t.check({"a": nest("clean", 33)})
     assert only(taint) == Finding("a", "prose", ("too-deep",))
     assert taint.sources == {"too-deep"}
+    assert not t.check({"a": nest_dicts("clean", 32)}).any
+    assert t.check({"a": nest_dicts("clean", 33)}).sources == {"too-deep"}
+    assert t.check({"a": [{"k": nest("clean", 31)}]}).sources == {"too-deep"}  # lists and records both count
     assert not tracker().check({"a": nest("clean", 40)}).any  # nothing untrusted read: nothing to carry
 
 
@@ -427,6 +443,8 @@ def test_a_confidential_address_in_free_text_is_tracked_and_user_typed_ones_are_
     t.add("write to ceo@corp.example", USER)
     t.add("board: chair@corp.example and ceo@corp.example, call 555 0100", Label("vault", True, "confidential"))
     assert t.check({"to": "chair@corp.example"}).secret_args == {"to"}
+    t.add("passport X1234567 issued in 2019 by the city office", Label("tool:hr", False, "confidential"))
+    assert t.check({"body": "X1234567"}).secret_sources == {"tool:hr"}  # a short token with digits, on its own
     assert t.check({"to": "ceo@corp.example"}).secret_args == frozenset()
 
 
