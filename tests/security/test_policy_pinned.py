@@ -57,7 +57,8 @@ def test_the_whole_context_of_a_clean_call() -> None:
         "side_effect": "external", "approved": False,
         "taint": {"any": False, "target": False, "target_level": "", "args": [], "sources": [], "destinations": [],
                   "code": False, "code_level": "", "lookalike": False, "confidential": False,
-                  "secret_sources": [], "links": "", "copied": False, "outward": False, "outward_level": ""},
+                  "secret_sources": [], "links": "", "copied": False, "outward": False, "outward_level": "",
+                  "target_levels": [], "target_roles": [], "target_count": 0, "dictated": False},
         "budget": {"steps": 1, "max_steps": 5}, "time": NOW, "args": {"to": "bob"},
     }
 
@@ -65,14 +66,19 @@ def test_the_whole_context_of_a_clean_call() -> None:
 def test_the_taint_record_is_read_conservatively() -> None:
     taint = {"target": "yes", "args": ("to", "body", "to"), "sources": {"tool:b", "tool:a"}, "code": 1,
              "destinations": frozenset({"to"}), "lookalike": 1, "confidential": "x", "secret_sources": ["vault"],
-             "links": "record", "copied": 1, "outward": 1, "outward_level": "record"}
+             "links": "record", "copied": 1, "outward": 1, "outward_level": "record", "dictated": 1}
     out = cedar_context(MAIL, base(taint=taint, approved=True))
     assert out["approved"] is True
     assert out["taint"] == {
         "any": True, "target": True, "target_level": "prose", "args": ["body", "to"], "sources": ["tool:a", "tool:b"],
         "destinations": ["to"], "code": True, "code_level": "prose", "lookalike": True, "confidential": True,
         "secret_sources": ["vault"], "links": "record", "copied": True, "outward": True, "outward_level": "record",
+        "target_levels": ["prose"], "target_roles": [], "target_count": 2, "dictated": False,
     }
+    said = cedar_context(MAIL, base(taint={"target": True, "target_levels": ["record"], "target_roles": ["url"],
+                                           "target_count": 1, "dictated": True}))["taint"]
+    assert (said["target_levels"], said["target_roles"], said["target_count"], said["dictated"]) == (
+        ["record"], ["url"], 1, True)
     levels = cedar_context(MAIL, base(taint={"target": True, "target_level": "record", "code": True,
                                              "code_level": "unattributed"}))["taint"]
     assert (levels["target_level"], levels["code_level"], levels["any"]) == ("record", "unattributed", True)
@@ -102,6 +108,8 @@ def test_the_taint_record_is_read_conservatively() -> None:
     ({"taint": {"sources": "tool:a"}}, "context.taint.sources must be a list of strings, got 'tool:a'"),
     ({"taint": {"destinations": 1}}, "context.taint.destinations must be a list of strings, got 1"),
     ({"taint": {"secret_sources": "v"}}, "context.taint.secret_sources must be a list of strings, got 'v'"),
+    ({"taint": {"target_count": -1}}, "context.taint.target_count must be a non-negative integer, got -1"),
+    ({"taint": {"target_count": True}}, "context.taint.target_count must be a non-negative integer, got True"),
 ])
 def test_malformed_contexts_are_refused_with_a_message_naming_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(BadContext) as caught:

@@ -98,6 +98,8 @@ def test_context_record_for_targets_destinations_code_and_links() -> None:
         "args": ["cmd", "note", "to", "url"], "sources": ["tool:a", "unattributed"], "code": True,
         "code_level": "record", "lookalike": True, "confidential": True, "secret_sources": ["vault"],
         "links": "prose", "copied": True, "outward": True, "outward_level": "unattributed",
+        "target_levels": ["record", "unattributed"], "target_roles": ["recipient", "url"], "target_count": 2,
+        "dictated": False,
         "findings": [{"arg": "to", "level": "unattributed", "sources": ["unattributed"], "value": "x"}],
     }
     # the target argument counts as a destination unless it has a role; an argument with a role is no link
