@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from stitchwork.security.policy.batch import MAX_BATCH, Batcher
+from stitchwork.security.policy.batch import MAX_BATCH, Batcher, _Pending
 from stitchwork.security.policy.cache import LruCache
 
 # -- LruCache ------------------------------------------------------------------------------------------------
@@ -163,3 +163,30 @@ async def test_an_offloaded_failure_reaches_every_caller_of_that_batch() -> None
         results[0] == 0 and all(isinstance(r, ValueError) for r in results[1:]))
     assert await batcher.submit(4) == 8
     batcher.close()
+
+
+async def test_a_batch_whose_callers_all_left_still_frees_the_batcher() -> None:
+    run = Recorder()
+    batcher: Batcher[int, int] = Batcher(run)
+    first, second = asyncio.ensure_future(batcher.submit(1)), asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0)
+    second.cancel()
+    assert await first == 2
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(batcher.submit(3), 5) == 6  # not stuck behind the empty batch
+    assert run.batches == [[1], [3]]
+
+
+async def test_an_offloaded_batch_that_was_cancelled_cancels_its_callers() -> None:
+    batcher: Batcher[int, int] = Batcher(Recorder(), offload=True)
+    loop = asyncio.get_running_loop()
+    waiting: asyncio.Future[int] = loop.create_future()
+    settled: asyncio.Future[int] = loop.create_future()
+    settled.set_result(9)
+    job: asyncio.Future[list[int]] = loop.create_future()
+    job.cancel()
+    pending: _Pending[int, int] = _Pending()
+    pending.busy = True
+    batcher._settle(pending, loop, [(1, waiting), (2, settled)], job)
+    assert waiting.cancelled() and settled.result() == 9
+    assert pending.busy is False  # nothing else queued: the batcher is free again

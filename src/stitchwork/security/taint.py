@@ -19,7 +19,8 @@ with a :class:`Label`: where it came from, whether it is trusted (integrity), an
   make).
 - **Secrecy.** Content recorded under a confidential label has its values indexed (:class:`SecretIndex`); an
   argument carrying one of them (whole or a window of it, after case, spacing, reversal, ROT13 and the common
-  encodings; values the user typed excepted) is *confidential*.
+  encodings; values the user typed excepted) is *confidential*, whether the confidential content is trusted (a
+  tool with ``trusted_output``, the agent's own confidential memory) or not: its values are never "typed by the user".
 
 Matching limits (stated plainly): values under ``MIN_MATCH`` characters (``10``, ``yes``, an id such as ``13``)
 are too common to attribute and never tainted, except addresses; the look-alike table is not Unicode's full
@@ -315,11 +316,12 @@ class _Trusted:
         self.cased = _SEP
         self.skeleton = _SEP
 
-    def add(self, text: str) -> None:
+    def add(self, text: str, *, confidential: bool = False) -> None:
         self.exact += " " + " ".join(tokens(text)) + " " + _SEP
         self.folded += " " + " ".join(folded_tokens(text)) + " " + _SEP
         self.cased += " " + " ".join(tokens(text)).casefold() + " " + _SEP
-        self.skeleton += skeleton(text) + _SEP
+        if not confidential:  # what the user typed is no leak; the values of trusted confidential content are
+            self.skeleton += skeleton(text) + _SEP
 
     def names(self, value: str) -> bool:
         """Whether ``value`` is user-named: its canonical tokens are a run of whole tokens of trusted text."""
@@ -457,10 +459,11 @@ class ProvenanceTracker:
         if not norm:
             return label
         if label.trusted:
-            self._trusted_text.append(text)
-            self._trusted.add(text)
+            if not label.confidential:  # trusted confidential content is kept (and restored) as confidential
+                self._trusted_text.append(text)
+            self._trusted.add(text, confidential=label.confidential)
             if "%" in text and (decoded := unquote(text)) != text:
-                self._trusted.add(decoded)
+                self._trusted.add(decoded, confidential=label.confidential)
             return label
         self._untrusted.append((label, text))
         if self._overflow or self._corpus.size + self._records.size + len(norm) > MAX_CORPUS_CHARS:
@@ -554,8 +557,8 @@ class ProvenanceTracker:
                 hits.copied |= level == "prose" and form == whole and whole.count(" ") + 1 >= COPIED_WORDS
                 found = True
                 break
-        if len(whole) > 12:
-            found |= self._check_inside(hits, arg, raw, whole)
+        # at any length: an address inside a short value ("hi a@evil.co") is as much the attacker's as a long one
+        found |= self._check_inside(hits, arg, raw, whole)
         if not found and _ADDRESS.match(folded):
             hits.levels.append("unattributed")
             hits.sources.add("unattributed")
@@ -681,11 +684,12 @@ class ProvenanceTracker:
     @classmethod
     def restore(cls, data: Mapping[str, Any], *, trusted_sources: frozenset[str] = frozenset()) -> ProvenanceTracker:
         tracker = cls(trusted_sources=trusted_sources)
+        secret = {str(entry[1]) for entry in data.get("confidential", ())}  # older snapshots listed them twice
         for text in data.get("trusted", ()):
-            tracker.add(str(text), Label("restored", True))
+            if str(text) not in secret:
+                tracker.add(str(text), Label("restored", True))
         for entry in data.get("confidential", ()):
-            tracker._add_secret(str(entry[1]), Label(str(entry[0]), True, "confidential"),
-                                _split_structured(str(entry[1])))
+            tracker.add(str(entry[1]), Label(str(entry[0]), True, "confidential"))
         for entry in data.get("untrusted", ()):
             secrecy = str(entry[2]) if len(entry) > 2 else ""
             tracker.add(str(entry[1]), Label(str(entry[0]), False, secrecy))
