@@ -6,6 +6,7 @@ mutation run of ``audit/verify.py`` and ``audit/records.py`` executes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -287,7 +288,10 @@ def test_an_intact_chain_reports_exactly(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_an_empty_log_verifies() -> None:
-    assert run_verify([], []) == VerifyReport(True, 0, None, "the audit log is empty", 0, False)
+    report = run_verify([], [])
+    assert report == VerifyReport(True, 0, None, "the audit log is empty", 0, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.ok = False  # type: ignore[misc]  # a report cannot be turned into another after the fact
 
 
 def test_rows_without_a_seq_or_below_one_are_reported_first() -> None:

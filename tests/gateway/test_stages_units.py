@@ -6,6 +6,8 @@ mutation run of ``gateway/stages.py`` executes); ``test_stages.py`` checks the s
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -262,6 +264,7 @@ def test_taint_reads_the_target_and_outward_destinations() -> None:
     empties: tuple[Any, ...] = (None, [], {})
     for empty in empties:
         assert Taint()(checked(ctx, tool, {"to": empty})).record["outward"] is False
+    assert Taint()(checked(ctx, tool, {"body": "b"})).target == ""  # the target argument left out
     remote = Taint()(checked(ctx, manifest(remote="https://agent.example"), {"to": "a"}))
     assert remote.target == "https://agent.example"
 
@@ -487,8 +490,11 @@ async def test_replay_keeps_side_effects_durably_and_successes_in_memory() -> No
     assert Replay(Ctx().gw).durable(write, "k") is False  # no ledger
     await replay.start(write, "k1", 41)
     started = ledger.kept[("r1", "k1")]
-    assert {k: started[k] for k in ("status", "tool", "decision_seq", "side_effect")} == {
-        "status": STARTED, "tool": "send", "decision_seq": 41, "side_effect": "write"}
+    assert {k: started[k] for k in ("status", "tool", "decision_seq", "side_effect", "host", "pid")} == {
+        "status": STARTED, "tool": "send", "decision_seq": 41, "side_effect": "write", "host": socket.gethostname(),
+        "pid": os.getpid()}
+    assert set(started) == {"status", "tool", "decision_seq", "side_effect", "host", "pid", "started_at"}
+    assert isinstance(started["started_at"], float)
     assert await replay.lookup(write, "k1") == started  # begun, never finished: uncertain
     await replay.start(read, "k2", 1)
     assert ("r1", "k2") not in ledger.kept
@@ -502,6 +508,8 @@ async def test_replay_keeps_side_effects_durably_and_successes_in_memory() -> No
     assert "" not in write.run.idempotent
     assert await replay.lookup(read, "k3") is ok
     assert await replay.lookup(read, "k4") is None
+    ledger.kept[("r1", "k5")] = asdict(ok)  # a read-only call's key is never looked up in the ledger
+    assert await replay.lookup(read, "k5") is None
 
 
 async def test_replay_answers_a_completed_call_from_the_ledger_and_audits_it() -> None:
