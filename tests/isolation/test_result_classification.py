@@ -110,6 +110,9 @@ def test_what_the_supervisor_stopped_is_reported_and_any_answer_ignored(killed: 
 def test_memory() -> None:
     oom = sandbox_result(CALL, outcome(signalled(signal.SIGKILL), stats=Stats(oom_kills=1)), LIMITS)
     assert (oom.killed, oom.error) == ("memory", "memory limit of 64 MB exceeded")
+    other = sandbox_result(CALL, outcome(exited(1), stdout=answer(ok=False, error="ValueError: x"),
+                                         stats=Stats(oom_kills=2)), LIMITS)
+    assert (other.killed, other.error) == ("memory", "memory limit of 64 MB exceeded: ValueError: x")
     raised = sandbox_result(CALL, outcome(exited(0), stdout=answer(ok=False, error="MemoryError: big")), LIMITS)
     assert (raised.killed, raised.error) == ("memory", "MemoryError: big")
     said = sandbox_result(CMD, outcome(exited(1), stderr=b"x" * 5000 + b"std::bad_alloc\n"), LIMITS)
@@ -129,6 +132,10 @@ def test_refused_forks_are_a_process_limit_only_when_the_program_failed() -> Non
     assert (failed.killed, failed.error) == ("pids", "process limit of 8 reached: BlockingIOError: fork")
     assert sandbox_result(CMD, outcome(exited(1), refused_forks=1), LIMITS).error == "process limit of 8 reached"
     assert sandbox_result(CMD, outcome(exited(0), refused_forks=3), LIMITS).killed is None
+    fine = sandbox_result(CALL, outcome(exited(0), stdout=answer(ok=True, value=1), refused_forks=3), LIMITS)
+    assert fine.ok and fine.killed is None
+    silent = sandbox_result(CALL, outcome(exited(0), refused_forks=1), LIMITS)  # no answer: it failed
+    assert (silent.killed, silent.error) == ("pids", "process limit of 8 reached")
 
 
 def test_a_full_disk_only_when_the_program_failed() -> None:
@@ -140,12 +147,14 @@ def test_a_full_disk_only_when_the_program_failed() -> None:
                                          report=full), LIMITS)
     assert named.error == "OSError: disk quota"  # already says so
     assert sandbox_result(CMD, outcome(exited(0), report=full), LIMITS).killed is None
+    assert sandbox_result(CALL, outcome(exited(0), stdout=answer(ok=True, value=1), report=full), LIMITS).ok
     assert sandbox_result(CMD, outcome(exited(1), report={"disk": {"full": False}}), LIMITS).killed is None
     assert sandbox_result(CMD, outcome(exited(1), report={"disk": True}), LIMITS).killed is None
 
 
 def test_cpu() -> None:
     assert cpu_rlimit(LIMITS) == 2 and cpu_rlimit(Limits(cpu_s=0.2)) == 1 and cpu_rlimit(Limits(cpu_s=2.1)) == 3
+    assert cpu_rlimit(Limits(cpu_s=0)) == 1
     xcpu = sandbox_result(CMD, outcome(signalled(signal.SIGXCPU)), LIMITS)
     assert (xcpu.exit_code, xcpu.killed, xcpu.error) == (128 + signal.SIGXCPU, "cpu", "CPU time limit of 2 s exceeded")
     at_limit = sandbox_result(CMD, outcome(signalled(signal.SIGKILL, utime=1.6)), LIMITS)  # 0.8 x 2 s
@@ -193,3 +202,4 @@ def test_mentions_reads_only_the_end() -> None:
     assert _mentions(b"a MemoryError", (b"nothing", b"MemoryError"))
     assert not _mentions(b"MemoryError" + b"." * 4096, (b"MemoryError",))
     assert _mentions(b"MemoryError" + b"." * 4085, (b"MemoryError",))
+    assert not _mentions(b"MemoryError" + b"." * 4086, (b"MemoryError",))
