@@ -35,7 +35,8 @@ class Plane:
 
 
 @pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+async def plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Plane]:
+    monkeypatch.chdir(tmp_path)  # inline:// tools write relative paths (the mail tool's outbox) in the cwd
     METRICS.reset()
     script = tmp_path / "turns.jsonl"
     script.write_text('{"content": "answer"}\n')

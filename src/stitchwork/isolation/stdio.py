@@ -75,9 +75,11 @@ def bwrap_argv(command: Sequence[str], *, dirs: Sequence[str] = (), network: boo
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
+    # The private /tmp first: binds below it (a virtual environment or a granted directory under /tmp) go on top
+    # of it instead of being hidden by it.
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for prefix in _prefixes(command[0]):
         args += ["--ro-bind", prefix, prefix]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for directory in dirs:
         path = os.path.realpath(directory)
         if not os.path.isdir(path):
