@@ -18,6 +18,7 @@ from stitchwork.gateway.idempotency import STARTED
 from stitchwork.gateway.stages import Executed, Resolved
 from stitchwork.gateway.tools import SandboxExecute, ToolDoor
 from stitchwork.isolation._base import Limits, SandboxResult, SandboxSpec
+from stitchwork.observability import METRICS
 from stitchwork.security.policy import Decision, Effect
 from stitchwork.security.taint import ProvenanceTracker
 from stitchwork.tools.manifest import SideEffect
@@ -46,7 +47,8 @@ def door_ctx(tmp_path: Path, box: ScriptedSandbox, *answers: Decision, ledger: F
     ctx = Ctx(manifest(**tool), policy=FakePolicy(*answers), ledger=ledger)
     ctx.runs["r1"] = RunContext("r1", "ag", tmp_path, ProvenanceTracker(), max_steps=7, steps=2)
     ctx.sandboxes = Sandboxes("scripted://", Limits(timeout_s=9.0, mem_mb=128),  # type: ignore[attr-defined]
-                              bound={"scripted://": box, "inline://": box})  # type: ignore[dict-item]
+                              bound={"scripted://": box, "inline://": box,  # type: ignore[dict-item]
+                                     "scripted://?pool=2": box})
     return ctx
 
 
@@ -236,3 +238,32 @@ async def test_an_undo_is_recorded_only_for_a_success_whose_undo_arguments_exist
     executions = [e.data for e in ctx.audit.events if e.kind == "tool"]
     assert ["undo_call" in data for data in executions] == [False, False, True]
     assert executions[2]["undo_call"] == {"tool": "unsend", "args": {"ref": 7, "fixed": 1}}
+
+
+async def test_each_outcome_is_counted_under_its_tool_status_policy_and_sandbox(tmp_path: Path) -> None:
+    results = (SandboxResult(0, value=1), SandboxResult(137, killed="timeout", error="timed out"))
+    deny, ask = Decision(Effect.DENY, ("p-no",), ("no",)), Decision(Effect.ASK, ("p-ask",))
+    ctx = door_ctx(tmp_path, ScriptedSandbox(*results), Decision(Effect.ALLOW, ("p-yes", "p-two")), ALLOW, deny, ask,
+                   sandbox="scripted://?pool=2")
+    counters: dict[str, Any] = {
+        "ok": (METRICS.tool_calls, "send", "ok"), "error": (METRICS.tool_calls, "send", "error"),
+        "unauth": (METRICS.tool_calls, "?", "unauthenticated"), "denied": (METRICS.tool_calls, "send", "denied"),
+        "asked": (METRICS.tool_calls, "send", "approval_required"),
+        "replayed": (METRICS.tool_calls, "send", "replayed"),
+        "p-yes": (METRICS.policy_decisions, "p-yes", "allow"), "p-two": (METRICS.policy_decisions, "p-two", "allow"),
+        "p-no": (METRICS.policy_decisions, "p-no", "deny"), "approvals": (METRICS.approvals_requested, "send"),
+        "kills": (METRICS.sandbox_kills, "scripted://", "timeout"),
+    }
+    before = {k: counter.value(*labels) for k, (counter, *labels) in counters.items()}
+    runs_before = METRICS.sandbox_seconds.count("scripted://")
+    door = ToolDoor(ctx.gw)
+    await door.call("good", "send", {"to": "a"}, idempotency_key="k")
+    await door.call("good", "send", {"to": "a"}, idempotency_key="k")  # answered from the run's record
+    await door.call("good", "send", {"to": "b"})
+    await door.call("bad", "send", {"to": "c"})
+    await door.call("good", "send", {"to": "d"})
+    await door.call("good", "send", {"to": "e"})
+    delta = {k: counter.value(*labels) - before[k] for k, (counter, *labels) in counters.items()}
+    assert delta == {"ok": 2, "error": 1, "unauth": 1, "denied": 1, "asked": 1, "replayed": 1, "p-yes": 1, "p-two": 1,
+                     "p-no": 1, "approvals": 1, "kills": 1}
+    assert METRICS.sandbox_seconds.count("scripted://") - runs_before == 2
