@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +17,7 @@ from stitchwork.gateway.context import RunContext, Sandboxes, ToolOutcome, diges
 from stitchwork.gateway.idempotency import STARTED
 from stitchwork.gateway.stages import Executed, Resolved
 from stitchwork.gateway.tools import SandboxExecute, ToolDoor
-from stitchwork.isolation._base import Limits, SandboxResult, SandboxSpec
+from stitchwork.isolation._base import Limits, Sandbox, SandboxResult, SandboxSpec
 from stitchwork.observability import METRICS
 from stitchwork.security.policy import Decision, Effect
 from stitchwork.security.taint import ProvenanceTracker
@@ -46,9 +46,9 @@ def door_ctx(tmp_path: Path, box: ScriptedSandbox, *answers: Decision, ledger: F
              **tool: Any) -> Ctx:
     ctx = Ctx(manifest(**tool), policy=FakePolicy(*answers), ledger=ledger)
     ctx.runs["r1"] = RunContext("r1", "ag", tmp_path, ProvenanceTracker(), max_steps=7, steps=2)
+    bound = cast(dict[str, Sandbox], dict.fromkeys(("scripted://", "inline://", "scripted://?pool=2"), box))
     ctx.sandboxes = Sandboxes("scripted://", Limits(timeout_s=9.0, mem_mb=128),  # type: ignore[attr-defined]
-                              bound={"scripted://": box, "inline://": box,  # type: ignore[dict-item]
-                                     "scripted://?pool=2": box})
+                              bound=bound)
     return ctx
 
 
