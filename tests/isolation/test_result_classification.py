@@ -193,6 +193,8 @@ def test_why_stopped_names_each_reason() -> None:
     assert why_stopped("disk", 1, LIMITS) == "disk quota of 16 MB exceeded"
     assert why_stopped("cpu", 1, LIMITS) == "CPU time limit of 2 s exceeded"
     assert why_stopped("signal", 128 + 9, LIMITS) == "killed by signal SIGKILL"
+    assert why_stopped("signal", 129, LIMITS) == "killed by signal SIGHUP"
+    assert why_stopped("signal", 128 + 64, LIMITS) == f"killed by signal {signal.Signals(64).name}"
     assert why_stopped("signal", 128, LIMITS) == "the tool process exited with code 128 without a result"
     assert why_stopped("signal", 128 + 65, LIMITS) == "the tool process exited with code 193 without a result"
     assert why_stopped(None, 2, LIMITS) == "the tool process exited with code 2 without a result"
