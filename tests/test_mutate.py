@@ -144,3 +144,12 @@ def test_the_ci_sample_runs_and_scores() -> None:
     assert score is not None, done.stdout + done.stderr
     assert score[1] == module and int(score[3]) + int(score[5]) == 2
     assert done.returncode == 0 and score[2] == score[3], done.stdout
+
+
+def test_every_listed_equivalent_is_a_mutant_the_tool_makes() -> None:
+    """A line left behind after its module changed would silently stop matching (and hide nothing it claims to)."""
+    listed = mutate.load_equivalents()
+    made: set[str] = set()
+    for module in {key.split(":", 1)[0] for key in listed}:
+        made |= {m.key for m in mutate.enumerate_mutants(module, (ROOT / "src" / "stitchwork" / module).read_text())}
+    assert sorted(set(listed) - made) == []
