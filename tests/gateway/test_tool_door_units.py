@@ -18,9 +18,9 @@ from stitchwork.gateway.idempotency import STARTED
 from stitchwork.gateway.stages import Executed, Resolved
 from stitchwork.gateway.tools import SandboxExecute, ToolDoor
 from stitchwork.isolation._base import Limits, Sandbox, SandboxResult, SandboxSpec
-from stitchwork.observability import METRICS
+from stitchwork.observability import METRICS, TRACING
 from stitchwork.security.policy import Decision, Effect
-from stitchwork.security.taint import ProvenanceTracker
+from stitchwork.security.taint import Label, ProvenanceTracker
 from stitchwork.tools.manifest import SideEffect
 from tests.gateway.test_stages_units import KEY, Ctx, FakeLedger, FakePolicy, checked, manifest
 
@@ -267,3 +267,35 @@ async def test_each_outcome_is_counted_under_its_tool_status_policy_and_sandbox(
     assert delta == {"ok": 2, "error": 1, "unauth": 1, "denied": 1, "asked": 1, "replayed": 1, "p-yes": 1, "p-two": 1,
                      "p-no": 1, "approvals": 1, "kills": 1}
     assert METRICS.sandbox_seconds.count("scripted://") - runs_before == 2
+
+
+async def test_the_spans_carry_the_decision_and_whether_the_call_was_tainted(tmp_path: Path) -> None:
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ctx = door_ctx(tmp_path, ScriptedSandbox(SandboxResult(0, value=1)), ALLOW, Decision(Effect.DENY, ("p-no",)))
+    ctx.runs["r1"].tracker.add("write to mallory@evil.example", Label("tool:web", False))
+    ctx.runs["r1"].tracker.add("send it to alice@example.com", Label("user", True))
+    TRACING.use(provider)
+    try:
+        door = ToolDoor(ctx.gw)
+        await door.call("good", "send", {"to": "alice@example.com"}, idempotency_key="k")
+        await door.call("good", "send", {"to": "mallory@evil.example"})
+    finally:
+        TRACING.reset()
+    finished = exporter.get_finished_spans()
+    authorize: list[dict[str, Any]] = [dict(s.attributes or {}) for s in finished if s.name == "gateway.authorize"]
+    assert [(a["stitchwork.decision"], a["stitchwork.tainted"], list(a["stitchwork.policy_ids"]))
+            for a in authorize] == [("allow", False, ["p-allow"]), ("deny", True, ["p-no"])]
+    approve = [dict(s.attributes or {})["stitchwork.decision"] for s in finished if s.name == "gateway.approve"]
+    assert approve == ["allow", "deny"]
+    roots: list[dict[str, Any]] = [dict(s.attributes or {}) for s in finished if s.name == "gateway.tool_call"]
+    assert [(r["stitchwork.status"], r["stitchwork.decision"], r["stitchwork.agent"], r["stitchwork.side_effect"])
+            for r in roots] == [("ok", "allow", "ag", "write"), ("denied", "deny", "ag", "write")]
+    assert roots[0]["stitchwork.run_id"] == "r1" and list(roots[1]["stitchwork.policy_ids"]) == ["p-no"]
+    execute = next(dict(s.attributes or {}) for s in finished if s.name == "gateway.execute")
+    assert execute["stitchwork.host"] is False
