@@ -152,10 +152,18 @@ async def test_a_secret_refusal_and_a_sandbox_failure_are_outcomes(tmp_path: Pat
 
 async def test_an_idempotent_side_effect_is_started_recorded_and_replayed(tmp_path: Path) -> None:
     ledger = FakeLedger()
-    sandbox = ScriptedSandbox(SandboxResult(0, value="done"))
+    seen: list[dict[str, Any]] = []
+
+    class Watching(ScriptedSandbox):
+        async def run(self, spec: SandboxSpec) -> SandboxResult:
+            seen.append(dict(ledger.kept[("r1", "r1:c1")]))  # intent before effect: the started record is there
+            return await super().run(spec)
+
+    sandbox = Watching(SandboxResult(0, value="done"))
     ctx = door_ctx(tmp_path, sandbox, Decision(Effect.ALLOW, ("p",)), ledger=ledger)
     door = ToolDoor(ctx.gw)
     first = await door.call("good", "send", {"to": "a"}, idempotency_key="r1:c1")
+    assert [(r["status"], r["decision_seq"]) for r in seen] == [(STARTED, 101)]
     assert first.status == "ok" and sandbox.specs[0].env == {"STITCHWORK_IDEMPOTENCY_KEY": "r1:c1"}
     assert ledger.kept[("r1", "r1:c1")] == asdict(first)
     decision = ctx.audit.events[0]
@@ -299,3 +307,35 @@ async def test_the_spans_carry_the_decision_and_whether_the_call_was_tainted(tmp
     assert roots[0]["stitchwork.run_id"] == "r1" and list(roots[1]["stitchwork.policy_ids"]) == ["p-no"]
     execute = next(dict(s.attributes or {}) for s in finished if s.name == "gateway.execute")
     assert execute["stitchwork.host"] is False
+
+
+async def test_a_started_call_that_finished_meanwhile_keeps_its_outcome(tmp_path: Path) -> None:
+    started = {"status": STARTED, "tool": "send", "started_at": 1.0, "decision_seq": 5}
+    finished = asdict(ToolOutcome("ok", "send", content="by the other worker", audit_seq=6))
+    ledger = FakeLedger()
+    ledger.kept[("r1", "k")] = started
+    sandbox = ScriptedSandbox()
+    ctx = door_ctx(tmp_path, sandbox, Decision(Effect.ALLOW, ("p",)), ledger=ledger, idempotency="key")
+    door = ToolDoor(ctx.gw)
+    # the stalled worker finishes between the lookup that found it started and the one just before running
+    door.replay.lookup = _second_lookup_finds(door.replay.lookup, finished)  # type: ignore[method-assign]
+    outcome = await door.call("good", "send", {"to": "a"}, idempotency_key="k")
+    assert outcome == ToolOutcome(**finished) and sandbox.specs == []
+
+
+def _second_lookup_finds(lookup: Any, finished: dict[str, Any]) -> Any:
+    calls: list[int] = []
+
+    async def wrapped(call: Any, key: str) -> Any:
+        calls.append(1)
+        return await lookup(call, key) if len(calls) == 1 else ToolOutcome(**finished)
+    return wrapped
+
+
+async def test_the_sandbox_stage_reports_its_duration_in_milliseconds(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter((10.0, 10.0123456))
+    monkeypatch.setattr("stitchwork.gateway.tools.time.perf_counter", lambda: next(ticks))
+    ctx = door_ctx(tmp_path, ScriptedSandbox(SandboxResult(0, value=1)))
+    executed = await SandboxExecute(ctx.gw)(checked(ctx, ctx.tools.get("send")), Resolved({}, {}), ALLOW)
+    assert isinstance(executed, Executed) and executed.details["duration_ms"] == 12.346
