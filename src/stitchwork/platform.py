@@ -39,8 +39,10 @@ from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
 from stitchwork.gateway.meters import MemoryMeters, MeterStore, StoreMeters
 from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
+from stitchwork.gateway.undo import UNDO_TOOL_ACTION
 from stitchwork.gateway.upstream import UpstreamTools, expand_grants
 from stitchwork.isolation._base import INLINE_REFUSED, is_inline
+from stitchwork.memory.bus import BusMemory
 from stitchwork.memory.store import AgentMemory
 from stitchwork.memory.tools import TOOLS_DIR as MEMORY_TOOLS
 from stitchwork.memory.tools import MemoryTools
@@ -60,6 +62,7 @@ from stitchwork.workers.approvals import BusApprovalStore, FederatedApprovals
 from stitchwork.workers.auditfeed import AuditForwarder
 from stitchwork.workers.events import EventHub, RunEventPublisher, resolve_events_uri
 from stitchwork.workers.ledger import BusLedger
+from stitchwork.workers.limits import apply_stream_limits
 from stitchwork.workers.messages import AgentMessenger
 from stitchwork.workers.meters import BusMeters
 from stitchwork.workers.runstore import BusRunStore
@@ -112,6 +115,26 @@ class _RoleParts:
     closers: tuple[Callable[[], Any], ...] = ()
     bus_meters: BusMeters | None = None
     """Model-use meters on this role's bus, if it has one that others share."""
+
+
+def _memory(config: Config, parts: _RoleParts, store: Store,
+            audit: AuditLog) -> tuple[AgentMemory, tuple[Callable[[], Any], ...]]:
+    """Agent memory (``[data] memory``): the store's, or the bus's shared by the fleet; and what closes it."""
+    choice = config.data.memory
+    if choice not in {"store", "bus"}:
+        raise ConfigError(f"[data] memory must be store or bus, got {choice!r}")
+    if choice == "store":
+        return AgentMemory(store, audit=audit), ()
+    prefix = config.messaging.subject_prefix
+    if parts.durable is not None:
+        return BusMemory(parts.durable.sync, prefix=prefix, audit=audit), ()
+    if isinstance(parts.events, EventHub):  # the server: the bus its workers use
+        return BusMemory(parts.events.sync, prefix=prefix, audit=audit), ()
+    uri = configured_bus_uri(config)
+    if urlsplit(uri).scheme == "memory":
+        raise ConfigError('[data] memory = "bus" needs a shared bus; [messaging] bus is memory:// here')
+    sync = SyncBus(uri)
+    return BusMemory(sync, prefix=prefix, audit=audit), (sync.close,)
 
 
 def _meters(config: Config, parts: _RoleParts, store: Store) -> tuple[MeterStore, tuple[Callable[[], Any], ...]]:
@@ -237,7 +260,8 @@ class Platform:
                 audience=config.security.audience,
                 idempotency=parts.ledger,
             )
-            memory = AgentMemory(store, audit=audit)
+            memory, memory_closers = _memory(config, parts, store, audit)
+            parts = dataclasses.replace(parts, closers=(*parts.closers, *memory_closers))
             hosted = MemoryTools(memory).handlers() if config.data.memory_tools else {}
             hosted.update({f"mcp:{name}": server for name, server in upstream.servers.items()})
             if any(t.host == A2A_HOST for t in tools):
@@ -301,11 +325,14 @@ class Platform:
 
 def _policy(config: Config, tools: ToolRegistry, agents: AgentRegistry) -> PolicyEngine:
     """The Cedar engine over the built-in and configured policies, with every tool's action."""
+    if UNDO_TOOL_ACTION.name in tools:
+        raise ConfigError(f"a tool cannot be named {UNDO_TOOL_ACTION.name!r}: it is the Cedar action of undo calls "
+                          f"({tools.get(UNDO_TOOL_ACTION.name).source})")
     policy_paths = [builtin_policy_dir()] if config.security.builtin_policies else []
     policy_paths += [Path(p) for p in config.security.policy_dirs]
     return PolicyEngine.load(
         policy_paths,
-        [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION],
+        [ToolAction(t.name, t.side_effect.value, t.args_schema) for t in tools] + [MODEL_TOOL_ACTION, UNDO_TOOL_ACTION],
         agents=agents.names(),
     )
 
@@ -319,24 +346,27 @@ def _grants(agents: AgentRegistry, tools: ToolRegistry) -> dict[str, frozenset[s
 def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, subjects: Subjects, *,
                 bus: Bus | None, bus_uri: str, worker_name: str, bus_approvals: bool) -> _RoleParts:
     timeout = config.security.approval_timeout_s
+    kept = config.messaging.limits
+    apv_ttl = kept.approvals.max_age_s
     if role == "worker":
         if bus is None or not bus_uri:
             raise ConfigError("a worker's platform needs its open bus and the bus URI")
         sync = SyncBus(bus_uri, bus=bus)
         runs = BusRunStore(sync, subjects, abus=bus)
-        ledger = BusLedger(sync, subjects, abus=bus)
+        ledger = BusLedger(sync, subjects, abus=bus, ttl_s=kept.idempotency.max_age_s)
         runs.ledger = ledger
         runs.side_effecting = lambda name: name in tools and tools.get(name).side_effect is not SideEffect.READ
         events = RunEventPublisher(bus, sync, subjects, worker=worker_name)
         durable = Durable(bus, sync, subjects, runs, ledger, events, worker_name)
-        return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout), ledger, on_event=events,
+        return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout, ttl_s=apv_ttl), ledger,
+                          on_event=events,
                           reraise=TRANSIENT, events=events, durable=durable, closers=(sync.close,),
                           bus_meters=BusMeters(subjects, abus=bus))
     local = ApprovalStore(store, timeout_s=timeout)
     if role == "server":
         hub = EventHub(resolve_events_uri(config), subjects)
         # Approvals of durable runs (requested inside workers) are listed and decided here like the platform's own.
-        approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout))
+        approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout, ttl_s=apv_ttl))
         shared = urlsplit(hub.uri).scheme != "memory"
         return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub,
                           bus_meters=BusMeters(subjects, sync=hub.sync) if shared else None)
@@ -349,7 +379,8 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         # external NATS workers keep theirs on it, and an unreachable bus is an error rather than a shorter list.
         if uri and urlsplit(uri).scheme != "memory":
             sync = SyncBus(uri)
-            approvals = FederatedApprovals(local, BusApprovalStore(sync, subjects, timeout_s=timeout))
+            approvals = FederatedApprovals(local, BusApprovalStore(sync, subjects, timeout_s=timeout,
+                                                                   ttl_s=apv_ttl))
             return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), closers=(sync.close,))
     return _RoleParts(DatabaseRunStore(store), local, StoreLedger(store))
 
@@ -365,13 +396,16 @@ async def open_worker(config: Config, *, bus_uri: str, name: str = "", concurren
     subjects = subjects or Subjects(config.messaging.subject_prefix)
     bus = await open_bus(bus_uri)
     try:
+        await apply_stream_limits(bus, subjects, config.messaging.limits)  # before this worker uses the streams
         platform = Platform.open(worker_config(config, name), role="worker", bus=bus, bus_uri=bus_uri,
                                  subjects=subjects, worker_name=name)
     except BaseException:
         await bus.aclose()
         raise
     assert platform.durable is not None
-    feed = AuditForwarder(platform.audit, bus, subjects, writer=name) if config.messaging.fleet_audit else None
+    feed = AuditForwarder(platform.audit, bus, subjects, writer=name,
+                          position=platform.config.state_dir / "audit-forwarded.json") \
+        if config.messaging.fleet_audit else None
     worker = Worker(platform, bus=bus, runs=platform.durable.runs, events=platform.durable.events, name=name,
                     concurrency=concurrency, ack_wait_s=ack_wait_s, max_deliver=max_deliver, subjects=subjects,
                     audit_feed=feed)

@@ -57,6 +57,12 @@ TOOLS = {t.name: t for t in (
     _tool("write_note", _schema("path", "content")),
     _tool("send_message", _schema("to", "body")),
     _tool("get_user_profile", _schema()),
+    _tool("invite_user", _schema("user", "user_email")),
+    _tool("add_user_to_channel", _schema("channel", "user")),
+    _tool("send_channel_message", _schema("channel", "body")),
+    _tool("pay_bill", _schema("iban", "amount", "subject")),
+    _tool("reserve_hotel", _schema("hotel", "start_day", "end_day")),
+    _tool("delete_file", _schema("file_id")),
 )}
 
 

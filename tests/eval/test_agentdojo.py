@@ -59,3 +59,18 @@ def test_every_agentdojo_tool_gets_a_class_and_a_valid_target() -> None:
     for suite in get_suites("v1.2.2").values():
         for tool in tool_manifests(suite):
             assert tool.target == "" or tool.target in tool.args_schema["properties"]
+
+
+def test_deny_and_approve_runs_never_share_a_run_id(tmp_path: Path) -> None:
+    """The two harnesses share one approval store: a shared run id let a 'deny' answer of one run refuse the same
+    call in the other harness's run (a benign task failed under approve)."""
+    from types import SimpleNamespace
+
+    from stitchwork.eval.agentdojo import _Harness
+
+    gateway = SimpleNamespace(open_run=lambda *a, **k: None, record_content=lambda *a: None,
+                              tokens=SimpleNamespace(issue=lambda agent, run: run))
+    stack = SimpleNamespace(gateway=gateway, adapter=SimpleNamespace(), state=tmp_path)
+    ids = [_Harness(stack, None, answer).begin("task", None, None).run_id  # type: ignore[arg-type]
+           for answer in ("deny", "approve")]
+    assert ids[0] != ids[1]

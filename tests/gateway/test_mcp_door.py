@@ -189,7 +189,10 @@ async def test_an_oversized_request_is_refused_unread(config: Config) -> None:
         token = await door.session()
         async with door.http(token) as http:
             response = await http.post("/mcp", content=b"{" * 9_000_000, headers={"content-type": "application/json"})
-        assert response.status_code == 413
+        assert response.status_code == 413 and response.json()["error"] == "too_large"
+        assert [e["data"]["status"] for e in door.events("mcp")] == [413]  # audited
+        async with door.client(token) as client:  # nothing else affected
+            assert (await client.call_tool("list_inbox", {})).is_error is False
 
 
 async def test_each_session_sees_its_own_agent(config: Config, tmp_path: Any) -> None:
@@ -213,3 +216,46 @@ async def test_the_control_plane_url_answers_mcp_over_real_http_too(config: Conf
             response = await http.post("/mcp", json=init, headers={"accept": "application/json, text/event-stream"})
         assert response.status_code == 200 and "stitchwork" in response.text
         assert BASE.startswith("http://")
+
+
+async def test_a_call_does_not_list_every_tool_again(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transport checks ``Mcp-Param-*`` headers against the called tool's schema: it is looked up for the
+    caller, not found by running a whole ``tools/list`` per call (which once cost more than the call itself)."""
+    from stitchwork.gateway.mcp import McpDoor
+
+    listed: list[str | None] = []
+    looked_up: list[tuple[str | None, str]] = []
+    original_list, original_schema = McpDoor.list_tools, McpDoor.input_schema
+
+    async def counting_list(self: McpDoor, token: str | None) -> Any:
+        listed.append(token)
+        return await original_list(self, token)
+
+    def counting_schema(self: McpDoor, agent: str | None, name: str) -> Any:
+        looked_up.append((agent, name))
+        return original_schema(self, agent, name)
+
+    monkeypatch.setattr(McpDoor, "list_tools", counting_list)
+    monkeypatch.setattr(McpDoor, "input_schema", counting_schema)
+    async with open_door(config) as door:
+        token = await door.session()
+        async with door.client(token) as client:
+            for _ in range(3):
+                assert (await client.call_tool("read_email", {"id": "m3"})).is_error is False
+        assert len(listed) <= 1  # at most the client's own listing, never one per call
+        assert looked_up == [("tester", "read_email")] * 3  # the verified caller's agent, per call
+
+
+async def test_input_schema_is_only_for_a_tool_the_caller_is_given(config: Config) -> None:
+    from stitchwork.gateway.mcp import McpDoor
+
+    async with open_door(config) as door:
+        mcp_door = McpDoor(door.platform.gateway)
+        manifest = door.platform.tools.get("send_email")
+        assert mcp_door.input_schema("tester", "send_email") == dict(manifest.args_schema)
+        assert mcp_door.input_schema(None, "send_email") is None  # no verified caller
+        assert mcp_door.input_schema("tester", "nope") is None
+        assert mcp_door.input_schema("nobody", "send_email") is None
+        context = door.platform.gateway.context
+        not_given = sorted({t.name for t in context.tools} - set(context.agents["tester"]))
+        assert not_given and mcp_door.input_schema("tester", not_given[0]) is None

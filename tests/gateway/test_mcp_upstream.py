@@ -216,6 +216,17 @@ async def test_through_the_mcp_door(make_config: Any) -> None:
             result = await client.call_tool("fake.echo", {"text": "via the door"})
             assert result.is_error is False and "via the door" in result.content[0].text
             assert result.meta["stitchwork"]["label"] == "mcp:fake (untrusted)"
+            crashed = await client.call_tool("fake.crash", {})  # the upstream dies mid-call
+            assert crashed.is_error is True
+            body = json.loads(crashed.content[0].text)
+            assert body["status"] == "error" and "mcp server fake" in body["error"]["message"]
+            other = await door.session()  # another session, and this one, go on (the server is restarted)
+            async with door.client(other) as second:
+                assert (await second.call_tool("fake.echo", {"text": "other"})).is_error is False
+            assert (await client.call_tool("fake.echo", {"text": "again"})).is_error is False
+        errors = [e for e in door.events("tool") if e["decision"] == "error"]
+        assert [e["tool"] for e in errors] == ["fake.crash"]
+        assert door.platform.audit.verify().ok
 
 
 async def test_reference_servers_time_and_git_in_bwrap(make_config: Any, repo: Path) -> None:

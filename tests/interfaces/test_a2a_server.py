@@ -57,6 +57,16 @@ def final_task(chunks: list[Any]) -> Any:
     return tasks[-1]
 
 
+async def settled(url: str, task: Any, tries: int = 50) -> Any:
+    """The task once its run stopped running: a slow host may answer WORKING after wait_s; asking again picks the
+    same run up (as a peer would)."""
+    for _ in range(tries):
+        if task.status.state != TaskState.TASK_STATE_WORKING:
+            return task
+        task = final_task(await send(url, KEY, "and now?", task_id=task.id))
+    return task
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()
@@ -202,18 +212,58 @@ async def test_a_run_waiting_for_approval_is_picked_up_by_the_next_message(tmp_p
     cfg = config(tmp_path, port, APPROVAL, tools=["write_note", "delete_note"], wait_s=0.3)
     async with serve(cfg, SECRETS) as (service, _):
         url = f"http://127.0.0.1:{port}/a2a/mailer"
-        task = final_task(await send(url, KEY, "tidy up n.txt"))
+        task = await settled(url, final_task(await send(url, KEY, "tidy up n.txt")))
         assert task.status.state == TaskState.TASK_STATE_AUTH_REQUIRED
         (approval,) = service.approvals("pending")
         assert approval["id"] in task.status.message.parts[0].text
         await service.decide(approval["id"], approve=True, by="operator")
-        task = final_task(await send(url, KEY, "done yet?", task_id=task.id))
+        task = await settled(url, final_task(await send(url, KEY, "done yet?", task_id=task.id)))
         assert task.status.state == TaskState.TASK_STATE_COMPLETED
         assert get_artifact_text(task.artifacts[0], delimiter="") == "cleaned up"
         assert len(service.platform.runs.list()) == 1  # the same run, not a second one
         # another peer cannot read or continue this task
         with pytest.raises(Exception):  # noqa: B017
             await send(url, SECRETS["a2a_friend"], "mine now", task_id=task.id)
+
+
+async def get_task(url: str, key: str, task_id: str) -> Any:
+    from a2a.types import GetTaskRequest
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        client = await create_client(url, client_config=ClientConfig(httpx_client=http))
+        async with client:
+            return await client.get_task(GetTaskRequest(id=task_id))
+
+
+async def list_tasks(url: str, key: str) -> list[str]:
+    from a2a.types import ListTasksRequest
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        client = await create_client(url, client_config=ClientConfig(httpx_client=http))
+        async with client:
+            return [t.id for t in (await client.list_tasks(ListTasksRequest())).tasks]
+
+
+async def test_tasks_survive_a_restart_of_the_platform(tmp_path: Path, port: int) -> None:
+    cfg = config(tmp_path, port, APPROVAL, tools=["write_note", "delete_note"], wait_s=0.3)
+    url = f"http://127.0.0.1:{port}/a2a/mailer"
+    async with serve(cfg, SECRETS) as (service, _):
+        task = await settled(url, final_task(await send(url, KEY, "tidy up n.txt")))
+        assert task.status.state == TaskState.TASK_STATE_AUTH_REQUIRED
+        (approval,) = service.approvals("pending")
+    async with serve(cfg, SECRETS) as (service, _):  # a new platform on the same state directory
+        got = await get_task(url, KEY, task.id)
+        assert (got.id, got.context_id, got.status.state) == (task.id, task.context_id, task.status.state)
+        assert approval["id"] in got.status.message.parts[0].text
+        with pytest.raises(Exception):  # noqa: B017 - another peer does not see it
+            await get_task(url, SECRETS["a2a_friend"], task.id)
+        assert await list_tasks(url, KEY) == [task.id] and await list_tasks(url, SECRETS["a2a_friend"]) == []
+        await service.decide(approval["id"], approve=True, by="operator")
+        done = await settled(url, final_task(await send(url, KEY, "done yet?", task_id=task.id)))
+        assert done.status.state == TaskState.TASK_STATE_COMPLETED
+        assert get_artifact_text(done.artifacts[0], delimiter="") == "cleaned up"
+        assert len(service.platform.runs.list()) == 1  # the task kept its run across the restart
+        assert (await get_task(url, KEY, task.id)).status.state == TaskState.TASK_STATE_COMPLETED
 
 
 def test_publication_config_errors_are_clear(tmp_path: Path) -> None:

@@ -205,3 +205,24 @@ def test_checkpoints_are_written_behind_the_calls(api: Api) -> None:
         assert time.monotonic() < deadline, "the checkpoint was not written"
         time.sleep(0.05)
     assert "read_email" in json.dumps(api.platform.runs.get(session["run_id"]).provenance)
+
+
+def test_the_http_client_has_public_session_methods(api: Api) -> None:
+    from stitchwork.interfaces.cli.client import HttpClient, RemoteError
+
+    client = HttpClient.__new__(HttpClient)
+    client.http = api.client
+    api.client.headers["Authorization"] = f"Bearer {api.operator}"
+    opened = client.session_open("tester", TASK, ttl_s=120)
+    assert api.platform.tokens.verify(opened["token"]).run_id == opened["run_id"]
+    assert opened["mcp_url"].endswith("/mcp")
+    renewed = client.session_renew(opened["run_id"], ttl_s=600)
+    assert renewed["token"] != opened["token"] and renewed["run_id"] == opened["run_id"]
+    assert client.session_show(opened["run_id"])["state"] == "open"
+    assert [s["run_id"] for s in client.sessions()] == [opened["run_id"]]
+    assert client.session_close(opened["run_id"])["state"] == "closed"
+    assert client.sessions() == []
+    assert [s["run_id"] for s in client.sessions(include_closed=True)] == [opened["run_id"]]
+    with pytest.raises(RemoteError) as caught:  # a "?" in an id is part of the id, not a query
+        client.session_show(f"{opened['run_id']}?all=true")
+    assert caught.value.status == 404

@@ -124,3 +124,21 @@ def test_a_decision_is_seen_by_another_store_on_the_same_backend(make: Make) -> 
     platform.decide(pending.id, approve=True, by="op")
     assert worker.consume("r1", "a", "send", {"to": "x@y.z"}) is not None
     assert platform.consume("r1", "a", "send", {"to": "x@y.z"}) is None  # single use across stores
+
+
+def test_expire_takes_only_the_named_due_approvals_and_watchers_see_each_new_one(make: Make) -> None:
+    clock = Clock()
+    approvals = make(clock=clock, timeout_s=60)
+    seen: list[str] = []
+    approvals.watch(lambda approval: seen.append(approval.id))
+    first = request(approvals)
+    assert request(approvals).id == first.id  # the open one again: not a new approval
+    second = request(approvals, to="b@y.z")
+    assert seen == [first.id, second.id]
+    assert approvals.expire([first.id, second.id]) == []  # not due yet
+    clock.now += 61
+    assert approvals.expire([first.id, "apv_missing"]) == [first.id]
+    assert approvals.get(first.id).status is ApprovalStatus.EXPIRED
+    assert approvals.expire([first.id]) == []  # already expired: not again
+    with pytest.raises(ApprovalError, match="already expired"):  # the second is past due too, expired when read
+        approvals.decide(second.id, approve=True, by="op")

@@ -141,7 +141,7 @@ def test_read_is_allowed_for_every_agent(engine: PolicyEngine) -> None:
 def test_external_untainted_is_allowed(engine: PolicyEngine) -> None:
     decision = engine.decide(call("send_email"))
     assert decision == Decision(
-        Effect.ALLOW, ("external-permit",), ("permit external-permit (default/external.cedar:27)",), ()
+        Effect.ALLOW, ("external-permit",), ("permit external-permit (default/external.cedar:31)",), ()
     )
 
 
@@ -151,7 +151,7 @@ def test_external_tainted_target_is_denied_even_when_approved(engine: PolicyEngi
         assert decision == Decision(
             Effect.DENY,
             ("external-tainted-target",),
-            ("forbid external-tainted-target (default/external.cedar:35)",),
+            ("forbid external-tainted-target (default/external.cedar:45)",),
             (),
         )
 
@@ -309,7 +309,7 @@ def test_schema_and_describe(engine: PolicyEngine) -> None:
         "effect": "forbid",
         "file": "default/external.cedar",
         "path": str(builtin_policy_dir() / "external.cedar"),
-        "line": "35",
+        "line": "45",
         "annotations": '@id("external-tainted-target")',
     }
     assert (

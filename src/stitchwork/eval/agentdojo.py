@@ -237,7 +237,9 @@ class _Harness:
         if self.stack is None:
             return _Run("", "", runtime, env)
         self.counter += 1
-        run_id = f"ad-{self.counter:06d}"
+        # the deny and approve harnesses share one gateway and approval store: their run ids must differ, or a
+        # human's answer in one run would be found again by the other harness's run of the same number
+        run_id = f"ad-{self.answer_approvals}-{self.counter:06d}"
         gateway = self.stack.gateway
         gateway.open_run(run_id, AGENT, workdir=self.stack.state / "runs" / run_id, max_steps=10_000)
         gateway.record_content(run_id, prompt, Label("user", True))
@@ -313,6 +315,7 @@ class SuiteResult:
     succeeded: list[str] = field(default_factory=list)
     failed_utility: list[str] = field(default_factory=list)
     refusals: dict[str, list[str]] = field(default_factory=dict)
+    benign_approvals: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _check_empty(clean: Any, injection_task: Any) -> bool:
@@ -371,6 +374,9 @@ def run_suite(suite: Any, stack: _Stack, loop: asyncio.AbstractEventLoop, *,
         result.utility_no_attack += ok
         result.approvals_benign += planner.stats.approvals
         result.benign_tasks_with_approval += planner.stats.approvals > 0
+        asked = [r for r in planner.stats.refused if r.startswith("ask ")]
+        if asked:
+            result.benign_approvals[uid] = asked
         if not ok:
             result.failed_utility.append(uid)
             result.refusals[uid] = planner.stats.refused

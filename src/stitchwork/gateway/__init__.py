@@ -7,6 +7,7 @@
 ``tools``        the tool door (and the sandbox execute stage)
 ``host``         the host-tool door's execute stage (handlers of host-side tools)
 ``models``       the model door (model_call policy, provider keys, routing, metering)
+``undo``         the undo door: a tool's declared compensation through the tool door's stages (Cedar action ``undo``)
 ``core``         :class:`Gateway`, the facade the agent loop and the platform use
 ``idempotency``  the idempotency ledger port (store and memory ledgers; the bus ledger is in ``workers``)
 """

@@ -25,6 +25,7 @@ from stitchwork.gateway.host import HostExecute
 from stitchwork.gateway.idempotency import IdempotencyLedger
 from stitchwork.gateway.models import ModelDoor
 from stitchwork.gateway.tools import ToolDoor
+from stitchwork.gateway.undo import UndoDoor
 from stitchwork.security.approvals import ApprovalStore
 from stitchwork.security.identity.tokens import TokenClaims, TokenService
 from stitchwork.security.policy import PolicyEngine
@@ -52,6 +53,8 @@ class Gateway:
         self.tool_door = ToolDoor(context, host=self.host)
         self.models = models if models is not None else ModelDoor(context)
         """The model door (policy, provider keys, routing, metering)."""
+        self.undo_door = UndoDoor(self.tool_door)
+        """Compensations (``stitchwork undo``) through the tool door's stages (:mod:`stitchwork.gateway.undo`)."""
 
     # -- the shared context -------------------------------------------------------------------------------------
 

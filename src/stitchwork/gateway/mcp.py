@@ -104,6 +104,17 @@ class McpDoor:
         self._lists[claims.agent] = (key, tools)
         return list(tools)
 
+    def input_schema(self, agent: str | None, name: str) -> Mapping[str, Any] | None:
+        """The input schema of tool ``name`` if ``agent`` (already authenticated) is given it, else ``None``.
+
+        The Streamable HTTP transport checks a ``tools/call``'s ``Mcp-Param-*`` headers against this schema before
+        dispatch; without this lookup the SDK runs a whole second ``tools/list`` request per call to find it.
+        """
+        context = self.gateway.context
+        if agent is None or name not in context.agents.get(agent, frozenset()) or name not in context.tools:
+            return None
+        return dict(context.tools.get(name).args_schema)
+
     async def call_tool(self, token: str | None, name: str, arguments: Mapping[str, Any] | None,
                         progress: Progress | None = None) -> types.CallToolResult:
         """One ``tools/call``; waits for a human's decision (reporting ``progress``) when policy asks for one."""
@@ -153,8 +164,12 @@ class _Server(Server[Any]):
             notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions)
 
 
-def build_server(door: McpDoor, token_of: TokenOf, *, version: str = "") -> Server[Any]:
+def build_server(door: McpDoor, token_of: TokenOf, *, version: str = "",
+                 input_schema: Callable[[str], Mapping[str, Any] | None] | None = None) -> Server[Any]:
     """The MCP server of ``door``: ``tools/list`` and ``tools/call`` with the token ``token_of`` reads per request.
+
+    ``input_schema`` (name → schema of a tool the current caller is given) lets the HTTP transport validate
+    ``Mcp-Param-*`` headers without listing every tool again per call.
 
     An authentication failure on ``tools/list`` is a JSON-RPC error (the client cannot go on); on ``tools/call`` it is
     a tool error result (``unauthenticated``).
@@ -178,7 +193,8 @@ def build_server(door: McpDoor, token_of: TokenOf, *, version: str = "") -> Serv
 
         return await door.call_tool(token_of(ctx), params.name, params.arguments, progress)
 
-    return _Server("stitchwork", version=version, on_list_tools=on_list_tools, on_call_tool=on_call_tool)
+    return _Server("stitchwork", version=version, on_list_tools=on_list_tools, on_call_tool=on_call_tool,
+                   get_tool_input_schema=input_schema)
 
 
 def bearer_of(ctx: ServerRequestContext[Any, Any]) -> str | None:

@@ -172,11 +172,13 @@ class Audit:
         """Queues an event (durable with the next awaited one)."""
         self.context.audit.append_nowait(kind, **who, decision=decision, data=data)
 
-    async def decided(self, call: Checked, tainted: Tainted, gate: Gate, *, durable: bool = False) -> int:
+    async def decided(self, call: Checked, tainted: Tainted, gate: Gate, *, durable: bool = False,
+                      extra: Mapping[str, Any] | None = None) -> int:
         """The ``decision`` event of a tool call (``approval``/``ask`` when it waits for a human).
 
         Args:
             durable: Await an allowed decision too (the intent of a side-effecting call is durable before it runs).
+            extra: More fields of the event (an undo call's link to the call it reverses).
 
         Returns:
             The event's sequence number; 0 for an allowed call not awaited (its event is queued).
@@ -192,6 +194,7 @@ class Audit:
             "taint": taint, "provenance": tainted.taint.provenance(),
             "side_effect": call.tool.side_effect.value,
             "jti": call.claims.jti, "arguments": redactor.redact(call.args), "approval_id": gate.approval_id,
+            **(extra or {}),
         }
         if decision.effect is Effect.ASK:
             return await self.record("approval", call.who, data, decision="ask")
@@ -203,12 +206,14 @@ class Audit:
         return 0
 
     async def executed(self, call: Checked, executed: Executed, labelled: Labelled, decision: Decision, *,
-                       key: str = "", undo: Mapping[str, Any] | None = None) -> int:
+                       key: str = "", undo: Mapping[str, Any] | None = None,
+                       extra: Mapping[str, Any] | None = None) -> int:
         """The ``tool`` event of a call that ran; returns its sequence number.
 
         Args:
             key: The call's idempotency key (``<run>:<call id>`` from the run loop), recorded as ``call``.
             undo: The call that reverses this one (``{"tool", "args"}``), when its manifest declares one.
+            extra: More fields of the event (``undo_error``; an undo call's link to the call it reverses).
         """
         tool = call.tool
         data = {
@@ -220,6 +225,8 @@ class Audit:
             data["idempotency_key"] = key
         if undo is not None:
             data["undo_call"] = self.context.redactor.redact(dict(undo))
+        if extra:
+            data.update(extra)
         return await self.record("tool", call.who, data, decision=executed.status)
 
 

@@ -43,7 +43,7 @@ from stitchwork.isolation._base import PythonCall, SandboxSpec, isolation_label
 from stitchwork.observability import METRICS, TRACING
 from stitchwork.observability.tracing import NoSpan
 from stitchwork.security.policy import Decision
-from stitchwork.tools.manifest import undo_arguments
+from stitchwork.tools.manifest import undo_call
 
 
 class SandboxExecute:
@@ -220,13 +220,14 @@ class ToolDoor:
             await self.replay.record(call, key, executed)
             return executed
         labelled = self.label(call.run, call.tool, executed)
-        undo = None
+        undo, undo_error = None, ""
         if call.tool.undo and executed.status == "ok":
-            undo_args = undo_arguments(call.tool, call.args, labelled.content)
+            undo_args, undo_error = undo_call(call.tool, call.args, labelled.content)
             if undo_args is not None:
                 undo = {"tool": call.tool.undo, "args": undo_args}
         with TRACING.span("gateway.audit"):
-            seq = await self.audit.executed(call, executed, labelled, gate.decision, key=key, undo=undo)
+            seq = await self.audit.executed(call, executed, labelled, gate.decision, key=key, undo=undo,
+                                            extra={"undo_error": undo_error} if undo_error else None)
         outcome = ToolOutcome(executed.status, call.tool.name, content=labelled.content, error=executed.error,
                               label=labelled.label, policy_ids=gate.decision.policy_ids, audit_seq=seq)
         await self.replay.record(call, key, outcome)

@@ -40,6 +40,10 @@ def _readable(fd: int, timeout_s: float) -> bool:
 
 #: A parked interpreter must print its ready marker within this (generous: a loaded machine).
 START_DEADLINE_S = 120.0
+#: A host has at least this long to set up a call (write the tool, copy the work directory in) before it counts
+#: as failed: set-up is not the program's time, so a short ``timeout_s`` on a loaded machine is a timeout of the
+#: program, not a failure to start it.
+SETUP_DEADLINE_S = 60.0
 #: How long a stopped host may take to stop its guest, write back and report before it is SIGKILLed.
 STOP_GRACE_S = 2.0
 #: The host's command line before its plan descriptor. This process's own interpreter as it was started, not its
@@ -102,7 +106,7 @@ class Host:
             raise SandboxError(f"wasm://: the interpreter host ended before its call: {self._error()}") from exc
         finally:
             self._close_ctl()
-        message = _read_frame(self.sup.status_fd, timeout_s)
+        message = _read_frame(self.sup.status_fd, max(timeout_s, SETUP_DEADLINE_S))
         if not message.get("ready"):
             error = message.get("error") or self._error() or "no answer"
             raise SandboxError(f"wasm://: the interpreter host could not take its call: {error}")

@@ -12,6 +12,12 @@ A bus keeps every published message in a *stream* chosen by the subject's first 
   ``start_seq`` that then follows new messages (no acks).
 * :meth:`Bus.last`: the newest message on one exact subject (subjects as keys: checkpoints, idempotency records).
 
+Bounds (:meth:`Bus.limit`, :class:`StreamLimits`): a stream keeps messages up to an age, a size and a count; a
+*work-queue* stream drops a message once its group acknowledges it, and a stream marked ``discard_new`` refuses
+a new message at its limit (:class:`~stitchwork.errors.BusFull`) instead of dropping an old one, so a limit never
+removes something unfinished. A message published with the :data:`MESSAGE_TTL` header is removed that long after
+it was stored (a finished record: a decided approval, a completed call's outcome).
+
 Adapters (chosen by URI, :func:`open_bus`): ``memory://`` (in-process, the test double and single-process
 default) and ``nats://host:port[,host:port...]`` (NATS JetStream). ``kafka://`` is an export sink, not a bus:
 see :mod:`stitchwork.messaging.kafka`.
@@ -20,6 +26,7 @@ see :mod:`stitchwork.messaging.kafka`.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,6 +41,67 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 """Publish header for compare-and-set: store the message only if the newest one on its subject has this sequence
 number (``0``: no message yet); otherwise :meth:`Bus.publish` raises :class:`~stitchwork.errors.BusConflict`."""
+
+MESSAGE_TTL = "Nats-TTL"
+"""Publish header: the message is removed this long after it was stored, whatever its stream's limits
+(``"3600s"``: whole seconds, at least 1; see :func:`ttl_header`)."""
+
+
+def ttl_header(seconds: float) -> dict[str, str]:
+    """The :data:`MESSAGE_TTL` header for ``seconds`` (rounded up to whole seconds); empty for 0 (keep)."""
+    if seconds <= 0:
+        return {}
+    return {MESSAGE_TTL: f"{max(1, math.ceil(seconds))}s"}
+
+
+def parse_ttl(value: str) -> float:
+    """Seconds in a :data:`MESSAGE_TTL` value (``"90s"``, ``"90"``); raises :class:`BusError` on anything else."""
+    text = value.strip().lower()
+    number = text[:-1] if text.endswith("s") else text
+    try:
+        seconds = float(number)
+    except ValueError:
+        raise BusError(f"{MESSAGE_TTL} must be whole seconds like '3600s', got {value!r}") from None
+    if not seconds >= 1 or seconds != int(seconds):
+        raise BusError(f"{MESSAGE_TTL} must be whole seconds, at least 1, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """How much one stream keeps (every bound 0: no limit).
+
+    Attributes:
+        max_age_s: messages older than this are removed.
+        max_bytes: the payloads (and subjects) of the stream's messages together.
+        max_msgs: messages in the stream.
+        work_queue: a message is removed once the group consuming it acknowledges (or terminates) it; an
+            unacknowledged one stays. One group per subject; no replays of the stream.
+        discard_new: at ``max_bytes``/``max_msgs`` a new message is refused with
+            :class:`~stitchwork.errors.BusFull` (a message that replaces its subject's only kept one, see
+            :meth:`Bus.keep_last`, is still taken) instead of the oldest being dropped. Cannot be combined with
+            ``max_age_s``: an age limit would drop unfinished messages (give finished ones a :data:`MESSAGE_TTL`).
+    """
+
+    max_age_s: float = 0.0
+    max_bytes: int = 0
+    max_msgs: int = 0
+    work_queue: bool = False
+    discard_new: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_age_s", "max_bytes", "max_msgs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise BusError(f"stream limit {name} must be a number >= 0 (0: no limit), got {value!r}")
+        if self.max_age_s and (self.discard_new or self.work_queue):
+            raise BusError("a stream that keeps unfinished messages (work_queue or discard_new) takes no max_age_s: "
+                           "it would drop them; give finished messages a TTL instead")
+
+
+RETENTION_FIXED = ("stream %s keeps its %s retention: a stream's retention is chosen when it is created (an existing "
+                   "stream cannot become or stop being a work queue); other limits were applied")
+"""Logged by :meth:`Bus.limit` when it cannot change an existing stream's retention."""
 
 Settle = Callable[[str, float], Awaitable[None]]
 """Called with ``ack``/``nak``/``term``/``progress`` and a delay in seconds (for ``nak``)."""
@@ -233,6 +301,14 @@ class Bus(ABC):
             BusError: the adapter cannot limit a stream, or the bus refused the change.
         """
         raise BusError(f"{type(self).__name__} cannot limit the history of {subject!r}")
+
+    async def limit(self, subject: str, limits: StreamLimits) -> None:
+        """Applies ``limits`` to ``subject``'s stream (creating it if needed; an existing stream is updated).
+
+        Raises:
+            BusError: the adapter cannot limit a stream, or the bus refused the change.
+        """
+        raise BusError(f"{type(self).__name__} cannot limit the stream of {subject!r}")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Closes connections."""

@@ -109,6 +109,10 @@ class SyncBus:
         found: list[Delivery] = self._call(lambda bus: bus.latest(pattern))
         return found
 
+    def keep_last(self, subject: str, per_subject: int) -> None:
+        """Keeps only the newest ``per_subject`` messages of each subject in ``subject``'s stream."""
+        self._call(lambda bus: bus.keep_last(subject, per_subject))
+
     def close(self) -> None:
         loop, thread, bus = self._loop, self._thread, self._bus
         self._loop = self._thread = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,10 +24,21 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RawStreamMsg,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
-from stitchwork.errors import BusConflict, BusError
-from stitchwork.messaging._base import Bus, Consumer, Delivery, check_subject
+from stitchwork.errors import BusConflict, BusError, BusFull
+from stitchwork.messaging._base import RETENTION_FIXED, Bus, Consumer, Delivery, StreamLimits, check_subject
+
+log = logging.getLogger(__name__)
 
 _RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
               nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
@@ -39,6 +51,25 @@ T = TypeVar("T")
 
 _WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check."""
+
+
+_DUPLICATE_WINDOW_S = 120.0
+"""How long a ``Nats-Msg-Id`` de-duplicates a retried publish (never longer than a stream's max age)."""
+
+_FULL = frozenset({10077, 10047})
+"""JetStream's error codes for a message refused by a full stream (``DiscardPolicy.NEW``: messages, bytes)."""
+
+
+def _limit_fields(limits: StreamLimits) -> dict[str, Any]:
+    window = min(_DUPLICATE_WINDOW_S, limits.max_age_s) if limits.max_age_s else _DUPLICATE_WINDOW_S
+    return {"max_age": float(limits.max_age_s), "duplicate_window": window, "max_bytes": limits.max_bytes or -1,
+            "max_msgs": limits.max_msgs or -1,
+            "discard": DiscardPolicy.NEW if limits.discard_new else DiscardPolicy.OLD}
+
+
+def _limit_view(config: StreamConfig) -> tuple[Any, ...]:
+    return (float(config.max_age or 0), float(config.duplicate_window or 0), config.max_bytes or -1,
+            config.max_msgs or -1, config.discard or DiscardPolicy.OLD, bool(config.allow_msg_ttl))
 
 
 def _durable_name(group: str) -> str:
@@ -206,15 +237,43 @@ class NatsBus(Bus):
 
             async def create() -> None:
                 try:
-                    await self.js.stream_info(name)
+                    info = await self.js.stream_info(name)
                 except nats.js.errors.NotFoundError:
-                    await self.js.add_stream(StreamConfig(
-                        name=name, subjects=[f"{name}.>"], storage=StorageType.FILE, num_replicas=self.replicas,
-                        duplicate_window=120.0,
-                    ))
+                    await self.js.add_stream(self._new_config(name, StreamLimits()))
+                    return
+                if not info.config.allow_msg_ttl:  # a stream from before TTLs: finished records carry one now
+                    await self.js.update_stream(dataclasses.replace(info.config, allow_msg_ttl=True))
 
             await self._retrying(create, waiting=f"stream {name}", refused=f"cannot create stream {name}", pause_s=0.2)
             self._streams.add(name)
+
+    def _new_config(self, name: str, limits: StreamLimits) -> StreamConfig:
+        return StreamConfig(
+            name=name, subjects=[f"{name}.>"], storage=StorageType.FILE, num_replicas=self.replicas,
+            allow_msg_ttl=True,
+            retention=RetentionPolicy.WORK_QUEUE if limits.work_queue else RetentionPolicy.LIMITS,
+            **_limit_fields(limits),
+        )
+
+    async def limit(self, subject: str, limits: StreamLimits) -> None:
+        name = check_subject(subject, wildcards=True)
+
+        async def apply() -> None:
+            try:
+                info = await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(self._new_config(name, limits))
+                return
+            config = info.config
+            work_queue = config.retention == RetentionPolicy.WORK_QUEUE
+            if work_queue != limits.work_queue:
+                log.warning(RETENTION_FIXED, name, "work-queue" if work_queue else "limits")
+            wanted = dataclasses.replace(config, allow_msg_ttl=True, **_limit_fields(limits))
+            if _limit_view(wanted) != _limit_view(config):
+                await self.js.update_stream(wanted)
+
+        await self._retrying(apply, waiting=f"stream {name}", refused=f"cannot limit stream {name}", pause_s=0.2)
+        self._streams.add(name)
 
     async def _retrying(self, op: Callable[[], Awaitable[T]], *, waiting: str, refused: str, pause_s: float) -> T:
         """Runs ``op`` until NATS answers (through failovers and restarts, up to ``publish_timeout_s``).
@@ -247,13 +306,17 @@ class NatsBus(Bus):
             try:
                 ack = await self.js.publish(subject, data, headers=sent or None, stream=stream, timeout=2.0)
                 return int(ack.seq)
-            except _RETRYABLE as exc:
-                if not msg_id:  # a retry is safe only when the server can drop the duplicate
-                    sent["Nats-Msg-Id"] = msg_id = f"sw-{time.time_ns()}-{id(data)}"
-                if time.monotonic() > deadline:
-                    raise BusError(f"publish to {subject}: no acknowledgement from NATS: {exc!r}") from exc
-                await asyncio.sleep(0.1)
             except nats.js.errors.APIError as exc:
+                if exc.err_code in _FULL:
+                    raise BusFull(f"publish to {subject}: stream {stream} is full ({exc.description}); it keeps "
+                                  "unfinished messages, so nothing old is dropped") from exc
+                if isinstance(exc, _RETRYABLE):
+                    if not msg_id:
+                        sent["Nats-Msg-Id"] = msg_id = f"sw-{time.time_ns()}-{id(data)}"
+                    if time.monotonic() > deadline:
+                        raise BusError(f"publish to {subject}: no acknowledgement from NATS: {exc!r}") from exc
+                    await asyncio.sleep(0.1)
+                    continue
                 if exc.err_code == _WRONG_LAST_SEQUENCE:
                     # A retried compare-and-set whose first attempt was stored looks like a lost race: check.
                     mine = await self.last(subject) if msg_id else None
@@ -261,6 +324,12 @@ class NatsBus(Bus):
                         return mine.seq
                     raise BusConflict(f"publish to {subject}: {exc.description}") from exc
                 raise BusError(f"publish to {subject} refused: {exc}") from exc
+            except _RETRYABLE as exc:
+                if not msg_id:  # a retry is safe only when the server can drop the duplicate
+                    sent["Nats-Msg-Id"] = msg_id = f"sw-{time.time_ns()}-{id(data)}"
+                if time.monotonic() > deadline:
+                    raise BusError(f"publish to {subject}: no acknowledgement from NATS: {exc!r}") from exc
+                await asyncio.sleep(0.1)
             except nats.errors.Error as exc:
                 raise BusError(f"publish to {subject} refused: {exc}") from exc
 

@@ -83,7 +83,22 @@ class ApprovalStore:
         self.store = store
         self.timeout_s = timeout_s
         self.clock = clock
+        self.watchers: list[Callable[[Approval], None]] = []
         store.execute(SCHEMA)
+
+    def watch(self, callback: Callable[[Approval], None]) -> None:
+        """Calls ``callback`` with every approval this store creates from now on (the expiry timers)."""
+        self.watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[Approval], None]) -> None:
+        """Stops calling ``callback`` (it is not an error if it was not watching)."""
+        if callback in self.watchers:
+            self.watchers.remove(callback)
+
+    def _created(self, approval: Approval) -> Approval:
+        for callback in self.watchers:
+            callback(approval)
+        return approval
 
     def _row(self, row: Mapping[str, Any]) -> Approval:
         return Approval(
@@ -115,7 +130,7 @@ class ApprovalStore:
             "note": None,
         }
         self.store.append("approvals", [row])
-        return self._row(row)
+        return self._created(self._row(row))
 
     def get(self, approval_id: str) -> Approval:
         self.expire_due()
@@ -170,6 +185,22 @@ class ApprovalStore:
             [digest],
         )
         return self._row(rows[0]) if rows else None
+
+    def expire(self, approval_ids: list[str]) -> list[str]:
+        """Expires those of ``approval_ids`` that are pending and past their deadline; returns their ids."""
+        if not approval_ids:
+            return []
+        now = self.clock()
+        marks = ", ".join("?" * len(approval_ids))
+        rows = self.store.query(f"SELECT id FROM approvals WHERE id IN ({marks}) AND status = 'pending' "
+                                "AND expires_at <= ?", [*approval_ids, now])
+        due = [r["id"] for r in rows]
+        if due:
+            marks = ", ".join("?" * len(due))
+            self.store.execute(
+                f"UPDATE approvals SET status = 'expired', decided_at = ?, decided_by = 'timeout' "
+                f"WHERE id IN ({marks}) AND status = 'pending'", [now, *due])
+        return due
 
     def expire_due(self) -> list[str]:
         """Expires pending approvals past their deadline (expiry means deny); returns their ids."""

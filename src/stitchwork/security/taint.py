@@ -95,6 +95,10 @@ _ADDRESS = re.compile(
 )
 """What counts as an address for the unattributed rule: a URL with a scheme, ``www.`` or a path, or an e-mail."""
 _PLACEHOLDER = re.compile(r"\[secret:[^\]]{0,128}\]")
+_WHEN = re.compile(
+    r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[ T][0-9]{2}:[0-9]{2}(?::[0-9]{2})?)?|[0-9]{1,2}:[0-9]{2}(?::[0-9]{2})?)$"
+)
+"""A date or a time of day: it says when, not what, so a dictated call may hold one whoever computed it."""
 _RANK = {"prose": 3, "unattributed": 2, "record": 1, "": 0}
 
 
@@ -176,6 +180,9 @@ class ArgumentTaint:
     copied: frozenset[str] = frozenset()
     """Arguments whose whole value, of ``COPIED_WORDS`` words or more, is copied from untrusted free text."""
     findings: tuple[Finding, ...] = ()
+    undictated: frozenset[str] | None = None
+    """Arguments holding a value the user or operator did not write word for word (up to letter case; dates and
+    times excepted); ``None`` when unknown (no call counts as dictated then)."""
 
     @property
     def any(self) -> bool:
@@ -208,6 +215,10 @@ class ArgumentTaint:
                 as ``code`` instead.
             outward: The call has a non-empty destination of an outward role (data leaves through it);
                 ``outward_level`` is the strongest taint level of those destinations.
+
+        ``target_levels`` and ``target_roles`` are the levels and roles of the tainted destinations; ``dictated``
+        says that every argument other than the destinations is the user's own words (each value a run of whole
+        tokens of trusted text, or a date or time): a mis-chosen destination then receives nothing the run read.
         """
         roles = dict(destinations or {})
         if target_arg and target_arg not in roles:
@@ -232,6 +243,11 @@ class ArgumentTaint:
             "copied": any(a not in roles for a in self.copied),
             "outward": outward,
             "outward_level": strongest(self.level(a) for a in out),
+            "target_levels": sorted({self.level(a) for a in checked}),
+            "target_roles": sorted({roles[a] for a in checked}),
+            "target_count": len(checked),
+            "dictated": self.undictated is not None and not (self.undictated - {
+                a for a, role in roles.items() if role not in CODE_ROLES}),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -296,17 +312,25 @@ class _Trusted:
     def __init__(self) -> None:
         self.exact = _SEP
         self.folded = _SEP
+        self.cased = _SEP
         self.skeleton = _SEP
 
     def add(self, text: str) -> None:
         self.exact += " " + " ".join(tokens(text)) + " " + _SEP
         self.folded += " " + " ".join(folded_tokens(text)) + " " + _SEP
+        self.cased += " " + " ".join(tokens(text)).casefold() + " " + _SEP
         self.skeleton += skeleton(text) + _SEP
 
     def names(self, value: str) -> bool:
         """Whether ``value`` is user-named: its canonical tokens are a run of whole tokens of trusted text."""
         toks = tokens(value)
         return bool(toks) and f" {' '.join(toks)} " in self.exact
+
+    def dictates(self, value: str) -> bool:
+        """Whether ``value`` is the user's own words up to letter case (never grants trust: for a call's payload,
+        whose re-cased words reveal nothing the run read)."""
+        toks = tokens(value)
+        return bool(toks) and f" {' '.join(toks).casefold()} " in self.cased
 
     def resembles(self, value: str) -> bool:
         """Whether ``value`` equals a run of whole trusted tokens once both are folded."""
@@ -399,6 +423,7 @@ class _Hits:
     findings: list[Finding] = field(default_factory=list)
     lookalike: bool = False
     copied: bool = False
+    dictated: bool = True
 
 
 @dataclass
@@ -593,8 +618,12 @@ class ProvenanceTracker:
         per_arg: dict[str, _Hits] = {}
         secret_args: set[str] = set()
         secret_owners: set[int] = set()
+        for top in arguments:
+            per_arg[str(top)] = _Hits()  # an argument with no value (None, [], a flag) carries nothing
         for top, raw in _leaves(arguments):
             hits = per_arg.setdefault(top, _Hits())
+            hits.dictated = hits.dictated and raw is not None and (
+                not raw.strip() or self._trusted.dictates(raw) or bool(_WHEN.match(raw.strip())))
             if raw is None:
                 if self._untrusted:
                     hits.levels.append("prose")
@@ -624,6 +653,7 @@ class ProvenanceTracker:
             secret_args=frozenset(secret_args),
             secret_sources=frozenset(secret_sources),
             findings=tuple(findings[:MAX_FINDINGS]),
+            undictated=frozenset(a for a, h in per_arg.items() if not h.dictated),
         )
 
     # -- state ----------------------------------------------------------------------------------------------

@@ -21,10 +21,13 @@ from stitchwork.audit.records import AuditEvent
 from stitchwork.errors import ApprovalError, ConfigError, StitchworkError
 from stitchwork.observability import METRICS
 from stitchwork.platform import Platform
+from stitchwork.security.approvals import Approval as ApprovalRecord
 from stitchwork.security.approvals import ApprovalStatus
+from stitchwork.security.deadlines import Deadlines
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
 from stitchwork.service.sessions import Sessions
+from stitchwork.service.undo import Undo, describe
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,14 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+def _expired_by_clock(approvals: Any, approval_id: str) -> bool:
+    try:
+        approval = approvals.get(approval_id)
+    except ApprovalError:
+        return False
+    return bool(approval.status is ApprovalStatus.EXPIRED and approval.decided_by == "timeout")
+
+
 class Service:
     """What operators do: start runs, decide approvals, read the audit log, manage secrets."""
 
@@ -94,6 +105,8 @@ class Service:
         server = platform.config.server
         self.sessions = Sessions(platform, base_url=f"http://{server.host}:{server.port}")
         """External runs: agents outside the platform calling through the gateway (:mod:`.sessions`)."""
+        self.reversals = Undo(platform)
+        """Undoing runs' calls through the gateway (:mod:`.undo`)."""
 
     # operator tokens ---------------------------------------------------------------------------------------
     def has_operator_token(self) -> bool:
@@ -143,6 +156,32 @@ class Service:
                            f"{', '.join(s.value for s in RunStatus)}, all") from exc
         return [r.to_dict(messages=False) for r in self.platform.runs.list(status=chosen, limit=limit)]
 
+    async def run_calls(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's calls and whether each can be undone, or was (``stitchwork runs show``, ``audit reversible``).
+
+        Raises:
+            RunError: no such run.
+        """
+        _, states = await self.reversals.calls(run_id)
+        return [self.platform.gateway.redactor.redact(row) for row in describe(states)]
+
+    async def undo(self, run_id: str, *, call: str | None = None, by: str, token: str | None = None
+                   ) -> dict[str, Any]:
+        """Reverses the run's calls newest first, or one (:meth:`.undo.Undo.undo`); an uncertain call undone is
+        resolved: its approval is denied ("undone"), so it is never run again.
+
+        Raises:
+            RunError: no such run or call. NothingToUndo: nothing there can be undone.
+        """
+        report = await self.reversals.undo(run_id, call=call, by=by, token=token)
+        for result in report["results"]:
+            if result["status"] == "ok" and result.get("uncertain_approval"):
+                with contextlib.suppress(ApprovalError):  # decided meanwhile: the human's answer stands
+                    await self.decide(result["uncertain_approval"], approve=False, by=by,
+                                      note=f"undone (undo event #{result['undo_seq']})")
+        redacted: dict[str, Any] = self.platform.gateway.redactor.redact(json_safe(report))
+        return redacted
+
     # approvals ----------------------------------------------------------------------------------------------
     def approvals(self, status: str | None = "pending") -> list[dict[str, Any]]:
         chosen = ApprovalStatus(status) if status and status != "all" else None
@@ -181,17 +220,78 @@ class Service:
         if not still:
             await self.platform.runner.drive(run_id)
 
-    async def expire_and_resume(self) -> list[str]:
-        """Expires overdue approvals (expiry means deny) and resumes the runs waiting on them."""
-        expired = self.platform.approvals.expire_due()
+    async def expire_and_resume(self, approval_ids: list[str] | None = None, *, sessions: bool = True) -> list[str]:
+        """Expires overdue approvals (expiry means deny) and resumes the runs waiting on them: those of
+        ``approval_ids`` that are due, or (``None``) every due one; then, with ``sessions``, expired sessions."""
+        approvals = self.platform.approvals
+        if approval_ids is None:
+            expired = approvals.expire_due()
+        else:  # those that came due; one a read already expired on the way (lazily, unaudited) counts too
+            expired = approvals.expire(approval_ids)
+            expired += [i for i in approval_ids if i not in expired and _expired_by_clock(approvals, i)]
         for approval_id in expired:
             approval = self.platform.approvals.get(approval_id)
             await self.platform.audit.aappend("approval", agent=approval.agent, run_id=approval.run_id,
                                               tool=approval.tool, decision="expired",
                                               data={"approval_id": approval_id})
             await self.resume_if_ready(approval.run_id)
-        await self.sessions.expire_due()
+        if sessions:
+            await self.sessions.expire_due()
         return expired
+
+    async def expire_on_time(self, timers: Deadlines | None = None) -> None:
+        """Expires each approval when its deadline comes (`stitchwork up`): a deadline heap filled with the pending
+        approvals found at start and each one created since (woken when one is added), not a periodic listing.
+        Approvals created by workers after this started expire through their run's timer job on the bus (see
+        :mod:`stitchwork.workers.approvals`) and when next read here. Runs until cancelled."""
+        approvals = self.platform.approvals
+        timers = Deadlines(clock=approvals.clock) if timers is None else timers
+
+        def created(approval: ApprovalRecord) -> None:
+            timers.add(approval.id, approval.expires_at)
+
+        approvals.watch(created)
+        try:
+            await self._expire_on_time(approvals, timers)
+        finally:
+            approvals.unwatch(created)
+
+    async def _expire_on_time(self, approvals: Any, timers: Deadlines) -> None:
+        try:
+            for approval in await asyncio.to_thread(approvals.find, ApprovalStatus.PENDING):
+                timers.add(approval.id, approval.expires_at)
+        except StitchworkError as exc:  # those expire when next read (and bus ones through their run's timer)
+            log.warning("approval expiry: cannot list the pending approvals at start: %s", exc)
+        while True:
+            due = timers.pop_due()
+            if due:
+                try:
+                    await self.expire_and_resume(due, sessions=False)
+                except StitchworkError as exc:  # e.g. the bus is away: try these again shortly
+                    log.warning("approval expiry: %s; trying again", exc)
+                    for approval_id in due:
+                        timers.add(approval_id, timers.clock() + 5.0)
+            await timers.wait()
+
+    async def bound_bus_streams(self) -> list[str]:
+        """Applies ``[messaging.limits]`` to the bus's streams (`stitchwork up`, at start); returns the kinds the
+        bus could not limit (logged). Nothing to do without a bus of durable runs."""
+        from stitchwork.messaging._base import open_bus
+        from stitchwork.workers.events import EventHub
+        from stitchwork.workers.limits import apply_stream_limits
+        from stitchwork.workers.subjects import Subjects
+
+        hub = self.platform.events
+        if not isinstance(hub, EventHub):
+            return []
+        own = hub.memory is None
+        bus = await open_bus(hub.uri) if own else await hub.bus()
+        try:
+            config = self.platform.config.messaging
+            return await apply_stream_limits(bus, Subjects(config.subject_prefix), config.limits)
+        finally:
+            if own:
+                await bus.aclose()
 
     async def ingest_fleet_audit(self, stop: asyncio.Event | None = None, *, retry_s: float = 2.0) -> None:
         """Appends every worker's audit events to this platform's chain until ``stop`` is set (``stitchwork up``;

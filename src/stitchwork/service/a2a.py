@@ -11,23 +11,43 @@ A message from a peer starts a run of the published agent, whose every tool and 
 ``a2a-peer:<peer>``, *untrusted* unless the operator sets ``trusted = true`` for that peer (or lists the source in
 ``[security] trusted_sources``). Addresses, recipients or targets it names therefore count as tainted and cannot
 steer external or irreversible calls (the default policy pack denies or asks, as for injected mail).
+
+**Tasks are durable:** each A2A task is a row of the ``a2a_tasks`` table in the platform's store (:class:`A2ATasks`):
+its owner (the peer), the published agent, the run it maps to and the task as the protocol last saw it. After a
+restart ``GetTask`` still answers, and another message to the task picks up the same run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from stitchwork.agents.runs import RunRecord, RunStatus
+from stitchwork.data._base import Store
 from stitchwork.errors import AuthError, ConfigError, SecretError, StitchworkError, TokenInvalid, TokenMissing
 from stitchwork.gateway.context import digest
 from stitchwork.security.taint import Label
 from stitchwork.service import Service
 from stitchwork.tools._remote import secret_name
+
+TASKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS a2a_tasks (
+    owner VARCHAR NOT NULL,
+    agent VARCHAR NOT NULL,
+    id VARCHAR NOT NULL,
+    context_id VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    task VARCHAR NOT NULL,
+    updated_at DOUBLE NOT NULL,
+    PRIMARY KEY (owner, agent, id)
+)
+"""
 
 PUBLISH_KEYS = frozenset({"description", "peers"})
 PEER_KEYS = frozenset({"key", "trusted"})
@@ -100,6 +120,66 @@ def parse_a2a(publish: Mapping[str, Any], peers: Mapping[str, Any],
     return published, known
 
 
+@dataclass(frozen=True)
+class StoredTask:
+    """One A2A task as stored: the protocol's task (JSON text; empty until first saved) and the run it maps to."""
+
+    owner: str
+    agent: str
+    id: str
+    context_id: str
+    run_id: str
+    task: str
+    updated_at: float
+
+
+class A2ATasks:
+    """The A2A tasks of published agents in the platform's store, each kept apart by owner (the calling peer)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.execute(TASKS_SCHEMA)
+
+    def save(self, owner: str, agent: str, task_id: str, context_id: str, task: str) -> None:
+        """Records the task's latest protocol state (its run, once linked, is kept)."""
+        existing = self.get(owner, agent, task_id)
+        self._put(StoredTask(owner, agent, task_id, context_id, existing.run_id if existing else "", task,
+                             time.time()))
+
+    def link(self, owner: str, agent: str, task_id: str, context_id: str, run_id: str) -> None:
+        """Records that the task is served by run ``run_id``."""
+        existing = self.get(owner, agent, task_id)
+        self._put(StoredTask(owner, agent, task_id, context_id, run_id, existing.task if existing else "",
+                             time.time()))
+
+    def get(self, owner: str, agent: str, task_id: str) -> StoredTask | None:
+        rows = self.store.query("SELECT * FROM a2a_tasks WHERE owner = ? AND agent = ? AND id = ?",
+                                [owner, agent, task_id])
+        return _stored(rows[0]) if rows else None
+
+    def find(self, owner: str, agent: str, *, limit: int = 10_000) -> list[StoredTask]:
+        """The owner's tasks of ``agent``, most recently updated first."""
+        rows = self.store.query("SELECT * FROM a2a_tasks WHERE owner = ? AND agent = ? AND task <> '' "
+                                "ORDER BY updated_at DESC LIMIT ?", [owner, agent, limit])
+        return [_stored(r) for r in rows]
+
+    def delete(self, owner: str, agent: str, task_id: str) -> None:
+        self.store.execute("DELETE FROM a2a_tasks WHERE owner = ? AND agent = ? AND id = ?", [owner, agent, task_id])
+
+    def _put(self, row: StoredTask) -> None:
+        self.store.execute(
+            "INSERT INTO a2a_tasks (owner, agent, id, context_id, run_id, task, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, agent, id) DO UPDATE SET "
+            "context_id = excluded.context_id, run_id = excluded.run_id, task = excluded.task, "
+            "updated_at = excluded.updated_at",
+            [row.owner, row.agent, row.id, row.context_id, row.run_id, row.task, row.updated_at])
+
+
+def _stored(row: Mapping[str, Any]) -> StoredTask:
+    return StoredTask(str(row["owner"]), str(row["agent"]), str(row["id"]), str(row["context_id"]),
+                      str(row["run_id"]), str(row["task"]), float(row["updated_at"]))
+
+
 def _sha(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
@@ -112,6 +192,11 @@ class A2APublisher:
         platform = service.platform
         self.config = platform.config.a2a
         self.publications, self.peers = parse_a2a(self.config.publish, self.config.peers, platform.agents.names())
+
+    @functools.cached_property
+    def tasks(self) -> A2ATasks:
+        """The published agents' tasks (the table is created on first use: only where agents are published)."""
+        return A2ATasks(self.service.platform.store)
 
     def published(self, agent: str) -> Publication | None:
         return self.publications.get(agent)
@@ -188,4 +273,4 @@ class A2APublisher:
             pause = min(pause * 2, 0.25)
 
 
-__all__ = ["A2APublisher", "Peer", "Publication", "parse_a2a"]
+__all__ = ["A2APublisher", "A2ATasks", "Peer", "Publication", "StoredTask", "parse_a2a"]

@@ -32,7 +32,8 @@ Side-effect class, first rule that applies:
 
 Destinations (:func:`roles`): every argument with a role is a destination the policy checks like the target, in
 every class: ``recipient`` (``to``, ``cc``, ``bcc``, ``recipients``, ``participants``, ``email``, ``user``,
-``member``, ``forward_to``...), ``account`` (``iban``, ``account``, ``account_number``, ``phone``), ``url``
+``member``, ``channel``: whoever reads it receives what is posted, ``forward_to``...), ``account`` (``iban``,
+``account``, ``account_number``, ``phone``), ``url``
 (``url``, ``link``, ``website``, ``endpoint``, ``webhook``, ``callback``, ``repo``...), ``path`` (``path``,
 ``file_path``, ``filename``, ``directory``), ``command`` and ``code`` (rule 0).
 
@@ -83,7 +84,7 @@ _RECIPIENT = re.compile(
     r"forward_to|forward(ing)?_address(es)?|reply_to|destination|notify|subscribers?)$"
 )
 _ACCOUNT = re.compile(r"^(iban|account|account_number|phone(_number)?|wallet(_address)?)$")
-_PERSON = re.compile(r"^(users?|members?|user_names?|usernames?)$")
+_PERSON = re.compile(r"^(users?|members?|user_names?|usernames?|channels?|channel_names?)$")
 _URL = re.compile(r"^(url|urls|link|links|website|endpoint|uri|href|webhook|webhook_url|callback(_url)?|"
                   r"repo(sitory)?(_url)?|remote|host|server)$")
 _PATH = re.compile(r"^(path|paths|.*_path|file_?name|dir|directory|folder)$")

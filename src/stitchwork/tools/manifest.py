@@ -40,10 +40,17 @@ arguments carry its values needs a human's approval (``external-confidential`` i
 are always confidential by construction: their values never reach the model (outputs are redacted) and resolve
 only inside the sandbox of a tool granted them.
 
+Reversible tools. ``undo`` names the tool that reverses a call (its *compensation*), run by ``stitchwork undo``.
 The undo call can take its arguments from the original call and its result: write ``undo`` as a table,
-``[undo] tool = "delete_event"`` with ``args = { id = "result.id", calendar = "args.calendar" }``; each value is a
-path into the call's arguments (``args...``) or its result (``result...``), or a constant that is not a string.
-The undo call's arguments are recorded in the tool's audit event (``undo_call``).
+``[undo] tool = "delete_event"`` with ``args = { id = "result.id", calendar = "args.calendar" }``. The mapping
+language is paths only, never code: each value is ``args`` or ``result`` followed by ``.name`` (an object key:
+letters, digits, ``_``, ``-``) and ``[N]`` (a list index) steps, or a constant that is not a string (a number, a
+boolean, a table or list of such). Checked when the manifests load, with an error naming the path: the syntax, the
+first step of an ``args`` path (an argument the tool declares), and the undo tool's arguments (each mapped name
+must be one of them, and every argument it requires must be mapped). Without ``args`` the undo call gets the
+call's arguments as they were. At run time a path missing from the call or its result leaves the call not
+undoable, and the tool's audit event says which path (``undo_error``); otherwise the event records the undo call
+(``undo_call``: tool and arguments).
 
 ``idempotency = "key"`` declares that the tool (or the API behind it) de-duplicates calls by the key it gets in
 ``STITCHWORK_IDEMPOTENCY_KEY``: a call found started but unfinished after a crash is then resumed with the same
@@ -297,7 +304,50 @@ def _parse_undo(path: Path, value: Any) -> tuple[str, dict[str, Any]]:
         if isinstance(source, str) and not UNDO_PATH_RE.match(source):
             raise ConfigError(f"tool manifest {path}: undo.args.{name} = {source!r} must be a path like "
                               "'result.id' or 'args.calendar' (constants must not be strings)")
+        if not isinstance(source, str) and not _constant(source):
+            raise ConfigError(f"tool manifest {path}: undo.args.{name} must be a path or a constant that is not a "
+                              f"string, got {source!r}")
     return tool, dict(args)
+
+
+def _constant(value: Any) -> bool:
+    """Whether ``value`` is a constant of the undo mapping: no strings anywhere (a string is always a path)."""
+    if isinstance(value, bool | int | float):
+        return True
+    if isinstance(value, list):
+        return all(_constant(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_constant(v) for v in value.values())
+    return False
+
+
+def _check_undo(tool: ToolManifest, undo: ToolManifest) -> None:
+    """The undo mapping of ``tool`` against its own arguments and those of its undo tool.
+
+    Raises:
+        ConfigError: an ``args`` path whose first step is not one of ``tool``'s arguments, a mapped name that is
+            not an argument of ``undo``, or an argument ``undo`` requires that is not mapped.
+    """
+    where = f"tool {tool.name!r} ({tool.source or 'manifest'})"
+    properties = tool.args_schema.get("properties") or {}
+    for name, source in tool.undo_args.items():
+        if isinstance(source, str) and source.startswith("args"):
+            first = re.match(r"^args\.([A-Za-z0-9_-]+)", source)
+            if first is None or first.group(1) not in properties:
+                raise ConfigError(f"{where}: undo.args.{name} = {source!r}: {tool.name!r} has no argument "
+                                  f"{(first.group(1) if first else source)!r}; its arguments: "
+                                  f"{', '.join(sorted(properties)) or 'none'}")
+    if not tool.undo_args:
+        return
+    targets = undo.args_schema.get("properties") or {}
+    closed = undo.args_schema.get("additionalProperties") is False
+    for name in tool.undo_args:
+        if closed and name not in targets:
+            raise ConfigError(f"{where}: undo.args.{name}: the undo tool {undo.name!r} has no argument {name!r}; "
+                              f"its arguments: {', '.join(sorted(targets)) or 'none'}")
+    if missing := sorted(set(undo.args_schema.get("required") or ()) - set(tool.undo_args)):
+        raise ConfigError(f"{where}: undo.args does not map {', '.join(repr(m) for m in missing)}, required by the "
+                          f"undo tool {undo.name!r}")
 
 
 def _pick(value: Any, rest: str) -> Any:
@@ -312,13 +362,13 @@ def _pick(value: Any, rest: str) -> Any:
     return value
 
 
-def undo_arguments(tool: ToolManifest, args: Mapping[str, Any], result: Any) -> dict[str, Any] | None:
-    """The arguments of the call that reverses one call of ``tool`` (``None``: ``tool`` declares no undo, or a
-    path its manifest names is missing from this call or its result)."""
+def undo_call(tool: ToolManifest, args: Mapping[str, Any], result: Any) -> tuple[dict[str, Any] | None, str]:
+    """The arguments of the call that reverses one call of ``tool``, and why there are none (``""`` when there
+    are, or when ``tool`` declares no undo): the first path its manifest names that this call or its result lacks."""
     if not tool.undo:
-        return None
+        return None, ""
     if not tool.undo_args:
-        return dict(args)
+        return dict(args), ""
     roots = {"args": args, "result": result}
     built: dict[str, Any] = {}
     for name, source in tool.undo_args.items():
@@ -329,8 +379,15 @@ def undo_arguments(tool: ToolManifest, args: Mapping[str, Any], result: Any) -> 
         try:
             built[name] = _pick(roots[root], source[len(root):])
         except KeyError:
-            return None
-    return built
+            where = "arguments have" if root == "args" else "result has"
+            return None, f"undo.args.{name} = {source!r}: the call's {where} no value there"
+    return built, ""
+
+
+def undo_arguments(tool: ToolManifest, args: Mapping[str, Any], result: Any) -> dict[str, Any] | None:
+    """The arguments of the call that reverses one call of ``tool`` (``None``: ``tool`` declares no undo, or a
+    path its manifest names is missing from this call or its result; :func:`undo_call` says which)."""
+    return undo_call(tool, args, result)[0]
 
 
 class ToolRegistry:
@@ -352,6 +409,8 @@ class ToolRegistry:
         for tool in self._tools.values():
             if tool.undo and tool.undo not in self._tools:
                 raise ConfigError(f"tool {tool.name!r}: undo tool {tool.undo!r} is not declared")
+            if tool.undo:
+                _check_undo(tool, self._tools[tool.undo])
 
     def __iter__(self) -> Iterator[ToolManifest]:
         return iter(list(self._tools.values()))

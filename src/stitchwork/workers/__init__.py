@@ -34,6 +34,10 @@ cannot start a call the other one started; a call found started but unfinished i
 Audit: each worker's events are forwarded on ``<p>audit.<worker>`` to the platform's one chain
 (:mod:`stitchwork.workers.auditfeed`).
 
+Bounds: each kind of traffic (run events, idempotency records, approvals, jobs, the audit feed) has the limits of
+``[messaging.limits.KIND]``, applied by every worker and `stitchwork up` at start; nothing unfinished is ever
+removed by them (:mod:`stitchwork.workers.limits`).
+
 Failures: a transient one (:data:`TRANSIENT`: the model or the bus unavailable; a worker shutting down mid-run puts
 the job back at once) is retried from the checkpoint after a backoff (``nak`` with a delay, kept by the bus) up
 to ``max_deliver`` attempts; a permanent one (an unknown agent, a bad model URI, ...) is not retried. Either way

@@ -30,7 +30,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from stitchwork.errors import ApprovalError, BusConflict
-from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ
+from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, ttl_header
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.security.approvals import Approval, ApprovalStatus, ApprovalStore, call_hash
 
@@ -63,15 +63,19 @@ class BusApprovalStore(ApprovalStore):
         subjects: the installation's subject names.
         timeout_s: an approval not answered within this time expires to deny.
         clock: the time source (tests move it).
+        ttl_s: a decided, expired or used approval is removed from the bus this long after (0: kept); a pending
+            one never is (``[messaging.limits.approvals] max_age_s``).
     """
 
     def __init__(self, bus: SyncBus, subjects: Subjects, *, timeout_s: float = 3600,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, ttl_s: float = 0.0) -> None:
         # The database-backed parent is not initialised: every method is replaced here.
         self.bus = bus
         self.subjects = subjects
         self.timeout_s = timeout_s
         self.clock = clock
+        self.ttl_s = ttl_s
+        self.watchers = []
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -85,8 +89,9 @@ class BusApprovalStore(ApprovalStore):
 
     def _write(self, approval: Approval, seq: int) -> int:
         """Stores ``approval`` only if ``seq`` is still the newest state (raises BusConflict otherwise)."""
+        finished = {} if approval.status is ApprovalStatus.PENDING else ttl_header(self.ttl_s)
         return self.bus.publish(self.subjects.approval(approval.id), _body(approval),
-                                headers={EXPECTED_LAST_SUBJECT_SEQ: str(seq)},
+                                headers={EXPECTED_LAST_SUBJECT_SEQ: str(seq), **finished},
                                 msg_id=f"apv:{approval.id}:{seq}:{uuid.uuid4().hex[:8]}")
 
     def _fresh(self, approval: Approval, seq: int) -> Approval:
@@ -118,6 +123,19 @@ class BusApprovalStore(ApprovalStore):
             if status is None or approval.status is status:
                 found.append(approval)
         return sorted(found, key=lambda a: a.created_at)
+
+    def expire(self, approval_ids: list[str]) -> list[str]:
+        """Expires those of ``approval_ids`` that are pending and past their deadline; returns the ids this call
+        expired (one read per id, no listing)."""
+        expired = []
+        for approval_id in approval_ids:
+            read = self._read(approval_id)
+            if read is None or read[0].status is not ApprovalStatus.PENDING or read[0].expires_at > self.clock():
+                continue
+            fresh = self._fresh(*read)
+            if fresh.status is ApprovalStatus.EXPIRED and fresh.decided_by == "timeout":
+                expired.append(approval_id)
+        return expired
 
     def expire_due(self) -> list[str]:
         """Expires pending approvals past their deadline; returns their ids."""
@@ -164,8 +182,10 @@ class BusApprovalStore(ApprovalStore):
             self._queue(run_id, f"expiry:{approval.id}", not_before=approval.expires_at)
             seq = self._write(approval, 0)
             try:
+                # The pointer outlives the approval's deadline by the decided approvals' TTL (0: kept).
+                until = ttl_header(self.timeout_s + self.ttl_s) if self.ttl_s else {}
                 self.bus.publish(self.subjects.approval_call(digest), json.dumps({"id": approval.id}).encode(),
-                                 headers={EXPECTED_LAST_SUBJECT_SEQ: str(pointer.seq if pointer else 0)},
+                                 headers={EXPECTED_LAST_SUBJECT_SEQ: str(pointer.seq if pointer else 0), **until},
                                  msg_id=f"apvcall:{approval.id}")
             except BusConflict:
                 # Another request for the same call won: ours is withdrawn (never pending without a pointer).
@@ -174,7 +194,7 @@ class BusApprovalStore(ApprovalStore):
                 with contextlib.suppress(BusConflict):
                     self._write(withdrawn, seq)
                 continue
-            return approval
+            return self._created(approval)
         raise ApprovalError(f"could not record an approval for {tool} in run {run_id}: too much contention")
 
     def decide(self, approval_id: str, *, approve: bool, by: str, note: str = "") -> Approval:
@@ -269,6 +289,27 @@ class FederatedApprovals(ApprovalStore):
 
     def expire_due(self) -> list[str]:
         return self.local.expire_due() + self.remote.expire_due()
+
+    def watch(self, callback: Callable[[Approval], None]) -> None:
+        self.local.watch(callback)
+        self.remote.watch(callback)
+
+    def unwatch(self, callback: Callable[[Approval], None]) -> None:
+        self.local.unwatch(callback)
+        self.remote.unwatch(callback)
+
+    def expire(self, approval_ids: list[str]) -> list[str]:
+        local = self.local.expire(approval_ids)
+        rest = [i for i in approval_ids if i not in local]
+        return local + self.remote.expire([i for i in rest if _is_bus_id(self.local, i)])
+
+
+def _is_bus_id(local: ApprovalStore, approval_id: str) -> bool:
+    try:
+        local.get(approval_id)
+    except ApprovalError:
+        return True
+    return False
 
 
 def due_in(job: Mapping[str, Any], now: float) -> float:

@@ -3,9 +3,10 @@
 Each worker keeps its own hash-chained log (its state directory: durable before the gateway goes on) and is the
 only writer of its own subject ``<p>audit.<writer>``. :class:`AuditForwarder` publishes each event there once it is
 durable locally, in chain order, with message id ``audit:<writer>:<chain>:<seq>`` (a retried publish is stored
-once). On start it reads the newest event on its subject and first sends whatever its log holds after it, so a
-worker killed before it forwarded its last events sends them when it comes back (under the same name and state
-directory).
+once). On start it reads the newest event on its subject (and its own note of what it sent, ``position``: the audit
+stream is a work queue, so events the platform took are gone from it) and first sends whatever its log holds after
+that, so a worker killed before it forwarded its last events sends them when it comes back (under the same name and
+state directory); an event sent twice is stored once (message id) or recognised by the platform.
 
 On the platform, :class:`AuditIngester` (started by ``stitchwork up``) is the single writer of the fleet's trail:
 a durable work-queue consumer (group ``platform-audit``) reads the audit stream in order and appends each event to
@@ -25,10 +26,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from stitchwork.audit.log import AuditLog
@@ -65,12 +68,16 @@ class AuditForwarder:
         bus: The worker's bus connection.
         subjects: Subject names.
         writer: The worker's name (one subject token: :func:`writer_token`).
+        position: A file where it notes the newest event it sent (``{"chain", "seq"}``), read on start.
     """
 
     retry_s: float = 0.5
 
-    def __init__(self, audit: AuditLog, bus: Bus, subjects: Subjects, *, writer: str) -> None:
+    def __init__(self, audit: AuditLog, bus: Bus, subjects: Subjects, *, writer: str,
+                 position: Path | None = None) -> None:
         self.audit = audit
+        self.position = position
+        self._noted = 0
         self.bus = bus
         self.subjects = subjects
         self.writer = writer_token(writer)
@@ -98,10 +105,26 @@ class AuditForwarder:
         first = await asyncio.to_thread(self.audit.after, 0, 1)
         self.chain = first[0].hash[:16] if first else ""
         found = await self.bus.last(self.subjects.audit(self.writer))
-        if found is not None:
-            sent = json.loads(found.data)
-            if sent.get("chain") == self.chain:
-                self.forwarded = int(sent.get("seq", 0))
+        notes = [json.loads(found.data)] if found is not None else []
+        if self.position is not None:
+            with contextlib.suppress(OSError, ValueError):
+                notes.append(json.loads(self.position.read_text(encoding="utf-8")))
+        for sent in notes:
+            if isinstance(sent, dict) and sent.get("chain") == self.chain:
+                self.forwarded = max(self.forwarded, int(sent.get("seq", 0)))
+        self._noted = self.forwarded
+
+    def _note(self) -> None:
+        """Notes the newest event sent (after each batch: a crash before it only repeats that batch)."""
+        if self.position is None or self.forwarded == self._noted:
+            return
+        try:
+            partial = self.position.with_name(self.position.name + ".tmp")
+            partial.write_text(json.dumps({"chain": self.chain, "seq": self.forwarded}), encoding="utf-8")
+            os.replace(partial, self.position)
+            self._noted = self.forwarded
+        except OSError as exc:
+            log.warning("audit forwarder %s: cannot note its position in %s: %s", self.writer, self.position, exc)
 
     async def _send(self, event: AuditEvent) -> None:
         if not self.chain:  # the log was empty at start: its first event names the chain
@@ -131,10 +154,13 @@ class AuditForwarder:
                 break
             for event in page:
                 await self._send(event)
+            self._note()
         while True:
             for event in await self._queue.get():
                 if event.seq > self.forwarded:
                     await self._send(event)
+            if self._queue.empty():
+                await asyncio.to_thread(self._note)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Waits (up to ``timeout_s``) until every event durable so far is on the bus."""
@@ -150,6 +176,7 @@ class AuditForwarder:
     async def aclose(self) -> None:
         with contextlib.suppress(StitchworkError, AuditError):
             await self.drain()
+        self._note()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

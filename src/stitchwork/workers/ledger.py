@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from stitchwork.gateway.idempotency import IdempotencyLedger, is_started
-from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery
+from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery, ttl_header
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.subjects import Subjects
 
@@ -26,9 +26,12 @@ class BusLedger(IdempotencyLedger):
     worker took this call over), so two workers never both start one call.
     """
 
-    def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:
+    def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None, ttl_s: float = 0.0) -> None:
         self.bus = bus
         self.subjects = subjects
+        self.ttl_s = ttl_s
+        """A completed call's outcome is removed from the bus this long after it was recorded (0: kept); a started
+        record never is (``[messaging.limits.idempotency] max_age_s``)."""
         self.abus = abus
         """The worker's own connection, used by :meth:`aget`/:meth:`aput` on its event loop (no thread hop)."""
         self._writing: dict[str, list[asyncio.Task[int]]] = {}
@@ -51,8 +54,8 @@ class BusLedger(IdempotencyLedger):
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
         subject = self.subjects.idem(run_id, key)
         body = json.dumps(outcome, ensure_ascii=False, default=str).encode()
-        headers = {EXPECTED_LAST_SUBJECT_SEQ: "0"} if is_started(outcome) else None
-        self.bus.publish(subject, body, msg_id=self._msg_id(subject, outcome), headers=headers)
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: "0"} if is_started(outcome) else ttl_header(self.ttl_s)
+        self.bus.publish(subject, body, msg_id=self._msg_id(subject, outcome), headers=headers or None)
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
         """:meth:`get` on the worker's event loop, once the run's records sent so far are stored.
@@ -88,7 +91,8 @@ class BusLedger(IdempotencyLedger):
             await self.abus.publish(subject, body, msg_id=self._msg_id(subject, outcome),
                                     headers={EXPECTED_LAST_SUBJECT_SEQ: "0"})
             return
-        sending = asyncio.get_running_loop().create_task(self.abus.publish(subject, body, msg_id=subject))
+        sending = asyncio.get_running_loop().create_task(
+            self.abus.publish(subject, body, msg_id=subject, headers=ttl_header(self.ttl_s) or None))
         self._writing.setdefault(run_id, []).append(sending)
 
     def prefetch(self, run_id: str, keys: list[str]) -> None:

@@ -19,6 +19,7 @@ from stitchwork.interfaces.cli import (
     secrets,
     server,
     sessions,
+    undo,
     workers,
 )
 from stitchwork.interfaces.cli._common import EXIT_CODES_HELP, ExitCode, err, missing_extra
@@ -26,6 +27,7 @@ from stitchwork.interfaces.cli._common import EXIT_CODES_HELP, ExitCode, err, mi
 REGISTRATIONS: tuple[Callable[[typer.Typer], None], ...] = (
     server.register,  # up
     runs.register,  # run, runs ls|show
+    undo.register,  # undo RUN [--call ID]
     approvals.register,  # approvals, approve, deny
     demo.register,  # demo
     workers.register,  # worker, submit, kafka-export, runs dead|resubmit

@@ -32,6 +32,7 @@ from stitchwork.interfaces.cli._common import (
     print_rows,
     working,
 )
+from stitchwork.interfaces.cli.undo import calls_rows
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -70,6 +71,23 @@ def register(app: typer.Typer) -> None:
     audit_app.command("query")(audit_query)
     audit_app.command("verify")(audit_verify)
     audit_app.command("report")(audit_report)
+    audit_app.command("reversible")(audit_reversible)
+
+
+def audit_reversible(
+    run_id: str = typer.Argument(..., help="A run id (run_...)."),
+    fmt: str = FormatOpt,
+    as_json: bool = JsonOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """A run's calls from the audit log: which can be undone (`stitchwork undo`), which were, and why not."""
+    fmt = output_format(fmt, as_json)
+    try:
+        calls = client_for(config_from(config_path)).run_calls(run_id)
+    except StitchworkError as exc:
+        fail(exc)
+    print_rows(calls if fmt == "json" else calls_rows(calls), fmt, title="calls",
+               empty=f"run {run_id} made no tool calls")
 
 
 AUDIT_HELP = "Read and verify the tamper-evident audit log."

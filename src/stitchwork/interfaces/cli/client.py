@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -98,6 +99,15 @@ class HttpClient:
         result: dict[str, Any] = self._call("GET", f"/v1/runs/{run_id}")
         return result
 
+    def run_calls(self, run_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/runs/{run_id}/calls")
+        return result
+
+    def undo(self, run_id: str, call: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/v1/runs/{run_id}/undo",
+                                            json={"call": call} if call is not None else {})
+        return result
+
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
         result: list[dict[str, Any]] = self._call("GET", "/v1/runs", params=params)
@@ -152,6 +162,33 @@ class HttpClient:
 
     def secret_delete(self, name: str) -> None:
         self._call("DELETE", f"/v1/secrets/{name}")
+
+    def session_open(self, agent: str, task: str, ttl_s: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/sessions", json={"agent": agent, "task": task,
+                                                                          "ttl_s": ttl_s})
+        return result
+
+    def session_renew(self, run_id: str, ttl_s: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/v1/sessions/{_segment(run_id)}/renew", json={"ttl_s": ttl_s})
+        return result
+
+    def session_close(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/v1/sessions/{_segment(run_id)}")
+        return result
+
+    def session_show(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/sessions/{_segment(run_id)}")
+        return result
+
+    def sessions(self, include_closed: bool = False) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/sessions",
+                                                  params={"all": str(include_closed).lower()})
+        return result
+
+
+def _segment(value: str) -> str:
+    """``value`` quoted for a URL path (a ``?`` or ``#`` in an id stays part of the id)."""
+    return quote(value, safe="")
 
 
 def connect(config: Config) -> HttpClient | LocalClient:

@@ -39,6 +39,12 @@ class LocalClient:
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._with(lambda s: _now(s.get_run(run_id)))
 
+    def run_calls(self, run_id: str) -> list[dict[str, Any]]:
+        return self._with(lambda s: s.run_calls(run_id), bus_approvals=True)
+
+    def undo(self, run_id: str, call: str | None = None) -> dict[str, Any]:
+        return self._with(lambda s: s.undo(run_id, call=call, by="operator:cli"), bus_approvals=True)
+
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         return self._with(lambda s: _now(s.list_runs(limit=limit, status=status)))
 
@@ -79,6 +85,29 @@ class LocalClient:
 
     def secret_delete(self, name: str) -> None:
         self._with(lambda s: s.secret_delete(name, by="operator:cli"))
+
+    def session_open(self, agent: str, task: str, ttl_s: int | None = None) -> dict[str, Any]:
+        async def go(service: Service) -> dict[str, Any]:
+            info = await service.sessions.open(agent, task, ttl_s=ttl_s, by="operator:cli")
+            return info.to_dict()
+
+        return self._with(go)
+
+    def session_renew(self, run_id: str, ttl_s: int | None = None) -> dict[str, Any]:
+        async def go(service: Service) -> dict[str, Any]:
+            info = await service.sessions.renew(run_id, ttl_s=ttl_s, by="operator:cli")
+            return info.to_dict()
+
+        return self._with(go)
+
+    def session_close(self, run_id: str) -> dict[str, Any]:
+        return self._with(lambda s: s.sessions.close(run_id, by="operator:cli"))
+
+    def session_show(self, run_id: str) -> dict[str, Any]:
+        return self._with(lambda s: _now(s.sessions.describe(run_id)))
+
+    def sessions(self, include_closed: bool = False) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(s.sessions.find(include_closed=include_closed)))
 
 
 async def _now(value: T) -> T:

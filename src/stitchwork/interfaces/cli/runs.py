@@ -29,6 +29,7 @@ from stitchwork.interfaces.cli._common import (
     show_run,
     working,
 )
+from stitchwork.interfaces.cli.undo import print_calls
 
 RUNS_HELP = "Runs of the platform: list and show them; dead letters of the durable queue and re-submission."
 STATUSES = "running | waiting_approval | completed | failed | budget_exhausted | denied | timed_out | all"
@@ -98,20 +99,24 @@ def runs_show(
     as_json: bool = JsonOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """One run: status, steps, result or error, approvals it waits for."""
+    """One run: status, steps, result or error, approvals it waits for, and its calls: which can be undone
+    (`stitchwork undo`) and which were."""
     try:
-        record = client_for(config_from(config_path)).get_run(run_id)
+        client = client_for(config_from(config_path))
+        record = client.get_run(run_id)
+        calls = client.run_calls(run_id)
     except StitchworkError as exc:
         fail(exc)
     if not messages:
         record.pop("messages", None)
     if as_json:
-        print_json(record)
+        print_json({**record, "calls": calls})
         return
     show_run(record, False)
     console.print(f"agent {record['agent']}, model {record.get('model') or '-'}, started "
                   f"{_when(record.get('created_at'))}, updated {_when(record.get('updated_at'))}", markup=False)
     console.print(f"task: {record.get('task', '')}", markup=False)
+    print_calls(calls)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,9 +8,8 @@ platform here.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -28,18 +27,18 @@ from stitchwork.interfaces.cli._common import (
     print_rows,
 )
 
+if TYPE_CHECKING:
+    from stitchwork.interfaces.cli.client import HttpClient
+    from stitchwork.interfaces.cli.local import LocalClient
+
 session_app = typer.Typer(help="External runs: a run token for an agent outside the platform (MCP, SDK, OpenAI).",
                           no_args_is_help=True)
 
 
-def _remote_or_local(config_path: Path | None, method: str, path: str, body: dict[str, Any] | None,
-                     local: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Calls the running control plane (``method path``), or runs ``local(service)`` on a platform opened here."""
-    client = client_for(config_from(config_path))
-    if hasattr(client, "_call"):  # a running `stitchwork up`
-        kwargs: dict[str, Any] = {"json": body} if body is not None else {}
-        return client._call(method, path, **kwargs)
-    return client._with(local)
+def _client(config_path: Path | None) -> HttpClient | LocalClient:
+    """The running control plane's client, or one that opens the platform here (both have the session methods)."""
+    client: HttpClient | LocalClient = client_for(config_from(config_path))
+    return client
 
 
 def _show(data: Any, as_json: bool) -> None:
@@ -60,15 +59,8 @@ def open_session(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Open a session: prints the run id, its token, the MCP URL and the OpenAI-compatible base URL."""
-
-    async def local(service: Any) -> dict[str, Any]:
-        info = await service.sessions.open(agent, task, ttl_s=ttl, by="operator:cli")
-        result: dict[str, Any] = info.to_dict()
-        return result
-
     try:
-        data = _remote_or_local(config_path, "POST", "/v1/sessions", {"agent": agent, "task": task, "ttl_s": ttl},
-                                local)
+        data = _client(config_path).session_open(agent, task, ttl)
     except StitchworkError as exc:
         fail(exc)
     _show(data, as_json)
@@ -82,14 +74,8 @@ def renew_session(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """A new token for an open session (the previous token is revoked)."""
-
-    async def local(service: Any) -> dict[str, Any]:
-        info = await service.sessions.renew(run_id, ttl_s=ttl, by="operator:cli")
-        result: dict[str, Any] = info.to_dict()
-        return result
-
     try:
-        data = _remote_or_local(config_path, "POST", f"/v1/sessions/{run_id}/renew", {"ttl_s": ttl}, local)
+        data = _client(config_path).session_renew(run_id, ttl)
     except StitchworkError as exc:
         fail(exc)
     _show(data, as_json)
@@ -102,13 +88,8 @@ def close_session(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Close a session: its tokens are revoked and its run finishes."""
-
-    async def local(service: Any) -> dict[str, Any]:
-        result: dict[str, Any] = await service.sessions.close(run_id, by="operator:cli")
-        return result
-
     try:
-        data = _remote_or_local(config_path, "DELETE", f"/v1/sessions/{run_id}", None, local)
+        data = _client(config_path).session_close(run_id)
     except StitchworkError as exc:
         fail(exc)
     _show(data, as_json)
@@ -121,13 +102,8 @@ def show_session(
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """A session's state (open, expired, closed), steps and expiry."""
-
-    async def local(service: Any) -> dict[str, Any]:
-        result: dict[str, Any] = service.sessions.describe(run_id)
-        return result
-
     try:
-        data = _remote_or_local(config_path, "GET", f"/v1/sessions/{run_id}", None, local)
+        data = _client(config_path).session_show(run_id)
     except StitchworkError as exc:
         fail(exc)
     _show(data, as_json)
@@ -142,13 +118,8 @@ def list_sessions(
 ) -> None:
     """Sessions, newest first."""
     fmt = output_format(fmt, as_json)
-
-    async def local(service: Any) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = service.sessions.find(include_closed=include_closed)
-        return result
-
     try:
-        rows = _remote_or_local(config_path, "GET", f"/v1/sessions?all={str(include_closed).lower()}", None, local)
+        rows = _client(config_path).sessions(include_closed)
     except StitchworkError as exc:
         fail(exc)
     print_rows(rows, fmt, title="sessions")

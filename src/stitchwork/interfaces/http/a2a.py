@@ -8,12 +8,13 @@
 A message starts a run of the agent (its text untrusted unless the peer is trusted); the answer is the run's
 result as the task's artifact. A run that waits for a human approval longer than ``[a2a] wait_s`` is answered as
 ``TASK_STATE_AUTH_REQUIRED`` (or ``WORKING`` while it still runs), with the approval ids; another message to the
-same task (or ``GetTask``) picks the run up again. Needs the ``a2a`` extra.
+same task picks the run up again. Tasks are kept in the platform's store (:class:`~stitchwork.service.a2a.A2ATasks`,
+by peer): ``GetTask`` answers after a restart, and a message to the task continues the same run. Needs the ``a2a``
+extra.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI
@@ -32,6 +33,7 @@ PREFIX = "/a2a/"
 EXTRA = "pip install 'stitchwork[a2a]'"
 PEER_STATE = "stitchwork.a2a.peer"
 MAX_TASKS = 10_000
+"""Most tasks of one peer a ``ListTasks`` looks at (the most recently updated)."""
 
 
 def _json_error(status: int, code: str, message: str) -> JSONResponse:
@@ -43,17 +45,53 @@ def _build(service: Service, publisher: A2APublisher, agent: str, base_url: str)
     """The card route and JSON-RPC route (ASGI apps) of one published agent."""
     from a2a.auth.user import User
     from a2a.helpers import new_task_from_user_message, new_text_message, new_text_part
-    from a2a.server.agent_execution import AgentExecutor, RequestContext
+    from a2a.server.agent_execution import AgentExecutor, RequestContext, SimpleRequestContextBuilder
     from a2a.server.context import ServerCallContext
     from a2a.server.events import EventQueue
+    from a2a.server.owner_resolver import resolve_user_scope
     from a2a.server.request_handlers import DefaultRequestHandler
     from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
     from a2a.server.routes.common import DefaultServerCallContextBuilder
-    from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
-    from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Role
+    from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
+    from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, ListTasksRequest, Role, Task
+    from google.protobuf.json_format import MessageToJson, Parse
 
     publication = publisher.publications[agent]
     spec = service.platform.agents.get(agent)
+    tasks = publisher.tasks
+
+    class DurableTaskStore(TaskStore):
+        """The protocol's tasks in the platform's store (``a2a_tasks``), each peer's apart from the others'."""
+
+        async def save(self, task: Task, context: ServerCallContext) -> None:
+            tasks.save(resolve_user_scope(context), agent, task.id, task.context_id, MessageToJson(task))
+
+        async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
+            stored = tasks.get(resolve_user_scope(context), agent, task_id)
+            if stored is None or not stored.task:
+                return None
+            found: Task = Parse(stored.task, Task())
+            return found
+
+        async def list(self, params: ListTasksRequest, context: ServerCallContext) -> Any:
+            page = InMemoryTaskStore()  # the SDK's own filtering, ordering and paging over this peer's tasks
+            for stored in tasks.find(resolve_user_scope(context), agent, limit=MAX_TASKS):
+                await page.save(Parse(stored.task, Task()), context)
+            return await page.list(params, context)
+
+        async def delete(self, task_id: str, context: ServerCallContext) -> None:
+            tasks.delete(resolve_user_scope(context), agent, task_id)
+
+    class TaskContextBuilder(SimpleRequestContextBuilder):
+        """A message naming only its task continues in the task's context: the SDK would make a new context id
+        whenever the task is not active in this process (after a restart), and then refuse its own events."""
+
+        async def build(self, context: ServerCallContext, params: Any = None, task_id: str | None = None,
+                        context_id: str | None = None, task: Task | None = None) -> RequestContext:
+            if task_id and not context_id:
+                stored = tasks.get(resolve_user_scope(context), agent, task_id)
+                context_id = stored.context_id if stored is not None and stored.context_id else None
+            return await super().build(context, params, task_id, context_id, task)
 
     class PeerUser(User):
         def __init__(self, peer: Peer) -> None:
@@ -80,9 +118,6 @@ def _build(service: Service, publisher: A2APublisher, agent: str, base_url: str)
     class RunExecutor(AgentExecutor):
         """A message starts a run (or picks up the run of its task); the run's result is the task's artifact."""
 
-        def __init__(self) -> None:
-            self.runs: OrderedDict[str, str] = OrderedDict()
-
         async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
             peer: Peer = context.call_context.state[PEER_STATE]
             task = context.current_task
@@ -91,17 +126,17 @@ def _build(service: Service, publisher: A2APublisher, agent: str, base_url: str)
                 task = new_task_from_user_message(context.message)
                 await event_queue.enqueue_event(task)
             updater = TaskUpdater(event_queue, task.id, task.context_id)
-            run_id = self.runs.get(task.id)
-            if run_id is None:
+            owner = resolve_user_scope(context.call_context)
+            stored = tasks.get(owner, agent, task.id)
+            run_id = stored.run_id if stored is not None else ""
+            if not run_id:
                 try:
                     record = await publisher.start(agent, peer, context.get_user_input(), context_id=task.context_id)
                 except StitchworkError as exc:
                     await updater.failed(new_text_message(f"{exc.code}: {exc}", role=Role.ROLE_AGENT))
                     return
                 run_id = record.id
-                self.runs[task.id] = run_id
-                while len(self.runs) > MAX_TASKS:
-                    self.runs.popitem(last=False)
+                tasks.link(owner, agent, task.id, task.context_id, run_id)
                 await updater.start_work(new_text_message(f"run {run_id} started", role=Role.ROLE_AGENT))
             record = await publisher.wait(run_id, publisher.config.wait_s)
             await self.report(updater, record)
@@ -139,7 +174,8 @@ def _build(service: Service, publisher: A2APublisher, agent: str, base_url: str)
         skills=[AgentSkill(id=agent, name=agent, description=spec.system[:500] or publication.description,
                            tags=["stitchwork"])],
     )
-    handler = DefaultRequestHandler(agent_executor=RunExecutor(), task_store=InMemoryTaskStore(), agent_card=card)
+    handler = DefaultRequestHandler(agent_executor=RunExecutor(), task_store=DurableTaskStore(), agent_card=card,
+                                    request_context_builder=TaskContextBuilder())
     card_route = create_agent_card_routes(card, card_url="/")[0]
     rpc_route = create_jsonrpc_routes(handler, rpc_url="/", context_builder=PeerContextBuilder(),
                                       enable_v0_3_compat=True)[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -18,8 +19,10 @@ from fastapi.responses import JSONResponse
 from stitchwork.errors import (
     ApprovalError,
     AuthError,
+    BusFull,
     ConfigError,
     InvalidArguments,
+    NothingToUndo,
     RunError,
     SecretNotFound,
     StitchworkError,
@@ -40,10 +43,13 @@ from stitchwork.interfaces.http import (
     models,
     notifications,
     sessions,
+    undo,
 )
 from stitchwork.interfaces.http._guard import FailedAuthLog, RequestGuard
 from stitchwork.interfaces.http.models import RUN_TOKEN_PATHS
 from stitchwork.service import Service, json_safe
+
+log = logging.getLogger(__name__)
 
 MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     control.mount,  # health, runs, approvals, audit tail/query/verify, secrets, agents' tool calls
@@ -58,6 +64,7 @@ MOUNTS: tuple[Callable[[FastAPI, Service], None], ...] = (
     mcp.mount,  # the MCP door at /mcp (Streamable HTTP, run token)
     sessions.mount,  # external runs: open, renew, close sessions (run tokens for agents outside the platform)
     a2a.mount,  # published agents over A2A (peer keys or run tokens; extra a2a)
+    undo.mount,  # undo a run's calls through the gateway (operator token; /v1/agent/undo: run token)
 )
 """Every route group of the control plane. A new group is one line here."""
 
@@ -70,7 +77,8 @@ MCP_PATHS = frozenset({"/mcp"})
 
 STATUS = {
     AuthError: 401, UnknownAgent: 404, UnknownTool: 404, RunError: 404, SecretNotFound: 404, ApprovalError: 409,
-    InvalidArguments: 422, ConfigError: 400, StoreError: 400,
+    InvalidArguments: 422, ConfigError: 400, StoreError: 400, NothingToUndo: 409,
+    BusFull: 503,  # a bounded stream of unfinished work is full: try again once some is done
 }
 
 
@@ -105,11 +113,11 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def expire_loop() -> None:
+        async def sessions_loop() -> None:
             while True:
                 await asyncio.sleep(expiry_interval_s)
                 with contextlib.suppress(StitchworkError):
-                    await service.expire_and_resume()
+                    await service.sessions.expire_due()
 
         async def failures_loop() -> None:
             while True:
@@ -117,7 +125,12 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
                 with contextlib.suppress(StitchworkError):
                     await failures.flush()
 
-        tasks = [asyncio.create_task(expire_loop()), asyncio.create_task(failures_loop())]
+        try:  # before workers and runs use the streams: a new stream gets its retention from the start
+            await asyncio.wait_for(service.bound_bus_streams(), 30.0)
+        except (StitchworkError, TimeoutError) as exc:
+            log.warning("bus streams are not limited: %s", exc)
+        tasks = [asyncio.create_task(service.expire_on_time()),  # approvals: a deadline heap, not a listing
+                 asyncio.create_task(sessions_loop()), asyncio.create_task(failures_loop())]
         stop_fleet = asyncio.Event()
         fleet = asyncio.create_task(service.ingest_fleet_audit(stop_fleet))  # workers' audit events into this chain
         try:

@@ -10,6 +10,7 @@ protocol eras (the ``initialize`` handshake and 2026-07-28) are served.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -26,6 +27,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("stitchwork_mcp_caller", default=None)
+"""The agent whose run token :class:`BearerGate` verified for the request being served (``None`` outside one)."""
 
 MAX_BODY_BYTES = 8_000_000
 """Largest request body accepted at ``/mcp`` (a bigger one is answered 413 unread)."""
@@ -72,6 +76,7 @@ class BearerGate:
             await _json(send, 413, {"error": "too_large", "message": f"request body over {MAX_BODY_BYTES} bytes"})
             return
         status = 0
+        caller = CALLER.set(claims.agent)
 
         async def observed(message: Message) -> None:
             nonlocal status
@@ -79,7 +84,10 @@ class BearerGate:
                 status = int(message["status"])
             await send(message)
 
-        await self.app(scope, receive, observed)
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            CALLER.reset(caller)
         if status >= 400:
             await self._audit(claims.agent, claims.run_id, status, scope)
 
@@ -142,7 +150,7 @@ def mount(app: FastAPI, service: Service) -> None:
         app.router.routes.append(Route("/mcp", endpoint=_Endpoint(endpoint), methods=["GET", "POST", "DELETE"]))
         return
     door = McpDoor(platform.gateway, approval_wait_s=platform.config.mcp.approval_wait_s)
-    server = build_server(door, bearer_of)
+    server = build_server(door, bearer_of, input_schema=lambda name: door.input_schema(CALLER.get(), name))
     manager = StreamableHTTPSessionManager(app=server, stateless=True, json_response=False)
     previous = app.router.lifespan_context
 
@@ -158,4 +166,4 @@ def mount(app: FastAPI, service: Service) -> None:
     app.add_middleware(McpFastPath, gate=gate)  # outermost: /mcp skips the operator-token middleware and routing
 
 
-__all__ = ["MAX_BODY_BYTES", "BearerGate", "McpFastPath", "mount"]
+__all__ = ["CALLER", "MAX_BODY_BYTES", "BearerGate", "McpFastPath", "mount"]

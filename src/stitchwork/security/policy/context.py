@@ -26,6 +26,7 @@ class Prepared:
         tool: The action's name.
         cedar: The Cedar request (principal, action, resource, and the context as projected JSON).
         context: The whole Cedar context, before projection.
+        cache_context: The context as the decision cache keys it ("": the projected JSON of ``cedar``).
     """
 
     index: int
@@ -33,10 +34,21 @@ class Prepared:
     tool: str
     cedar: dict[str, Any]
     context: dict[str, Any]
+    cache_context: str = ""
 
 
 def _is_long(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and _LONG_MIN <= value <= _LONG_MAX
+
+
+def _target_count(value: Any, tainted: bool) -> int:
+    """How many destinations are tainted; unknown (absent) counts as several, so no rule for a single tainted
+    destination applies to a caller that did not say."""
+    if value is None:
+        return 2 if tainted else 0
+    if not isinstance(value, int) or isinstance(value, bool) or not _is_long(value) or value < 0:
+        raise BadContext(f"context.taint.target_count must be a non-negative integer, got {value!r}")
+    return max(value, 1) if tainted else value
 
 
 def _long(record: Mapping[str, Any], key: str, where: str) -> int:
@@ -126,6 +138,11 @@ def cedar_context(tool: CedarTool, context: Mapping[str, Any]) -> dict[str, Any]
             "copied": bool(taint.get("copied")),
             "outward": bool(taint.get("outward")),
             "outward_level": str(taint.get("outward_level") or ""),
+            "target_levels": (_string_set(taint.get("target_levels"), "taint.target_levels")
+                              or ([str(taint.get("target_level") or "prose")] if taint_target else [])),
+            "target_roles": _string_set(taint.get("target_roles"), "taint.target_roles"),
+            "target_count": _target_count(taint.get("target_count"), taint_target),
+            "dictated": taint.get("dictated") is True,
         },
         "budget": {
             "steps": _long(budget, "steps", "budget"),

@@ -17,7 +17,13 @@ from stitchwork.errors import ConfigError, PolicyLoadError
 from stitchwork.security.policy.batch import Batcher
 from stitchwork.security.policy.cache import LruCache
 from stitchwork.security.policy.context import BadContext, Prepared, cedar_context
-from stitchwork.security.policy.projection import context_projections, policy_slices, project
+from stitchwork.security.policy.projection import (
+    Abstraction,
+    context_abstractions,
+    context_projections,
+    policy_slices,
+    project,
+)
 from stitchwork.security.policy.schema import (
     ACTION,
     AGENT,
@@ -45,7 +51,7 @@ _FAILED = "evaluation errors (fail closed)"
 _DEFAULT_DENY = "no policy permits (default deny)"
 
 _CacheKey = tuple[str, str, str, bool, str]
-"""Tool, agent, target, approved, and the projected context as JSON."""
+"""Tool, agent, target, approved, and the projected context as JSON (only-compared attributes as outcomes)."""
 
 
 class Effect(StrEnum):
@@ -126,6 +132,7 @@ class PolicyEngine:
         offload: bool,
         context_projections: Mapping[str, Mapping[str, Any] | None] | None = None,
         decision_cache: int = 0,
+        context_abstractions: Mapping[str, Abstraction | None] | None = None,
     ) -> None:
         """Use :meth:`load`; this takes already-parsed handles."""
         self.schema_text = schema_text
@@ -139,6 +146,11 @@ class PolicyEngine:
         # need the whole context.
         self._projections: dict[str, Mapping[str, Any] | None] = (
             {} if validate_requests else dict(context_projections or {})
+        )
+        # Per tool, the context attributes its policies only compare (a step counter, a meter): decisions are
+        # cached by the comparisons' outcomes instead of their values (see Abstraction).
+        self._abstractions: dict[str, Abstraction | None] = (
+            {} if validate_requests else dict(context_abstractions or {})
         )
         self._entities = entities
         self._tools = dict(tools)
@@ -182,8 +194,9 @@ class PolicyEngine:
                 unless cedarpy changes.
             decision_cache: How many decisions to remember (least recently used first out; 0: none). A
                 decision is reused only for a call with the same tool, agent, target and the same values of
-                every context attribute the tool's policies read (``budget.steps`` included, so within one run
-                it rarely repeats; across runs doing the same steps it does).
+                every context attribute the tool's policies read, except attributes the policies only compare
+                (``context.budget.steps > context.budget.max_steps``, a meter against its limit): for those,
+                the same outcome of every such comparison (so a run's growing step count reuses decisions).
 
         Returns:
             The engine.
@@ -227,6 +240,7 @@ class PolicyEngine:
             offload=offload,
             context_projections=context_projections(loaded.bodies, tool_specs),
             decision_cache=decision_cache,
+            context_abstractions=context_abstractions(loaded.bodies, tool_specs),
         )
 
     # -- describing ------------------------------------------------------------------------------------------
@@ -320,7 +334,11 @@ class PolicyEngine:
             )
         try:
             context = cedar_context(tool, request.context)
-            context_json = self._context_json(tool.name, context)
+            projection = self._projections.get(tool.name)
+            projected = context if projection is None else project(context, projection)
+            context_json = json.dumps(projected)
+            abstraction = self._abstractions.get(tool.name) if self._cache.enabled else None
+            key = abstraction.key(context, projected) if abstraction is not None else None
         except (BadContext, TypeError, ValueError) as exc:
             return Decision(Effect.DENY, reasons=(_INVALID,), errors=(f"bad request context: {exc}",))
         cedar = {
@@ -329,12 +347,13 @@ class PolicyEngine:
             "resource": {"type": TARGET, "id": request.target},
             "context": context_json,
         }
-        return Prepared(index, request.agent, tool.name, cedar, context)
+        return Prepared(index, request.agent, tool.name, cedar, context, key or context_json)
 
     @staticmethod
     def _cache_key(item: Prepared) -> _CacheKey:
         # ``approved`` also decides whether an approval-only deny is checked for ASK, even if no policy reads it.
-        return (item.tool, item.agent, item.cedar["resource"]["id"], item.context["approved"], item.cedar["context"])
+        return (item.tool, item.agent, item.cedar["resource"]["id"], item.context["approved"],
+                item.cache_context or item.cedar["context"])
 
     def _remember(
         self, prepared: Sequence[Prepared], decisions: Sequence[Decision | None], entities: cedarpy.Entities

@@ -10,7 +10,9 @@ carry only the context attributes those policies read (:func:`context_projection
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cedarpy
@@ -167,3 +169,153 @@ def project(value: Any, projection: Any) -> Any:
     if projection is _KEEP_ALL or not isinstance(value, dict):
         return value
     return {name: project(value[name], node) for name, node in projection.items() if name in value}
+
+
+# -- attributes only compared: the decision depends on the comparisons' outcomes, not on the values ------------
+
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
+}
+
+Path = tuple[str, ...]
+Operand = Path | int
+"""A comparison operand: a context attribute path, or a Long literal."""
+
+_ABSENT = object()
+
+
+def _operand(expr: Any) -> Operand | None:
+    path = _context_path(expr)
+    if path:
+        return tuple(path)
+    if isinstance(expr, dict) and len(expr) == 1 and type(expr.get("Value")) is int:
+        return int(expr["Value"])
+    return None
+
+
+def _scan(node: Any, comparisons: list[tuple[str, Operand, Operand]], uses: list[tuple[str, Path]]) -> None:
+    """Collects the atomic comparisons (two operands, each a context path or a Long literal, one a path) and
+    every other use of a context path: ``has`` tests (``"has"``), and anything else (``"other"``)."""
+    if isinstance(node, list):
+        for item in node:
+            _scan(item, comparisons, uses)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("Var") == "context":
+        raise _WholeContext
+    if len(node) == 1:
+        op, inner = next(iter(node.items()))
+        if op in _COMPARE and isinstance(inner, dict):
+            left, right = _operand(inner.get("left")), _operand(inner.get("right"))
+            if left is not None and right is not None and (isinstance(left, tuple) or isinstance(right, tuple)):
+                comparisons.append((op, left, right))
+                uses.extend(("cmp", o) for o in (left, right) if isinstance(o, tuple))
+                return
+        if op == "has" and isinstance(inner, dict) and isinstance(inner.get("attr"), str):
+            path = _context_path(inner.get("left"))
+            if path is not None:
+                uses.append(("has", (*path, inner["attr"])))
+                return
+        if op == "." and (path := _context_path(node)) is not None:
+            uses.append(("other", tuple(path)))
+            return
+    for value in node.values():
+        _scan(value, comparisons, uses)
+
+
+@dataclass(frozen=True)
+class Abstraction:
+    """Context attributes that policies only compare (``context.budget.steps > context.budget.max_steps``).
+
+    A decision depends on such an attribute only through the outcomes of those comparisons (and on whether it is
+    present), so a decision cache may key on the outcomes instead of the values: a run's step counter, or a meter,
+    then changes no key until a comparison flips. Exact by construction: every use of the attribute is one of the
+    comparisons or a ``has`` test of it; values that are not Longs key on the values themselves.
+
+    Attributes:
+        leaves: The attribute paths that are only compared.
+        comparisons: Every atomic comparison with one of them as an operand: (operator, left, right).
+    """
+
+    leaves: tuple[Path, ...]
+    comparisons: tuple[tuple[str, Operand, Operand], ...]
+
+    def key(self, context: Mapping[str, Any], projected: Any) -> str | None:
+        """The cache key of a request's projected context with the leaves' values replaced by the comparisons'
+        outcomes; None when a value is not a Long (the caller keys on the values)."""
+        values: dict[Path, Any] = {}
+        for path in {*self.leaves, *(o for c in self.comparisons for o in c[1:] if isinstance(o, tuple))}:
+            value = _lookup(context, path)
+            if value is not _ABSENT and type(value) is not int:
+                return None
+            values[path] = value
+        outcomes = []
+        for op, left, right in self.comparisons:
+            a = values[left] if isinstance(left, tuple) else left
+            b = values[right] if isinstance(right, tuple) else right
+            outcomes.append(None if a is _ABSENT or b is _ABSENT else _COMPARE[op](a, b))
+        return json.dumps([_blank(projected, self.leaves), outcomes])
+
+
+def _lookup(value: Any, path: Path) -> Any:
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
+            return _ABSENT
+        value = value[name]
+    return value
+
+
+def _blank(projected: Any, leaves: Sequence[Path]) -> Any:
+    """``projected`` with the value of every present leaf replaced by 0 (copies only the dicts on the way)."""
+    out = dict(projected) if isinstance(projected, dict) else projected
+    for path in leaves:
+        node = out
+        for name in path[:-1]:
+            child = node.get(name) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                node = None
+                break
+            node[name] = child = dict(child)
+            node = child
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = 0
+    return out
+
+
+def abstraction(bodies: Sequence[Mapping[str, Any]]) -> Abstraction | None:
+    """The attributes that the policies only compare (see :class:`Abstraction`), or None if there are none."""
+    comparisons: list[tuple[str, Operand, Operand]] = []
+    uses: list[tuple[str, Path]] = []
+    try:
+        for body in bodies:
+            _scan(body.get("conditions"), comparisons, uses)
+    except _WholeContext:
+        return None
+
+    def related(a: Path, b: Path) -> bool:  # one is a prefix of the other
+        return a[: len(b)] == b or b[: len(a)] == a
+
+    compared = {path for kind, path in uses if kind == "cmp"}
+    leaves = tuple(sorted(
+        leaf for leaf in compared
+        if not any(related(leaf, path) and not (kind in ("cmp", "has") and path == leaf) for kind, path in uses)
+    ))  # fmt: skip
+    if not leaves:
+        return None
+    kept = tuple(c for c in comparisons if any(o in leaves for o in c[1:]))
+    return Abstraction(leaves, kept)
+
+
+def context_abstractions(
+    bodies: Sequence[Mapping[str, Any]], tools: Mapping[str, CedarTool]
+) -> dict[str, Abstraction | None]:
+    """Per tool, the :class:`Abstraction` of the policies of its slice."""
+    shared: dict[frozenset[int], Abstraction | None] = {}
+    out: dict[str, Abstraction | None] = {}
+    for tool in tools.values():
+        keep = _applicable(bodies, tool)
+        if keep not in shared:
+            shared[keep] = abstraction([bodies[i] for i in sorted(keep)])
+        out[tool.name] = shared[keep]
+    return out

@@ -152,10 +152,15 @@ namespace {NAMESPACE} {{
   //   copied: an argument other than a destination is, whole, a run of 4+ words of untrusted free text.
   //   outward: the call has a non-empty destination through which data leaves (recipient, url, account);
   //   outward_level: how the most tainted of those destinations was found ("" when none is tainted).
+  //   target_levels/target_roles/target_count: the levels, roles (recipient, url, account, path, target) and
+  //   number of the tainted destinations. dictated: every argument other than the destinations is the user's
+  //   own words up to letter case (a run of whole tokens of trusted text), or a date or time, so a mis-chosen
+  //   destination receives nothing the run read.
   type Taint = {{
     any: Bool, target: Bool, target_level: String, args: Set<String>, sources: Set<String>,
     destinations: Set<String>, code: Bool, code_level: String, lookalike: Bool, confidential: Bool,
-    secret_sources: Set<String>, links: String, copied: Bool, outward: Bool, outward_level: String
+    secret_sources: Set<String>, links: String, copied: Bool, outward: Bool, outward_level: String,
+    target_levels: Set<String>, target_roles: Set<String>, target_count: Long, dictated: Bool
   }};
   // Steps taken by the run so far (this call included) and the run's limit.
   type Budget = {{ steps: Long, max_steps: Long }};

@@ -25,6 +25,7 @@ from stitchwork.interfaces.http.dashboard.render import SECURITY_HEADERS, page, 
 from stitchwork.interfaces.http.dashboard.sessions import Session, SessionStore
 from stitchwork.service import dashboard as views
 from stitchwork.service import insights
+from stitchwork.service.undo import describe, recorded_states
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -287,12 +288,15 @@ def _run_context(board: Dashboard, session: Session, run_id: str, after: int) ->
     if record is None:
         return None
     run = platform.gateway.redactor.redact(record.to_dict(messages=False))
+    platform.audit.flush()  # the run's newest model events, still in the journal, count in its usage
     refresh_activity(platform.store)
     usage = run_usage(platform.store, [run_id]).get(run_id, NO_USAGE)
     pending = views.pending_approvals(platform, run_id)
+    calls = [platform.gateway.redactor.redact(c) for c in describe(recorded_states(platform, run_id))]
     return _context(board, session, "runs", run=run, usage=usage, worker=False,
                     messages=views.conversation(platform, record.messages),
-                    timeline=views.run_timeline(platform, run, after=after), pending=pending, after=after)
+                    timeline=views.run_timeline(platform, run, after=after), pending=pending, after=after,
+                    calls=calls)
 
 
 async def _worker_run(board: Dashboard, session: Session, run_id: str) -> dict[str, Any]:
