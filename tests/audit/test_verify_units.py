@@ -232,6 +232,8 @@ def test_rows_become_events_and_columns() -> None:
     event = _to_event(recs[1])
     assert (event.seq, event.kind, event.data, event.prev_hash, event.hash) == (
         2, "tool", {"i": 2}, rows[0]["hash"], rows[1]["hash"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.decision = "deny"  # type: ignore[misc]  # an event read back cannot be edited in memory either
     with pytest.raises(_DecodeError, match="data is not valid JSON"):
         _to_event(recs[0]._replace(data="{"))
     with pytest.raises(_DecodeError, match="data is not a JSON object"):
