@@ -15,6 +15,10 @@ Usage::
     python3 scripts/mutate.py --list security/taint.py  # the mutants, without running anything
     python3 scripts/mutate.py --json out.json          # also write every result as JSON
 
+A configured module may name only some of its top-level functions and classes, after ``::`` (comma-separated):
+``"isolation/_process.py::sandbox_result,why_stopped"`` mutates just those (a part of a large module that has
+its own tests).
+
 Exit status: 0 when every module meets ``min_score`` (equivalents excluded), 1 otherwise, 2 on bad usage or when
 the unmutated tests fail.
 """
@@ -199,6 +203,19 @@ class _Apply(ast.NodeTransformer):
         return node
 
 
+def within(mutants: list[Mutant], source: str, names: str) -> list[Mutant]:
+    """The mutants inside the named top-level functions and classes of ``source`` (all of them if ``names`` is
+    empty)."""
+    if not names:
+        return mutants
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    spans = [(node.lineno, node.end_lineno or node.lineno) for node in ast.parse(source).body
+             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name in wanted]
+    if len(spans) != len(wanted):
+        raise SystemExit(f"not every one of {sorted(wanted)} is a top-level function or class of the module")
+    return [m for m in mutants if any(lo <= m.line <= hi for lo, hi in spans)]
+
+
 def mutated_source(mutant: Mutant, source: str) -> str:
     tree = ast.parse(source)
     targets = {id(node): index for index, node in enumerate(ast.walk(tree))}
@@ -272,8 +289,8 @@ def iter_modules(config: dict[str, object], only: list[str]) -> Iterator[tuple[s
     for name in names:
         if name not in modules:
             raise SystemExit(f"{name} has no tests mapped in [tool.stitchwork.mutation.modules] (pyproject.toml)")
-        if not (PACKAGE / name).is_file():
-            raise SystemExit(f"no module src/stitchwork/{name}")
+        if not (PACKAGE / name.partition("::")[0]).is_file():
+            raise SystemExit(f"no module src/stitchwork/{name.partition('::')[0]}")
         yield name, list(modules[name])
 
 
@@ -293,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     failed = False
     for module, tests in iter_modules(config, args.modules):
-        source = (PACKAGE / module).read_text()
-        mutants = enumerate_mutants(module, source)
+        path, _, names = module.partition("::")
+        source = (PACKAGE / path).read_text()
+        mutants = within(enumerate_mutants(path, source), source, names)
         if args.sample and len(mutants) > args.sample:
             mutants = random.Random(f"{args.seed}:{module}").sample(mutants, args.sample)
         if args.list:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,5 +105,51 @@ def test_every_configured_module_exists_and_has_tests() -> None:
     modules = mutate.load_config()["modules"]
     assert modules
     for module, tests in modules.items():
-        assert (ROOT / "src" / "stitchwork" / module).is_file(), module
+        path, _, names = module.partition("::")
+        assert (ROOT / "src" / "stitchwork" / path).is_file(), module
+        if names:  # every function or class named exists at the top of the module (else the tool refuses)
+            source = (ROOT / "src" / "stitchwork" / path).read_text()
+            assert mutate.within(mutate.enumerate_mutants(path, source), source, names), module
         assert tests and all((ROOT / t).is_file() for t in tests), module
+
+
+TWO = """def a(x):
+    return x > 1
+
+
+class B:
+    def b(self, y):
+        return y or 2
+"""
+
+
+def test_a_module_can_name_the_functions_and_classes_to_mutate() -> None:
+    every = mutate.enumerate_mutants("x.py", TWO)
+    assert mutate.within(every, TWO, "") == every
+    assert {m.line for m in mutate.within(every, TWO, "a")} == {2}
+    assert {m.line for m in mutate.within(every, TWO, "B")} == {7}
+    assert mutate.within(every, TWO, " a , B ") == every
+    with pytest.raises(SystemExit, match="top-level function or class"):
+        mutate.within(every, TWO, "a,missing")
+
+
+@pytest.mark.timeout(900)  # three short pytest runs: ~20 s on an idle 2-core machine, minutes on a loaded one
+def test_the_ci_sample_runs_and_scores() -> None:
+    """What CI runs of the tool: a small seeded sample of one configured module, end to end (three pytest runs:
+    the clean one, then two mutants of the sandbox result classification against its fast unit tests)."""
+    module = next(m for m in mutate.load_config()["modules"] if m.startswith("isolation/_process.py::"))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutate.py"), "--sample", "2", "--seed", "1",
+                           module], cwd=ROOT, capture_output=True, text=True, timeout=880)
+    score = re.search(r"^(\S+): (\d+)/(\d+) killed = (\d+)% \((\d+) listed equivalent\)$", done.stdout, re.M)
+    assert score is not None, done.stdout + done.stderr
+    assert score[1] == module and int(score[3]) + int(score[5]) == 2
+    assert done.returncode == 0 and score[2] == score[3], done.stdout
+
+
+def test_every_listed_equivalent_is_a_mutant_the_tool_makes() -> None:
+    """A line left behind after its module changed would silently stop matching (and hide nothing it claims to)."""
+    listed = mutate.load_equivalents()
+    made: set[str] = set()
+    for module in {key.split(":", 1)[0] for key in listed}:
+        made |= {m.key for m in mutate.enumerate_mutants(module, (ROOT / "src" / "stitchwork" / module).read_text())}
+    assert sorted(set(listed) - made) == []

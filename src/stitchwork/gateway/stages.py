@@ -185,10 +185,13 @@ class Audit:
         """
         redactor = self.context.redactor
         decision = gate.decision
+        taint = tainted.record
+        if taint.get("findings"):  # the only part that quotes argument values (a URL the agent built, say)
+            taint = {**taint, "findings": redactor.redact(taint["findings"])}
         data = {
             "effect": decision.effect.value, "policy_ids": list(decision.policy_ids),
             "reasons": list(decision.reasons), "target": redactor.redact_text(tainted.target),
-            "taint": tainted.record, "provenance": tainted.taint.provenance(),
+            "taint": taint, "provenance": tainted.taint.provenance(),
             "side_effect": call.tool.side_effect.value,
             "jti": call.claims.jti, "arguments": redactor.redact(call.args), "approval_id": gate.approval_id,
             **(extra or {}),
