@@ -331,6 +331,28 @@ def _capped(stderr: bytes, stdout: bytes, cap: int) -> tuple[bytes, bytes, bool]
     return kept_err, stdout[: cap - len(kept_err)], True
 
 
+async def _exit_code(proc: asyncio.subprocess.Process, wait_s: float, kill: Callable[[str], None]) -> int:
+    """The process's exit code, never waiting forever on asyncio's child watcher: past ``wait_s`` the process is
+    killed and reaped here (a watcher whose exit notice never reaches this loop left a call hanging for good)."""
+    with contextlib.suppress(TimeoutError):
+        return await asyncio.wait_for(asyncio.shield(proc.wait()), wait_s)
+    kill("timeout")
+    for _ in range(200):
+        if proc.returncode is not None:
+            return proc.returncode
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by the watcher after all
+            await asyncio.sleep(0.05)
+            if proc.returncode is not None:
+                return proc.returncode
+            return -signal.SIGKILL
+        if pid:
+            return os.waitstatus_to_exitcode(status)
+        await asyncio.sleep(0.05)
+    return -signal.SIGKILL
+
+
 class InlineSandbox(Sandbox):
     """In-process test double (``inline://?mode=auto|thread|direct``): no isolation; see the module docs.
 
@@ -549,7 +571,7 @@ class InlineSandbox(Sandbox):
             if proc.returncode is None and not killed and io_done.cancelled():
                 kill("cancelled")
         try:
-            code = await proc.wait()
+            code = await _exit_code(proc, limits.timeout_s + _PIPE_GRACE_S, kill)
         except asyncio.CancelledError:
             kill("cancelled")
             raise
