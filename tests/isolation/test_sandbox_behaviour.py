@@ -256,13 +256,11 @@ async def test_command_output_cap_truncates(sandbox: Sandbox, workdir: Path) -> 
     yes = program(sandbox, ("/usr/bin/yes",), "while True: print('y')")
     spec = SandboxSpec(yes, workdir=workdir, limits=Limits(max_output_bytes=10_000))
 
-    started = time.perf_counter()
     result = await sandbox.run(spec)
 
-    assert result.killed == "output", result
+    assert result.killed == "output", result  # the cap stopped it, not its timeout
     assert result.truncated
     assert len(result.stdout) == 10_000 and result.stdout.startswith(b"y\ny\n")
-    assert time.perf_counter() - started < 5
 
 
 async def test_output_below_the_cap_is_not_truncated(sandbox: Sandbox, make_tool: ToolFactory) -> None:

@@ -571,7 +571,8 @@ class InlineSandbox(Sandbox):
             if proc.returncode is None and not killed and io_done.cancelled():
                 kill("cancelled")
         try:
-            code = await _exit_code(proc, limits.timeout_s + _PIPE_GRACE_S, kill)
+            # Already killed (output cap, timeout): its exit is due at once; else it may run out its time.
+            code = await _exit_code(proc, _PIPE_GRACE_S if killed else limits.timeout_s + _PIPE_GRACE_S, kill)
         except asyncio.CancelledError:
             kill("cancelled")
             raise
