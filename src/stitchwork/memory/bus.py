@@ -36,7 +36,8 @@ from stitchwork.memory.store import (
     MemoryItem,
     Mode,
     _item,
-    _labels_json,
+    _row,
+    _value_json,
     _words,
     terms,
 )
@@ -148,18 +149,13 @@ class BusMemory(AgentMemory):
         if not labels:
             raise StoreError("memory writes need at least one provenance label")
         self._require(agent, owner, namespace, "write")
-        try:
-            value_json = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"memory value for {key!r} is not JSON: {exc}") from exc
+        value_json = _value_json(key, value)
         now = self.clock()
         words = _words(key, text, value)
         with self._lock:
             old = self._get(owner, namespace, key)
-            row = {"agent": owner, "namespace": namespace, "key": key, "text": text, "value": value_json,
-                   "labels": _labels_json(labels), "trusted": all(lb.trusted for lb in labels),
-                   "created_at": old.created_at if old else now, "updated_at": now, "doc_len": len(words),
-                   "terms": dict(Counter(words))}  # fmt: skip
+            row = {**_row(owner, namespace, key, text, value_json, labels, old, now, len(words)),
+                   "terms": dict(Counter(words))}
             self._publish(self._item_subject(owner, namespace, key), row)
         return _item(row)
 

@@ -109,6 +109,26 @@ def _labels_json(labels: Sequence[Label]) -> str:
                       separators=(",", ":"))
 
 
+def _value_json(key: str, value: Any) -> str:
+    """A memory value as stored (canonical JSON).
+
+    Raises:
+        StoreError: It is not JSON.
+    """
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"memory value for {key!r} is not JSON: {exc}") from exc
+
+
+def _row(owner: str, namespace: str, key: str, text: str, value_json: str, labels: Sequence[Label],
+         old: MemoryItem | None, now: float, doc_len: int) -> dict[str, Any]:
+    """The stored row of a write (``old``: the item it replaces, whose creation time it keeps)."""
+    return {"agent": owner, "namespace": namespace, "key": key, "text": text, "value": value_json,
+            "labels": _labels_json(labels), "trusted": all(lb.trusted for lb in labels),
+            "created_at": old.created_at if old else now, "updated_at": now, "doc_len": doc_len}
+
+
 def _item(row: dict[str, Any]) -> MemoryItem:
     labels = tuple(Label(str(lb["source"]), bool(lb["trusted"]), str(lb.get("secrecy", "")))
                    for lb in json.loads(row["labels"]))
@@ -202,17 +222,12 @@ class AgentMemory:
         if not labels:
             raise StoreError("memory writes need at least one provenance label")
         self._require(agent, owner, namespace, "write")
-        try:
-            value_json = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"memory value for {key!r} is not JSON: {exc}") from exc
+        value_json = _value_json(key, value)
         now = self.clock()
         words = _words(key, text, value)
         with self._lock:
             old = self._get(owner, namespace, key)
-            row = {"agent": owner, "namespace": namespace, "key": key, "text": text, "value": value_json,
-                   "labels": _labels_json(labels), "trusted": all(lb.trusted for lb in labels),
-                   "created_at": old.created_at if old else now, "updated_at": now, "doc_len": len(words)}  # fmt: skip
+            row = _row(owner, namespace, key, text, value_json, labels, old, now, len(words))
             self.store.execute(
                 f"INSERT INTO memory_items ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)}) "
                 "ON CONFLICT (agent, namespace, key) DO UPDATE SET text = excluded.text, value = excluded.value, "
