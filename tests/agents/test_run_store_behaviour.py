@@ -8,13 +8,14 @@ only the bus store does (compare-and-set fencing, incremental checkpoint bodies)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from stitchwork.agents.runs import DatabaseRunStore, RunRecord, RunStatus, RunStore
-from stitchwork.errors import RunError
+from stitchwork.agents.runs import THROUGH, DatabaseRunStore, RunRecord, RunStatus, RunStore
+from stitchwork.errors import RunError, StoreError
 from stitchwork.messaging._base import Bus
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.runstore import BusRunStore
@@ -136,6 +137,38 @@ class RunStoreBehaviour:
             assert runs.get(other.id) == ended and ended.status.finished
             assert runs.get(other.id).to_dict(messages=False)["error"] == f"{status.value}: why"
 
+    def test_incremental_checkpoints_append_to_the_provenance(self, runs: RunStore, open_runs: OpenRuns) -> None:
+        record = runs.create("scribe", "t", "m")
+        base = {"untrusted": [], "trusted": ["the task"], "confidential": []}
+        runs.save(replace(record, provenance=base))
+        runs.checkpoint(record.id, 1, {"untrusted": [["mcp:a", "out 1", ""]], "trusted": [], "confidential": []})
+        runs.checkpoint(record.id, 2, {"untrusted": [], "trusted": [], "confidential": []})  # the steps only
+        runs.checkpoint(record.id, 3, {"untrusted": [["mcp:a", "out 2", "secret"]], "trusted": ["t2"],
+                                       "confidential": [["vault", "k"]]})
+        want = {"untrusted": [["mcp:a", "out 1", ""], ["mcp:a", "out 2", "secret"]], "trusted": ["the task", "t2"],
+                "confidential": [["vault", "k"]]}
+        got = open_runs().get(record.id)  # stored, not only remembered
+        assert got.steps == 3 and provenance_of(got) == want
+        runs.checkpoint("run_0000000000000000", 1, {"trusted": ["x"]})  # no such run: nothing is created
+        assert runs.fetch("run_0000000000000000") is None
+        # A full save of what was fetched holds them all once (no duplicates on the next fetch) ...
+        done = runs.save(replace(got, status=RunStatus.COMPLETED))
+        again = open_runs().get(record.id)
+        assert provenance_of(again) == want and again.status is RunStatus.COMPLETED
+        assert [provenance_of(r) for r in runs.list() if r.id == record.id] == [want]
+        # ... and a checkpoint after it, from this store or a new one, is appended after them.
+        open_runs().checkpoint(record.id, 4, {"untrusted": [["mcp:b", "out 3", ""]]})  # a store opened since
+        runs.checkpoint(record.id, 5, {"trusted": ["t3"]})
+        final = open_runs().get(record.id)
+        assert final.steps == 5 and final.status is RunStatus.COMPLETED and done.steps == 3
+        assert provenance_of(final) == {**want, "untrusted": [*want["untrusted"], ["mcp:b", "out 3", ""]],
+                                        "trusted": [*want["trusted"], "t3"]}
+
+
+def provenance_of(record: RunRecord) -> dict[str, Any]:
+    """The record's provenance without the bookkeeping key of folded incremental checkpoints."""
+    return {k: v for k, v in record.provenance.items() if k != THROUGH}
+
 
 class TestDatabaseRunStore(RunStoreBehaviour):
     """The platform's database: the ``runs`` table of every store adapter."""
@@ -143,6 +176,29 @@ class TestDatabaseRunStore(RunStoreBehaviour):
     @pytest.fixture
     def open_runs(self, make_store: StoreFactory) -> OpenRuns:
         return lambda: DatabaseRunStore(make_store())
+
+
+    def test_a_fold_cut_short_duplicates_nothing(self, make_store: StoreFactory) -> None:
+        store = make_store()
+        runs = DatabaseRunStore(store)
+        record = runs.create("scribe", "t", "m")
+        runs.checkpoint(record.id, 1, {"untrusted": [["mcp:a", "out 1", ""]]})
+        got = runs.get(record.id)
+        real = store.execute
+
+        def no_delete(sql: str, params: Sequence[Any] = ()) -> None:
+            if sql.startswith("DELETE"):
+                raise StoreError("killed before the delete")
+            real(sql, params)
+
+        store.execute = no_delete  # type: ignore[method-assign]
+        with pytest.raises(StoreError):
+            runs.save(replace(got, steps=2))  # the record holds the delta; the delta row is still there
+        store.execute = real  # type: ignore[method-assign]
+        runs.checkpoint(record.id, 3, {"untrusted": [["mcp:a", "out 2", ""]]})
+        again = DatabaseRunStore(store).get(record.id)
+        assert again.steps == 3
+        assert provenance_of(again) == {"untrusted": [["mcp:a", "out 1", ""], ["mcp:a", "out 2", ""]]}
 
 
 class TestBusRunStore(RunStoreBehaviour):

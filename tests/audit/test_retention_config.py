@@ -39,7 +39,7 @@ def test_section_from_toml_and_environment(tmp_path: Path) -> None:
 def test_policies_follow_the_section() -> None:
     assert policies_from(RetentionConfig()) == DEFAULT_POLICIES
     chosen = {p.table: p.max_age_days for p in policies_from(RetentionConfig(runs_days=2, approvals_days=0))}
-    assert chosen == {"runs": 2, "revoked_tokens": 1}
+    assert chosen == {"runs": 2, "run_provenance": 2, "revoked_tokens": 1}
 
 
 async def _finished_run(platform: Platform) -> str:

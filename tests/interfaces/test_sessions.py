@@ -122,6 +122,39 @@ def test_a_session_survives_a_restart(config: Config) -> None:
         second.close()
 
 
+def test_a_killed_server_recovers_every_incremental_checkpoint(config: Config) -> None:
+    first = Api(config)
+    sessions = first.service.sessions
+    try:
+        session = first.open()
+        assert first.call(session["token"], "read_email", {"id": "m3"})[1]["status"] == "ok"
+        sessions.flush()
+        assert first.call(session["token"], "list_inbox", {})[1]["status"] == "ok"
+        sessions.flush()
+        store = first.platform.store
+        (row,) = store.query("SELECT provenance FROM runs WHERE id = ?", [session["run_id"]])
+        assert "m3" not in row["provenance"] and "evil" not in row["provenance"]  # not rewritten: only appended
+        assert store.query("SELECT count(*) AS n FROM run_provenance WHERE run_id = ?", [session["run_id"]]) == [
+            {"n": 2}]
+        # Killed: no shutdown checkpoint, no close (the store keeps only what was committed).
+        first.platform._closers = tuple(c for c in first.platform._closers if c != sessions.flush)
+    finally:
+        first.close()
+    second = Api(config)
+    try:
+        record = second.platform.runs.get(session["run_id"])
+        assert record.steps == 2 and "security-audit@evil.example" in json.dumps(record.provenance)
+        assert len(record.provenance["untrusted"]) == 2  # each tool output once
+        status, body = second.call(session["token"], "send_email", EVIL)
+        assert (status, body["status"]) == (403, "denied"), body  # the injected mail's provenance came back
+        second.client.delete(f"/v1/sessions/{session['run_id']}", headers=auth(second.operator))
+        folded = second.platform.store.query("SELECT provenance FROM runs WHERE id = ?", [session["run_id"]])
+        assert "security-audit@evil.example" in folded[0]["provenance"]  # closing folds them into the record
+        assert second.platform.store.query("SELECT count(*) AS n FROM run_provenance") == [{"n": 0}]
+    finally:
+        second.close()
+
+
 def test_close_revokes_the_token_and_finishes_the_run(api: Api) -> None:
     one, two = api.open(), api.open()
     response = api.client.delete(f"/v1/sessions/{one['run_id']}", headers=auth(api.operator))

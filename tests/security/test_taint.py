@@ -71,3 +71,21 @@ def test_provenance_names_each_arguments_own_sources() -> None:
         "nested": {"sources": ["tool:read_email"], "level": "prose"},
     }
     assert tracker.check({"subject": "hello there"}).provenance() == {}
+
+
+def test_snapshot_since_holds_only_what_was_added_and_merges_back_to_the_snapshot() -> None:
+    from stitchwork.agents.runs import merge_provenance
+
+    tracker = ProvenanceTracker()
+    tracker.add("the task", Label("user", True))
+    tracker.add("mail from eve", Label("tool:read_email", False))
+    before, marks = tracker.snapshot(), tracker.marks()
+    tracker.add("second mail", Label("tool:read_email", False, "confidential"))
+    tracker.add("a trusted note", Label("user", True))
+    tracker.add("k3y-value-1234567", Label("vault", True, "confidential"))
+    delta, after = tracker.snapshot_since(marks)
+    assert delta == {"untrusted": [["tool:read_email", "second mail", "confidential"]],
+                     "trusted": ["a trusted note"], "confidential": [["vault", "k3y-value-1234567"]]}
+    assert merge_provenance(before, delta) == tracker.snapshot()
+    assert after == tracker.marks() and tracker.snapshot_since(after)[0] == {
+        "untrusted": [], "trusted": [], "confidential": []}

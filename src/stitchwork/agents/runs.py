@@ -9,6 +9,7 @@ compare-and-set; a worker's). Both encode a record as the same row (:func:`recor
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -37,6 +38,31 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at DOUBLE NOT NULL
 )
 """
+
+
+DELTAS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_provenance (
+    run_id VARCHAR NOT NULL,
+    seq BIGINT NOT NULL,
+    steps INTEGER NOT NULL,
+    delta VARCHAR NOT NULL,
+    written_at DOUBLE NOT NULL
+)
+"""
+"""Incremental checkpoints (:meth:`RunStore.checkpoint`): what a run's provenance gained since the one before."""
+
+PROVENANCE_KEYS = ("untrusted", "trusted", "confidential")
+THROUGH = "deltas_through"
+"""The provenance key naming the last incremental checkpoint a full one already holds (later ones are merged in)."""
+
+
+def merge_provenance(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """A provenance snapshot with an incremental one appended, list by list."""
+    merged = dict(base)
+    for key in PROVENANCE_KEYS:
+        if delta.get(key):
+            merged[key] = [*base.get(key, ()), *delta[key]]
+    return merged
 
 
 class RunStatus(StrEnum):
@@ -148,6 +174,17 @@ class RunStore(ABC):
     def fetch(self, run_id: str) -> RunRecord | None:
         """The run's newest checkpoint, or ``None``."""
 
+    def checkpoint(self, run_id: str, steps: int, delta: Mapping[str, Any]) -> None:
+        """An incremental checkpoint: the run's step count now, and what its provenance gained since the last one
+        (lists that only grow: ``ProvenanceTracker.snapshot_since``). Durable on return; :meth:`fetch` then returns
+        the provenance with ``delta`` appended. This default rewrites the whole record; an adapter may store only
+        the delta. A run that does not exist gets nothing.
+        """
+        record = self.fetch(run_id)
+        if record is None:
+            return
+        self.save(replace(record, steps=steps, provenance=merge_provenance(record.provenance, delta)))
+
     def get(self, run_id: str) -> RunRecord:
         """The run's newest checkpoint.
 
@@ -165,11 +202,20 @@ class RunStore(ABC):
 
 
 class DatabaseRunStore(RunStore):
-    """Run checkpoints in the ``runs`` table of the platform's store (one row per run, replaced after each step)."""
+    """Run checkpoints in the ``runs`` table of the platform's store (one row per run, replaced after each step).
+
+    An incremental checkpoint (:meth:`checkpoint`) appends one ``run_provenance`` row holding only what the run's
+    provenance gained, and updates the run's step count: its cost does not grow with the run. :meth:`fetch` and
+    :meth:`list` merge those rows into the record; a full :meth:`save` of a fetched record (which names the last
+    row it holds in ``provenance["deltas_through"]``) folds them in, and deletes them.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         store.execute(SCHEMA)
+        store.execute(DELTAS_SCHEMA)
+        self._delta_seq: dict[str, int] = {}
+        self._lock = threading.Lock()  # checkpoints of one run are numbered in order
 
     def insert(self, record: RunRecord) -> RunRecord:
         self.store.append("runs", [record_to_row(record)])
@@ -181,11 +227,64 @@ class DatabaseRunStore(RunStore):
         sets = ", ".join(f"{k} = ?" for k in row if k != "id")
         values = [v for k, v in row.items() if k != "id"]
         self.store.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*values, record.id])
+        through = record.provenance.get(THROUGH)
+        if isinstance(through, int) and through > 0:  # folded in: fetch skips them from now on anyway
+            self.store.execute("DELETE FROM run_provenance WHERE run_id = ? AND seq <= ?", [record.id, through])
         return record
+
+    def checkpoint(self, run_id: str, steps: int, delta: Mapping[str, Any]) -> None:
+        with self._lock:
+            if any(delta.get(key) for key in PROVENANCE_KEYS):
+                seq = self._last_delta(run_id) + 1
+                self.store.append("run_provenance", [{
+                    "run_id": run_id, "seq": seq, "steps": steps,
+                    "delta": json.dumps({k: delta.get(k, []) for k in PROVENANCE_KEYS}, ensure_ascii=False),
+                    "written_at": time.time()}])
+                self._delta_seq[run_id] = seq
+            # The steps are in the delta row too: a crash between the two statements loses nothing.
+            self.store.execute("UPDATE runs SET steps = ?, updated_at = ? WHERE id = ?", [steps, time.time(), run_id])
 
     def fetch(self, run_id: str) -> RunRecord | None:
         rows = self.store.query("SELECT * FROM runs WHERE id = ?", [run_id])
-        return record_from_row(rows[0]) if rows else None
+        return self._merged([record_from_row(rows[0])])[0] if rows else None
+
+    def _last_delta(self, run_id: str) -> int:
+        """The number of the run's newest incremental checkpoint (0: none), stored or already folded in."""
+        last = self._delta_seq.get(run_id)
+        if last is None:
+            rows = self.store.query("SELECT max(seq) AS seq FROM run_provenance WHERE run_id = ?", [run_id])
+            stored = rows[0]["seq"] if rows and rows[0]["seq"] is not None else 0
+            record = self.store.query("SELECT provenance FROM runs WHERE id = ?", [run_id])
+            folded = json.loads(record[0]["provenance"]).get(THROUGH, 0) if record else 0
+            last = max(int(stored), folded if isinstance(folded, int) else 0)
+        return last
+
+    def _merged(self, records: list[RunRecord]) -> list[RunRecord]:
+        """The records with their incremental checkpoints merged in (those a full save has not folded in)."""
+        if not records:
+            return records
+        marks = ", ".join("?" for _ in records)
+        rows = self.store.query(f"SELECT run_id, seq, steps, delta FROM run_provenance WHERE run_id IN ({marks}) "
+                                "ORDER BY run_id, seq", [r.id for r in records])
+        if not rows:
+            return records
+        deltas: dict[str, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            deltas.setdefault(row["run_id"], []).append(row)
+        out = []
+        for record in records:
+            through = record.provenance.get(THROUGH, 0)
+            through = through if isinstance(through, int) else 0
+            steps, provenance, last = record.steps, record.provenance, through
+            for delta in deltas.get(record.id, ()):
+                if delta["seq"] <= through:
+                    continue
+                provenance = merge_provenance(provenance, json.loads(delta["delta"]))
+                steps, last = max(steps, int(delta["steps"])), int(delta["seq"])
+            if last != through:
+                record = replace(record, steps=steps, provenance={**provenance, THROUGH: last})
+            out.append(record)
+        return out
 
     def list(self, *, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
         if status is None:
@@ -194,4 +293,4 @@ class DatabaseRunStore(RunStore):
             rows = self.store.query(
                 "SELECT * FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?", [status.value, limit]
             )
-        return [record_from_row(r) for r in rows]
+        return self._merged([record_from_row(r) for r in rows])

@@ -80,6 +80,8 @@ class RetentionPolicy:
 DEFAULT_POLICIES = (
     RetentionPolicy("runs", "updated_at", 90,
                     "status IN ('completed', 'failed', 'budget_exhausted', 'denied', 'timed_out')"),
+    RetentionPolicy("run_provenance", "written_at", 90,
+                    "run_id NOT IN (SELECT id FROM runs WHERE status IN ('running', 'waiting_approval'))"),
     RetentionPolicy("approvals", "created_at", 365, "status <> 'pending'"),
     RetentionPolicy("revoked_tokens", "expires_at", 1),
 )
@@ -88,7 +90,7 @@ DEFAULT_POLICIES = (
 def policies_from(config: RetentionConfig) -> tuple[RetentionPolicy, ...]:
     """The table policies ``[data.retention]`` names (an age of 0 keeps the table; memory and audit are handled
     apart: :meth:`~stitchwork.memory.store.AgentMemory.expire` and :func:`compact_audit`)."""
-    ages = {"runs": config.runs_days, "approvals": config.approvals_days,
+    ages = {"runs": config.runs_days, "run_provenance": config.runs_days, "approvals": config.approvals_days,
             "revoked_tokens": config.revoked_tokens_days}
     return tuple(dataclasses.replace(p, max_age_days=ages[p.table]) for p in DEFAULT_POLICIES if ages[p.table] > 0)
 

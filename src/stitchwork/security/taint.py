@@ -681,6 +681,25 @@ class ProvenanceTracker:
             "confidential": [[label.source, text] for label, text in self._confidential if label.trusted],
         }
 
+    def marks(self) -> tuple[int, int, int]:
+        """Where the content recorded so far ends (for :meth:`snapshot_since`: the lists only grow)."""
+        return len(self._untrusted), len(self._trusted_text), len(self._confidential)
+
+    def snapshot_since(self, marks: tuple[int, int, int]) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        """What :meth:`snapshot` holds beyond ``marks`` (an incremental checkpoint), and the new marks.
+
+        Concatenating each list of a snapshot taken at ``marks`` with this delta's gives :meth:`snapshot` now
+        (:func:`~stitchwork.agents.runs.merge_provenance`).
+        """
+        untrusted, trusted, confidential = marks
+        delta = {
+            "untrusted": [[label.source, text, label.secrecy] for label, text in self._untrusted[untrusted:]],
+            "trusted": self._trusted_text[trusted:],
+            "confidential": [[label.source, text] for label, text in self._confidential[confidential:]
+                             if label.trusted],
+        }
+        return delta, self.marks()
+
     @classmethod
     def restore(cls, data: Mapping[str, Any], *, trusted_sources: frozenset[str] = frozenset()) -> ProvenanceTracker:
         tracker = cls(trusted_sources=trusted_sources)

@@ -5,8 +5,8 @@ A session is an ordinary run (a ``runs`` row whose model is ``external``) plus a
 id of its current token and when it was closed. The task is recorded as trusted (user) content in the run's
 provenance; everything tools return is labelled by the gateway as for built-in runs, so taint, approvals, budgets
 and audit are the same. After tool calls the run's steps and provenance are checkpointed (one write per session
-within ``flush_s``, and at once on close and shutdown: :attr:`RunContext.checkpoint
-<stitchwork.gateway.context.RunContext.checkpoint>`), and a session that is not live
+within ``flush_s``, holding only the provenance added since the last one, and at once on close and shutdown:
+:attr:`RunContext.checkpoint <stitchwork.gateway.context.RunContext.checkpoint>`), and a session that is not live
 in this process (after ``stitchwork up`` restarts) is restored from them on its next call
 (:attr:`GatewayContext.run_loader <stitchwork.gateway.context.GatewayContext.run_loader>`).
 
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stitchwork.agents.runs import RunRecord, RunStatus
+from stitchwork.agents.runs import THROUGH, RunRecord, RunStatus
 from stitchwork.errors import ConfigError, RunError, StitchworkError
 from stitchwork.gateway.context import RunContext, ToolOutcome
 from stitchwork.platform import Platform
@@ -88,7 +89,9 @@ class Sessions:
         platform.gateway.context.run_loader = self.load_run
         self.flush_s = flush_s
         self._records: dict[str, RunRecord] = {}
+        self._marks: dict[str, tuple[int, int, int]] = {}  # where each live run's last checkpoint ended
         self._dirty: dict[str, RunContext] = {}
+        self._flush_lock = threading.Lock()  # checkpoints are taken and written in order
         self._flusher: asyncio.Task[None] | None = None
         platform._closers = (self.flush, *platform._closers)  # the last checkpoints before the store closes
 
@@ -113,6 +116,7 @@ class Sessions:
         run.tracker.add(task, Label("user", True))
         record = platform.runs.save(replace(record, provenance=run.tracker.snapshot()))
         self._records[record.id] = record
+        self._marks[record.id] = run.tracker.marks()
         token = platform.tokens.issue(spec.name, record.id, ttl_s=lifetime)
         claims = platform.tokens.verify(token, audience=platform.gateway.context.audience)
         now = time.time()
@@ -162,12 +166,16 @@ class Sessions:
         now = time.time()
         platform.store.execute("UPDATE sessions SET closed_at = ?, closed_by = ? WHERE run_id = ?", [now, by, run_id])
         run = platform.gateway.context.runs.get(run_id)
-        record = platform.runs.get(run_id)
+        record = platform.runs.get(run_id)  # its incremental checkpoints merged in (and named by THROUGH)
+        provenance = record.provenance
+        if run is not None:  # the live tracker holds everything they hold, and what a failed checkpoint missed
+            folded = {THROUGH: provenance[THROUGH]} if THROUGH in provenance else {}
+            provenance = {**run.tracker.snapshot(), **folded}
         final = replace(record, status=RunStatus.COMPLETED, result=f"session {reason}",
-                        steps=run.steps if run else record.steps,
-                        provenance=run.tracker.snapshot() if run else record.provenance)
-        final = platform.runs.save(final)
+                        steps=run.steps if run else record.steps, provenance=provenance)
+        final = platform.runs.save(final)  # one full checkpoint: the incremental ones are folded in
         self._records.pop(run_id, None)
+        self._marks.pop(run_id, None)
         platform.gateway.close_run(run_id)
         self._emit(final, "finished", {"status": final.status.value, "session": reason})
         await platform.audit.aappend("session", agent=row["agent"], run_id=run_id, decision=reason,
@@ -238,17 +246,25 @@ class Sessions:
         await asyncio.to_thread(self.flush)  # the store serialises its connection; the loop keeps serving
 
     def flush(self) -> None:
-        """Writes the pending checkpoints now (a failure is logged: the calls themselves are audited)."""
-        dirty, self._dirty = self._dirty, {}
-        for run_id, run in dirty.items():
-            record = self._records.get(run_id)
-            if record is None:
-                continue
-            try:
-                self._records[run_id] = self.platform.runs.save(
-                    replace(record, steps=run.steps, provenance=run.tracker.snapshot()))
-            except StitchworkError as exc:
-                log.error("session %s: checkpoint failed: %s", run_id, exc)
+        """Writes the pending checkpoints now (a failure is logged: the calls themselves are audited, and the next
+        checkpoint of that session carries what this one missed).
+
+        Each is incremental: the step count and only the provenance added since the session's last checkpoint
+        (:meth:`RunStore.checkpoint <stitchwork.agents.runs.RunStore.checkpoint>`), so its cost does not grow
+        with the session."""
+        with self._flush_lock:
+            dirty, self._dirty = self._dirty, {}
+            for run_id, run in dirty.items():
+                marks = self._marks.get(run_id)
+                if marks is None or run_id not in self._records:
+                    continue
+                delta, after = run.tracker.snapshot_since(marks)
+                try:
+                    self.platform.runs.checkpoint(run_id, run.steps, delta)
+                except StitchworkError as exc:
+                    log.error("session %s: checkpoint failed: %s", run_id, exc)
+                    continue
+                self._marks[run_id] = after
 
     def _emit(self, record: RunRecord, kind: str, data: dict[str, Any]) -> None:
         events = self.platform.events
@@ -266,6 +282,7 @@ class Sessions:
         run.steps = record.steps
         run.checkpoint = self.checkpoint
         self._records[record.id] = record
+        self._marks[record.id] = run.tracker.marks()  # what was restored is stored already
         return run
 
     def _lifetime(self, ttl_s: int | None) -> int:
