@@ -2,20 +2,25 @@
 
     python3 bench/mcp.py [--calls 300] [--sessions 32] [--per-session 20]
 
-The upstream is the test server ``tests/gateway/upstream_server.py`` (stdio; its ``echo`` tool). Three paths:
+The upstream is the test server ``tests/gateway/upstream_server.py`` (its ``echo`` tool), run twice: over stdio, and
+over Streamable HTTP on loopback (its own process, a bearer key). Paths:
 
-1. direct: the official ``mcp`` client talks to its own upstream process over stdio (the baseline);
-2. gateway: ``Gateway.call_tool`` in process (a session's run token; identity, validation, taint, Cedar, audit
-   with fsync, the upstream call over its own stdio connection, labelling) without the door's transport;
-3. door: a real ``stitchwork up`` (a subprocess, loopback) and the official ``mcp`` client over Streamable HTTP at
-   ``/mcp`` with the session's run token, calling ``fake.echo``.
+1. direct stdio: the official ``mcp`` client talks to its own upstream process over stdio (the old baseline);
+2. direct http: the same client over Streamable HTTP to the HTTP upstream (the baseline of the headline figure:
+   HTTP to HTTP, so what is added is what the gateway adds, not a change of transport);
+3. gateway: ``Gateway.call_tool`` in process (a session's run token; identity, validation, taint, Cedar, audit
+   with fsync, the upstream call, labelling) without the door's transport, to each upstream;
+4. door: a real ``stitchwork up`` (a subprocess, loopback) and the official ``mcp`` client over Streamable HTTP at
+   ``/mcp`` with the session's run token, calling ``fake.echo`` (the stdio upstream: the old figure, against 1)
+   and ``web.echo`` (the HTTP upstream, its key from the vault: the headline figure, against 2).
 
-Reported: p50 and p99 per call at one client, and the added latency of 2 and 3 over 1; the time of one fdatasync in
-the state directory (each call waits for its audit event to be durable: a floor under the added latency on this
-disk); then throughput at
-``--sessions`` concurrent sessions (one MCP client each, ``--per-session`` calls each) through the door, beside
-the same number of concurrent calls on one direct client. Targets: added p50 <= 2 ms and p99 <= 5 ms at one client.
-Wall clock on a shared 2-core machine: compare within the run.
+The over-the-wire paths (1, 2, 4) are timed interleaved, call by call, so a load swing on a shared machine hits
+them alike. Reported: p50 and p99 per call at one client and the added latency against the baseline; the time of
+one fdatasync in the state directory (each call waits for its audit event to be durable: a floor under the added
+latency on this disk); the `stitchwork up` process's CPU per door call; then throughput at ``--sessions``
+concurrent sessions (one MCP client each, ``--per-session`` calls each) through the door, beside the same number of
+direct clients over HTTP (and the old figure: concurrent calls on one direct stdio client). Targets: added p50
+<= 2 ms and p99 <= 5 ms at one client. Wall clock on a shared 2-core machine: compare within the run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 from stitchwork import Stitchwork  # noqa: E402
 
 SERVER = str(ROOT / "tests" / "gateway" / "upstream_server.py")
+UPSTREAM_KEY = "upstream-key"  # what the test server's HTTP mode accepts as its bearer
 
 
 def pct(values: list[float], q: float) -> float:
@@ -65,19 +71,52 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_setup(root: Path) -> Path:
-    """A state dir with one agent given the upstream's tools, and the config naming the upstream."""
+def write_setup(root: Path, http_url: str) -> Path:
+    """A state dir with one agent given both upstreams' tools, the config naming them, and the HTTP one's key in
+    the vault."""
+    from stitchwork.config import load_config
+    from stitchwork.platform import open_vault_for
+
     agents = root / "agents"
     agents.mkdir()
-    (agents / "bench.toml").write_text('name = "bench"\nmodel = ""\ntools = ["fake.*"]\nmax_steps = 1000000\n')
+    (agents / "bench.toml").write_text(
+        'name = "bench"\nmodel = ""\ntools = ["fake.*", "web.*"]\nmax_steps = 1000000\n')
     config = root / "stitchwork.toml"
     config.write_text(
         f'state_dir = "{root / "state"}"\nagent_dirs = ["{agents}"]\n'
-        '[messaging]\nbus = "memory://"\n[data]\nmemory_tools = false\n'
+        '[messaging]\nbus = "memory://"\n[data]\nmemory_tools = false\n[isolation]\nallow_inline = true\n'
         f'[mcp.servers.fake]\ncommand = {json.dumps([sys.executable, SERVER])}\nsandbox = "inline://"\n'
         '[mcp.servers.fake.tools.echo]\nside_effect = "read"\n'
+        f'[mcp.servers.web]\nurl = "{http_url}"\nkey = "secret://upstream_key"\n'
+        '[mcp.servers.web.tools.echo]\nside_effect = "read"\n'
     )
+    vault = open_vault_for(load_config(config))
+    try:
+        vault.set("upstream_key", UPSTREAM_KEY)
+    finally:
+        vault.close()
     return config
+
+
+@contextlib.contextmanager
+def http_upstream() -> Any:
+    """The test upstream serving Streamable HTTP on a loopback port (its own process); yields its URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, SERVER, "http", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP upstream did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 @contextlib.asynccontextmanager
@@ -106,6 +145,34 @@ def fdatasync_ms(directory: Path, count: int = 100) -> list[float]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def direct_http_client(url: str) -> AsyncIterator[Any]:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
+                              timeout=httpx2.Timeout(60, read=300))
+    async with http, Client(streamable_http_client(url, http_client=http), read_timeout_seconds=60) as client:
+        yield client
+
+
+async def interleaved(calls: int, paths: dict[str, Any], cpu: dict[str, Any]) -> tuple[dict[str, list[float]],
+                                                                                    dict[str, float]]:
+    """Times each path's call in turn, ``calls`` rounds (after 20 warm-up rounds); ``cpu`` names the paths whose
+    CPU to read around each call (a function returning CPU seconds). Returns ms per call, and CPU ms per call."""
+    for _ in range(min(20, calls)):
+        for call in paths.values():
+            await call()
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    used = dict.fromkeys(cpu, 0.0)
+    for _ in range(calls):
+        for name, call in paths.items():
+            before = cpu[name]() if name in cpu else 0.0
+            started = time.perf_counter()
+            await call()
+            out[name].append((time.perf_counter() - started) * 1000)
+            if name in cpu:
+                used[name] += cpu[name]() - before
+    return out, {name: used[name] / calls * 1000 for name in cpu}
+
+
 async def timed(calls: int, call: Any) -> list[float]:
     for _ in range(min(20, calls)):
         await call()
@@ -118,14 +185,14 @@ async def timed(calls: int, call: Any) -> list[float]:
 
 
 def line(name: str, values: list[float], base: list[float] | None = None) -> None:
-    text = f"{name:<10} p50 {pct(values, 0.5):7.3f} ms  p99 {pct(values, 0.99):7.3f} ms"
+    text = f"{name:<14} p50 {pct(values, 0.5):7.3f} ms  p99 {pct(values, 0.99):7.3f} ms"
     if base is not None:
         text += (f"   added p50 {pct(values, 0.5) - pct(base, 0.5):+7.3f} ms  "
                  f"added p99 {pct(values, 0.99) - pct(base, 0.99):+7.3f} ms")
     print(text, flush=True)
 
 
-async def in_process_gateway(config_path: Path, calls: int) -> list[float]:
+async def in_process_gateway(config_path: Path, calls: int) -> dict[str, list[float]]:
     from stitchwork.config import load_config
     from stitchwork.platform import Platform
     from stitchwork.service import Service
@@ -135,11 +202,13 @@ async def in_process_gateway(config_path: Path, calls: int) -> list[float]:
     try:
         info = await Service(platform).sessions.open("bench", "benchmark the door")
 
-        async def call() -> None:
-            outcome = await platform.gateway.call_tool(info.token, "fake.echo", {"text": "hello"})
-            assert outcome.status == "ok", outcome.error
+        def caller(tool: str) -> Any:
+            async def call() -> None:
+                outcome = await platform.gateway.call_tool(info.token, tool, {"text": "hello"})
+                assert outcome.status == "ok", outcome.error
+            return call
 
-        result = await timed(calls, call)
+        result, _ = await interleaved(calls, {"stdio": caller("fake.echo"), "http": caller("web.echo")}, {})
         await Service(platform).sessions.close(info.run_id)
         return result
     finally:
@@ -200,34 +269,49 @@ async def main() -> None:
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--per-session", type=int, default=20)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sw-bench-mcp-") as tmp:
-        config = write_setup(Path(tmp))
-        async with direct_client() as client:
-            direct = await timed(args.calls, lambda: client.call_tool("echo", {"text": "hello"}))
+    with tempfile.TemporaryDirectory(prefix="sw-bench-mcp-") as tmp, http_upstream() as http_url:
+        config = write_setup(Path(tmp), http_url)
+        load = [os.getloadavg()[0]]
         gateway = await in_process_gateway(config, args.calls)
         with control_plane(config) as (url, operator, pid):
             sw = Stitchwork(url, operator)
             session = await sw.asession("bench", "benchmark the door")
-            async with door_client(url, session.token) as client:
-                cpu_before = cpu_s(pid)
-                door = await timed(args.calls, lambda: client.call_tool("fake.echo", {"text": "hello"}))
-                door_cpu = (cpu_s(pid) - cpu_before) / (args.calls + min(20, args.calls)) * 1000
-            print(f"one client, {args.calls} calls each (echo on the test upstream over stdio); load average "
-                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            line("direct", direct)
-            line("gateway", gateway, direct)
-            line("door", door, direct)
+            async with direct_client() as stdio, direct_http_client(http_url) as http, \
+                    door_client(url, session.token) as door:
+                load.append(os.getloadavg()[0])
+                times, cpu = await interleaved(args.calls, {
+                    "direct stdio": lambda: stdio.call_tool("echo", {"text": "hello"}),
+                    "direct http": lambda: http.call_tool("echo", {"text": "hello"}),
+                    "door stdio": lambda: door.call_tool("fake.echo", {"text": "hello"}),
+                    "door http": lambda: door.call_tool("web.echo", {"text": "hello"}),
+                }, {"door stdio": lambda: cpu_s(pid), "door http": lambda: cpu_s(pid)})
+            load.append(os.getloadavg()[0])
+            print(f"one client, {args.calls} calls per path (echo on the test upstream); load average "
+                  f"{', '.join(f'{x:.1f}' for x in load)} on {os.cpu_count()} CPUs")
+            print("HTTP to HTTP (the headline: what the gateway adds):")
+            line("direct http", times["direct http"])
+            line("gateway http", gateway["http"], times["direct http"])
+            line("door http", times["door http"], times["direct http"])
+            print("over stdio to the upstream (the old figure):")
+            line("direct stdio", times["direct stdio"])
+            line("gateway stdio", gateway["stdio"], times["direct stdio"])
+            line("door stdio", times["door stdio"], times["direct stdio"])
             line("fdatasync", fdatasync_ms(Path(tmp)))
-            print(f"door: CPU of the `stitchwork up` process per call {door_cpu:.2f} ms (gateway, MCP, HTTP)")
+            print(f"door: CPU of the `stitchwork up` process per call {cpu['door http']:.2f} ms (http upstream), "
+                  f"{cpu['door stdio']:.2f} ms (stdio upstream)")
             sessions = [await sw.asession("bench", f"session {i}") for i in range(args.sessions)]
             async with contextlib.AsyncExitStack() as stack:
                 clients = [await stack.enter_async_context(door_client(url, s.token)) for s in sessions]
-                door_rate = await throughput(clients, args.per_session, "fake.echo")
+                door_rate = await throughput(clients, args.per_session, "web.echo")
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(direct_http_client(http_url)) for _ in sessions]
+                http_rate = await throughput(clients, args.per_session, "echo")
             async with direct_client() as client:
-                direct_rate = await throughput([client] * args.sessions, args.per_session, "echo")
-            print(f"{args.sessions} concurrent sessions x {args.per_session} calls: door {door_rate:8.1f} calls/s; "
-                  f"direct (one client, {args.sessions} concurrent calls) {direct_rate:8.1f} calls/s; "
-                  f"ratio {door_rate / direct_rate:.2f}")
+                stdio_rate = await throughput([client] * args.sessions, args.per_session, "echo")
+            print(f"{args.sessions} concurrent sessions x {args.per_session} calls: door (http upstream) "
+                  f"{door_rate:8.1f} calls/s; direct http ({args.sessions} clients) {http_rate:8.1f} calls/s; "
+                  f"ratio {door_rate / http_rate:.2f}; direct stdio (one client, {args.sessions} concurrent calls) "
+                  f"{stdio_rate:8.1f} calls/s")
             for s in [session, *sessions]:
                 await s.close()
 

@@ -204,8 +204,8 @@ class RunStore(ABC):
 class DatabaseRunStore(RunStore):
     """Run checkpoints in the ``runs`` table of the platform's store (one row per run, replaced after each step).
 
-    An incremental checkpoint (:meth:`checkpoint`) appends one ``run_provenance`` row holding only what the run's
-    provenance gained, and updates the run's step count: its cost does not grow with the run. :meth:`fetch` and
+    An incremental checkpoint (:meth:`checkpoint`) appends one ``run_provenance`` row holding the run's step count
+    and only what its provenance gained: one statement whose cost does not grow with the run. :meth:`fetch` and
     :meth:`list` merge those rows into the record; a full :meth:`save` of a fetched record (which names the last
     row it holds in ``provenance["deltas_through"]``) folds them in, and deletes them.
     """
@@ -233,16 +233,14 @@ class DatabaseRunStore(RunStore):
         return record
 
     def checkpoint(self, run_id: str, steps: int, delta: Mapping[str, Any]) -> None:
+        # One row, one statement: the step count and the time are merged from it as well (``runs`` is not touched).
         with self._lock:
-            if any(delta.get(key) for key in PROVENANCE_KEYS):
-                seq = self._last_delta(run_id) + 1
-                self.store.append("run_provenance", [{
-                    "run_id": run_id, "seq": seq, "steps": steps,
-                    "delta": json.dumps({k: delta.get(k, []) for k in PROVENANCE_KEYS}, ensure_ascii=False),
-                    "written_at": time.time()}])
-                self._delta_seq[run_id] = seq
-            # The steps are in the delta row too: a crash between the two statements loses nothing.
-            self.store.execute("UPDATE runs SET steps = ?, updated_at = ? WHERE id = ?", [steps, time.time(), run_id])
+            seq = self._last_delta(run_id) + 1
+            self.store.append("run_provenance", [{
+                "run_id": run_id, "seq": seq, "steps": steps,
+                "delta": json.dumps({k: delta.get(k, []) for k in PROVENANCE_KEYS}, ensure_ascii=False),
+                "written_at": time.time()}])
+            self._delta_seq[run_id] = seq
 
     def fetch(self, run_id: str) -> RunRecord | None:
         rows = self.store.query("SELECT * FROM runs WHERE id = ?", [run_id])
@@ -264,8 +262,8 @@ class DatabaseRunStore(RunStore):
         if not records:
             return records
         marks = ", ".join("?" for _ in records)
-        rows = self.store.query(f"SELECT run_id, seq, steps, delta FROM run_provenance WHERE run_id IN ({marks}) "
-                                "ORDER BY run_id, seq", [r.id for r in records])
+        rows = self.store.query(f"SELECT run_id, seq, steps, delta, written_at FROM run_provenance "
+                                f"WHERE run_id IN ({marks}) ORDER BY run_id, seq", [r.id for r in records])
         if not rows:
             return records
         deltas: dict[str, list[Mapping[str, Any]]] = {}
@@ -275,14 +273,15 @@ class DatabaseRunStore(RunStore):
         for record in records:
             through = record.provenance.get(THROUGH, 0)
             through = through if isinstance(through, int) else 0
-            steps, provenance, last = record.steps, record.provenance, through
+            steps, provenance, last, updated = record.steps, record.provenance, through, record.updated_at
             for delta in deltas.get(record.id, ()):
                 if delta["seq"] <= through:
                     continue
                 provenance = merge_provenance(provenance, json.loads(delta["delta"]))
                 steps, last = max(steps, int(delta["steps"])), int(delta["seq"])
+                updated = max(updated, float(delta["written_at"]))
             if last != through:
-                record = replace(record, steps=steps, provenance={**provenance, THROUGH: last})
+                record = replace(record, steps=steps, provenance={**provenance, THROUGH: last}, updated_at=updated)
             out.append(record)
         return out
 

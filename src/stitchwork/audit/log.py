@@ -61,6 +61,7 @@ from stitchwork.audit.records import (
     _EVENTS_DDL,
     _HEADS_DDL,
     _SELECT_EVENTS,
+    _UPDATE_HEAD,
     _UPSERT_HEAD,
     DAMAGE_KEY,
     EVENTS_TABLE,
@@ -171,6 +172,7 @@ class AuditLog:
         self._flush_now = threading.Event()
         self._stop_flusher = threading.Event()
         self._last_copy_error = 0.0
+        self._head_rows: set[str] = set()  # key ids whose signed-head row this log has stored (copy lock)
 
         # writer-thread state
         self._next_seq = 1
@@ -615,7 +617,12 @@ class AuditLog:
         return _Head(seq, hash_, key_id, signature.hex(), ts)
 
     def _upsert_head(self, head: _Head) -> None:
+        if head.key_id in self._head_rows:  # its row exists: a plain UPDATE costs a third of the upsert on DuckDB
+            self._store.execute(_UPDATE_HEAD, [head.seq, head.hash, head.signature, head.ts, head.key_id])
+            return
         self._store.execute(_UPSERT_HEAD, [head.key_id, head.seq, head.hash, head.signature, head.ts])
+        if self._store.dialect == "duckdb":  # ClickHouse engines keep the newest inserted row: always insert there
+            self._head_rows.add(head.key_id)
 
     # ---------------------------------------------------------------------------------------- store copy
     def _flush_loop(self) -> None:

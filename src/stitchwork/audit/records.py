@@ -41,6 +41,7 @@ _UPSERT_HEAD = (
     "ON CONFLICT (key_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
     "signature = excluded.signature, ts = excluded.ts"
 )
+_UPDATE_HEAD = f"UPDATE {SIGNED_HEAD_TABLE} SET seq = ?, hash = ?, signature = ?, ts = ? WHERE key_id = ?"
 
 
 class Signer(Protocol):
