@@ -112,6 +112,9 @@ class RetentionConfig:
     """Decided or expired approvals older than this are deleted."""
     revoked_tokens_days: float = 1.0
     """Revocations are dropped this long after the token itself expired."""
+    a2a_tasks_days: float = 90.0
+    """A2A tasks whose run has finished (or is gone) and that were not updated for this long are deleted; a task
+    whose run is still running or waiting for approval never is."""
     memory_days: float = 0.0
     """Agent memory items not written for this long are deleted (0: memory is kept)."""
     audit_days: float = 0.0

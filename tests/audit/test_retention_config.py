@@ -39,7 +39,7 @@ def test_section_from_toml_and_environment(tmp_path: Path) -> None:
 def test_policies_follow_the_section() -> None:
     assert policies_from(RetentionConfig()) == DEFAULT_POLICIES
     chosen = {p.table: p.max_age_days for p in policies_from(RetentionConfig(runs_days=2, approvals_days=0))}
-    assert chosen == {"runs": 2, "run_provenance": 2, "revoked_tokens": 1}
+    assert chosen == {"runs": 2, "run_provenance": 2, "revoked_tokens": 1, "a2a_tasks": 90}
 
 
 async def _finished_run(platform: Platform) -> str:
@@ -89,3 +89,37 @@ async def test_audit_days_without_an_archive_is_refused(make_config: Any) -> Non
             api.retain(platform)
     finally:
         await platform.aclose()
+
+
+def test_a2a_tasks_and_checkpoint_rows_go_only_once_their_run_is_finished_or_gone(make_store: Any) -> None:
+    from stitchwork.agents.runs import DatabaseRunStore, RunRecord
+    from stitchwork.audit.retention import apply_retention
+    from stitchwork.service.a2a import A2ATasks
+
+    store = make_store()
+    policies = [p for p in policies_from(RetentionConfig(a2a_tasks_days=1)) if p.table == "a2a_tasks"]
+    assert apply_retention(store, policies) == {"a2a_tasks": 0}  # no table yet: nothing to do
+    runs = DatabaseRunStore(store)
+    for run_id, status in [("run_done", RunStatus.COMPLETED), ("run_live", RunStatus.RUNNING),
+                           ("run_wait", RunStatus.WAITING_APPROVAL)]:
+        runs.insert(RunRecord(id=run_id, agent="a", task="t", model="m", status=status))
+    tasks = A2ATasks(store)
+    old = time.time() - 2 * DAY
+    for task_id, run_id in [("t_done", "run_done"), ("t_live", "run_live"), ("t_wait", "run_wait"),
+                            ("t_gone", "run_deleted"), ("t_unlinked", "")]:
+        tasks.save("peer", "agent", task_id, "ctx", '{"id": "x"}')
+        if run_id:
+            tasks.link("peer", "agent", task_id, "ctx", run_id)
+    store.execute("UPDATE a2a_tasks SET updated_at = ? WHERE updated_at > 0", [old])
+    tasks.save("peer", "agent", "t_recent", "ctx", "{}")
+    tasks.link("peer", "agent", "t_recent", "ctx", "run_done")
+    removed = apply_retention(store, policies)
+    assert removed["a2a_tasks"] == 2
+    left = {r["id"] for r in store.query("SELECT id FROM a2a_tasks")}
+    assert left == {"t_live", "t_wait", "t_unlinked", "t_recent"}  # running ones never; fresh ones kept
+    runs.checkpoint("run_live", 1, {"trusted": ["x"]})
+    runs.checkpoint("run_done", 1, {"trusted": ["y"]})
+    store.execute("UPDATE run_provenance SET written_at = ? WHERE written_at > 0", [old])
+    rows = [p for p in policies_from(RetentionConfig(runs_days=1)) if p.table == "run_provenance"]
+    assert apply_retention(store, rows) == {"run_provenance": 1}
+    assert [r["run_id"] for r in store.query("SELECT run_id FROM run_provenance")] == ["run_live"]

@@ -68,20 +68,26 @@ class RetentionPolicy:
         column: Its time column (Unix seconds).
         max_age_days: Rows older than this are deleted.
         where: Extra SQL condition rows must also meet to be deleted (e.g. ``status <> 'running'``).
+        optional: The table exists only where its feature is used (missing: nothing to delete).
     """
 
     table: str
     column: str
     max_age_days: float
     where: str = ""
+    optional: bool = False
+
+
+#: Runs that are not finished: their rows elsewhere are kept whatever their age.
+_LIVE_RUNS = "SELECT id FROM runs WHERE status IN ('running', 'waiting_approval')"
 
 
 #: Sensible defaults: finished runs for 90 days, decided approvals for 365, expired revocations after a day.
 DEFAULT_POLICIES = (
     RetentionPolicy("runs", "updated_at", 90,
                     "status IN ('completed', 'failed', 'budget_exhausted', 'denied', 'timed_out')"),
-    RetentionPolicy("run_provenance", "written_at", 90,
-                    "run_id NOT IN (SELECT id FROM runs WHERE status IN ('running', 'waiting_approval'))"),
+    RetentionPolicy("run_provenance", "written_at", 90, f"run_id NOT IN ({_LIVE_RUNS})", optional=True),
+    RetentionPolicy("a2a_tasks", "updated_at", 90, f"run_id <> '' AND run_id NOT IN ({_LIVE_RUNS})", optional=True),
     RetentionPolicy("approvals", "created_at", 365, "status <> 'pending'"),
     RetentionPolicy("revoked_tokens", "expires_at", 1),
 )
@@ -91,7 +97,7 @@ def policies_from(config: RetentionConfig) -> tuple[RetentionPolicy, ...]:
     """The table policies ``[data.retention]`` names (an age of 0 keeps the table; memory and audit are handled
     apart: :meth:`~stitchwork.memory.store.AgentMemory.expire` and :func:`compact_audit`)."""
     ages = {"runs": config.runs_days, "run_provenance": config.runs_days, "approvals": config.approvals_days,
-            "revoked_tokens": config.revoked_tokens_days}
+            "revoked_tokens": config.revoked_tokens_days, "a2a_tasks": config.a2a_tasks_days}
     return tuple(dataclasses.replace(p, max_age_days=ages[p.table]) for p in DEFAULT_POLICIES if ages[p.table] > 0)
 
 
@@ -108,11 +114,22 @@ def apply_retention(store: Store, policies: Iterable[RetentionPolicy], *, now: f
             raise StoreError(f"{policy.table} is not subject to retention: compact the audit log into Iceberg instead")
         cutoff = now - policy.max_age_days * 86400.0
         cond = f"{policy.column} < ?" + (f" AND ({policy.where})" if policy.where else "")
+        if policy.optional and not _exists(store, policy.table):
+            deleted[policy.table] = 0
+            continue
         count = store.query(f"SELECT count(*) AS n FROM {policy.table} WHERE {cond}", [cutoff])[0]["n"]
         if count:
             store.execute(f"DELETE FROM {policy.table} WHERE {cond}", [cutoff])
         deleted[policy.table] = int(count)
     return deleted
+
+
+def _exists(store: Store, table: str) -> bool:
+    try:
+        store.query(f"SELECT 1 FROM {table} LIMIT 1")
+    except StoreError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
