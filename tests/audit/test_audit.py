@@ -883,3 +883,48 @@ def row_head(db: Path) -> dict[str, Any]:
         return dict(zip(names, found, strict=True))
     finally:
         conn.close()
+
+
+async def test_a_queued_event_shares_the_fsync_of_the_awaited_one_after_it(
+    journal: Path, signer: Ed25519Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+    def counted(fd: int) -> None:
+        if threading.current_thread().name == "audit-writer":  # journal commits, not the copier's refills
+            syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    monkeypatch.setattr(audit_module, "NOWAIT_LINGER_S", 3600.0)  # only an awaited append ends the linger
+    store = open_store("memory://")
+    log = AuditLog(store, signer=signer, journal_path=journal)
+    try:
+        for round_ in range(3):  # a tool call: its decision queued, its execution awaited
+            log.append_nowait("decision", decision="allow", data={"round": round_})
+            await asyncio.sleep(0.05)  # the tool runs: the writer has time to take the queued event (it must not)
+            executed = await log.aappend("tool", decision="ok", data={"round": round_})
+            assert executed.seq == 2 * round_ + 2
+        assert len(syncs) == 3  # one journal write and fsync per call, not two
+        alone = await log.aappend("run", decision="ok")  # an awaited append alone never waits for the timer
+        assert alone.seq == 7 and len(syncs) == 4
+        log.append_nowait("decision", decision="allow", data={"last": True})
+    finally:
+        await log.aclose()  # close commits what lingers instead of waiting for the timer
+        store_rows = store.query(f"SELECT seq, kind FROM {EVENTS_TABLE} ORDER BY seq")
+        store.close()
+    assert [r["seq"] for r in store_rows] == list(range(1, 9)) and store_rows[-1]["kind"] == "decision"
+
+
+def test_a_queued_event_alone_becomes_durable_after_the_linger(journal: Path, signer: Ed25519Signer) -> None:
+    store = open_store("memory://")
+    log = AuditLog(store, signer=signer, journal_path=journal)
+    durable = threading.Event()
+    log.listen(lambda events: durable.set())
+    try:
+        log.append_nowait("decision", decision="allow")
+        assert durable.wait(30)  # nobody appends after it: the writer commits it once the linger is over
+        assert log.tail(1)[0].seq == 1
+    finally:
+        log.close()
+        store.close()

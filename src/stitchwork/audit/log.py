@@ -87,6 +87,9 @@ log = logging.getLogger(__name__)
 
 #: Copy journaled events into the store as soon as this many are waiting.
 FLUSH_THRESHOLD = 5_000
+#: How long the writer holds events nobody waits for (:meth:`AuditLog.append_nowait`) for an awaited append to
+#: share their journal write and fsync. An awaited append is committed at once, with every event queued before it.
+NOWAIT_LINGER_S = 0.01
 
 _Waiter = tuple["asyncio.Future[Any]", "_Item | _Batch"]
 
@@ -94,13 +97,14 @@ _Waiter = tuple["asyncio.Future[Any]", "_Item | _Batch"]
 class _Group:
     """The appends that one journal write (or one store transaction) makes durable together."""
 
-    __slots__ = ("done", "error", "items", "waiters")
+    __slots__ = ("done", "error", "items", "urgent", "waiters")
 
     def __init__(self) -> None:
         self.items: list[_Item | _Batch] = []
         self.done = threading.Event()
         self.error: AuditError | None = None
         self.waiters: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
+        self.urgent = False  # someone waits for this group to be durable: commit it at once
 
 
 class _Sealed:
@@ -264,9 +268,11 @@ class AuditLog:
         """Queues an event without waiting for it to be durable.
 
         The chain is linear and the journal is written in order, so the event is durable no later than any event
-        appended after it: a caller that ends with an awaited :meth:`aappend` has both durable on return.
+        appended after it: a caller that ends with an awaited :meth:`aappend` has both durable on return. The writer
+        holds such an event for up to :data:`NOWAIT_LINGER_S` so that an awaited append following it shares its
+        journal write and fsync (a tool call's queued decision and awaited execution: one fsync, not two).
         """
-        self._enqueue(_prepare_event(kind, agent, run_id, tool, decision, data), None)
+        self._enqueue(_prepare_event(kind, agent, run_id, tool, decision, data), None, urgent=False)
 
     def append_many(self, events: Iterable[Mapping[str, Any]]) -> AuditBatch:
         """Records a batch of events, contiguous in the chain and in order, with one journal write and one fsync.
@@ -481,9 +487,14 @@ class AuditLog:
         self.close()
 
     def _enqueue(
-        self, entry: _Item | _Batch, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
+        self, entry: _Item | _Batch, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None, *,
+        urgent: bool = True,
     ) -> _Group:
-        """Adds one event or one batch (as one entry: its events get consecutive numbers) to the pending group."""
+        """Adds one event or one batch (as one entry: its events get consecutive numbers) to the pending group.
+
+        ``urgent``: a caller waits for the group (``append``, ``aappend``…), so the writer commits it at once;
+        otherwise the writer lingers for an urgent entry to join (:data:`NOWAIT_LINGER_S`).
+        """
         with self._cond:
             if self._closed:
                 raise AuditError("the audit log is closed")
@@ -493,19 +504,42 @@ class AuditLog:
             group.items.append(entry)
             if waiter is not None:
                 group.waiters.setdefault(waiter[0], []).append((waiter[1], entry))
-            if len(group.items) == 1:
+            if urgent and not group.urgent:
+                group.urgent = True
                 self._cond.notify()
+            elif len(group.items) == 1:
+                self._cond.notify()  # the writer starts its linger
         return group
+
+    def _next_group(self) -> _Group | None:
+        """Waits for the next group to commit (writer thread); None once the log is closed and drained."""
+        deadline = 0.0
+        with self._cond:
+            while not self._closed:
+                group = self._group
+                if group.urgent:
+                    break
+                if not group.items:
+                    deadline = 0.0
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + NOWAIT_LINGER_S
+                if now >= deadline:
+                    break
+                self._cond.wait(deadline - now)
+            group = self._group
+            if not group.items:
+                return None  # closed and drained
+            self._group = _Group()
+            return group
 
     def _write_loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._group.items and not self._closed:
-                    self._cond.wait()
-                group = self._group
-                if not group.items:
-                    return  # closed and drained
-                self._group = _Group()
+            group = self._next_group()
+            if group is None:
+                return
             records: list[_Row] = []
             try:
                 records = self._commit(group)
