@@ -89,3 +89,15 @@ def test_snapshot_since_holds_only_what_was_added_and_merges_back_to_the_snapsho
     assert merge_provenance(before, delta) == tracker.snapshot()
     assert after == tracker.marks() and tracker.snapshot_since(after)[0] == {
         "untrusted": [], "trusted": [], "confidential": []}
+
+
+def test_the_same_content_from_the_same_source_is_recorded_once() -> None:
+    tracker = ProvenanceTracker()
+    for _ in range(3):  # a session calling the same tool with the same answer
+        tracker.add("echo: hello pid=42", Label("mcp:fake", False))
+    tracker.add("echo: hello pid=42", Label("mcp:other", False))  # another source: its own entry
+    assert tracker.snapshot()["untrusted"] == [["mcp:fake", "echo: hello pid=42", ""],
+                                               ["mcp:other", "echo: hello pid=42", ""]]
+    assert tracker.untrusted_labels() == (Label("mcp:fake", False), Label("mcp:other", False))
+    found = tracker.check({"to": "echo: hello pid=42"}).provenance()
+    assert found["to"]["sources"] == ["mcp:fake", "mcp:other"]

@@ -437,6 +437,9 @@ class ProvenanceTracker:
     _untrusted: list[tuple[Label, str]] = field(default_factory=list)
     _trusted_text: list[str] = field(default_factory=list)
     _confidential: list[tuple[Label, str]] = field(default_factory=list)
+    _untrusted_seen: dict[Label, None] = field(default_factory=dict)  # the labels of _untrusted, first-seen order
+    _confidential_seen: dict[Label, None] = field(default_factory=dict)  # and of _confidential
+    _recorded: set[tuple[Label, str]] = field(default_factory=set)  # every (label, text) added: a repeat adds nothing
     _corpus: _Corpus = field(default_factory=lambda: _Corpus())
     _records: _Corpus = field(default_factory=lambda: _Corpus())
     _senders: dict[str, set[int]] = field(default_factory=dict)
@@ -452,6 +455,9 @@ class ProvenanceTracker:
             label = replace(label, trusted=True)
         if isinstance(text, bytes | bytearray):
             text = bytes(text).decode("utf-8", "replace")
+        if (label, text) in self._recorded:  # the same content from the same source again: nothing to add
+            return label
+        self._recorded.add((label, text))
         structured = _split_structured(text)
         if label.confidential:
             self._add_secret(text, label, structured)
@@ -466,6 +472,7 @@ class ProvenanceTracker:
                 self._trusted.add(decoded, confidential=label.confidential)
             return label
         self._untrusted.append((label, text))
+        self._untrusted_seen.setdefault(label, None)
         if self._overflow or self._corpus.size + self._records.size + len(norm) > MAX_CORPUS_CHARS:
             self._overflow = True
             return label
@@ -489,6 +496,7 @@ class ProvenanceTracker:
 
     def _add_secret(self, text: str, label: Label, structured: _Structured | None) -> None:
         self._confidential.append((label, text))
+        self._confidential_seen.setdefault(label, None)
         text = _PLACEHOLDER.sub(" ", text)  # a redacted secret's placeholder is not its value
         owner = self._owner(label, "")
         if structured is not None:
@@ -662,12 +670,13 @@ class ProvenanceTracker:
     # -- state ----------------------------------------------------------------------------------------------
 
     def untrusted_labels(self) -> tuple[Label, ...]:
-        """The distinct labels of the untrusted content recorded so far, in first-seen order."""
-        return tuple(dict.fromkeys(label for label, _ in self._untrusted))
+        """The distinct labels of the untrusted content recorded so far, in first-seen order (kept as content is
+        added: a host-side call reads them, and a long session holds many entries with few labels)."""
+        return tuple(self._untrusted_seen)
 
     def confidential_labels(self) -> tuple[Label, ...]:
         """The distinct labels of the confidential content recorded so far, in first-seen order."""
-        return tuple(dict.fromkeys(label for label, _ in self._confidential))
+        return tuple(self._confidential_seen)
 
     def memory_labels(self) -> tuple[Label, ...]:
         """The labels a memory item written now must keep: the untrusted ones and the confidential ones."""
