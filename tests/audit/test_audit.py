@@ -909,11 +909,16 @@ async def test_a_queued_event_shares_the_fsync_of_the_awaited_one_after_it(
         alone = await log.aappend("run", decision="ok")  # an awaited append alone never waits for the timer
         assert alone.seq == 7 and len(syncs) == 4
         log.append_nowait("decision", decision="allow", data={"last": True})
+        assert log.tail(1)[0].data == {"last": True}  # a read commits what lingers first
+        log.append_nowait("decision", decision="allow", data={"after": True})
+        log.flush()
+        assert store.query(f"SELECT max(seq) AS m FROM {EVENTS_TABLE}") == [{"m": 9}]
+        log.append_nowait("decision", decision="allow", data={"closing": True})
     finally:
         await log.aclose()  # close commits what lingers instead of waiting for the timer
         store_rows = store.query(f"SELECT seq, kind FROM {EVENTS_TABLE} ORDER BY seq")
         store.close()
-    assert [r["seq"] for r in store_rows] == list(range(1, 9)) and store_rows[-1]["kind"] == "decision"
+    assert [r["seq"] for r in store_rows] == list(range(1, 11)) and store_rows[-1]["kind"] == "decision"
 
 
 def test_a_queued_event_alone_becomes_durable_after_the_linger(journal: Path, signer: Ed25519Signer) -> None:

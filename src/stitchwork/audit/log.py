@@ -318,11 +318,13 @@ class AuditLog:
         return max(journaled - self._stored_seq, 0) if self._paths else 0
 
     def flush(self) -> None:
-        """Copies every event journaled so far into the store, and upserts its signed head.
+        """Copies every event appended so far (queued ones are committed first) into the store, and upserts its
+        signed head.
 
         Raises:
             AuditError: The store refused the copy (the events stay in the journal).
         """
+        self._commit_pending()
         if not self._paths:
             return
         with self._journal_lock:
@@ -384,6 +386,7 @@ class AuditLog:
         """
         if n <= 0:
             return []
+        self._commit_pending()
         with self._copy_lock:
             with self._journal_lock:
                 memory = list(self._unstored)
@@ -510,6 +513,19 @@ class AuditLog:
             elif len(group.items) == 1:
                 self._cond.notify()  # the writer starts its linger
         return group
+
+    def _commit_pending(self) -> None:
+        """Has the writer commit the events queued so far now (ending their linger) and waits until it has: what
+        was appended before a read is in what the read sees. A failed commit is the appenders' error, not this."""
+        with self._cond:
+            group = self._group
+            if not group.items or self._closed:
+                return
+            if not group.urgent:
+                group.urgent = True
+                self._cond.notify()
+        if threading.current_thread() is not self._writer:  # a listener reading from the writer thread
+            group.done.wait()
 
     def _next_group(self) -> _Group | None:
         """Waits for the next group to commit (writer thread); None once the log is closed and drained."""
