@@ -118,6 +118,6 @@ def test_reports_export_and_retention_through_the_api(http: HttpClient, tmp_path
     compacted = http.audit_compact(uri, upto_seq=first["last_seq"] - 2)
     assert compacted["checkpoint_seq"] == first["last_seq"] - 2
     assert http.audit_verify()["ok"]
-    assert set(http.data_retention()) == {"runs", "approvals", "revoked_tokens"}
+    assert set(http.data_retention()) == {"runs", "run_provenance", "approvals", "revoked_tokens", "a2a_tasks"}
     with pytest.raises(RemoteError, match="unknown report"):
         http.audit_report("bogus")
