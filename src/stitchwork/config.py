@@ -234,6 +234,10 @@ class ComputeConfig(RouterConfig):
     """Where spend and rate-limit meters are kept: ``store`` (the platform's store), ``bus`` (shared by the server
     and every worker of the bus), ``memory`` (this process only); empty: ``bus`` for workers and for a server with
     a bus other than ``memory://``, else ``store``."""
+    meters_flush_ms: int = 50
+    """How long the model door gathers meter additions before storing them together (one store row or bus
+    compare-and-set per key per batch). Limits checked by this process count pending additions; other processes
+    see them up to this much later. 0: store each batch as soon as the writer is free."""
 
 
 @dataclass(frozen=True)

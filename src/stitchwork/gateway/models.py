@@ -228,7 +228,8 @@ class ModelDoor:
         )
         self.limits = _agent_limits(config.agents)
         self.model_limits = _model_limits(config.models)
-        self.meters = Meters(meters if meters is not None else MemoryMeters(), clock)
+        self.meters = Meters(meters if meters is not None else MemoryMeters(), clock,
+                             flush_s=max(config.meters_flush_ms, 0) / 1000)
         """Shared spend and rate meters (store or bus): what budgets and limits are checked against."""
         self.usage: dict[str, Meter] = {}
         """Usage through this process, per agent (``/v1/compute/deployments``)."""

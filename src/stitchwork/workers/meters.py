@@ -74,12 +74,21 @@ class BusMeters(MeterStore):
         return reading_of(self._doc(await self._last(self.subjects.meter(key))), windows)
 
     async def add(self, keys: Sequence[str], windows: Windows, delta: Delta) -> None:
+        await self.add_many([(key, windows, delta) for key in keys])
+
+    async def add_many(self, additions: Sequence[tuple[str, Windows, Delta]]) -> None:
+        """One compare-and-set per key, with every addition to that key folded in, in order."""
         await self._bound()
-        for key in keys:
+        per_key: dict[str, list[tuple[Windows, Delta]]] = {}
+        for key, windows, delta in additions:
+            per_key.setdefault(key, []).append((windows, delta))
+        for key, changes in per_key.items():
             subject = self.subjects.meter(key)
             for _ in range(MAX_ATTEMPTS):
                 found = await self._last(subject)
-                doc = fold(self._doc(found), windows, delta)
+                doc = self._doc(found)
+                for windows, delta in changes:
+                    doc = fold(doc, windows, delta)
                 try:
                     await self._publish(subject, json.dumps(doc).encode(), found.seq if found is not None else 0)
                     break
