@@ -169,7 +169,8 @@ async def test_timeouts_and_refused_connections() -> None:
 @pytest.mark.parametrize("head", [b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n",
                                   b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
                                   b"HTTP/1.1 200 OK\r\ncontent-length: -4\r\n\r\n",
-                                  b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"])
+                                  b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                                  b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcXY"])
 async def test_answers_that_are_not_http_fail_cleanly(head: bytes) -> None:
     server = Server(lambda request, writer, _: writer.write(head))
     async with server as pool:

@@ -77,6 +77,13 @@ class Response:
         except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
             raise HttpError(f"{self._pool.where}: {type(exc).__name__} {exc}") from exc
 
+    async def _more(self, buffer: bytearray) -> None:
+        """Appends what the server sends next to ``buffer`` (one read, under the read timeout)."""
+        piece = await self._read(self._reader.read(65536))
+        if not piece:
+            raise HttpError(f"{self._pool.where} closed the connection mid-answer")
+        buffer += piece
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (chunked encoding undone)."""
         reader = self._reader
@@ -91,8 +98,15 @@ class Response:
                 left -= len(piece)
                 yield piece
         elif self._chunked:
+            # Framing is parsed from this buffer, filled by plain reads: one read (and one timer) per arrival of
+            # bytes rather than two per chunk (size line, then data).
+            buffer = bytearray()
             while True:
-                line = await self._read(reader.readuntil(b"\r\n"))
+                while (end := buffer.find(b"\r\n")) < 0:
+                    if len(buffer) > MAX_HEAD:
+                        raise HttpError(f"{self._pool.where} sent a chunk size line longer than {MAX_HEAD} bytes")
+                    await self._more(buffer)
+                line = bytes(buffer[:end])
                 try:
                     size = int(line.split(b";", 1)[0].strip(), 16)
                 except ValueError:
@@ -100,11 +114,25 @@ class Response:
                 if size < 0:
                     raise HttpError(f"{self._pool.where} sent a bad chunk size {line[:40]!r}")
                 if size == 0:
-                    while (await self._read(reader.readuntil(b"\r\n"))) != b"\r\n":
-                        pass  # trailers
+                    del buffer[:end + 2]
+                    while (end := buffer.find(b"\r\n")) != 0:  # trailers, up to an empty line
+                        if end > 0:
+                            del buffer[:end + 2]
+                        elif len(buffer) > MAX_HEAD:
+                            raise HttpError(f"{self._pool.where} sent trailers longer than {MAX_HEAD} bytes")
+                        else:
+                            await self._more(buffer)
+                    del buffer[:2]
+                    if buffer:
+                        self._keep = False  # bytes nobody asked for: do not reuse the connection
                     break
-                piece = await self._read(reader.readexactly(size + 2))
-                yield piece[:-2]
+                while len(buffer) < end + 2 + size + 2:
+                    await self._more(buffer)
+                if buffer[end + 2 + size:end + 4 + size] != b"\r\n":
+                    raise HttpError(f"{self._pool.where} sent a chunk without its line end")
+                piece = bytes(buffer[end + 2:end + 2 + size])
+                del buffer[:end + 4 + size]
+                yield piece
         else:
             while piece := await self._read(reader.read(65536)):
                 yield piece

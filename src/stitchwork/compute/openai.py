@@ -80,6 +80,14 @@ def _json_body(body: Mapping[str, Any]) -> bytes:
         return json.dumps(body).encode()
 
 
+def _loads(data: str | bytes) -> Any:
+    """JSON from a model server: orjson, else the standard library (NaN, integers over 64 bits)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def _retry_after(value: str) -> float | None:
     """Seconds from a ``Retry-After`` header (a number; an HTTP date is not used by model servers)."""
     try:
@@ -412,7 +420,7 @@ class OpenAICompatModel(ChatCompletionsModel):
             if answer.status_code >= 400:
                 raise await self._aerror(answer, raw.decode("utf-8", "replace"))
             try:
-                completion = orjson.loads(raw)
+                completion = _loads(raw)
             except ValueError as exc:
                 raise ModelUnavailable(f"{self.profile.name} server at {self.base_url} returned invalid JSON") from exc
             if not isinstance(completion, dict):
@@ -458,7 +466,7 @@ class OpenAICompatModel(ChatCompletionsModel):
                         await _drain(lines)
                         break
                     try:
-                        chunk = json.loads(data)
+                        chunk = _loads(data)
                     except ValueError as exc:
                         raise ModelUnavailable(f"{self.profile.name} stream sent invalid JSON: {data[:100]}") from exc
                     if isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices"):

@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from stitchwork.compute._base import Model, ModelTurn, Usage
 from stitchwork.compute._wire import normalize_messages, turn_from_completion, usage_from
 from stitchwork.compute.router import Deployment, Routed, RoutedModel, Router, RouterSettings, parse_deployments
@@ -490,7 +492,7 @@ class ModelDoor:
                         except StopAsyncIteration:
                             break
                     chunk["model"] = name
-                    yield redactor.redact(chunk) if redactor.contains_secret(json.dumps(chunk)) else chunk
+                    yield redactor.redact(chunk) if redactor.contains_secret(_text(chunk)) else chunk
             except StitchworkError as exc:
                 spans[0].record_error(exc)
                 await self._failed(claims, name, exc)
@@ -509,6 +511,15 @@ class ModelDoor:
         finally:
             for span in spans:
                 span.end()
+
+
+def _text(chunk: Mapping[str, Any]) -> str:
+    """A streamed chunk as JSON text to look for secrets in (orjson: unescaped UTF-8, so a secret with non-ASCII
+    characters reads as itself; the standard library for what orjson refuses)."""
+    try:
+        return orjson.dumps(chunk).decode()
+    except TypeError:
+        return json.dumps(chunk, ensure_ascii=False)
 
 
 __all__ = ["MODEL_ACTION", "MODEL_TOOL_ACTION", "RATE_POLICIES", "AgentModels", "Meter", "ModelDoor", "ModelLimits",
