@@ -232,3 +232,50 @@ async def test_the_openai_client_over_it(monkeypatch: pytest.MonkeyPatch) -> Non
     assert server.connections == 1
     assert server.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
 
+
+
+def test_connections_of_a_finished_event_loop_are_not_reused() -> None:
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                conn.sendall(ok(b"x"))
+
+    threading.Thread(target=serve, daemon=True).start()
+    pool = Http1Pool("127.0.0.1", listener.getsockname()[1], connect_s=2, read_s=2)
+
+    async def two() -> list[bytes]:
+        out = []
+        for _ in range(2):
+            answer = await pool.request("GET", "/", {})
+            out.append(await answer.read())
+            await answer.aclose()
+        return out
+
+    try:
+        assert asyncio.run(two()) == [b"x", b"x"]
+        assert pool.opened == 1 and len(pool._idle) == 1
+        assert asyncio.run(two()) == [b"x", b"x"]  # a new loop: a new connection, then kept on this loop
+        assert pool.opened == 2
+    finally:
+        listener.close()

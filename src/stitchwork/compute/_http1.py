@@ -214,6 +214,8 @@ class Http1Pool:
         if ":" in host and not host.startswith("["):
             self._host_header = f"[{host}]" if port == 80 else f"[{host}]:{port}"
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the idle connections belong to (a CLI may run several loops, one after another)."""
         self.opened = 0
         """Connections opened (tests and benches check reuse)."""
 
@@ -235,6 +237,11 @@ class Http1Pool:
         return reader, writer
 
     def _reusable(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # connections of another (likely closed) loop cannot be used on this one
+            idle, self._idle, self._loop = self._idle, [], loop
+            for _, writer in idle:
+                _close(writer)
         while self._idle:
             reader, writer = self._idle.pop()
             if not writer.is_closing() and not reader.at_eof() and not reader._buffer:  # type: ignore[attr-defined]
