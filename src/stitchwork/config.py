@@ -133,11 +133,13 @@ class DataConfig:
     """Maximum time a durable audit event waits in the journal before it is copied into the store (the audit
     commands, reports and dashboard copy first; each copy costs 3-8 ms of CPU however few events it holds)."""
     memory_tools: bool = True
-    memory: str = "store"
+    """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
+    memory: str = ""
     """Where agent memory and its grants live: ``store`` (this process's store; each worker has its own) or
     ``bus`` (keys on the bus of durable runs, shared by every worker and the platform: a run resumed on another
-    worker reads what it wrote and the grants it was given; needs a shared bus such as NATS)."""
-    """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
+    worker reads what it wrote and the grants it was given; needs a shared bus such as NATS). Empty (the default):
+    ``bus`` in fleet mode (a worker, or `stitchwork up`, on a bus other than ``memory://``, e.g. the embedded
+    NATS), else ``store``."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Per-table retention (``[data.retention]``)."""
     audit_query_max_rows: int = 10_000

@@ -117,12 +117,19 @@ class _RoleParts:
     """Model-use meters on this role's bus, if it has one that others share."""
 
 
+def _fleet_mode(parts: _RoleParts) -> bool:
+    """Whether this platform is part of a fleet: a worker, or the server, on a bus other processes share."""
+    if parts.durable is not None:
+        return urlsplit(parts.durable.sync.uri).scheme != "memory"
+    return isinstance(parts.events, EventHub) and urlsplit(parts.events.uri).scheme != "memory"
+
+
 def _memory(config: Config, parts: _RoleParts, store: Store,
             audit: AuditLog) -> tuple[AgentMemory, tuple[Callable[[], Any], ...]]:
     """Agent memory (``[data] memory``): the store's, or the bus's shared by the fleet; and what closes it."""
-    choice = config.data.memory
+    choice = config.data.memory or ("bus" if _fleet_mode(parts) else "store")
     if choice not in {"store", "bus"}:
-        raise ConfigError(f"[data] memory must be store or bus, got {choice!r}")
+        raise ConfigError(f"[data] memory must be store, bus or empty, got {choice!r}")
     if choice == "store":
         return AgentMemory(store, audit=audit), ()
     prefix = config.messaging.subject_prefix

@@ -14,10 +14,14 @@
   the agent had called it. The undo's arguments carry no taint: they are not the agent's choice but the manifest's
   mapping of the recorded call (whose own taint was decided when it ran) and of its result.
 * **Approval.** An ``ask`` holds the undo for a human (the approval's arguments are the undo call's, with
-  ``reverses``); ask again after the human approved to run it. A denied approval denies it.
+  ``reverses``); deciding it asks again here (:meth:`stitchwork.service.Service.decide`): approved, the approval
+  is consumed (once) and the undo runs; denied, it is refused.
 * **Once.** The intent is durable before the tool runs (a *started* record under ``undo:<seq>:<attempt>`` in the
-  idempotency ledger) and the outcome replaces it; a call already undone is not undone again. An undo found started
-  and never finished (its process died) is not re-run blindly: it is held for a human like an uncertain call.
+  idempotency ledger: the bus's compare-and-set or the store's unique claim, so of two undoers exactly one runs it)
+  and the outcome replaces it; a call already undone is not undone again. An undo found started and still running
+  (here, or in a live process on this host) is answered ``undo_in_progress``; one whose process died is not re-run
+  blindly: it is held for a human like an uncertain call. The ledger is the gateway's, or the bus's for a run
+  driven by workers (``ledger=``).
 * **Audit.** The decision and the tool's events carry ``reverses`` (the reversed call's ``tool`` event sequence
   number) and ``call``; every attempt ends with one ``undo`` event (decision: the outcome's status) that says
   which call it reversed. :mod:`stitchwork.service.undo` reads these to know what was undone.
