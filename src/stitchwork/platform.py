@@ -129,7 +129,7 @@ def _memory(config: Config, parts: _RoleParts, store: Store,
     """Agent memory (``[data] memory``): the store's, or the bus's shared by the fleet; and what closes it."""
     choice = config.data.memory or ("bus" if _fleet_mode(parts) else "store")
     if choice not in {"store", "bus"}:
-        raise ConfigError(f"[data] memory must be store, bus or empty, got {choice!r}")
+        raise ConfigError(f"[data] memory must be store or bus, or empty (bus in fleet mode), got {choice!r}")
     if choice == "store":
         return AgentMemory(store, audit=audit), ()
     prefix = config.messaging.subject_prefix

@@ -321,3 +321,12 @@ async def test_an_uncertain_call_is_resolved_by_undoing_it(open_ops: Any) -> Non
     assert told.status == "uncertain" and "not run again" in (told.error or {})["message"]
     assert (ops.cwd / "ledger.log").read_text() == "refund acme 40\n"  # never paid blindly
     assert (await ops.states())["c9"] == "undone"
+
+
+async def test_an_undo_approval_denied_or_expired_without_the_service_still_shows_denied(open_ops: Any) -> None:
+    ops = await open_ops(policy=UNDO_ASKS)
+    waiting = await ops.service.undo(ops.run_id, call="c2", by="operator:cli")
+    ops.platform.approvals.decide(waiting["results"][0]["approval_id"], approve=False, by="ops")  # no undo event
+    c2 = next(c for c in await ops.service.run_calls(ops.run_id) if c["call"] == "c2")
+    assert c2["state"] == "undo_denied" and "denied by ops" in c2["reason"]
+    assert await ops.service.finish_decided_undos() == [] and sorted(calendar(ops.cwd)) == ["ev1", "ev2"]

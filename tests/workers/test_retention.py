@@ -4,24 +4,29 @@ every bus adapter: nothing unfinished is ever removed, a finished run's checkpoi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stitchwork.agents.runs import RunRecord, RunStatus
-from stitchwork.config import load_config
+from stitchwork.config import StateLimits, load_config
 from stitchwork.errors import ConfigError
 from stitchwork.gateway.meters import Delta, Windows
 from stitchwork.gateway.models import meter_retention
-from stitchwork.messaging._base import MESSAGE_TTL, Bus, ttl_header
+from stitchwork.messaging._base import MESSAGE_TTL, Bus, open_bus, ttl_header
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.messaging.memory import MemoryBus
+from stitchwork.platform import open_worker
 from stitchwork.workers.meters import BusMeters
 from stitchwork.workers.runstore import BusRunStore
 from stitchwork.workers.subjects import Subjects
+from tests.workers.durable_fixtures import build
 
 
 class _Clock:
@@ -166,3 +171,49 @@ def test_state_and_meter_limits_are_typed_config() -> None:
     for env in ("STATE__MAX_BYTES", "METERS__MAX_MSGS", "STATE__MAX_AGE_S"):
         with pytest.raises(ConfigError, match="limits"):
             load_config(environ={f"STITCHWORK_MESSAGING__LIMITS__{env}": "-1" if env.endswith("AGE_S") else "5"})
+
+
+async def test_a_redelivered_job_of_a_finished_run_removes_what_its_dead_worker_left(tmp_path: Path) -> None:
+    uri = f"memory://seal-{uuid.uuid4().hex[:8]}"
+    config = build(tmp_path, [{"content": "done"}], bus=uri)
+    limits = replace(config.messaging.limits, state=StateLimits(max_age_s=60))
+    config = replace(config, messaging=replace(config.messaging, limits=limits))
+    client = await open_bus(uri)
+    assert isinstance(client, MemoryBus)
+    client.clock = clock = _Clock()
+    subjects = Subjects(config.messaging.subject_prefix)
+    worker = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        running = BusRunStore(SyncBus(uri, bus=client), subjects, abus=client)  # the worker that died
+        record = _record("r1")
+        record = replace(record, agent="scribe")
+        for step in range(2):
+            await running.asave(replace(record, steps=step))
+        # It stored the finished checkpoint (with its TTL) and was killed before removing the older ones.
+        await client.publish(subjects.state("r1"), running._body(replace(record, status=RunStatus.COMPLETED)),
+                             headers=ttl_header(60))
+        await client.publish(subjects.queue, json.dumps({"run_id": "r1", "agent": "scribe", "task": "t"}).encode())
+
+        async def kept() -> int:
+            async with client.consume(subjects.state("r1")) as replay:
+                count = 0
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        await replay.next(0.05)
+                        count += 1
+            return count
+
+        for _ in range(200):
+            if await kept() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await kept() == 1
+        clock.now += 61
+        assert await client.last(subjects.state("r1")) is None  # not an older running checkpoint come back
+    finally:
+        stop.set()
+        await serving
+        await worker.aclose()
+        await client.aclose()
