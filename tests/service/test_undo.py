@@ -330,3 +330,15 @@ async def test_an_undo_approval_denied_or_expired_without_the_service_still_show
     c2 = next(c for c in await ops.service.run_calls(ops.run_id) if c["call"] == "c2")
     assert c2["state"] == "undo_denied" and "denied by ops" in c2["reason"]
     assert await ops.service.finish_decided_undos() == [] and sorted(calendar(ops.cwd)) == ["ev1", "ev2"]
+
+
+async def test_an_undo_approval_that_cannot_be_carried_out_says_why_and_is_audited(open_ops: Any) -> None:
+    ops = await open_ops()
+    stray = ops.platform.approvals.request(run_id=ops.run_id, agent="tester", tool="delete_event", target="work",
+                                           arguments={"arguments": {}, "reverses": 999_999, "undo": True,
+                                                      "uncertain": False}, policy_ids=("x",), reason="r")
+    decided = await ops.service.decide(stray.id, approve=True, by="ops", resume=False)
+    assert decided["undo"]["error"] == "run_error" and "999999" in decided["undo"]["message"]
+    (event,) = [e for e in ops.events("undo") if e.data.get("approval_id") == stray.id]
+    assert event.decision == "error" and event.data["not_carried_out"] is True
+    assert sorted(calendar(ops.cwd)) == ["ev1", "ev2"]

@@ -217,6 +217,10 @@ class Service:
             log.warning("approval %s: its undo of call %s of run %s was not carried out: %s", approval.id, reverses,
                         approval.run_id, exc)
             failed: dict[str, Any] = self.platform.gateway.redactor.redact(exc.to_dict())
+            await self.platform.audit.aappend(
+                "undo", agent=approval.agent, run_id=approval.run_id, tool=approval.tool, decision="error",
+                data={"reverses": approval.arguments.get("reverses"), "approval_id": approval.id, "by": by,
+                      "error": failed, "not_carried_out": True})
             return failed
 
     async def finish_decided_undos(self) -> list[str]:
