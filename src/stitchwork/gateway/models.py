@@ -158,6 +158,37 @@ def _model_limits(raw: Mapping[str, Any]) -> dict[str, ModelLimits]:
     return out
 
 
+def meter_retention(agents: Mapping[str, Any], models: Mapping[str, Any],
+                    floor_s: float) -> Callable[[str], float]:
+    """How long a meter document must outlive its last update (0: forever), per meter key.
+
+    At least ``floor_s`` (``[messaging.limits.meters] max_age_s``; 0 keeps every meter), and never less than the
+    key's budgets need: an agent's ``total`` token or cost budget forever, a ``month`` budget 32 days, a ``day``
+    budget 2 days, per-minute limits 2 minutes. An unknown kind of key is kept forever.
+    """
+    if not floor_s:
+        return lambda key: 0.0
+    per_agent, per_model = _agent_limits(agents), _model_limits(models)
+
+    def retention(key: str) -> float:
+        kind, _, name = key.partition(":")
+        if kind == "agent":
+            limits = per_agent.get(name) or per_agent.get("*") or AgentModels()
+            if (limits.max_tokens or limits.max_cost_usd) and limits.period == "total":
+                return 0.0
+            need = ({"month": 32 * 86_400.0, "day": 2 * 86_400.0}.get(limits.period, 0.0)
+                    if limits.max_tokens or limits.max_cost_usd else 0.0)
+            need = max(need, 120.0 if limits.rpm or limits.tpm else 0.0)
+        elif kind == "model":
+            rates = per_model.get(name) or ModelLimits()
+            need = 120.0 if rates.rpm or rates.tpm else 0.0
+        else:
+            return 0.0
+        return max(floor_s, need)
+
+    return retention
+
+
 def period_end(period: str, windows: Windows) -> str:
     """When a budget period that holds ``windows`` ends, as ISO 8601 UTC ("" for ``total``)."""
     if period == "total":
