@@ -14,6 +14,7 @@ Results go to ``SPEC["out"]`` as JSON lines; progress goes to the terminal.
 from __future__ import annotations
 
 import ast
+import functools
 import gc
 import importlib
 import json
@@ -117,6 +118,7 @@ class Runner:
         self.progress = os.fdopen(os.dup(2), "w", buffering=1)
         self.out = open(spec["out"], "w", buffering=1)  # noqa: SIM115
         self.clean_failed = False
+        self.caches: list[Any] = []
 
     def say(self, text: str) -> None:
         self.progress.write(text + "\n")
@@ -167,6 +169,10 @@ class Runner:
         for obj in gc.get_objects():
             if isinstance(obj, types.FunctionType) and obj.__code__.co_filename == self.filename:
                 live.setdefault((obj.__code__.co_qualname, obj.__code__.co_firstlineno), []).append(obj)
+            elif isinstance(obj, functools._lru_cache_wrapper) and getattr(
+                    getattr(obj, "__wrapped__", None), "__code__", None) is not None and (
+                    obj.__wrapped__.__code__.co_filename == self.filename):
+                self.caches.append(obj)  # answers the clean run cached: cleared in each child
         by_time = sorted(items, key=lambda it: seconds[it.nodeid])
         jobs = max(1, int(self.spec["jobs"]))
         floor = float(self.spec.get("timeout") or 0)
@@ -240,6 +246,8 @@ class Runner:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             try:
+                for cache in self.caches:
+                    cache.cache_clear()
                 mutated = mutate.mutated_tree(mutant, self.source)
                 compiled = compile(mutated, self.filename, "exec")
                 if not (swap and self._swap(compiled, original, live)):

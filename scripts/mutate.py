@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per mutant (default: 20 s + 5x the clean time of the tests it runs)")
     parser.add_argument("--isolated", action="store_true",
                         help="the slow way: a copy of src/ and a whole pytest run per mutant (to cross-check)")
+    parser.add_argument("--match", action="append", default=[],
+                        help="only the mutants whose key holds this text (repeatable; e.g. a survivor's line text)")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--json", type=Path, help="write every result to this file")
     args = parser.parse_args(argv)
@@ -388,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         path, _, names = module.partition("::")
         source = (PACKAGE / path).read_text()
         mutants = within(enumerate_mutants(path, source), source, names)
+        if args.match:
+            mutants = [m for m in mutants if any(text in m.key for text in args.match)]
         if args.sample and len(mutants) > args.sample:
             mutants = random.Random(f"{args.seed}:{module}").sample(mutants, args.sample)
         if args.list:

@@ -110,11 +110,28 @@ def test_the_taint_record_is_read_conservatively() -> None:
     ({"taint": {"secret_sources": "v"}}, "context.taint.secret_sources must be a list of strings, got 'v'"),
     ({"taint": {"target_count": -1}}, "context.taint.target_count must be a non-negative integer, got -1"),
     ({"taint": {"target_count": True}}, "context.taint.target_count must be a non-negative integer, got True"),
+    ({"taint": {"target_levels": "record"}}, "context.taint.target_levels must be a list of strings, got 'record'"),
+    ({"taint": {"target_roles": "url"}}, "context.taint.target_roles must be a list of strings, got 'url'"),
 ])
 def test_malformed_contexts_are_refused_with_a_message_naming_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(BadContext) as caught:
         cedar_context(MAIL, base(**change))
     assert str(caught.value) == message
+
+
+def test_target_count_and_levels_of_a_tainted_target() -> None:
+    def taint(**record: Any) -> dict[str, Any]:
+        return dict(cedar_context(MAIL, base(taint=record))["taint"])
+
+    assert taint(target_count=0)["target_count"] == 0  # a count of 0 is valid; untainted, it is kept as given
+    assert taint(target_count=3)["target_count"] == 3
+    assert taint(target=True, target_count=0)["target_count"] == 1  # a tainted target is at least one
+    assert taint(target=True, target_count=3)["target_count"] == 3
+    assert taint(target=True)["target_count"] == 2 and taint()["target_count"] == 0  # unknown: several if tainted
+    # without target_levels, the one target_level stands for them all
+    assert taint(target=True, target_level="record")["target_levels"] == ["record"]
+    assert taint(target=True)["target_levels"] == ["prose"]
+    assert taint(target_level="record")["target_levels"] == []
 
 
 def test_integer_edges_and_argument_types() -> None:
