@@ -119,3 +119,14 @@ def test_memory_commands_go_through_a_running_server(api: tuple[TestClient, Plat
     assert json.loads(listed.output)[0]["granted_by"] == "operator:api"
     refused = runner.invoke(app, ["memory", "grant", "tester", "ghost"])
     assert refused.exit_code == 2 and "ghost" in refused.output
+    platform.memory.put("tester", "invoice", text="the march invoice is paid", labels=[Label("user", True)],
+                        namespace="team")
+    owners = json.loads(runner.invoke(app, ["memory", "ls", "--format", "json"]).output)
+    assert [o["agent"] for o in owners] == ["tester"]
+    items = json.loads(runner.invoke(app, ["memory", "ls", "tester", "-n", "team", "--format", "json"]).output)
+    assert [i["key"] for i in items] == ["invoice"]
+    assert json.loads(runner.invoke(app, ["memory", "ls", "tester", "-n", "other", "--format", "json"]).output) == []
+    hits = json.loads(runner.invoke(app, ["memory", "search", "tester", "march", "--format", "json"]).output)
+    assert [h["key"] for h in hits] == ["invoice"]
+    revoked = runner.invoke(app, ["memory", "revoke", "tester", "assistant", "--namespace", "team"])
+    assert revoked.exit_code == 0 and not platform.memory.allowed("assistant", "tester", "team", "read")

@@ -168,8 +168,8 @@ async def test_a_three_node_cluster_loses_a_node_mid_run_and_two_workers_finish_
         workers_seen = set()
         for run_id in ids:
             async with client.consume(Subjects().events(run_id)) as events:
-                while True:
-                    event = json.loads((await events.next(10)).data)
+                while True:  # creating a consumer waits for the meta leader the cluster elects after the kill
+                    event = json.loads((await events.next(60)).data)
                     workers_seen.add(event["worker"])
                     if event["kind"] == "finished":
                         break

@@ -161,19 +161,34 @@ class _NatsReplay(Consumer):
         super().__init__(max_in_flight)
         self.bus, self.subject, self.stream, self.start_seq = bus, subject, stream, max(start_seq, 1)
         self._sub: Any = None
+        self._opening: asyncio.Task[Any] | None = None
+        """Creating the consumer, shielded: a caller's :meth:`next` timing out does not abort it (on a cluster
+        that just lost its meta leader creation can take longer than any one wait), the next call awaits it."""
+
+    async def _open(self) -> Any:
+        await self.bus.ensure_stream(self.stream)
+        return await self.bus.js.subscribe(
+            self.subject, stream=self.stream, ordered_consumer=True, pending_msgs_limit=-1, pending_bytes_limit=-1,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.start_seq),
+        )
+
+    async def _subscription(self) -> Any:
+        if self._sub is None:
+            if self._opening is None:
+                self._opening = asyncio.ensure_future(self._open())
+            opening = self._opening
+            try:
+                self._sub = await asyncio.shield(opening)
+            finally:
+                if opening.done():  # failed (the next call starts afresh) or opened
+                    self._opening = None
+        return self._sub
 
     async def _next(self) -> Delivery:
         while not self.closed:
             try:
-                if self._sub is None:
-                    await self.bus.ensure_stream(self.stream)
-                    self._sub = await self.bus.js.subscribe(
-                        self.subject, stream=self.stream, ordered_consumer=True, pending_msgs_limit=-1,
-                        pending_bytes_limit=-1,
-                        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                              opt_start_seq=self.start_seq),
-                    )
-                msg = await self._sub.next_msg(timeout=1.0)
+                sub = await self._subscription()
+                msg = await sub.next_msg(timeout=1.0)
             except _RETRYABLE:
                 continue
             except nats.errors.Error as exc:
@@ -186,6 +201,12 @@ class _NatsReplay(Consumer):
 
     async def aclose(self) -> None:
         await super().aclose()
+        if self._opening is not None:  # still being created: wait for it, then remove it like an opened one
+            with contextlib.suppress(nats.errors.Error, *_RETRYABLE):
+                self._sub = await asyncio.wait_for(asyncio.shield(self._opening), 10.0)
+            if not self._opening.done():
+                self._opening.cancel()
+            self._opening = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()

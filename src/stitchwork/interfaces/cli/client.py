@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -121,6 +121,30 @@ class HttpClient:
         verb = "approve" if approve else "deny"
         result: dict[str, Any] = self._call("POST", f"/v1/approvals/{approval_id}/{verb}", json={"note": note})
         return result
+
+    def memory_list(self, agent: str | None, namespace: str | None, limit: int) -> list[dict[str, Any]]:
+        """Agents with memory (``agent`` None), or one agent's items, newest first."""
+        if agent is None:
+            rows: list[dict[str, Any]] = self._call("GET", "/v1/memory")
+            return rows
+        params: dict[str, Any] = {"limit": limit, **({"namespace": namespace} if namespace is not None else {})}
+        rows = self._call("GET", f"/v1/memory/{quote(agent, safe='')}", params=params)
+        return rows
+
+    def memory_search(self, agent: str, query: str, limit: int) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET", f"/v1/memory/{quote(agent, safe='')}/search",
+                                                params={"q": query, "limit": limit})
+        return rows
+
+    def memory_grant(self, owner: str, grantee: str, namespace: str, mode: Literal["read", "write"], *,
+                     revoke: bool = False) -> Any:
+        """Grants (or with ``revoke`` removes) ``grantee``'s ``mode`` access to ``owner``'s memory."""
+        body = {"owner": owner, "grantee": grantee, "namespace": namespace, "mode": mode}
+        return self._call("POST", "/v1/memory/grants/revoke" if revoke else "/v1/memory/grants", json=body)
+
+    def memory_grants(self, owner: str | None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET", "/v1/memory/grants", params={"owner": owner} if owner else {})
+        return rows
 
     def audit_tail(self, n: int) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/audit/tail", params={"n": n})

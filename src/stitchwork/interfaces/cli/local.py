@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from stitchwork.config import Config
 from stitchwork.platform import Platform
-from stitchwork.service import Service
+from stitchwork.service import Service, memory
 
 T = TypeVar("T")
 
@@ -54,6 +54,21 @@ class LocalClient:
     def decide(self, approval_id: str, approve: bool, note: str) -> dict[str, Any]:
         return self._with(lambda s: s.decide(approval_id, approve=approve, by="operator:cli", note=note),
                           bus_approvals=True)
+
+    def memory_list(self, agent: str | None, namespace: str | None, limit: int) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(memory.list_memory(s.platform, agent, namespace, limit)))
+
+    def memory_search(self, agent: str, query: str, limit: int) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(memory.search(s.platform, agent, query, limit)))
+
+    def memory_grant(self, owner: str, grantee: str, namespace: str, mode: Literal["read", "write"], *,
+                     revoke: bool = False) -> Any:
+        change = memory.revoke if revoke else memory.grant
+        return self._with(lambda s: _now(change(s.platform, owner, grantee, namespace=namespace, mode=mode,
+                                                by="operator:cli")))
+
+    def memory_grants(self, owner: str | None) -> list[dict[str, Any]]:
+        return self._with(lambda s: _now(memory.grants(s.platform, owner)))
 
     def audit_tail(self, n: int) -> list[dict[str, Any]]:
         return self._with(lambda s: _now(s.audit_tail(n)))

@@ -6,33 +6,26 @@ platform in this process (:mod:`stitchwork.service.memory` does the work either 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
 
 from stitchwork.errors import StitchworkError
 
 if TYPE_CHECKING:
-    from stitchwork.config import Config
-    from stitchwork.platform import Platform
+    from stitchwork.interfaces.cli.client import HttpClient
+    from stitchwork.interfaces.cli.local import LocalClient
 
 __all__ = ["register"]
 
 
-def _call(config: Config, method: str, path: str, local: Callable[[Platform], Any], **http: Any) -> Any:
-    """``method path`` on the running server, else ``local(platform)`` on a platform opened here."""
-    from stitchwork.interfaces.cli.client import HttpClient, connect
+def _client(config_path: Path | None) -> HttpClient | LocalClient:
+    """The running server's HTTP client, else a client opening the platform in this process."""
+    from stitchwork.interfaces.cli._common import config_from
+    from stitchwork.interfaces.cli.client import connect
 
-    client = connect(config)
-    if isinstance(client, HttpClient):
-        return client._call(method, path, **http)
-
-    async def run(service: Any) -> Any:
-        return local(service.platform)
-
-    return client._with(run)
+    return connect(config_from(config_path))
 
 
 def register(app: typer.Typer) -> None:
@@ -41,20 +34,11 @@ def register(app: typer.Typer) -> None:
         ConfigOpt,
         FormatOpt,
         JsonOpt,
-        config_from,
         console,
         fail,
         output_format,
         print_rows,
     )
-
-    class _Api:  # stitchwork.service.memory, imported only when the platform opens in this process
-        def __getattr__(self, name: str) -> Any:
-            from stitchwork.service import memory
-
-            return getattr(memory, name)
-
-    api = _Api()
 
     memory_app = typer.Typer(help="Agent memory: list, search, and who may read whose.", no_args_is_help=True)
     app.add_typer(memory_app, name="memory")
@@ -69,11 +53,8 @@ def register(app: typer.Typer) -> None:
         config_path: Path | None = ConfigOpt,
     ) -> None:
         """Agents with memory, or one agent's items (newest first) with their provenance."""
-        path = "/v1/memory" if agent is None else f"/v1/memory/{agent}"
-        params = {k: v for k, v in (("namespace", namespace), ("limit", limit)) if v is not None and agent}
         try:
-            rows = _call(config_from(config_path), "GET", path, lambda p: api.list_memory(p, agent, namespace, limit),
-                         params=params)
+            rows = _client(config_path).memory_list(agent, namespace, limit)
         except StitchworkError as exc:
             fail(exc)
         print_rows(rows, output_format(fmt, as_json), title="memory" if agent is None else f"memory of {agent}",
@@ -90,8 +71,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Full-text search of one agent's memory."""
         try:
-            rows = _call(config_from(config_path), "GET", f"/v1/memory/{agent}/search",
-                         lambda p: api.search(p, agent, query, limit), params={"q": query, "limit": limit})
+            rows = _client(config_path).memory_search(agent, query, limit)
         except StitchworkError as exc:
             fail(exc)
         print_rows(rows, output_format(fmt, as_json), title=f"memory of {agent}: {query}",
@@ -99,12 +79,8 @@ def register(app: typer.Typer) -> None:
 
     def _change(verb: str, owner: str, grantee: str, namespace: str, write: bool, config_path: Path | None) -> None:
         mode: Literal["read", "write"] = "write" if write else "read"
-        body = {"owner": owner, "grantee": grantee, "namespace": namespace, "mode": mode}
-        path = "/v1/memory/grants" if verb == "grant" else "/v1/memory/grants/revoke"
-        fn = api.grant if verb == "grant" else api.revoke
         try:
-            _call(config_from(config_path), "POST", path,
-                  lambda p: fn(p, owner, grantee, namespace=namespace, mode=mode, by="operator:cli"), json=body)
+            _client(config_path).memory_grant(owner, grantee, namespace, mode, revoke=verb == "revoke")
         except StitchworkError as exc:
             fail(exc)
         what = f"{mode} {owner}'s memory" + ("" if namespace == "*" else f" (namespace {namespace})")
@@ -144,8 +120,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Who may read whose memory."""
         try:
-            rows = _call(config_from(config_path), "GET", "/v1/memory/grants", lambda p: api.grants(p, owner),
-                         params={"owner": owner} if owner else {})
+            rows = _client(config_path).memory_grants(owner)
         except StitchworkError as exc:
             fail(exc)
         print_rows(rows, output_format(fmt, as_json), title="memory grants",
