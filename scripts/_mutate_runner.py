@@ -289,11 +289,15 @@ class Runner:
         exec(compiled, namespace)
         changed = {id(value): (value, namespace[name]) for name, value in old.items()
                    if name in namespace and namespace[name] is not value and not name.startswith("__")}
+        gone = {name: value for name, value in old.items() if name not in namespace}
         for other in list(sys.modules.values()):
             names = getattr(other, "__dict__", None)
             if other is self.module or not isinstance(names, dict):
                 continue
             for name, value in list(names.items()):
+                if name in gone and gone[name] is value:  # `from module import name` would fail
+                    raise ImportError(f"cannot import name {name!r} from {self.module.__name__} "
+                                      f"(imported by {getattr(other, '__name__', '?')})")
                 pair = changed.get(id(value))
                 if pair is not None and pair[0] is value:
                     names[name] = pair[1]

@@ -260,6 +260,9 @@ def test_the_runner_reexecutes_a_module_level_mutant_and_rebinds_imported_names(
     module2, _ = _live(tmp_path, monkeypatch)
     runner.Runner._reexec(type("R", (), {"module": module2})(), _compiled(module2, 2, "statement deleted (assign)"))
     assert "DROPPED" not in vars(module2) and module2.LIMIT == 3  # a deleted assignment leaves the name undefined
+    module3, _ = _live(tmp_path, monkeypatch)
+    with pytest.raises(ImportError, match="cannot import name 'LIMIT'"):  # another module imported the deleted name
+        runner.Runner._reexec(type("R", (), {"module": module3})(), _compiled(module3, 1, "statement deleted (assign)"))
 
 
 def test_the_runner_runs_only_the_tests_that_reach_the_mutated_statement() -> None:

@@ -119,6 +119,8 @@ def test_a_head_whose_hash_differs_from_its_event_names_that_event() -> None:
     assert problem == _Problem(4, "event 4: hash does not match the signed head (the chain was rewritten)")
     assert asked == [4]
     assert _check_head(head(0, "x"), True, 0, lambda s: None) is None  # a head at seq 0 covers no event
+    assert _check_head(head(1, "signed"), True, 1, lambda s: "other") == _Problem(
+        1, "event 1: hash does not match the signed head (the chain was rewritten)")  # the first event is checked too
 
 
 def test_events_after_the_head_are_named_from_the_first_uncovered_one() -> None:
