@@ -350,7 +350,10 @@ def test_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert taint.args == {"v"} and only(taint) == Finding("v", "prose", ("overflow",), "nothing here")
     assert taint.level("v") == "prose"
     assert only(t.check({"v": "n" * 100})).value == "n" * 80
+    size = (t._corpus.size, t._records.size)
     t.add("x", Label("tool:c", False))
+    t.add("more words after the overflow", Label("tool:c", False))
+    assert (t._corpus.size, t._records.size) == size  # past the limit nothing more is indexed (memory stays bounded)
     assert t.check({"v": "nothing here"}).sources == {"overflow"}
     assert t.untrusted_labels() == (Label("tool:a", False), Label("tool:b", False), Label("tool:c", False))
 
@@ -490,6 +493,8 @@ def test_a_confidential_address_in_free_text_is_tracked_and_user_typed_ones_are_
     assert t.check({"to": "ceo@corp.example"}).secret_args == frozenset()
     t.add("ask bob@corp.co today", Label("tool:crm", False, "confidential"))  # 9 characters: found only as a word
     assert t.check({"to": "bob@corp.co"}).secret_args == {"to"}
+    t.add("see the quarterly numbers", Label("tool:crm", False, "confidential"))
+    assert not t.check({"v": "quarterly"}).secret_args  # a plain word is not a value of its own (no digit, no @)
 
 
 def test_arguments_as_bytes_and_long_look_alikes() -> None:
