@@ -132,3 +132,22 @@ def test_which_data_the_fast_path_takes() -> None:
     assert _fast_canonical({"t": "2e-5 in a string"}) is None  # a look-alike in a string merely takes the slow path
     assert _is_plain({"a": [1, {"b": 2.0}]}) and not _is_plain({"a": [{1: 2}]})
     assert not _is_plain({"a": [float("inf")]}) and not _is_plain({"a": Flag(1)})
+
+
+def test_more_refusals_name_where_and_why() -> None:
+    with pytest.raises(AuditError) as caught:
+        _sanitise({"a": {1: "x", "1": "y"}})
+    assert str(caught.value) == "audit data['a'] has two keys that both become '1' in JSON"
+    with pytest.raises(AuditError) as caught:
+        _sanitise({"a": [object]})
+    assert str(caught.value) == ("audit data['a'][0] is a type, which has no JSON form; "
+                                 "convert it to str, int, float, bool, None, list or dict first")
+    with pytest.raises(AuditError) as caught:
+        canonical({"n": float("nan")})
+    assert str(caught.value).startswith("cannot encode audit value as canonical JSON: ")
+
+
+def test_only_plain_data_is_plain() -> None:
+    assert _is_plain({}) and _is_plain({"a": ("x", [None, True, 1, 2.0])})
+    for data in ({"a": [b"x"]}, {"a": {"b": {1, 2}}}, {"a": [Colour.RED]}, {"a": [float("nan")]}, {"a": [{2: 1}]}):
+        assert not _is_plain(data), data

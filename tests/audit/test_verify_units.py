@@ -271,6 +271,9 @@ def test_recorded_damage_is_read_back() -> None:
     damage = {"first_bad_seq": 5, "reason": "event 5 is missing"}
     assert _damage_recorded(rec._replace(data=json.dumps({DAMAGE_KEY: damage}))) == _Problem(
         5, "event 5 is missing (found when the log was reopened; recorded in event 8)")
+    stored = '{"audit_damage": {"first_bad_seq": 5, "reason": "r"}}'  # the key as logs already on disk hold it
+    assert _damage_recorded(rec._replace(data=stored)) == _Problem(
+        5, "r (found when the log was reopened; recorded in event 8)")
     no_seq = {DAMAGE_KEY: {"first_bad_seq": None, "reason": "x"}}
     assert _damage_recorded(rec._replace(data=json.dumps(no_seq))) == _Problem(
         8, "x (found when the log was reopened; recorded in event 8)")

@@ -228,6 +228,8 @@ def test_statements_and_their_lines() -> None:
     assert found[0].text.endswith('"x\ny" };') and found[1].text == '@id("two") forbid(principal, action, resource);'
     assert found[2].text == "forbid(principal"
     assert _split_statements("  // only\n\n") == []
+    alone = _split_statements("forbid(principal")  # an unterminated statement at the very start of the text
+    assert [(s.line, s.text, s.terminated) for s in alone] == [(1, "forbid(principal", False)]
 
 
 def test_reasons_and_locations() -> None:
@@ -318,6 +320,11 @@ def test_validation_errors_name_the_first_policy_and_count_the_rest(tmp_path: Pa
     assert re.search(r"\(and \d+$", head) and rest.count(f"{path}:") == 5  # five more shown, with file and line
     assert f"{path}:3: attribute `alsonope` in " in rest
     assert "for policy `policy" not in message
+    one = write(tmp_path / "one.cedar",
+                'permit(principal, action == Stitchwork::Action::"t", resource) when { context.nope };\n')
+    with pytest.raises(PolicyLoadError) as caught:
+        PolicyEngine.load([one], [ToolAction("t", "read")])
+    assert "attribute `nope`" in str(caught.value) and "(and " not in str(caught.value)  # one error: no "more"
 
 
 # -- projections ------------------------------------------------------------------------------------------------
