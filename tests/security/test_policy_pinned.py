@@ -319,6 +319,7 @@ def test_validation_errors_name_the_first_policy_and_count_the_rest(tmp_path: Pa
     head, _, rest = message.partition(" more: ")
     assert re.search(r"\(and \d+$", head) and rest.count(f"{path}:") == 5  # five more shown, with file and line
     assert f"{path}:3: attribute `alsonope` in " in rest
+    assert rest.endswith(" not found)")  # the list of the rest is closed
     assert "for policy `policy" not in message
     one = write(tmp_path / "one.cedar",
                 'permit(principal, action == Stitchwork::Action::"t", resource) when { context.nope };\n')
