@@ -68,7 +68,7 @@ class _Discard(list):  # type: ignore[type-arg]
         return None
 
 
-def serve_gateway(port: int, deployments: str, state: str, audit: bool = True) -> None:
+def serve_gateway(port: int, deployments: str, state: str, audit: bool = True, http: str = "auto") -> None:
     import uvicorn
 
     from stitchwork.config import ComputeConfig, Config, DataConfig, SecurityConfig
@@ -89,7 +89,7 @@ def serve_gateway(port: int, deployments: str, state: str, audit: bool = True) -
     token = platform.tokens.issue("assistant", "bench-run")
     print(json.dumps({"token": token}), flush=True)
     uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="error", access_log=False,
-                timeout_keep_alive=120)
+                timeout_keep_alive=120, http=http)  # type: ignore[arg-type]
 
 
 def spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
@@ -220,7 +220,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state:
         gateway, line = spawn("--serve-gateway", str(gateway_port),
                               json.dumps([{"model": "bench", "uri": uri, "id": "fake"}]), state,
-                              "0" if args.no_audit else "1")
+                              "0" if args.no_audit else "1", args.http)
         token = json.loads(line)["token"]
         direct = f"http://127.0.0.1:{fake_port}/v1/chat/completions"
         via = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
@@ -256,7 +256,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-fake":
         serve_fake(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--serve-gateway":
-        serve_gateway(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:6] != ["0"])
+        serve_gateway(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:6] != ["0"],
+                      sys.argv[6] if len(sys.argv) > 6 else "auto")
     else:
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--requests", type=int, default=400)
@@ -265,4 +266,6 @@ if __name__ == "__main__":
         parser.add_argument("--json", action="store_true")
         parser.add_argument("--no-audit", action="store_true", help="diagnostic: the gateway skips model audit events")
         parser.add_argument("--skip-failover", action="store_true")
+        parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                            help="the gateway's HTTP parser (uvicorn's; auto: httptools when installed)")
         asyncio.run(main(parser.parse_args()))

@@ -133,11 +133,13 @@ class DataConfig:
     """Maximum time a durable audit event waits in the journal before it is copied into the store (the audit
     commands, reports and dashboard copy first; each copy costs 3-8 ms of CPU however few events it holds)."""
     memory_tools: bool = True
-    memory: str = "store"
+    """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
+    memory: str = ""
     """Where agent memory and its grants live: ``store`` (this process's store; each worker has its own) or
     ``bus`` (keys on the bus of durable runs, shared by every worker and the platform: a run resumed on another
-    worker reads what it wrote and the grants it was given; needs a shared bus such as NATS)."""
-    """Give the platform the agent-memory tools (``memory_put/get/search/delete``, host-side, through the gateway)."""
+    worker reads what it wrote and the grants it was given; needs a shared bus such as NATS). Empty (the default):
+    ``bus`` in fleet mode (a worker, or `stitchwork up`, on a bus other than ``memory://``, e.g. the embedded
+    NATS), else ``store``."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Per-table retention (``[data.retention]``)."""
     audit_query_max_rows: int = 10_000
@@ -234,6 +236,10 @@ class ComputeConfig(RouterConfig):
     """Where spend and rate-limit meters are kept: ``store`` (the platform's store), ``bus`` (shared by the server
     and every worker of the bus), ``memory`` (this process only); empty: ``bus`` for workers and for a server with
     a bus other than ``memory://``, else ``store``."""
+    meters_flush_ms: int = 50
+    """How long the model door gathers meter additions before storing them together (one store row or bus
+    compare-and-set per key per batch). Limits checked by this process count pending additions; other processes
+    see them up to this much later. 0: store each batch as soon as the writer is free."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +332,37 @@ class AuditFeedLimits(_UnfinishedLimits):
 
 
 @dataclass(frozen=True)
+class _AgeOnlyLimits(StreamLimitConfig):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_bytes", "max_msgs"):
+            if getattr(self, name):
+                raise ConfigError(f"[messaging.limits.{self.kind}] {name}: must be 0: only max_age_s bounds this kind "
+                                  "(a size limit would drop or refuse records that are still needed)")
+
+
+@dataclass(frozen=True)
+class StateLimits(_AgeOnlyLimits):
+    """Run checkpoints (``<p>state.<run>``): once a run has finished, its older checkpoints are removed at once and
+    its last one ``max_age_s`` after it finished (the run is then unknown to the bus); a running run's or one
+    waiting for a human never is. 0 keeps finished runs' last checkpoints forever."""
+
+    kind: typing.ClassVar[str] = "state"
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class MeterLimits(_AgeOnlyLimits):
+    """Model-use meters on the bus (``<p>meter.<key>``): a meter not updated for ``max_age_s`` is removed, but
+    never while a budget of its key needs it: an agent with a ``total`` token or cost budget keeps its meter
+    forever, a ``month`` budget at least 32 days, a ``day`` budget 2 days, per-minute limits 2 minutes. 0 keeps
+    every meter forever."""
+
+    kind: typing.ClassVar[str] = "meters"
+    max_age_s: float = 35 * 86400.0
+
+
+@dataclass(frozen=True)
 class MessagingLimits:
     """Bounds per kind of bus traffic (``[messaging.limits.KIND]``); see each kind."""
 
@@ -334,6 +371,8 @@ class MessagingLimits:
     approvals: ApprovalLimits = field(default_factory=ApprovalLimits)
     jobs: JobLimits = field(default_factory=JobLimits)
     audit: AuditFeedLimits = field(default_factory=AuditFeedLimits)
+    state: StateLimits = field(default_factory=StateLimits)
+    meters: MeterLimits = field(default_factory=MeterLimits)
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,14 @@ class BusConflict(BusError):
     code = "bus_conflict"
 
 
+class LedgerConflict(BusConflict):
+    """An idempotency ledger refused a *started* record: its key already has one (another process claimed the call
+    first). Raised by the store's ledger (a unique claim on the key); the bus ledger raises its :class:`BusConflict`
+    (a compare-and-set), of which this is a kind, so one handler serves both."""
+
+    code = "ledger_conflict"
+
+
 class BusFull(BusError):
     """A stream that keeps unfinished messages (jobs, undecided approvals) is at its ``max_msgs``/``max_bytes``:
     the new message is refused rather than an unfinished one dropped (``[messaging.limits.KIND]``)."""

@@ -38,7 +38,7 @@ from stitchwork.gateway.context import GatewayContext, Sandboxes
 from stitchwork.gateway.core import Gateway
 from stitchwork.gateway.idempotency import IdempotencyLedger, StoreLedger
 from stitchwork.gateway.meters import MemoryMeters, MeterStore, StoreMeters
-from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor
+from stitchwork.gateway.models import MODEL_TOOL_ACTION, ModelDoor, meter_retention
 from stitchwork.gateway.undo import UNDO_TOOL_ACTION
 from stitchwork.gateway.upstream import UpstreamTools, expand_grants
 from stitchwork.isolation._base import INLINE_REFUSED, is_inline
@@ -117,12 +117,19 @@ class _RoleParts:
     """Model-use meters on this role's bus, if it has one that others share."""
 
 
+def _fleet_mode(parts: _RoleParts) -> bool:
+    """Whether this platform is part of a fleet: a worker, or the server, on a bus other processes share."""
+    if parts.durable is not None:
+        return urlsplit(parts.durable.sync.uri).scheme != "memory"
+    return isinstance(parts.events, EventHub) and urlsplit(parts.events.uri).scheme != "memory"
+
+
 def _memory(config: Config, parts: _RoleParts, store: Store,
             audit: AuditLog) -> tuple[AgentMemory, tuple[Callable[[], Any], ...]]:
     """Agent memory (``[data] memory``): the store's, or the bus's shared by the fleet; and what closes it."""
-    choice = config.data.memory
+    choice = config.data.memory or ("bus" if _fleet_mode(parts) else "store")
     if choice not in {"store", "bus"}:
-        raise ConfigError(f"[data] memory must be store or bus, got {choice!r}")
+        raise ConfigError(f"[data] memory must be store or bus, or empty (bus in fleet mode), got {choice!r}")
     if choice == "store":
         return AgentMemory(store, audit=audit), ()
     prefix = config.messaging.subject_prefix
@@ -152,7 +159,12 @@ def _meters(config: Config, parts: _RoleParts, store: Store) -> tuple[MeterStore
     if urlsplit(uri).scheme == "memory":
         raise ConfigError("compute.meters = \"bus\" needs a shared bus; [messaging] bus is memory:// here")
     sync = SyncBus(uri)
-    return BusMeters(Subjects(config.messaging.subject_prefix), sync=sync), (sync.close,)
+    return BusMeters(Subjects(config.messaging.subject_prefix), sync=sync, retention=_meter_ttl(config)), (sync.close,)
+
+
+def _meter_ttl(config: Config) -> Callable[[str], float]:
+    """How long each bus meter outlives its last update (``[messaging.limits.meters]`` and the budgets)."""
+    return meter_retention(config.compute.agents, config.compute.models, config.messaging.limits.meters.max_age_s)
 
 
 def _gauges(audit: AuditLog, store: Store) -> tuple[Callable[[], Any], ...]:
@@ -352,7 +364,7 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         if bus is None or not bus_uri:
             raise ConfigError("a worker's platform needs its open bus and the bus URI")
         sync = SyncBus(bus_uri, bus=bus)
-        runs = BusRunStore(sync, subjects, abus=bus)
+        runs = BusRunStore(sync, subjects, abus=bus, finished_ttl_s=kept.state.max_age_s)
         ledger = BusLedger(sync, subjects, abus=bus, ttl_s=kept.idempotency.max_age_s)
         runs.ledger = ledger
         runs.side_effecting = lambda name: name in tools and tools.get(name).side_effect is not SideEffect.READ
@@ -361,7 +373,7 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         return _RoleParts(runs, BusApprovalStore(sync, subjects, timeout_s=timeout, ttl_s=apv_ttl), ledger,
                           on_event=events,
                           reraise=TRANSIENT, events=events, durable=durable, closers=(sync.close,),
-                          bus_meters=BusMeters(subjects, abus=bus))
+                          bus_meters=BusMeters(subjects, abus=bus, retention=_meter_ttl(config)))
     local = ApprovalStore(store, timeout_s=timeout)
     if role == "server":
         hub = EventHub(resolve_events_uri(config), subjects)
@@ -369,7 +381,8 @@ def _role_parts(config: Config, role: Role, store: Store, tools: ToolRegistry, s
         approvals = FederatedApprovals(local, BusApprovalStore(hub.sync, subjects, timeout_s=timeout, ttl_s=apv_ttl))
         shared = urlsplit(hub.uri).scheme != "memory"
         return _RoleParts(DatabaseRunStore(store), approvals, StoreLedger(store), on_event=hub.on_event, events=hub,
-                          bus_meters=BusMeters(subjects, sync=hub.sync) if shared else None)
+                          bus_meters=BusMeters(subjects, sync=hub.sync, retention=_meter_ttl(config)) if shared
+                          else None)
     if bus_approvals:
         try:
             uri = configured_bus_uri(config)

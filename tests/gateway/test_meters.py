@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -50,6 +50,15 @@ async def contract(first: MeterStore, second: MeterStore) -> None:
     assert (fresh.tokens_total, fresh.cost_total, fresh.requests_total) == (125, 7, 21)
     # an unknown key is still zero
     assert await second.read("agent:nobody-" + key, now) == Reading()
+    # several additions at once (a batch of the model door): each counted in its own windows
+    other = key + "-many"
+    await first.add_many([(other, now, Delta(requests=1)), (other, now, Delta(tokens=9, cost_microusd=2)),
+                          (other, minute, Delta(tokens=1)), ("model:" + other, now, Delta(requests=3))])
+    batch = await second.read(other, minute)
+    assert (batch.requests_minute, batch.tokens_minute, batch.tokens_day, batch.cost_day, batch.requests_total,
+            batch.tokens_total, batch.cost_total) == (0, 1, 10, 2, 1, 10, 2)
+    assert (await first.read("model:" + other, now)).requests_minute == 3
+    await first.add_many([])
 
 
 async def test_memory_meters() -> None:
@@ -164,3 +173,61 @@ def test_additions_left_by_a_closed_event_loop_are_stored_by_the_next() -> None:
         return await store.read("agent:a", Windows.at(T0))
 
     assert asyncio.run(later()).tokens_total == 3
+
+
+class CountingStore(MemoryMeters):
+    """Records each batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[tuple[str, Windows, Delta]]] = []
+
+    async def add_many(self, additions: Sequence[tuple[str, Windows, Delta]]) -> None:
+        self.batches.append(list(additions))
+        await super().add_many(additions)
+
+
+async def test_additions_are_stored_together_one_row_per_key_and_window() -> None:
+    store = CountingStore()
+    now = [float(T0)]
+    meters = Meters(store, clock=lambda: now[0], flush_s=3600)  # only flush() stores
+    for _ in range(5):
+        meters.add(["agent:a", "model:m"], Delta(requests=1))
+        meters.add(["agent:a"], Delta(tokens=10, cost_microusd=3))
+    now[0] = T0 + 60  # the next minute: its additions are kept apart
+    meters.add(["agent:a"], Delta(tokens=1))
+    await asyncio.sleep(0)
+    assert store.batches == [] and (await meters.read("agent:a")).tokens_total == 51  # pending, counted
+    await meters.flush()
+    assert len(store.batches) == 1 and meters.batches == 1
+    rows = sorted((key, w.minute, d.requests, d.tokens, d.cost_microusd) for key, w, d in store.batches[0])
+    minute = T0 // 60
+    assert rows == [("agent:a", minute, 5, 50, 15), ("agent:a", minute + 1, 0, 1, 0), ("model:m", minute, 5, 0, 0)]
+    reading = await meters.read("agent:a")  # stored now: counted once
+    assert (reading.requests_total, reading.tokens_total, reading.tokens_minute, reading.cost_total) == (5, 51, 1, 15)
+    await meters.flush()
+    assert len(store.batches) == 1  # nothing left to store
+
+
+async def test_the_writer_stores_without_a_flush_after_its_wait() -> None:
+    store = CountingStore()
+    meters = Meters(store, clock=lambda: T0, flush_s=0.001)
+    meters.add(["agent:a"], Delta(tokens=2))
+    meters.add(["agent:a"], Delta(tokens=3))
+    for _ in range(1000):
+        if store.batches:
+            break
+        await asyncio.sleep(0.001)
+    assert [[(k, d.tokens) for k, _, d in batch] for batch in store.batches] == [[("agent:a", 5)]]
+
+
+async def test_a_failed_batch_counts_each_addition_it_dropped() -> None:
+    class Broken(MemoryMeters):
+        async def add(self, keys: list[str], windows: Windows, delta: Delta) -> None:  # type: ignore[override]
+            raise OSError("disk full")
+
+    meters = Meters(Broken(), clock=lambda: T0, flush_s=3600)
+    for _ in range(3):
+        meters.add(["agent:a"], Delta(tokens=1))
+    await meters.flush()
+    assert meters.errors == 3 and (await meters.read("agent:a")).tokens_total == 0

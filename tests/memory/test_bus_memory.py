@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from stitchwork.config import MessagingConfig
 from stitchwork.memory.bus import BusMemory, owner_token
 from stitchwork.memory.store import AgentMemory, MemoryDenied
+from stitchwork.platform import Platform
 from tests.memory.test_behaviour import (
     USER,
     test_agents_read_only_their_own_memory_unless_granted,
@@ -97,3 +101,23 @@ def test_expire_removes_items_written_before_a_time(connect) -> None:  # type: i
     memory.put("alice", "new", text="new", labels=[USER])
     assert memory.expire(150.0) == 1
     assert memory.keys("alice") == ["new"]
+
+
+
+@pytest.mark.parametrize("chosen", ["", "store", "bus"])
+async def test_fleet_mode_keeps_memory_on_the_bus_by_default(chosen: str, make_config: Any, nats_url: str) -> None:
+    base = make_config([{"content": "hi"}], sandbox="inline://")
+    base = replace(base, data=replace(base.data, memory=chosen))
+    platform = Platform.open(replace(base, messaging=MessagingConfig(bus=nats_url)), role="server")  # a fleet's `up`
+    try:
+        assert isinstance(platform.memory, BusMemory) is (chosen in ("", "bus"))
+    finally:
+        await platform.aclose()
+    if chosen == "bus":
+        return
+    for role in ("server", "local"):  # no fleet (an in-process bus, or none): each process's own store
+        single = Platform.open(replace(base, messaging=MessagingConfig(bus="memory://")), role=role)
+        try:
+            assert isinstance(single.memory, AgentMemory) and not isinstance(single.memory, BusMemory)
+        finally:
+            await single.aclose()

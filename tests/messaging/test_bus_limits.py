@@ -185,3 +185,18 @@ def test_ttl_headers_are_whole_seconds() -> None:
     for bad in ("", "soon", "0s", "1.5s", "-3s", "nan"):
         with pytest.raises(BusError):
             parse_ttl(bad)
+
+
+async def test_purge_removes_a_subjects_older_messages_and_only_that_subjects(bus: Bus, root: str) -> None:
+    for i in range(4):
+        await bus.publish(f"{root}.a", f"a{i}".encode())
+    await bus.publish(f"{root}.b", b"b0")
+    await bus.purge(f"{root}.a", keep=1)
+    assert (await bus.last(f"{root}.a")).data == b"a3"  # type: ignore[union-attr]
+    async with bus.consume(f"{root}.>") as replay:
+        seen = [(await replay.next(5.0)).data for _ in range(2)]
+    assert seen == [b"a3", b"b0"]
+    await bus.purge(f"{root}.a")
+    assert await bus.last(f"{root}.a") is None and await bus.last(f"{root}.b") is not None
+    with pytest.raises(BusError):
+        await bus.purge(f"{root}.a", keep=-1)

@@ -3,6 +3,9 @@ each linked to the call it reverses, never twice; failures stay undoable; an unc
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +14,10 @@ from typing import Any
 import pytest
 
 from stitchwork.agents.loop import idempotency_key
-from stitchwork.errors import NothingToUndo, RunError
+from stitchwork.errors import ApprovalError, NothingToUndo, RunError
 from stitchwork.gateway.stages import Authenticate, Replay, Validate
 from stitchwork.gateway.tools import ToolDoor
+from stitchwork.gateway.undo import Reversal, UndoDoor
 from stitchwork.platform import Platform
 from stitchwork.security.approvals import ApprovalStatus
 from stitchwork.service import Service
@@ -183,14 +187,70 @@ async def test_undo_needing_approval_waits_then_runs_once_approved(open_ops: Any
     assert (await ops.states())["c2"] == "undo_waiting"
     again = await ops.service.undo(ops.run_id, call="c2", by="operator:cli")
     assert again["results"][0]["approval_id"] == result["approval_id"]  # the same approval, not another
-    await ops.service.decide(result["approval_id"], approve=True, by="ops", resume=False)
-    done = await ops.service.undo(ops.run_id, call="c2", by="operator:cli")
-    assert done["results"][0]["status"] == "ok" and sorted(calendar(ops.cwd)) == ["ev1"]
+    decided = await ops.service.decide(result["approval_id"], approve=True, by="ops", resume=False)
+    # approving it carried the undo out: nothing more to ask
+    assert [(r["call"], r["status"]) for r in decided["undo"]["results"]] == [("c2", "ok")]
+    assert sorted(calendar(ops.cwd)) == ["ev1"] and (ops.cwd / "deletions.log").read_text() == "ev2\n"
     assert ops.platform.approvals.get(result["approval_id"]).status is ApprovalStatus.USED
+    done = await ops.service.undo(ops.run_id, call="c2", by="operator:cli")
+    assert done["results"][0]["status"] == "already_undone" and (ops.cwd / "deletions.log").read_text() == "ev2\n"
+    undo_events = [e for e in ops.events("undo") if e.data.get("call") == "c2"]
+    assert [e.decision for e in undo_events] == ["approval_required", "approval_required", "ok"]
+    assert undo_events[-1].data["by"] == "ops"
     refused = await ops.service.undo(ops.run_id, call="c1", by="operator:cli")
-    await ops.service.decide(refused["results"][0]["approval_id"], approve=False, by="ops", resume=False)
+    no = await ops.service.decide(refused["results"][0]["approval_id"], approve=False, by="ops", resume=False)
+    assert [(r["call"], r["status"]) for r in no["undo"]["results"]] == [("c1", "denied")]
+    assert sorted(calendar(ops.cwd)) == ["ev1"]  # the action stays in place
+    c1 = next(c for c in await ops.service.run_calls(ops.run_id) if c["call"] == "c1")
+    assert c1["state"] == "undo_denied" and refused["results"][0]["approval_id"] in c1["reason"]
     denied = await ops.service.undo(ops.run_id, call="c1", by="operator:cli")
     assert denied["results"][0]["status"] == "denied" and sorted(calendar(ops.cwd)) == ["ev1"]
+    assert ops.events("approval")[-1].decision == "denied"
+
+
+async def test_racing_deciders_and_a_stop_before_the_undo_still_undo_exactly_once(open_ops: Any) -> None:
+    ops = await open_ops(policy=UNDO_ASKS)
+    waiting = await ops.service.undo(ops.run_id, call="c2", by="operator:cli")
+    approval_id = waiting["results"][0]["approval_id"]
+    results = await asyncio.gather(ops.service.decide(approval_id, approve=True, by="a", resume=False),
+                                   ops.service.decide(approval_id, approve=True, by="b", resume=False),
+                                   return_exceptions=True)
+    assert sum(isinstance(r, ApprovalError) for r in results) == 1  # the second decider is told it was decided
+    assert (ops.cwd / "deletions.log").read_text() == "ev2\n"
+    # c1: the decision is stored, then the platform stops before carrying it out; the next start does it, once
+    other = await ops.service.undo(ops.run_id, call="c1", by="operator:cli")
+    ops.platform.approvals.decide(other["results"][0]["approval_id"], approve=True, by="ops")
+    assert (await ops.states())["c1"] == "undo_waiting" and sorted(calendar(ops.cwd)) == ["ev1"]
+    assert await ops.service.finish_decided_undos() == [other["results"][0]["approval_id"]]
+    assert await ops.service.finish_decided_undos() == []
+    assert (ops.cwd / "deletions.log").read_text() == "ev2\nev1\n" and calendar(ops.cwd) == {}
+    assert await ops.states() == {"c1": "undone", "c2": "undone"}
+
+
+async def test_two_concurrent_undoers_of_one_call_compensate_once(open_ops: Any) -> None:
+    ops = await open_ops()
+    door = ops.platform.gateway.undo_door
+    _, states = await ops.service.reversals.calls(ops.run_id)
+    c2 = next(s for s in states if s.call == "c2")
+    item = Reversal(c2.seq, c2.call, c2.tool, c2.side_effect, c2.undo_tool, dict(c2.undo_args or {}))
+    run = ops.service.reversals._run(ops.run_id, "tester")
+    both = await asyncio.gather(door.undo(run, item, by="operator:a"), UndoDoor(door.door).undo(run, item,
+                                                                                                 by="operator:b"))
+    assert sorted(o.status for o in both) == ["error", "ok"]
+    loser = next(o for o in both if o.status == "error")
+    assert (loser.error or {})["error"] in ("undo_in_progress", "already_undone"), loser.error
+    assert (ops.cwd / "deletions.log").read_text() == "ev2\n"
+    # Another live process on this host holds the claim (its started record): told so, nothing run, no approval.
+    c1 = next(s for s in states if s.call == "c1")
+    other = Reversal(c1.seq, c1.call, c1.tool, c1.side_effect, c1.undo_tool, dict(c1.undo_args or {}))
+    ledger = ops.platform.gateway.context.idempotency
+    assert ledger is not None
+    await ledger.aput(ops.run_id, other.key, {"status": "started", "tool": "delete_event", "started_at": 1.0,
+                                              "decision_seq": 1, "host": socket.gethostname(), "pid": os.getppid()})
+    busy = await door.undo(run, other, by="operator:a")
+    assert busy.status == "error" and (busy.error or {})["error"] == "undo_in_progress"
+    assert "being undone right now" in (busy.error or {})["message"]
+    assert sorted(calendar(ops.cwd)) == ["ev1"] and ops.platform.approvals.find(ApprovalStatus.PENDING) == []
 
 
 async def test_a_failed_undo_stays_undoable_and_an_undo_that_died_midway_is_not_run_blindly(open_ops: Any) -> None:
@@ -217,9 +277,10 @@ async def test_a_failed_undo_stays_undoable_and_an_undo_that_died_midway_is_not_
     still = await ops.service.undo(ops.run_id, by="operator:cli")  # asking again does not get round the human
     assert [(r["status"], r["approval_id"]) for r in still["results"][:1]] == [("approval_required", approval.id)]
     assert sorted(calendar(ops.cwd)) == ["ev1", "ev2"]
-    await ops.service.decide(approval.id, approve=True, by="ops", resume=False)
+    decided = await ops.service.decide(approval.id, approve=True, by="ops", resume=False)
+    assert [(r["call"], r["status"]) for r in decided["undo"]["results"]] == [("c2", "ok")]  # carried out at once
     fixed = await ops.service.undo(ops.run_id, by="operator:cli")
-    assert [(r["call"], r["status"]) for r in fixed["results"]] == [("c2", "ok"), ("c1", "ok")]
+    assert [(r["call"], r["status"]) for r in fixed["results"]] == [("c2", "already_undone"), ("c1", "ok")]
     assert calendar(ops.cwd) == {}
 
 
@@ -260,3 +321,24 @@ async def test_an_uncertain_call_is_resolved_by_undoing_it(open_ops: Any) -> Non
     assert told.status == "uncertain" and "not run again" in (told.error or {})["message"]
     assert (ops.cwd / "ledger.log").read_text() == "refund acme 40\n"  # never paid blindly
     assert (await ops.states())["c9"] == "undone"
+
+
+async def test_an_undo_approval_denied_or_expired_without_the_service_still_shows_denied(open_ops: Any) -> None:
+    ops = await open_ops(policy=UNDO_ASKS)
+    waiting = await ops.service.undo(ops.run_id, call="c2", by="operator:cli")
+    ops.platform.approvals.decide(waiting["results"][0]["approval_id"], approve=False, by="ops")  # no undo event
+    c2 = next(c for c in await ops.service.run_calls(ops.run_id) if c["call"] == "c2")
+    assert c2["state"] == "undo_denied" and "denied by ops" in c2["reason"]
+    assert await ops.service.finish_decided_undos() == [] and sorted(calendar(ops.cwd)) == ["ev1", "ev2"]
+
+
+async def test_an_undo_approval_that_cannot_be_carried_out_says_why_and_is_audited(open_ops: Any) -> None:
+    ops = await open_ops()
+    stray = ops.platform.approvals.request(run_id=ops.run_id, agent="tester", tool="delete_event", target="work",
+                                           arguments={"arguments": {}, "reverses": 999_999, "undo": True,
+                                                      "uncertain": False}, policy_ids=("x",), reason="r")
+    decided = await ops.service.decide(stray.id, approve=True, by="ops", resume=False)
+    assert decided["undo"]["error"] == "run_error" and "999999" in decided["undo"]["message"]
+    (event,) = [e for e in ops.events("undo") if e.data.get("approval_id") == stray.id]
+    assert event.decision == "error" and event.data["not_carried_out"] is True
+    assert sorted(calendar(ops.cwd)) == ["ev1", "ev2"]

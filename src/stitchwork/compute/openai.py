@@ -22,16 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import secrets
 import string
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
+import orjson
 
 from stitchwork.compute._base import ChatCompletionsModel
+from stitchwork.compute._http1 import Http1Pool, HttpError, HttpTimeout
 from stitchwork.compute._keys import parse_key_ref, resolve_key
 from stitchwork.compute._wire import StreamAssembler, chunks_from_completion
 from stitchwork.compute.profiles import Profile, get_profile
@@ -54,6 +57,35 @@ _CONTEXT = re.compile(r"context[ _-]?(length|size|window)|maximum context|too ma
                       r"exceeds? the (available )?context|longer than the model", re.I)
 _NOT_FOUND = re.compile(r"model.{0,200}(not found|does not exist|not exist|unknown|not loaded)|"
                         r"(unknown|no such) model", re.I | re.S)
+
+
+_PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+class _Answer(Protocol):
+    """What error mapping reads of an answer (httpx's response, or :class:`stitchwork.compute._http1.Response`)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def _json_body(body: Mapping[str, Any]) -> bytes:
+    """The request body as JSON (orjson; the standard library for what orjson refuses, e.g. integers over 64 bits)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
+
+
+def _loads(data: str | bytes) -> Any:
+    """JSON from a model server: orjson, else the standard library (NaN, integers over 64 bits)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _retry_after(value: str) -> float | None:
@@ -150,6 +182,15 @@ class OpenAICompatModel(ChatCompletionsModel):
                                      connect=_number(options, "connect_timeout", 5.0))
         self._http = http
         self._own_http = http is None
+        self._pool: Http1Pool | None = None
+        """Chat requests to a plain ``http://`` server without a proxy or an injected client go through this lean
+        keep-alive client (:mod:`stitchwork.compute._http1`) instead of httpx."""
+        parts = urlsplit(self.base_url)
+        if (http is None and parts.scheme == "http" and parts.hostname
+                and not any(os.environ.get(name) for name in _PROXY_VARIABLES)):
+            self._pool = Http1Pool(parts.hostname, parts.port or 80, connect_s=self.timeout.connect or 5.0,
+                                   read_s=self.timeout.read or 120.0)
+        self._path = (parts.path or "") + "/chat/completions"
         self._served: list[str] | None = None
         """The model ids ``GET /models`` answered (asked once, when the URI names no model)."""
 
@@ -165,6 +206,8 @@ class OpenAICompatModel(ChatCompletionsModel):
         return self._http
 
     async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
         if self._http is not None and self._own_http:
             await self._http.aclose()
             self._http = None
@@ -262,7 +305,7 @@ class OpenAICompatModel(ChatCompletionsModel):
                 body["stream_options"] = {"include_usage": True}
         return body, required
 
-    def _error(self, response: httpx.Response, text: str) -> ModelError:
+    def _error(self, response: _Answer, text: str) -> ModelError:
         message = text.strip()[:500]
         code = ""
         try:
@@ -298,7 +341,7 @@ class OpenAICompatModel(ChatCompletionsModel):
             hint = f" (check the provider key secret://{self.key_name})" if self.key_name else " (no key configured)"
         return ModelRejected(f"{where} refused the request, HTTP {status}: {message}{hint}", status=status)
 
-    async def _aerror(self, response: httpx.Response, text: str) -> ModelError:
+    async def _aerror(self, response: _Answer, text: str) -> ModelError:
         """:meth:`_error`; an unknown model also names the models the server lists (asked once)."""
         error = self._error(response, text)
         if isinstance(error, ModelNotFound) and self._served is None:
@@ -310,8 +353,8 @@ class OpenAICompatModel(ChatCompletionsModel):
                 error = ModelNotFound(f"{error}; it serves: {', '.join(served[:20])}", status=404)
         return error
 
-    def _unavailable(self, exc: httpx.HTTPError) -> ModelUnavailable:
-        kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+    def _unavailable(self, exc: httpx.HTTPError | HttpError) -> ModelUnavailable:
+        kind = "timed out" if isinstance(exc, httpx.TimeoutException | HttpTimeout) else "failed"
         return ModelUnavailable(f"{self.profile.name} server at {self.base_url} {kind}: {type(exc).__name__} {exc}")
 
     def _fix(self, completion: dict[str, Any], offered: Sequence[str], required: bool) -> dict[str, Any]:
@@ -337,6 +380,21 @@ class OpenAICompatModel(ChatCompletionsModel):
         choices[0]["message"] = message
         return completion
 
+    @contextlib.asynccontextmanager
+    async def _stream(self, body: Mapping[str, Any]) -> AsyncIterator[Any]:
+        """A streamed ``POST /chat/completions``: the answer (``status_code``, ``headers``, ``aread``,
+        ``aiter_lines``), closed on the way out."""
+        if self._pool is None:
+            async with self.http.stream("POST", self.base_url + "/chat/completions", json=body,
+                                        headers=self._headers()) as response:
+                yield response
+            return
+        answer = await self._pool.request("POST", self._path, self._headers(), _json_body(body))
+        try:
+            yield answer
+        finally:
+            await answer.aclose()
+
     async def chat(self, request: Mapping[str, Any]) -> dict[str, Any]:
         if self.stream:  # stream=1: ask for a stream and assemble it (servers that cut long unstreamed requests)
             assembler = StreamAssembler()
@@ -350,6 +408,24 @@ class OpenAICompatModel(ChatCompletionsModel):
         body, required = self.prepare(request, stream=False, model=model)
         offered = [(t.get("function") or {}).get("name", "") for t in body.get("tools") or ()]
         headers = self._headers()
+        if self._pool is not None:
+            try:
+                answer = await self._pool.request("POST", self._path, headers, _json_body(body))
+                try:
+                    raw = await answer.read()
+                finally:
+                    await answer.aclose()
+            except HttpError as exc:
+                raise self._unavailable(exc) from exc
+            if answer.status_code >= 400:
+                raise await self._aerror(answer, raw.decode("utf-8", "replace"))
+            try:
+                completion = _loads(raw)
+            except ValueError as exc:
+                raise ModelUnavailable(f"{self.profile.name} server at {self.base_url} returned invalid JSON") from exc
+            if not isinstance(completion, dict):
+                raise ModelError(f"{self.profile.name} server at {self.base_url} returned {type(completion).__name__}")
+            return self._fix(completion, offered, required)
         try:
             response = await self.http.post(self.base_url + "/chat/completions", json=body, headers=headers)
         except httpx.HTTPError as exc:
@@ -377,8 +453,7 @@ class OpenAICompatModel(ChatCompletionsModel):
         saw_call = False
         done = finished = False
         try:
-            async with self.http.stream("POST", self.base_url + "/chat/completions", json=body,
-                                        headers=self._headers()) as response:
+            async with self._stream(body) as response:
                 if response.status_code >= 400:
                     raise await self._aerror(response, (await response.aread()).decode("utf-8", "replace"))
                 lines = response.aiter_lines()
@@ -391,7 +466,7 @@ class OpenAICompatModel(ChatCompletionsModel):
                         await _drain(lines)
                         break
                     try:
-                        chunk = json.loads(data)
+                        chunk = _loads(data)
                     except ValueError as exc:
                         raise ModelUnavailable(f"{self.profile.name} stream sent invalid JSON: {data[:100]}") from exc
                     if isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices"):
@@ -410,7 +485,7 @@ class OpenAICompatModel(ChatCompletionsModel):
                             yield out
                     else:
                         yield chunk
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, HttpError) as exc:
             raise self._unavailable(exc) from exc
         if not (done or finished):
             raise ModelUnavailable(f"{self.profile.name} server at {self.base_url} cut the stream short")
@@ -426,7 +501,7 @@ async def _drain(lines: AsyncIterator[str]) -> None:
     """Reads what follows ``[DONE]`` (normally only the end of the chunked body) for a moment, so the connection
     goes back to the pool instead of being closed and reopened for the next request; a server that keeps the
     stream open after ``[DONE]`` only loses its connection, as before."""
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+    with contextlib.suppress(TimeoutError, httpx.HTTPError, HttpError):
         async with asyncio.timeout(DRAIN_AFTER_DONE_S):
             async for _ in lines:
                 pass

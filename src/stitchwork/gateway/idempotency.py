@@ -21,6 +21,7 @@ import time
 from typing import Any, Protocol
 
 from stitchwork.data._base import Store
+from stitchwork.errors import LedgerConflict
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_records (
@@ -49,9 +50,10 @@ class IdempotencyLedger(Protocol):
     returned as it was put (JSON: tuples come back as lists); the first *final* put of a key wins; a started
     record (``status == "started"``) is kept only until a final outcome replaces it, and never replaces anything;
     keys are scoped to their run; a record put is found by the next lookup, and by any ledger over the same
-    backend after it; a started record is durable when its put returns. A ledger shared by several processes
-    (the bus) refuses a started record on a key that already has one with
-    :class:`~stitchwork.errors.BusConflict`: the caller was fenced out (another worker took the call over).
+    backend after it; a started record is durable when its put returns. Every ledger refuses a started record on
+    a key that already has one with :class:`~stitchwork.errors.BusConflict` (the bus: a compare-and-set) or its
+    kind :class:`~stitchwork.errors.LedgerConflict` (the store: a unique claim): the caller was fenced out
+    (another worker or process took the call over), and exactly one of two concurrent claimants wins.
     """
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
@@ -87,6 +89,14 @@ class StoreLedger(IdempotencyLedger):
         return outcome
 
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
+        """Records ``outcome``; a *started* record is a unique claim on the key (see :meth:`claim`).
+
+        Raises:
+            LedgerConflict: ``outcome`` is a started record and the key already has a record.
+        """
+        if is_started(outcome):
+            self.claim(run_id, key, outcome)
+            return
         # ON CONFLICT keeps the first record on DuckDB; ClickHouse stores keep the newest row of a key instead, so
         # a recorded key is not written again (except a started record, which a final outcome replaces).
         existing = self.get(run_id, key)
@@ -103,6 +113,32 @@ class StoreLedger(IdempotencyLedger):
             "ON CONFLICT DO NOTHING",
             [run_id, key, _encoded(outcome), time.time()],
         )
+
+    def claim(self, run_id: str, key: str, started: dict[str, Any]) -> None:
+        """Stores a started record only on a key without any record, and only for one claimant.
+
+        The key is the table's primary key: on DuckDB (and ``memory://``) the insert of a second claimant is dropped
+        (``ON CONFLICT DO NOTHING``), and each claimant reads the key back: only the one whose record is stored won.
+        On ClickHouse stores (no unique keys; the newest row of a key wins a merge) the read-back still refuses a
+        claimant whose record was overwritten, but two inserts that interleave exactly between the other's insert
+        and read-back can both pass: fence concurrent undoers there with the bus ledger.
+
+        Raises:
+            LedgerConflict: the key already had a record, or another claimant's record was stored.
+        """
+        text = _encoded(started)
+        existing = self.get(run_id, key)
+        if existing is not None:
+            raise LedgerConflict(f"{key} of run {run_id} is already claimed ({existing.get('status')}): another "
+                                 "process started it first")
+        self.store.execute(
+            "INSERT INTO idempotency_records (run_id, key, outcome, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [run_id, key, text, time.time()],
+        )
+        rows = self.store.query("SELECT outcome FROM idempotency_records WHERE run_id = ? AND key = ?", [run_id, key])
+        if not rows or rows[0]["outcome"] != text:
+            raise LedgerConflict(f"{key} of run {run_id} was claimed by another process at the same time")
 
     async def aget(self, run_id: str, key: str) -> dict[str, Any] | None:
         """:meth:`get` (a store lookup by primary key, answered in place)."""
@@ -127,7 +163,10 @@ class MemoryLedger(IdempotencyLedger):
         return outcome
 
     def put(self, run_id: str, key: str, outcome: dict[str, Any]) -> None:
-        if is_started(self.get(run_id, key)) and not is_started(outcome):
+        existing = self.get(run_id, key)
+        if existing is not None and is_started(outcome):
+            raise LedgerConflict(f"{key} of run {run_id} is already claimed ({existing.get('status')})")
+        if is_started(existing) and not is_started(outcome):
             self._records[(run_id, key)] = _encoded(outcome)
         self._records.setdefault((run_id, key), _encoded(outcome))
 

@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from stitchwork.compute._base import Model, ModelTurn, Usage
 from stitchwork.compute._wire import normalize_messages, turn_from_completion, usage_from
 from stitchwork.compute.router import Deployment, Routed, RoutedModel, Router, RouterSettings, parse_deployments
@@ -156,6 +158,37 @@ def _model_limits(raw: Mapping[str, Any]) -> dict[str, ModelLimits]:
     return out
 
 
+def meter_retention(agents: Mapping[str, Any], models: Mapping[str, Any],
+                    floor_s: float) -> Callable[[str], float]:
+    """How long a meter document must outlive its last update (0: forever), per meter key.
+
+    At least ``floor_s`` (``[messaging.limits.meters] max_age_s``; 0 keeps every meter), and never less than the
+    key's budgets need: an agent's ``total`` token or cost budget forever, a ``month`` budget 32 days, a ``day``
+    budget 2 days, per-minute limits 2 minutes. An unknown kind of key is kept forever.
+    """
+    if not floor_s:
+        return lambda key: 0.0
+    per_agent, per_model = _agent_limits(agents), _model_limits(models)
+
+    def retention(key: str) -> float:
+        kind, _, name = key.partition(":")
+        if kind == "agent":
+            limits = per_agent.get(name) or per_agent.get("*") or AgentModels()
+            if (limits.max_tokens or limits.max_cost_usd) and limits.period == "total":
+                return 0.0
+            need = ({"month": 32 * 86_400.0, "day": 2 * 86_400.0}.get(limits.period, 0.0)
+                    if limits.max_tokens or limits.max_cost_usd else 0.0)
+            need = max(need, 120.0 if limits.rpm or limits.tpm else 0.0)
+        elif kind == "model":
+            rates = per_model.get(name) or ModelLimits()
+            need = 120.0 if rates.rpm or rates.tpm else 0.0
+        else:
+            return 0.0
+        return max(floor_s, need)
+
+    return retention
+
+
 def period_end(period: str, windows: Windows) -> str:
     """When a budget period that holds ``windows`` ends, as ISO 8601 UTC ("" for ``total``)."""
     if period == "total":
@@ -228,7 +261,8 @@ class ModelDoor:
         )
         self.limits = _agent_limits(config.agents)
         self.model_limits = _model_limits(config.models)
-        self.meters = Meters(meters if meters is not None else MemoryMeters(), clock)
+        self.meters = Meters(meters if meters is not None else MemoryMeters(), clock,
+                             flush_s=max(config.meters_flush_ms, 0) / 1000)
         """Shared spend and rate meters (store or bus): what budgets and limits are checked against."""
         self.usage: dict[str, Meter] = {}
         """Usage through this process, per agent (``/v1/compute/deployments``)."""
@@ -489,7 +523,7 @@ class ModelDoor:
                         except StopAsyncIteration:
                             break
                     chunk["model"] = name
-                    yield redactor.redact(chunk) if redactor.contains_secret(json.dumps(chunk)) else chunk
+                    yield redactor.redact(chunk) if redactor.contains_secret(_text(chunk)) else chunk
             except StitchworkError as exc:
                 spans[0].record_error(exc)
                 await self._failed(claims, name, exc)
@@ -508,6 +542,15 @@ class ModelDoor:
         finally:
             for span in spans:
                 span.end()
+
+
+def _text(chunk: Mapping[str, Any]) -> str:
+    """A streamed chunk as JSON text to look for secrets in (orjson: unescaped UTF-8, so a secret with non-ASCII
+    characters reads as itself; the standard library for what orjson refuses)."""
+    try:
+        return orjson.dumps(chunk).decode()
+    except TypeError:
+        return json.dumps(chunk, ensure_ascii=False)
 
 
 __all__ = ["MODEL_ACTION", "MODEL_TOOL_ACTION", "RATE_POLICIES", "AgentModels", "Meter", "ModelDoor", "ModelLimits",

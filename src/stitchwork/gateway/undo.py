@@ -14,10 +14,14 @@
   the agent had called it. The undo's arguments carry no taint: they are not the agent's choice but the manifest's
   mapping of the recorded call (whose own taint was decided when it ran) and of its result.
 * **Approval.** An ``ask`` holds the undo for a human (the approval's arguments are the undo call's, with
-  ``reverses``); ask again after the human approved to run it. A denied approval denies it.
+  ``reverses``); deciding it asks again here (:meth:`stitchwork.service.Service.decide`): approved, the approval
+  is consumed (once) and the undo runs; denied, it is refused.
 * **Once.** The intent is durable before the tool runs (a *started* record under ``undo:<seq>:<attempt>`` in the
-  idempotency ledger) and the outcome replaces it; a call already undone is not undone again. An undo found started
-  and never finished (its process died) is not re-run blindly: it is held for a human like an uncertain call.
+  idempotency ledger: the bus's compare-and-set or the store's unique claim, so of two undoers exactly one runs it)
+  and the outcome replaces it; a call already undone is not undone again. An undo found started and still running
+  (here, or in a live process on this host) is answered ``undo_in_progress``; one whose process died is not re-run
+  blindly: it is held for a human like an uncertain call. The ledger is the gateway's, or the bus's for a run
+  driven by workers (``ledger=``).
 * **Audit.** The decision and the tool's events carry ``reverses`` (the reversed call's ``tool`` event sequence
   number) and ``call``; every attempt ends with one ``undo`` event (decision: the outcome's status) that says
   which call it reversed. :mod:`stitchwork.service.undo` reads these to know what was undone.
@@ -36,7 +40,7 @@ from typing import Any
 
 from stitchwork.errors import AuthError, BusConflict, StitchworkError
 from stitchwork.gateway.context import RunContext, ToolOutcome
-from stitchwork.gateway.idempotency import STARTED, is_started
+from stitchwork.gateway.idempotency import STARTED, IdempotencyLedger, is_started
 from stitchwork.gateway.stages import Checked, Gate, Resolved, policy_context, refusal, untainted
 from stitchwork.gateway.tools import ToolDoor
 from stitchwork.gateway.uncertain import evidence_text
@@ -57,6 +61,41 @@ UNDO_TOOL_ACTION = ToolAction(UNDO_ACTION, "write", {
 """The ``undo`` action in the Cedar schema: a ``write`` action whose resource is the reversed tool's name."""
 
 _RANK = {Effect.ALLOW: 0, Effect.ASK: 1, Effect.DENY: 2}
+
+_RUNNING: set[tuple[str, str]] = set()
+"""(run, ledger key) of the undos this process is running now (any door, any platform in it)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # exists (another user's) or not a pid at all
+    return True
+
+
+def in_progress(run_id: str, started: Mapping[str, Any]) -> bool:
+    """Whether the undo that left this *started* record is running now: in this process, or in a live process on
+    this host. One whose process is gone (or on another host, which cannot be asked) may have happened: it is held
+    for a human instead (:meth:`UndoDoor._gate`)."""
+    key = str(started.get("key") or "")
+    if (run_id, key) in _RUNNING:
+        return True
+    pid = started.get("pid")
+    if started.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    return _alive(pid)
+
+
+def _busy(item: Reversal, started: Mapping[str, Any] | None, detail: str = "") -> ToolOutcome:
+    """The answer to an undo of a call that another undo is reversing right now."""
+    where = (f" (pid {started.get('pid')} on {started.get('host')}, since {started.get('started_at')})"
+             if started else "")
+    message = (f"call {item.call} ({item.tool}) is being undone right now by another undo{where}{detail}; it is not "
+               "undone twice: ask again once that one finished")
+    return ToolOutcome("error", item.undo_tool, error={"error": "undo_in_progress", "message": message})
 
 
 @dataclass(frozen=True)
@@ -119,7 +158,8 @@ class UndoDoor:
         """One undo at a time per run in this process (the ledger fences other processes)."""
         return self._locks.setdefault(run_id, asyncio.Lock())
 
-    async def undo(self, run: RunContext, item: Reversal, *, by: str, token: str | None = None) -> ToolOutcome:
+    async def undo(self, run: RunContext, item: Reversal, *, by: str, token: str | None = None,
+                   ledger: IdempotencyLedger | None = None) -> ToolOutcome:
         """Reverses one call. Never raises for what the call or the caller holds: the outcome says what happened,
         and an ``undo`` event records it.
 
@@ -129,6 +169,8 @@ class UndoDoor:
             by: Who asked (``operator:cli``, ``operator:api``, ``agent:<name>``).
             token: The run token when the run's agent asks (verified; must be for this run); ``None`` for an
                 operator.
+            ledger: Where the run's records are and this undo's go (default: the gateway's; a run driven by
+                workers: the bus's).
         """
         audit = self.door.audit
         who = {"agent": run.agent, "run_id": run.run_id, "tool": item.undo_tool}
@@ -148,11 +190,13 @@ class UndoDoor:
             outcome = ToolOutcome("invalid", item.undo_tool, error=redactor.redact(exc.to_dict()), audit_seq=seq)
             return await self._finish(who, item, link, outcome)
         call = Checked(claims, run, tool, args, who)
-        ledger = self.context.idempotency
+        ledger = ledger if ledger is not None else self.context.idempotency
         started = await ledger.aget(run.run_id, item.key) if ledger is not None else None
         if started is not None and not is_started(started):  # this attempt ended, its undo event was not written
             outcome = ToolOutcome(**{**started, "policy_ids": tuple(started.get("policy_ids", ()))})
             return await self._finish(who, item, {**link, "replayed": True, "key_used": True}, outcome)
+        if started is not None and in_progress(run.run_id, {**started, "key": item.key}):
+            return await self._finish(who, item, link, _busy(item, started))
         # The undo's arguments are not the agent's choice: the operator's manifest maps them from the recorded call
         # (whose own taint was decided when it ran) and its result. Checked as carrying no taint.
         tainted = self.door.taint(Checked(claims, replace(run, tracker=ProvenanceTracker()), tool, args, who))
@@ -165,7 +209,7 @@ class UndoDoor:
             return await self._finish(who, item, link, resolved)
         # From here the undo runs to its end and its outcome is recorded even if the caller goes away (a closed HTTP
         # connection): an interrupted undo would be left started, and held for a human.
-        running = asyncio.ensure_future(self._run(call, item, link, resolved, gate, seq, started))
+        running = asyncio.ensure_future(self._run(call, item, link, resolved, gate, seq, started, ledger))
         try:
             return await asyncio.shield(running)
         except asyncio.CancelledError:
@@ -174,19 +218,34 @@ class UndoDoor:
             raise
 
     async def _run(self, call: Checked, item: Reversal, link: Mapping[str, Any], resolved: Resolved, gate: Gate,
-                   seq: int, started: Mapping[str, Any] | None) -> ToolOutcome:
-        """Intent, execute, label, audit and record one authorized undo call."""
-        audit, ledger, run, tool, who = self.door.audit, self.context.idempotency, call.run, call.tool, call.who
+                   seq: int, started: Mapping[str, Any] | None, ledger: IdempotencyLedger | None) -> ToolOutcome:
+        """Intent, execute, label, audit and record one authorized undo call (one at a time per call here)."""
+        mine, who = (call.run.run_id, item.key), call.who
+        if mine in _RUNNING:
+            return await self._finish(who, item, link, _busy(item, None))
+        _RUNNING.add(mine)
+        try:
+            return await self._claimed(call, item, link, resolved, gate, seq, started, ledger)
+        finally:
+            _RUNNING.discard(mine)
+
+    async def _claimed(self, call: Checked, item: Reversal, link: Mapping[str, Any], resolved: Resolved, gate: Gate,
+                       seq: int, started: Mapping[str, Any] | None, ledger: IdempotencyLedger | None) -> ToolOutcome:
+        audit, run, tool, who = self.door.audit, call.run, call.tool, call.who
         if ledger is not None and started is None:
             try:
                 await ledger.aput(run.run_id, item.key, {
                     "status": STARTED, "tool": tool.name, "started_at": time.time(), "decision_seq": seq,
                     "host": socket.gethostname(), "pid": os.getpid(), "side_effect": tool.side_effect.value,
                 })
-            except BusConflict as exc:
-                outcome = ToolOutcome("error", tool.name, error={"error": "undo_in_progress", "message":
-                                                                  f"another process is undoing this call ({exc})"})
-                return await self._finish(who, item, link, outcome)
+            except BusConflict as exc:  # the bus's compare-and-set or the store's unique claim: another undoer won
+                other = await ledger.aget(run.run_id, item.key)
+                if other is not None and not is_started(other):
+                    message = (f"call {item.call} ({item.tool}) was undone meanwhile by another undo (its outcome: "
+                               f"{other.get('status')}); it is not undone twice")
+                    busy = ToolOutcome("error", tool.name, error={"error": "already_undone", "message": message})
+                    return await self._finish(who, item, link, busy)
+                return await self._finish(who, item, link, _busy(item, other, f": {exc}"))
         execute = self.door.host if tool.host else self.door.execute
         executed = await execute(call, resolved, gate.decision)
         if isinstance(executed, ToolOutcome):
@@ -263,4 +322,4 @@ class UndoDoor:
                            audit_seq=seq)
 
 
-__all__ = ["UNDO_ACTION", "UNDO_TOOL_ACTION", "Reversal", "UndoDoor"]
+__all__ = ["UNDO_ACTION", "UNDO_TOOL_ACTION", "Reversal", "UndoDoor", "in_progress"]

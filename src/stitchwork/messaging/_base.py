@@ -11,6 +11,7 @@ A bus keeps every published message in a *stream* chosen by the subject's first 
   how many unacknowledged messages one consumer holds (backpressure). Without ``group``, an ordered replay from
   ``start_seq`` that then follows new messages (no acks).
 * :meth:`Bus.last`: the newest message on one exact subject (subjects as keys: checkpoints, idempotency records).
+  :meth:`Bus.purge` removes a subject's older messages (a finished run's checkpoints but its last).
 
 Bounds (:meth:`Bus.limit`, :class:`StreamLimits`): a stream keeps messages up to an age, a size and a count; a
 *work-queue* stream drops a message once its group acknowledges it, and a stream marked ``discard_new`` refuses
@@ -301,6 +302,14 @@ class Bus(ABC):
             BusError: the adapter cannot limit a stream, or the bus refused the change.
         """
         raise BusError(f"{type(self).__name__} cannot limit the history of {subject!r}")
+
+    async def purge(self, subject: str, *, keep: int = 0) -> None:
+        """Removes the messages of exactly ``subject`` except its newest ``keep`` (a finished run's old checkpoints).
+
+        Raises:
+            BusError: the adapter cannot purge a subject, or the bus refused.
+        """
+        raise BusError(f"{type(self).__name__} cannot purge {subject!r}")
 
     async def limit(self, subject: str, limits: StreamLimits) -> None:
         """Applies ``limits`` to ``subject``'s stream (creating it if needed; an existing stream is updated).

@@ -113,6 +113,10 @@ class SyncBus:
         """Keeps only the newest ``per_subject`` messages of each subject in ``subject``'s stream."""
         self._call(lambda bus: bus.keep_last(subject, per_subject))
 
+    def purge(self, subject: str, *, keep: int = 0) -> None:
+        """Removes the messages of exactly ``subject`` except its newest ``keep``."""
+        self._call(lambda bus: bus.purge(subject, keep=keep))
+
     def close(self) -> None:
         loop, thread, bus = self._loop, self._thread, self._bus
         self._loop = self._thread = None

@@ -355,6 +355,15 @@ class MemoryBus(Bus):
             stream.kept[name] = deque(older)
             stream.trim(name, seq)
 
+    async def purge(self, subject: str, *, keep: int = 0) -> None:
+        self._check_open()
+        if keep < 0:
+            raise BusError(f"purge keeps a number of messages >= 0, got {keep}")
+        stream = self._stream(check_subject(subject))
+        mine = [m.seq for m in stream.messages.values() if m.subject == subject]
+        for seq in mine[: max(0, len(mine) - keep)]:
+            stream.remove(seq)
+
     async def limit(self, subject: str, limits: StreamLimits) -> None:
         self._check_open()
         name = check_subject(subject, wildcards=True)

@@ -393,6 +393,17 @@ class NatsBus(Bus):
         await self._retrying(limit, waiting=f"stream {stream}",
                              refused=f"cannot limit stream {stream} to {per_subject} per subject", pause_s=0.2)
 
+    async def purge(self, subject: str, *, keep: int = 0) -> None:
+        if keep < 0:
+            raise BusError(f"purge keeps a number of messages >= 0, got {keep}")
+        stream = check_subject(subject)
+        await self.ensure_stream(stream)
+
+        async def purge() -> None:
+            await self.js.purge_stream(stream, subject=subject, keep=keep or None)
+
+        await self._retrying(purge, waiting=f"purge {subject}", refused=f"cannot purge {subject}", pause_s=0.1)
+
     async def latest(self, pattern: str) -> list[Delivery]:
         stream = check_subject(pattern, wildcards=True)
         await self.ensure_stream(stream)

@@ -27,7 +27,7 @@ from stitchwork.security.deadlines import Deadlines
 from stitchwork.security.vault import validate_secret_name
 from stitchwork.service import audit as audit_ops
 from stitchwork.service.sessions import Sessions
-from stitchwork.service.undo import Undo, describe
+from stitchwork.service.undo import Undo, describe, is_undo_approval
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,43 @@ class Service:
         METRICS.approvals_decided.inc(outcome)
         METRICS.approval_latency.observe(max((approval.decided_at or 0) - approval.created_at, 0.0), outcome)
         result: dict[str, Any] = self.platform.gateway.redactor.redact(approval.to_dict())
+        if is_undo_approval(approval):
+            result["undo"] = await self._decided_undo(approval, by)
         if resume:
             await self.resume_if_ready(approval.run_id)
         return result
+
+    async def _decided_undo(self, approval: ApprovalRecord, by: str) -> dict[str, Any]:
+        """Carries out the decision of an undo's approval at once: approved, the undo runs (through the gateway,
+        consuming the approval: once, even if asked again meanwhile; the ledger's claim fences another process);
+        denied, the attempt is refused and audited, and the call stays as it is (state ``undo_denied``)."""
+        reverses = str(approval.arguments.get("reverses"))
+        try:
+            return await self.undo(approval.run_id, call=reverses, by=by)
+        except StitchworkError as exc:  # e.g. undone meanwhile, or the run is gone: the decision stands
+            log.warning("approval %s: its undo of call %s of run %s was not carried out: %s", approval.id, reverses,
+                        approval.run_id, exc)
+            failed: dict[str, Any] = self.platform.gateway.redactor.redact(exc.to_dict())
+            await self.platform.audit.aappend(
+                "undo", agent=approval.agent, run_id=approval.run_id, tool=approval.tool, decision="error",
+                data={"reverses": approval.arguments.get("reverses"), "approval_id": approval.id, "by": by,
+                      "error": failed, "not_carried_out": True})
+            return failed
+
+    async def finish_decided_undos(self) -> list[str]:
+        """Carries out undos approved but not yet run (the platform stopped between the decision and the undo);
+        `stitchwork up` calls this at start. Returns the approval ids it acted on."""
+        try:
+            approved = await asyncio.to_thread(self.platform.approvals.find, ApprovalStatus.APPROVED)
+        except StitchworkError as exc:
+            log.warning("approved undos: cannot list approvals: %s", exc)
+            return []
+        done = []
+        for approval in approved:
+            if is_undo_approval(approval):
+                await self._decided_undo(approval, approval.decided_by or "operator")
+                done.append(approval.id)
+        return done
 
     async def resume_if_ready(self, run_id: str) -> None:
         """Resumes a run whose pending approvals have all been decided."""

@@ -11,7 +11,8 @@ state               meaning
 ==================  =================================================================================================
 ``undoable``        the call ran and declares an undo; not undone yet
 ``undo_failed``     the last undo of it failed, was denied or refused: still undoable (the attempt is reported)
-``undo_waiting``    its undo waits for a human's approval (``stitchwork approvals``); ask again once approved
+``undo_waiting``    its undo waits for a human's approval (``stitchwork approvals``); approving it runs the undo
+``undo_denied``     a human denied (or let expire) the approval of its undo: the call stays as it is
 ``undone``          an undo of it succeeded; it is never undone again
 ``uncertain``       the call may or may not have happened (its worker died); undoing it resolves it
 ``not_undoable``    no undo declared, its mapping found no value, or the call did not succeed (``reason`` says)
@@ -25,20 +26,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stitchwork.agents.runs import RunRecord
+from stitchwork.agents.runs import RunRecord, record_from_row
 from stitchwork.audit.records import AuditEvent
 from stitchwork.errors import NothingToUndo, RunError, StitchworkError
 from stitchwork.gateway.context import RunContext
-from stitchwork.gateway.idempotency import is_started
+from stitchwork.gateway.idempotency import IdempotencyLedger, is_started
 from stitchwork.gateway.uncertain import UNCERTAIN_POLICY
 from stitchwork.gateway.undo import Reversal
+from stitchwork.messaging.bridge import SyncBus
 from stitchwork.platform import Platform
-from stitchwork.security.approvals import ApprovalStatus
+from stitchwork.security.approvals import Approval, ApprovalStatus
 from stitchwork.security.taint import ProvenanceTracker
 from stitchwork.tools.manifest import undo_call
+from stitchwork.workers.approvals import FederatedApprovals
+from stitchwork.workers.events import EventHub
+from stitchwork.workers.ledger import BusLedger
+from stitchwork.workers.subjects import Subjects
 
-UNDOABLE = frozenset({"undoable", "undo_failed", "undo_waiting", "uncertain"})
-"""The states in which ``stitchwork undo`` reverses a call."""
+UNDOABLE = frozenset({"undoable", "undo_failed", "undo_waiting", "undo_denied", "uncertain"})
+"""The states in which ``stitchwork undo`` reverses a call (a denied one is refused again, and stops the older)."""
+
+
+def is_undo_approval(approval: Approval) -> bool:
+    """Whether an approval holds an undo (deciding it carries the undo out: :meth:`Service.decide`)."""
+    return approval.arguments.get("undo") is True and isinstance(approval.arguments.get("reverses"), int)
 
 
 @dataclass
@@ -88,10 +99,40 @@ class Undo:
     # -- reading -----------------------------------------------------------------------------------------------
 
     def _record(self, run_id: str) -> RunRecord | None:
+        """The platform's own run, or else a durable run's newest checkpoint on the fleet's bus."""
         try:
-            return self.platform.runs.fetch(run_id)
+            found = self.platform.runs.fetch(run_id)
         except StitchworkError:
+            found = None
+        if found is not None:
+            return found
+        fleet = self._fleet(run_id)
+        return fleet[1] if fleet is not None else None
+
+    def _fleet(self, run_id: str) -> tuple[IdempotencyLedger, RunRecord | None] | None:
+        """For a run driven by workers on the bus (not in the platform's own run store): the bus ledger where its
+        calls' records are (and where its undos record theirs: the bus's compare-and-set fences other undoers),
+        and its checkpoint if the bus still keeps it. ``None`` for the platform's own runs, or without a bus."""
+        try:
+            if self.platform.runs.fetch(run_id) is not None:
+                return None
+        except StitchworkError:
+            pass
+        bus = fleet_bus(self.platform)
+        if bus is None:
             return None
+        sync, subjects = bus
+        kept = self.platform.config.messaging.limits.idempotency.max_age_s
+        try:
+            found = sync.last(subjects.state(run_id))
+            record = record_from_row(json.loads(found.data)) if found is not None else None
+        except (StitchworkError, ValueError, KeyError, TypeError):
+            record = None
+        return BusLedger(sync, subjects, ttl_s=kept), record
+
+    def _ledger(self, run_id: str) -> IdempotencyLedger | None:
+        fleet = self._fleet(run_id)
+        return fleet[0] if fleet is not None else self.platform.gateway.context.idempotency
 
     async def calls(self, run_id: str) -> tuple[str, list[CallState]]:
         """The run's agent and its calls, oldest first.
@@ -108,11 +149,25 @@ class Undo:
         states += await self._uncertain(run_id, {s.seq for s in states}, events)
         states += _undone_elsewhere({s.seq for s in states}, events)
         states.sort(key=lambda s: s.seq)
+        self._decided(states)
         return agent or _agent_of(self.platform.audit.for_run(run_id)), states
+
+    def _decided(self, states: list[CallState]) -> None:
+        """An undo waiting for an approval that a human denied (or that expired) is ``undo_denied``."""
+        for state in states:
+            if state.state != "undo_waiting" or not state.approval_id:
+                continue
+            try:
+                approval = self.platform.approvals.get(state.approval_id)
+            except StitchworkError:
+                continue
+            if approval.status in (ApprovalStatus.DENIED, ApprovalStatus.EXPIRED):
+                _denied(state, approval.id, f"{approval.status.value} by {approval.decided_by or 'the clock'}")
 
     async def _uncertain(self, run_id: str, known: set[int], events: Sequence[AuditEvent]) -> list[CallState]:
         """Calls held for a human as uncertain (their worker died while they ran): undoable from their arguments."""
-        ledger = self.platform.gateway.context.idempotency
+        ledger = self._ledger(run_id)
+        fleet = self.platform.audit.for_run(run_id, ("decision",)) if self._fleet(run_id) is not None else []
         out: list[CallState] = []
         for approval in self.platform.approvals.find(ApprovalStatus.PENDING):
             if approval.run_id != run_id or UNCERTAIN_POLICY not in approval.policy_ids:
@@ -123,6 +178,8 @@ class Undo:
             if not is_started(started) or started is None:
                 continue
             seq = int(started.get("decision_seq") or 0)
+            if fleet:  # a worker's decision_seq counts in its own chain: the platform's copy of that event
+                seq = _platform_seq(fleet, seq, approval.tool)
             if seq in known or not seq:
                 continue
             state = CallState(seq, _call_id(run_id, key, seq), approval.tool, str(started.get("side_effect", "")),
@@ -177,6 +234,7 @@ class Undo:
             if not todo and not done:
                 raise NothingToUndo(_nothing(run_id, chosen, call))
             run = self._run(run_id, agent)
+            ledger = self._ledger(run_id)
             results: list[dict[str, Any]] = []
             stopped = False
             for state in sorted(todo + done, key=lambda s: s.seq, reverse=True):
@@ -189,7 +247,7 @@ class Undo:
                     continue
                 item = Reversal(state.seq, state.call, state.tool, state.side_effect, state.undo_tool,
                                 dict(state.undo_args or {}), attempt=state.key_index)
-                outcome = await door.undo(run, item, by=by, token=token)
+                outcome = await door.undo(run, item, by=by, token=token, ledger=ledger)
                 results.append({**base, "status": outcome.status, "undo_seq": outcome.audit_seq,
                                 "result": outcome.content, "error": outcome.error,
                                 "approval_id": outcome.approval_id or None,
@@ -219,6 +277,28 @@ class Undo:
         workdir.mkdir(parents=True, exist_ok=True)
         return RunContext(run_id, agent, workdir, tracker, max_steps=max_steps,
                           steps=record.steps if record is not None else 0)
+
+
+def _platform_seq(decisions: Sequence[AuditEvent], seq: int, tool: str) -> int:
+    """The platform's sequence number of a worker's decision event ``seq`` (forwarded with ``data.origin``), or
+    ``seq`` itself if the platform has not ingested it yet."""
+    for event in decisions:
+        origin = event.data.get("origin")
+        if event.tool == tool and isinstance(origin, Mapping) and origin.get("seq") == seq:
+            return event.seq
+    return seq
+
+
+def fleet_bus(platform: Platform) -> tuple[SyncBus, Subjects] | None:
+    """The bus of the platform's durable runs (workers'), if it has one: the server's event hub, or the bus a
+    local platform reads approvals from."""
+    events = platform.events
+    if isinstance(events, EventHub):
+        return events.sync, events.subjects
+    approvals = platform.approvals
+    if isinstance(approvals, FederatedApprovals):
+        return approvals.remote.bus, approvals.remote.subjects
+    return None
 
 
 def recorded_states(platform: Platform, run_id: str) -> list[CallState]:
@@ -295,8 +375,21 @@ def _apply_attempts(state: CallState, attempts: Sequence[AuditEvent]) -> None:
     state.last_error = error if isinstance(error, dict) else None
     if last.decision == "approval_required":
         state.state, state.approval_id = "undo_waiting", str(last.data.get("approval_id") or "")
+    elif last.decision == "denied" and (human := _human_denial(state.last_error)):
+        _denied(state, human, "denied")
     else:
         state.state = "undo_failed"
+
+
+def _human_denial(error: Mapping[str, Any] | None) -> str:
+    """The approval a refused undo names in its policy ids (``approval:<id>``: a human said no), or ""."""
+    ids = (error or {}).get("policy_ids") or ()
+    return next((str(p)[len("approval:"):] for p in ids if str(p).startswith("approval:")), "")
+
+
+def _denied(state: CallState, approval_id: str, how: str) -> None:
+    state.state, state.approval_id = "undo_denied", approval_id
+    state.reason = f"its undo's approval {approval_id} was {how}: the call stays as it is"
 
 
 def _choose(run_id: str, states: list[CallState], call: str | None) -> list[CallState]:

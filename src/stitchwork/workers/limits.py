@@ -15,6 +15,11 @@ kind               stream                 retention
                                           dead letter never are; full: a new job is refused; no age limit
 ``audit``          ``<p>audit.>``         a work queue: removed once the platform appended it to its chain; full:
                                           the worker's events wait in its own log; no age limit
+``state``          ``<p>state.>``         checkpoints, the newest ``checkpoints_kept`` per run; when a run finishes
+                                          its older ones are purged and its last carries a TTL of ``max_age_s``
+                                          (:class:`~stitchwork.workers.runstore.BusRunStore`); unfinished: none
+``meters``         ``<p>meter.>``         the newest document per meter, with the TTL its budgets allow (at least
+                                          ``max_age_s``; a ``total`` budget: none)
 =================  =====================  =========================================================================
 
 A stream's retention (work queue or not) is fixed when it is created: `stitchwork up` and every worker apply the

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stitchwork.errors import BusConflict, BusError
 from stitchwork.gateway.meters import Delta, MeterStore, Reading, Windows, fold, reading_of
-from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery
+from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery, ttl_header
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.subjects import Subjects
 
@@ -29,12 +29,17 @@ class BusMeters(MeterStore):
         subjects: Subject names.
         abus: An async bus on the caller's event loop (a worker's own connection).
         sync: A synchronous bus (the server's run-events connection), used from a thread.
+        retention: Per key, how long its document outlives its last update (0: forever; see
+            :func:`stitchwork.gateway.models.meter_retention`): each update carries it as the message's TTL, so a
+            meter no budget window needs any more leaves the bus. None keeps every meter.
     """
 
-    def __init__(self, subjects: Subjects, *, abus: Bus | None = None, sync: SyncBus | None = None) -> None:
+    def __init__(self, subjects: Subjects, *, abus: Bus | None = None, sync: SyncBus | None = None,
+                 retention: Callable[[str], float] | None = None) -> None:
         if abus is None and sync is None:
             raise BusError("BusMeters needs a bus")
         self.subjects = subjects
+        self.retention = retention
         self.abus = abus
         self.sync = sync
         self._bounded = False
@@ -45,8 +50,8 @@ class BusMeters(MeterStore):
         assert self.sync is not None
         return await asyncio.to_thread(self.sync.last, subject)
 
-    async def _publish(self, subject: str, body: bytes, expected: int) -> None:
-        headers = {EXPECTED_LAST_SUBJECT_SEQ: str(expected)}
+    async def _publish(self, subject: str, body: bytes, expected: int, ttl_s: float) -> None:
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: str(expected), **ttl_header(ttl_s)}
         if self.abus is not None:
             await self.abus.publish(subject, body, headers=headers)
             return
@@ -74,14 +79,25 @@ class BusMeters(MeterStore):
         return reading_of(self._doc(await self._last(self.subjects.meter(key))), windows)
 
     async def add(self, keys: Sequence[str], windows: Windows, delta: Delta) -> None:
+        await self.add_many([(key, windows, delta) for key in keys])
+
+    async def add_many(self, additions: Sequence[tuple[str, Windows, Delta]]) -> None:
+        """One compare-and-set per key, with every addition to that key folded in, in order."""
         await self._bound()
-        for key in keys:
+        per_key: dict[str, list[tuple[Windows, Delta]]] = {}
+        for key, windows, delta in additions:
+            per_key.setdefault(key, []).append((windows, delta))
+        for key, changes in per_key.items():
             subject = self.subjects.meter(key)
+            ttl_s = self.retention(key) if self.retention is not None else 0.0
             for _ in range(MAX_ATTEMPTS):
                 found = await self._last(subject)
-                doc = fold(self._doc(found), windows, delta)
+                doc = self._doc(found)
+                for windows, delta in changes:
+                    doc = fold(doc, windows, delta)
                 try:
-                    await self._publish(subject, json.dumps(doc).encode(), found.seq if found is not None else 0)
+                    await self._publish(subject, json.dumps(doc).encode(), found.seq if found is not None else 0,
+                                        ttl_s)
                     break
                 except BusConflict:
                     continue

@@ -13,7 +13,8 @@ from typing import Any
 
 from stitchwork.agents.loop import idempotency_key
 from stitchwork.agents.runs import RunRecord, RunStatus, RunStore, record_from_row, record_to_row
-from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery
+from stitchwork.errors import BusError
+from stitchwork.messaging._base import EXPECTED_LAST_SUBJECT_SEQ, Bus, Delivery, ttl_header
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.workers.ledger import BusLedger
 from stitchwork.workers.subjects import Subjects
@@ -31,9 +32,13 @@ class BusRunStore(RunStore):
 
     missing_suffix = " on the bus"
 
-    def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None) -> None:
+    def __init__(self, bus: SyncBus, subjects: Subjects, *, abus: Bus | None = None,
+                 finished_ttl_s: float = 0.0) -> None:
         self.bus = bus
         self.subjects = subjects
+        self.finished_ttl_s = finished_ttl_s
+        """A finished run's last checkpoint is removed from the bus this long after it was stored, and its older
+        ones at once (0: kept); a running or waiting run's never are (``[messaging.limits.state] max_age_s``)."""
         self.abus = abus
         """The worker's own connection: :meth:`asave` and :meth:`afetch` wait on it without blocking the loop."""
         self._latest: dict[str, RunRecord] = {}
@@ -47,14 +52,20 @@ class BusRunStore(RunStore):
         self.side_effecting: Callable[[str], bool] = lambda tool: True
         """Whether a tool's calls are looked up in the ledger (set by the worker from its tool registry)."""
 
-    def _fence(self, run_id: str) -> tuple[dict[str, str], str]:
+    def _fence(self, record: RunRecord) -> tuple[dict[str, str], str]:
         """Headers and message id of a compare-and-set checkpoint (stored only over our last-known one).
 
         The message id is unique per write (a random prefix of this store, then a counter): as unique as a
-        ``uuid4`` per write, without reading the system's random source at every checkpoint.
+        ``uuid4`` per write, without reading the system's random source at every checkpoint. A finished run's
+        checkpoint carries the TTL of ``finished_ttl_s``; an unfinished one none (it must stay).
         """
-        return ({EXPECTED_LAST_SUBJECT_SEQ: str(self._seq.get(run_id, 0))},
-                f"ckpt:{run_id}:{self._writer}{next(self._writes)}")
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: str(self._seq.get(record.id, 0))}
+        if record.status.finished:
+            headers.update(ttl_header(self.finished_ttl_s))
+        return headers, f"ckpt:{record.id}:{self._writer}{next(self._writes)}"
+
+    def _aging(self, record: RunRecord) -> bool:
+        return bool(self.finished_ttl_s) and record.status.finished
 
     def _messages_escaped(self, record: RunRecord) -> str:
         """``json.dumps(json.dumps(list(record.messages)))`` without its quotes, encoding only new messages.
@@ -89,20 +100,39 @@ class BusRunStore(RunStore):
         Raises:
             BusConflict: another worker advanced the run since (this worker must abandon it).
         """
-        headers, msg_id = self._fence(record.id)
+        headers, msg_id = self._fence(record)
         self._seq[record.id] = self.bus.publish(self.subjects.state(record.id), self._body(record), headers=headers,
                                                 msg_id=msg_id)
         self._latest[record.id] = record
+        if self._aging(record):
+            self.bus.purge(self.subjects.state(record.id), keep=1)
 
     async def apublish(self, record: RunRecord) -> None:
         """:meth:`publish` on the worker's event loop; returns once the checkpoint is stored."""
         if self.abus is None:
             self.publish(record)
             return
-        headers, msg_id = self._fence(record.id)
+        headers, msg_id = self._fence(record)
         self._seq[record.id] = await self.abus.publish(self.subjects.state(record.id), self._body(record),
                                                        headers=headers, msg_id=msg_id)
         self._latest[record.id] = record
+        if self._aging(record):
+            await self.abus.purge(self.subjects.state(record.id), keep=1)
+
+    async def aseal(self, record: RunRecord) -> None:
+        """Removes a finished run's checkpoints but its last (the one that ages out), if a worker stopped between
+        storing that one and removing the others: otherwise, once it aged out, an older *running* checkpoint
+        would be the run's newest again. Called before a redelivered job of a finished run is acknowledged."""
+        if not self._aging(record):
+            return
+        subject = self.subjects.state(record.id)
+        try:
+            if self.abus is not None:
+                await self.abus.purge(subject, keep=1)
+            else:
+                self.bus.purge(subject, keep=1)
+        except BusError as exc:
+            log.warning("run %s: its older checkpoints stay on the bus: %s", record.id, exc)
 
     async def asave(self, record: RunRecord) -> RunRecord:
         """Stores the checkpoint, and the run's idempotency records sent meanwhile, before returning.

@@ -152,6 +152,8 @@ class Worker:
                 return
             if record is None:
                 record = await self._create(job)
+            elif record.status.finished:
+                await self.runs.aseal(record)  # a worker may have stopped between its last checkpoint and this
             self._on_event(record, "claimed", {"worker": self.name, "attempt": delivery.attempt})
             await self.platform.runner.drive(run_id, record=record)
             await self._flush_events(run_id)

@@ -54,6 +54,15 @@ def _decide(approval_id: str, approve: bool, note: str, as_json: bool, config_pa
         return
     console.print(f"approval {escape(result['id'])}: [bold]{escape(result['status'])}[/] "
                   f"({escape(str(result['tool']))} for run {escape(str(result['run_id']))})")
+    undo = result.get("undo")
+    if isinstance(undo, dict):  # an undo's approval: deciding it carried the undo out (or refused it)
+        for row in undo.get("results") or []:
+            error = row.get("error") or {}
+            console.print(f"  undo of call {escape(str(row.get('call')))} ({escape(str(row.get('tool')))}): "
+                          f"[bold]{escape(str(row.get('status')))}[/]"
+                          + (f": {escape(str(error.get('message')))}" if isinstance(error, dict) and error else ""))
+        if undo.get("message"):
+            console.print(f"  undo not carried out: {escape(str(undo['message']))}")
 
 
 def approve(approval_id: str, note: str = typer.Option("", help="Why."), as_json: bool = JsonOpt,

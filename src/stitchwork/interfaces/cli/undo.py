@@ -29,7 +29,8 @@ from stitchwork.interfaces.cli._common import (
 
 STATES = {
     "undoable": "can be undone", "undo_failed": "undo failed: can be undone", "undo_waiting": "undo waits for approval",
-    "undone": "undone", "uncertain": "uncertain: undoing resolves it", "not_undoable": "cannot be undone",
+    "undo_denied": "undo denied: the call stays", "undone": "undone", "uncertain": "uncertain: undoing resolves it",
+    "not_undoable": "cannot be undone",
 }
 
 

@@ -130,6 +130,7 @@ def create_app(service: Service, *, expiry_interval_s: float = 5.0) -> FastAPI:
         except (StitchworkError, TimeoutError) as exc:
             log.warning("bus streams are not limited: %s", exc)
         tasks = [asyncio.create_task(service.expire_on_time()),  # approvals: a deadline heap, not a listing
+                 asyncio.create_task(service.finish_decided_undos()),  # approved before a stop, not yet run
                  asyncio.create_task(sessions_loop()), asyncio.create_task(failures_loop())]
         stop_fleet = asyncio.Event()
         fleet = asyncio.create_task(service.ingest_fleet_audit(stop_fleet))  # workers' audit events into this chain
