@@ -69,10 +69,21 @@ class Mutant:
     node_index: int
     """The position of the mutated node in the module's ``ast.walk`` order."""
     variant: int = 0
+    text: str = ""
+    """The mutated line's source, stripped."""
+    occurrence: int = 1
+    """1 for the first mutant with this module, line text and description (in source order), 2 for the next..."""
 
     @property
     def key(self) -> str:
-        return f"{self.module}:{self.line}: {self.description}"
+        """What names this mutant in ``tests/mutation_equivalents.txt``: the module, the line's text and the change
+        (not the line number, so edits elsewhere in the module leave it valid)."""
+        suffix = f" [{self.occurrence}]" if self.occurrence > 1 else ""
+        return f"{self.module} :: {self.text} :: {self.description}{suffix}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.module}:{self.line}"
 
 
 @dataclasses.dataclass
@@ -141,6 +152,8 @@ def enumerate_mutants(module: str, source: str) -> list[Mutant]:
     """Every mutant of one module, in a stable order."""
     tree = ast.parse(source)
     skip = _skipped_nodes(tree)
+    lines = source.splitlines()
+    keywords = {id(k.value): k.arg for k in ast.walk(tree) if isinstance(k, ast.keyword) and k.arg}
     found: list[Mutant] = []
     for index, node in enumerate(ast.walk(tree)):
         if id(node) in skip:
@@ -148,7 +161,8 @@ def enumerate_mutants(module: str, source: str) -> list[Mutant]:
         line, col = getattr(node, "lineno", 0), getattr(node, "col_offset", 0)
 
         def add(description: str, variant: int = 0, *, line: int = line, col: int = col, index: int = index) -> None:
-            found.append(Mutant(module, line, col, description, index, variant))
+            text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+            found.append(Mutant(module, line, col, description, index, variant, text))
 
         if isinstance(node, ast.Compare):
             for i, op in enumerate(node.ops):
@@ -165,14 +179,21 @@ def enumerate_mutants(module: str, source: str) -> list[Mutant]:
         elif isinstance(node, ast.If | ast.While | ast.IfExp | ast.Assert):
             add("condition negated")
         elif isinstance(node, ast.Constant) and not isinstance(node.value, bytes):
+            name = f"{keywords[id(node)]}=" if id(node) in keywords else ""
             for i, (_value, description) in enumerate(_constant_variants(node.value)):
-                add(f"constant {description}", i)
+                add(f"constant {name}{description}", i)
         elif isinstance(node, ast.Return) and node.value is not None and not (
                 isinstance(node.value, ast.Constant) and node.value.value is None):
             add("return ... -> return None")
         if isinstance(node, ast.stmt) and _deletable(node):
             add(f"statement deleted ({type(node).__name__.lower()})", 100)
-    return found
+    seen: dict[str, int] = {}
+    numbered = []
+    for m in sorted(found, key=lambda m: (m.line, m.col, m.node_index, m.variant)):
+        seen[m.key] = seen.get(m.key, 0) + 1
+        numbered.append(dataclasses.replace(m, occurrence=seen[m.key]))
+    order = {(m.node_index, m.variant): i for i, m in enumerate(found)}
+    return sorted(numbered, key=lambda m: order[(m.node_index, m.variant)])
 
 
 class _Apply(ast.NodeTransformer):
@@ -185,7 +206,7 @@ class _Apply(ast.NodeTransformer):
             return self.generic_visit(node)
         m = self.mutant
         if m.variant == 100:  # statement deleted
-            return ast.Pass()
+            return ast.copy_location(ast.Pass(), node)
         if isinstance(node, ast.Compare):
             i, boundary = divmod(m.variant, 2)
             table = _BOUNDARY if boundary else _FLIP
@@ -195,11 +216,12 @@ class _Apply(ast.NodeTransformer):
         elif isinstance(node, ast.UnaryOp):
             return node.operand
         elif isinstance(node, ast.If | ast.While | ast.IfExp | ast.Assert):
-            node.test = ast.UnaryOp(op=ast.Not(), operand=node.test)
+            node.test = ast.copy_location(ast.UnaryOp(op=ast.Not(), operand=node.test), node.test)
         elif isinstance(node, ast.Constant):
             node.value = _constant_variants(node.value)[m.variant][0]
         elif isinstance(node, ast.Return):
-            node.value = ast.Constant(value=None)
+            assert node.value is not None
+            node.value = ast.copy_location(ast.Constant(value=None), node.value)
         return node
 
 
@@ -216,12 +238,18 @@ def within(mutants: list[Mutant], source: str, names: str) -> list[Mutant]:
     return [m for m in mutants if any(lo <= m.line <= hi for lo, hi in spans)]
 
 
-def mutated_source(mutant: Mutant, source: str) -> str:
+def mutated_tree(mutant: Mutant, source: str) -> ast.Module:
+    """The module's syntax tree with the one change made (line numbers kept: it compiles to code whose lines and
+    functions match the original's)."""
     tree = ast.parse(source)
     targets = {id(node): index for index, node in enumerate(ast.walk(tree))}
     mutated = _Apply(mutant, targets).visit(tree)
-    assert mutated is not None
-    return ast.unparse(ast.fix_missing_locations(mutated))
+    assert isinstance(mutated, ast.Module)
+    return ast.fix_missing_locations(mutated)
+
+
+def mutated_source(mutant: Mutant, source: str) -> str:
+    return ast.unparse(mutated_tree(mutant, source))
 
 
 def load_config() -> dict[str, object]:
@@ -230,24 +258,27 @@ def load_config() -> dict[str, object]:
 
 
 def load_equivalents() -> dict[str, str]:
-    """``module:line: description  # reason`` lines of ``tests/mutation_equivalents.txt``."""
+    """``module :: line text :: description [n]  # reason`` lines of ``tests/mutation_equivalents.txt`` (the reason
+    follows the last ``  # ``, so a line text may hold a comment of its own)."""
     found: dict[str, str] = {}
     if EQUIVALENTS.exists():
         for raw in EQUIVALENTS.read_text().splitlines():
             if raw.strip() and not raw.lstrip().startswith("#"):
-                key, _, reason = raw.partition("  # ")
+                key, _, reason = raw.rpartition("  # ")
+                if not key:
+                    raise SystemExit(f"{EQUIVALENTS}: no '  # reason' on the line {raw!r}")
                 found[key.strip()] = reason.strip()
     return found
 
 
-_NOT_NEEDED = [arg for name in ("langsmith_plugin", "schemathesis", "benchmark") for arg in ("-p", f"no:{name}")]
+NOT_NEEDED = [arg for name in ("langsmith_plugin", "schemathesis", "benchmark") for arg in ("-p", f"no:{name}")]
 """Installed pytest plugins no mapped test uses; loading them doubled the start-up cost of every mutant."""
 
 
 def _pytest(src: Path, tests: list[str], timeout: float) -> tuple[str, str]:
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-               *_NOT_NEEDED, "-o", "addopts=", *tests]
+               *NOT_NEEDED, "-o", "addopts=", *tests]
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -294,13 +325,59 @@ def iter_modules(config: dict[str, object], only: list[str]) -> Iterator[tuple[s
         yield name, list(modules[name])
 
 
+def run_fast(path: str, tests: list[str], mutants: list[Mutant], jobs: int, timeout: float) -> list[Result] | None:
+    """Every mutant through one long-lived runner (``scripts/_mutate_runner.py``): one collection, one traced clean
+    run, then a fork per mutant running only the tests that reach the mutated line. None if the clean run fails."""
+    with tempfile.TemporaryDirectory(prefix="stitchwork-mutate-") as scratch:
+        spec, out = Path(scratch) / "spec.json", Path(scratch) / "out.jsonl"
+        spec.write_text(json.dumps({"module": path, "tests": tests, "jobs": jobs, "timeout": timeout, "out": str(out),
+                                    "mutants": [dataclasses.asdict(m) for m in mutants]}))
+        env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONDONTWRITEBYTECODE": "1"}
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "_mutate_runner.py"), str(spec)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            return None
+        by_key = {m.key: m for m in mutants}
+        results = []
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            results.append(Result(by_key[row["key"]], row["status"], row["seconds"], row["detail"]))
+        missing = set(by_key) - {r.mutant.key for r in results}
+        if missing:
+            raise SystemExit(f"the runner stopped before {len(missing)} mutants ran (one was {sorted(missing)[0]})")
+        return results
+
+
+def run_isolated(module: str, source: str, tests: list[str], mutants: list[Mutant], jobs: int,
+                 timeout: float) -> list[Result] | None:
+    """Every mutant as a file in a private copy of ``src/`` and one whole pytest run (slow, but nothing shared)."""
+    started = time.monotonic()
+    status, detail = _pytest(SRC, tests, 1800)
+    if status != "survived":
+        print(f"{module}: its tests fail without any mutation ({detail}); fix them first", file=sys.stderr)
+        return None
+    timeout = timeout or max(30.0, 5 * (time.monotonic() - started))
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for result in pool.map(lambda m: run_mutant(m, source, tests, timeout), mutants):
+            if result.status == "survived":
+                print(f"  SURVIVED line {result.mutant.line}: {result.mutant.key}", flush=True)
+            results.append(result)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help="paths under src/stitchwork (default: every configured one)")
     parser.add_argument("--sample", type=int, default=0, help="run a random sample of N mutants per module")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=0, help="seconds per mutant (default: 5x the clean run)")
+    parser.add_argument("--timeout", type=float, default=0,
+                        help="seconds per mutant (default: 20 s + 5x the clean time of the tests it runs)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="the slow way: a copy of src/ and a whole pytest run per mutant (to cross-check)")
+    parser.add_argument("--match", action="append", default=[],
+                        help="only the mutants whose key holds this text (repeatable; e.g. a survivor's line text)")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--json", type=Path, help="write every result to this file")
     args = parser.parse_args(argv)
@@ -313,37 +390,31 @@ def main(argv: list[str] | None = None) -> int:
         path, _, names = module.partition("::")
         source = (PACKAGE / path).read_text()
         mutants = within(enumerate_mutants(path, source), source, names)
+        if args.match:
+            mutants = [m for m in mutants if any(text in m.key for text in args.match)]
         if args.sample and len(mutants) > args.sample:
             mutants = random.Random(f"{args.seed}:{module}").sample(mutants, args.sample)
         if args.list:
             for m in mutants:
-                print(m.key)
+                print(f"{m.line}: {m.key}")
             continue
         started = time.monotonic()
-        status, detail = _pytest(SRC, tests, 1800)
-        if status != "survived":
-            print(f"{module}: its tests fail without any mutation ({detail}); fix them first", file=sys.stderr)
+        to_run = [m for m in mutants if m.key not in equivalents]
+        print(f"== {module}: {len(mutants)} mutants ({len(mutants) - len(to_run)} listed equivalent), "
+              f"tests {' '.join(tests)}", flush=True)
+        ran = (run_isolated(module, source, tests, to_run, args.jobs, args.timeout) if args.isolated
+               else run_fast(path, tests, to_run, args.jobs, args.timeout))
+        if ran is None:
             return 2
-        timeout = args.timeout or max(30.0, 5 * (time.monotonic() - started))
-        print(f"== {module}: {len(mutants)} mutants, tests {' '.join(tests)} (timeout {timeout:.0f} s each)",
-              flush=True)
-        mine: list[Result] = []
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_mutant, m, source, tests, timeout)
-                       if m.key not in equivalents else None for m in mutants]
-            for m, future in zip(mutants, futures, strict=True):
-                if future is None:
-                    mine.append(Result(m, "equivalent", 0.0, equivalents[m.key]))
-                    continue
-                result = future.result()
-                mine.append(result)
-                if result.status == "survived":
-                    print(f"  SURVIVED {m.key}", flush=True)
+        mine = ran + [Result(m, "equivalent", 0.0, equivalents[m.key]) for m in mutants if m.key in equivalents]
         counted = [r for r in mine if r.status != "equivalent"]
         killed = sum(r.status in {"killed", "timeout"} for r in counted)
         score = killed / len(counted) if counted else 1.0
+        minutes = (time.monotonic() - started) / 60
         print(f"{module}: {killed}/{len(counted)} killed = {score:.0%} "
               f"({sum(r.status == 'equivalent' for r in mine)} listed equivalent)", flush=True)
+        print(f"   {len(to_run)} mutants run in {minutes * 60:.0f} s = {len(to_run) / max(minutes, 1e-9):.1f} "
+              "mutants/min", flush=True)
         failed |= score < min_score
         results.extend(mine)
     for workdir in _workdirs.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -56,14 +57,15 @@ def test_every_kind_of_mutation_is_made_once_where_it_applies() -> None:
 
 
 def test_each_mutant_changes_exactly_what_it_says() -> None:
-    made = {m.key: mutate.mutated_source(m, SOURCE) for m in mutate.enumerate_mutants("x.py", SOURCE)}
-    assert "if n <= 3 and flag:" in made["x.py:9: > -> <="]
-    assert "if n >= 3 and flag:" in made["x.py:9: > -> >="]
-    assert "if n > 3 or flag:" in made["x.py:9: and -> or"]
-    assert "if not (n > 3 and flag):" in made["x.py:9: condition negated"]
-    assert "total = n + 1" in made["x.py:11: constant 0 -> 1"]
-    assert "return None" in made["x.py:12: return ... -> return None"]
-    deleted = made["x.py:11: statement deleted (assign)"]
+    made = {f"{m.line}: {m.description}": mutate.mutated_source(m, SOURCE)
+            for m in mutate.enumerate_mutants("x.py", SOURCE)}
+    assert "if n <= 3 and flag:" in made["9: > -> <="]
+    assert "if n >= 3 and flag:" in made["9: > -> >="]
+    assert "if n > 3 or flag:" in made["9: and -> or"]
+    assert "if not (n > 3 and flag):" in made["9: condition negated"]
+    assert "total = n + 1" in made["11: constant 0 -> 1"]
+    assert "return None" in made["12: return ... -> return None"]
+    deleted = made["11: statement deleted (assign)"]
     assert "total = n" not in deleted and "pass" in deleted
     for code in made.values():  # docstrings, annotations and __all__ are left alone; every mutant still parses
         ast.parse(code)
@@ -92,13 +94,43 @@ def test_the_original_is_restored_after_a_mutant_runs(tmp_path: Path, monkeypatc
 
 def test_equivalents_are_read_with_their_reasons(tmp_path: Path) -> None:
     listed = tmp_path / "eq.txt"
-    listed.write_text("# comment\nsecurity/x.py:3: > -> >=  # n is never 3 here\n\n")
+    listed.write_text("# comment\nsecurity/x.py :: if n > 3: :: > -> >=  # n is never 3 here\n\n"
+                      "security/x.py :: y = 1  # a comment of the line :: constant 1 -> 2 [2]  # reason two\n")
     previous = mutate.EQUIVALENTS
     mutate.EQUIVALENTS = listed
     try:
-        assert mutate.load_equivalents() == {"security/x.py:3: > -> >=": "n is never 3 here"}
+        assert mutate.load_equivalents() == {
+            "security/x.py :: if n > 3: :: > -> >=": "n is never 3 here",
+            "security/x.py :: y = 1  # a comment of the line :: constant 1 -> 2 [2]": "reason two"}
+        listed.write_text("security/x.py :: if n > 3: :: > -> >=\n")
+        with pytest.raises(SystemExit, match="no '  # reason'"):
+            mutate.load_equivalents()
     finally:
         mutate.EQUIVALENTS = previous
+
+
+REPEATED = """from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class A:
+    x: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class B:
+    y: int = 0
+"""
+
+
+def test_keys_name_the_line_text_not_its_number_and_count_repeats() -> None:
+    keys = [m.key for m in mutate.enumerate_mutants("x.py", REPEATED)]
+    assert "x.py :: @dataclass(frozen=True, slots=True) :: constant frozen=True -> False" in keys
+    assert "x.py :: @dataclass(frozen=True, slots=True) :: constant slots=True -> False" in keys
+    assert "x.py :: @dataclass(frozen=True, slots=True) :: constant slots=True -> False [2]" in keys  # class B's
+    assert len(keys) == len(set(keys))
+    moved = "import os\n\n\n" + REPEATED.replace("class B:", "class B:\n    z = os.sep")
+    assert set(keys) <= {m.key for m in mutate.enumerate_mutants("x.py", moved)}  # lines added: the same keys
 
 
 def test_every_configured_module_exists_and_has_tests() -> None:
@@ -133,23 +165,111 @@ def test_a_module_can_name_the_functions_and_classes_to_mutate() -> None:
         mutate.within(every, TWO, "a,missing")
 
 
-@pytest.mark.timeout(900)  # three short pytest runs: ~20 s on an idle 2-core machine, minutes on a loaded one
-def test_the_ci_sample_runs_and_scores() -> None:
-    """What CI runs of the tool: a small seeded sample of one configured module, end to end (three pytest runs:
-    the clean one, then two mutants of the sandbox result classification against its fast unit tests)."""
+@pytest.mark.timeout(900)  # ~20 s on an idle 2-core machine, minutes on a loaded one
+def test_the_ci_sample_runs_and_scores(tmp_path: Path) -> None:
+    """What CI runs of the tool: a small seeded sample of one configured module, end to end, by the fast runner
+    (one pytest session, a fork per mutant) and the isolated way (a copy of src/ and a pytest run per mutant): both
+    give each mutant the same verdict."""
     module = next(m for m in mutate.load_config()["modules"] if m.startswith("isolation/_process.py::"))
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutate.py"), "--sample", "2", "--seed", "1",
-                           module], cwd=ROOT, capture_output=True, text=True, timeout=880)
-    score = re.search(r"^(\S+): (\d+)/(\d+) killed = (\d+)% \((\d+) listed equivalent\)$", done.stdout, re.M)
-    assert score is not None, done.stdout + done.stderr
-    assert score[1] == module and int(score[3]) + int(score[5]) == 2
-    assert done.returncode == 0 and score[2] == score[3], done.stdout
+    verdicts = []
+    for mode in ([], ["--isolated"]):
+        out = tmp_path / f"out{len(verdicts)}.json"
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutate.py"), "--sample", "2", "--seed", "1",
+                               *mode, "--json", str(out), module], cwd=ROOT, capture_output=True, text=True,
+                              timeout=880)
+        score = re.search(r"^(\S+): (\d+)/(\d+) killed = (\d+)% \((\d+) listed equivalent\)$", done.stdout, re.M)
+        assert score is not None, done.stdout + done.stderr
+        assert score[1] == module and int(score[3]) + int(score[5]) == 2
+        assert done.returncode == 0 and score[2] == score[3], done.stdout
+        verdicts.append({row["key"]: row["status"] for row in json.loads(out.read_text())})
+    assert verdicts[0] == verdicts[1] and len(verdicts[0]) == 2
 
 
 def test_every_listed_equivalent_is_a_mutant_the_tool_makes() -> None:
     """A line left behind after its module changed would silently stop matching (and hide nothing it claims to)."""
     listed = mutate.load_equivalents()
     made: set[str] = set()
-    for module in {key.split(":", 1)[0] for key in listed}:
+    for module in {key.split(" :: ", 1)[0] for key in listed}:
         made |= {m.key for m in mutate.enumerate_mutants(module, (ROOT / "src" / "stitchwork" / module).read_text())}
     assert sorted(set(listed) - made) == []
+
+
+def _runner() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_mutate_runner", ROOT / "scripts" / "_mutate_runner.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LIVE = """LIMIT = 3
+DROPPED = 1
+
+
+def limit(n):
+    return min(n, LIMIT)
+
+
+class C:
+    def twice(self, n):
+        return n * 2 if n > 0 else 0
+"""
+
+
+def _live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, ModuleType]:
+    """A loaded module and another that took its names (``from live import limit, C, LIMIT``)."""
+    path = tmp_path / "mutate_live_target.py"
+    path.write_text(LIVE)
+    spec = importlib.util.spec_from_file_location("mutate_live_target", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    holder = ModuleType("mutate_live_holder")
+    holder.limit, holder.C, holder.LIMIT = module.limit, module.C, module.LIMIT  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mutate_live_target", module)
+    monkeypatch.setitem(sys.modules, "mutate_live_holder", holder)
+    return module, holder
+
+
+def _compiled(module: ModuleType, line: int, description: str) -> object:
+    mutant = next(m for m in mutate.enumerate_mutants("x.py", LIVE) if m.line == line and m.description == description)
+    return compile(mutate.mutated_tree(mutant, LIVE), str(module.__file__), "exec")
+
+
+def test_the_runner_swaps_a_mutated_function_into_every_live_reference(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = _runner()
+    module, holder = _live(tmp_path, monkeypatch)
+    original = runner._codes(compile(ast.parse(LIVE), str(module.__file__), "exec"))
+    live = {(f.__code__.co_qualname, f.__code__.co_firstlineno): [f] for f in (module.limit, module.C.twice)}
+    assert runner.Runner._swap(_compiled(module, 11, "condition negated"), original, live)
+    assert holder.C().twice(2) == 0 and holder.C().twice(-1) == -2  # the class another module holds
+    assert runner.Runner._swap(_compiled(module, 6, "return ... -> return None"), original, live)
+    assert holder.limit(5) is None
+    assert not runner.Runner._swap(_compiled(module, 1, "constant 3 -> 4"), original, live)  # no function changed
+
+
+def test_the_runner_reexecutes_a_module_level_mutant_and_rebinds_imported_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = _runner()
+    module, holder = _live(tmp_path, monkeypatch)
+    old_limit = module.limit
+    runner.Runner._reexec(type("R", (), {"module": module})(), _compiled(module, 1, "constant 3 -> 4"))
+    assert module.LIMIT == 4 and holder.LIMIT == 4
+    assert old_limit(10) == 4 and holder.limit is module.limit  # old functions see the new globals; names rebound
+    module2, _ = _live(tmp_path, monkeypatch)
+    runner.Runner._reexec(type("R", (), {"module": module2})(), _compiled(module2, 2, "statement deleted (assign)"))
+    assert "DROPPED" not in vars(module2) and module2.LIMIT == 3  # a deleted assignment leaves the name undefined
+    module3, _ = _live(tmp_path, monkeypatch)
+    with pytest.raises(ImportError, match="cannot import name 'LIMIT'"):  # another module imported the deleted name
+        runner.Runner._reexec(type("R", (), {"module": module3})(), _compiled(module3, 1, "statement deleted (assign)"))
+
+
+def test_the_runner_runs_only_the_tests_that_reach_the_mutated_statement() -> None:
+    runner = _runner()
+    tree = ast.parse(SOURCE)
+    spans = {m.description: runner._statement_span(tree, m.node_index)
+             for m in mutate.enumerate_mutants("x.py", SOURCE)}
+    assert spans["and -> or"] == (9, 10)  # an if: its header and the first line of its body
+    assert spans["constant 0 -> 1"] == (11, 11)
+    assert runner._function_body_lines(tree) == [(8, 12)]  # from the docstring: the header runs at import

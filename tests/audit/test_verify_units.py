@@ -119,6 +119,8 @@ def test_a_head_whose_hash_differs_from_its_event_names_that_event() -> None:
     assert problem == _Problem(4, "event 4: hash does not match the signed head (the chain was rewritten)")
     assert asked == [4]
     assert _check_head(head(0, "x"), True, 0, lambda s: None) is None  # a head at seq 0 covers no event
+    assert _check_head(head(1, "signed"), True, 1, lambda s: "other") == _Problem(
+        1, "event 1: hash does not match the signed head (the chain was rewritten)")  # the first event is checked too
 
 
 def test_events_after_the_head_are_named_from_the_first_uncovered_one() -> None:
@@ -269,6 +271,9 @@ def test_recorded_damage_is_read_back() -> None:
     damage = {"first_bad_seq": 5, "reason": "event 5 is missing"}
     assert _damage_recorded(rec._replace(data=json.dumps({DAMAGE_KEY: damage}))) == _Problem(
         5, "event 5 is missing (found when the log was reopened; recorded in event 8)")
+    stored = '{"audit_damage": {"first_bad_seq": 5, "reason": "r"}}'  # the key as logs already on disk hold it
+    assert _damage_recorded(rec._replace(data=stored)) == _Problem(
+        5, "r (found when the log was reopened; recorded in event 8)")
     no_seq = {DAMAGE_KEY: {"first_bad_seq": None, "reason": "x"}}
     assert _damage_recorded(rec._replace(data=json.dumps(no_seq))) == _Problem(
         8, "x (found when the log was reopened; recorded in event 8)")

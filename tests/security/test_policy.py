@@ -285,6 +285,20 @@ async def test_adecide_offloaded_to_a_thread_matches_decide() -> None:
         results = await asyncio.gather(*(worker(i) for i in range(64)))
         for offset, decisions in enumerate(results):
             assert decisions == [expected[(offset + k) % len(requests)] for k in range(5)]
+        workers = list(engine._batcher._executor._threads)  # type: ignore[union-attr]
+        assert workers and all(t.is_alive() and t.name.startswith("stitchwork-cedar") for t in workers)
+        engine.close()
+        assert not any(t.is_alive() for t in workers)  # close() stops the worker thread
+        assert engine.decide(requests[0]) == expected[0]  # and the engine still decides
+    finally:
+        engine.close()
+
+
+async def test_an_engine_decides_in_the_callers_thread_unless_offloaded() -> None:
+    engine = PolicyEngine.load([builtin_policy_dir()], TOOLS, agents=["alice"])
+    try:
+        assert await engine.adecide(matrix()[0]) == engine.decide(matrix()[0])
+        assert engine._batcher._executor is None  # no worker thread was started
     finally:
         engine.close()
 

@@ -110,11 +110,28 @@ def test_the_taint_record_is_read_conservatively() -> None:
     ({"taint": {"secret_sources": "v"}}, "context.taint.secret_sources must be a list of strings, got 'v'"),
     ({"taint": {"target_count": -1}}, "context.taint.target_count must be a non-negative integer, got -1"),
     ({"taint": {"target_count": True}}, "context.taint.target_count must be a non-negative integer, got True"),
+    ({"taint": {"target_levels": "record"}}, "context.taint.target_levels must be a list of strings, got 'record'"),
+    ({"taint": {"target_roles": "url"}}, "context.taint.target_roles must be a list of strings, got 'url'"),
 ])
 def test_malformed_contexts_are_refused_with_a_message_naming_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(BadContext) as caught:
         cedar_context(MAIL, base(**change))
     assert str(caught.value) == message
+
+
+def test_target_count_and_levels_of_a_tainted_target() -> None:
+    def taint(**record: Any) -> dict[str, Any]:
+        return dict(cedar_context(MAIL, base(taint=record))["taint"])
+
+    assert taint(target_count=0)["target_count"] == 0  # a count of 0 is valid; untainted, it is kept as given
+    assert taint(target_count=3)["target_count"] == 3
+    assert taint(target=True, target_count=0)["target_count"] == 1  # a tainted target is at least one
+    assert taint(target=True, target_count=3)["target_count"] == 3
+    assert taint(target=True)["target_count"] == 2 and taint()["target_count"] == 0  # unknown: several if tainted
+    # without target_levels, the one target_level stands for them all
+    assert taint(target=True, target_level="record")["target_levels"] == ["record"]
+    assert taint(target=True)["target_levels"] == ["prose"]
+    assert taint(target_level="record")["target_levels"] == []
 
 
 def test_integer_edges_and_argument_types() -> None:
@@ -211,6 +228,8 @@ def test_statements_and_their_lines() -> None:
     assert found[0].text.endswith('"x\ny" };') and found[1].text == '@id("two") forbid(principal, action, resource);'
     assert found[2].text == "forbid(principal"
     assert _split_statements("  // only\n\n") == []
+    alone = _split_statements("forbid(principal")  # an unterminated statement at the very start of the text
+    assert [(s.line, s.text, s.terminated) for s in alone] == [(1, "forbid(principal", False)]
 
 
 def test_reasons_and_locations() -> None:
@@ -300,7 +319,13 @@ def test_validation_errors_name_the_first_policy_and_count_the_rest(tmp_path: Pa
     head, _, rest = message.partition(" more: ")
     assert re.search(r"\(and \d+$", head) and rest.count(f"{path}:") == 5  # five more shown, with file and line
     assert f"{path}:3: attribute `alsonope` in " in rest
+    assert rest.endswith(" not found)")  # the list of the rest is closed
     assert "for policy `policy" not in message
+    one = write(tmp_path / "one.cedar",
+                'permit(principal, action == Stitchwork::Action::"t", resource) when { context.nope };\n')
+    with pytest.raises(PolicyLoadError) as caught:
+        PolicyEngine.load([one], [ToolAction("t", "read")])
+    assert "attribute `nope`" in str(caught.value) and "(and " not in str(caught.value)  # one error: no "more"
 
 
 # -- projections ------------------------------------------------------------------------------------------------

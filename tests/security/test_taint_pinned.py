@@ -316,7 +316,7 @@ def test_nesting_depth_edge() -> None:
     assert not t.check({"a": nest("clean", 32)}).any
     taint = t.check({"a": nest("clean", 33)})
     assert only(taint) == Finding("a", "prose", ("too-deep",))
-    assert taint.sources == {"too-deep"}
+    assert taint.sources == {"too-deep"} and taint.level("a") == "prose"
     assert not t.check({"a": nest_dicts("clean", 32)}).any
     assert t.check({"a": nest_dicts("clean", 33)}).sources == {"too-deep"}
     assert t.check({"a": [{"k": nest("clean", 31)}]}).sources == {"too-deep"}  # lists and records both count
@@ -348,10 +348,26 @@ def test_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     t.add("more text", Label("tool:b", False))
     taint = t.check({"v": "nothing here", "short": "abc"})
     assert taint.args == {"v"} and only(taint) == Finding("v", "prose", ("overflow",), "nothing here")
+    assert taint.level("v") == "prose"
     assert only(t.check({"v": "n" * 100})).value == "n" * 80
+    size = (t._corpus.size, t._records.size)
     t.add("x", Label("tool:c", False))
+    t.add("more words after the overflow", Label("tool:c", False))
+    assert (t._corpus.size, t._records.size) == size  # past the limit nothing more is indexed (memory stays bounded)
     assert t.check({"v": "nothing here"}).sources == {"overflow"}
     assert t.untrusted_labels() == (Label("tool:a", False), Label("tool:b", False), Label("tool:c", False))
+
+
+def test_add_returns_the_label_it_recorded_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway keeps what add() returns as the content's label (an operator-trusted source becomes trusted)."""
+    t = ProvenanceTracker(trusted_sources=frozenset({"tool:ops"}))
+    mail, web, ops = Label("tool:mail", False), Label("tool:web", False), Label("tool:ops", False)
+    assert t.add("", mail) == mail  # nothing to record
+    assert t.add("ops text", ops) == Label("tool:ops", True)
+    assert t.add("plain prose from a page", web) == web
+    assert t.add('{"from": "a@b.example", "body": "hello there"}', mail) == mail
+    monkeypatch.setattr(taint_module, "MAX_CORPUS_CHARS", 10)
+    assert t.add("over the corpus limit now", web) == web  # the overflow path
 
 
 def test_json_over_the_corpus_limit_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,6 +423,10 @@ def test_look_alike_of_a_user_named_value() -> None:
     assert only(taint) == finding and taint.lookalike == {"to"} and taint.level("to") == "prose"
     inside = t.check({"body": f"please mail {spoof} today"})
     assert inside.embedded == (("body", "prose"),) and inside.lookalike == {"body"}
+    assert inside.sources == {"lookalike"} and inside.args == {"body"}
+    # an address-like value whose look-alike is found inside it is that look-alike, not also "unattributed"
+    twice = t.check({"to": f"mailto:{spoof} {spoof}"})
+    assert {f.sources for f in twice.findings} == {("lookalike",)} and twice.sources == {"lookalike"}
     # the excerpt of a look-alike inside a longer value is its folded form
     assert only(inside) == Finding("body", "prose", ("lookalike",), "alice@corp.example",
                                    note=taint_module.LOOKALIKE_NOTE)
@@ -440,6 +460,29 @@ def test_confidential_values_are_found_with_their_source() -> None:
     assert t.memory_labels() == (Label("tool:hr", False, "confidential"), Label("vault", True, "confidential"))
 
 
+def test_an_unknown_address_inside_a_value_is_unattributed_once() -> None:
+    t = tracker(("tool:web", "a page"))
+    inside = t.check({"to": "please write to x@evil.example today"})
+    assert inside.findings == (Finding("to", "unattributed", ("unattributed",), "x@evil.example"),)
+    assert inside.sources == {"unattributed"} and inside.embedded == (("to", "unattributed"),)
+    twice = t.check({"to": "mailto:x@evil.example x@evil.example"})  # address-like as a whole, found inside
+    assert [f.value for f in twice.findings] == ["x@evil.example", "x@evil.example"]
+
+
+def test_numbers_in_confidential_records_are_confidential_values() -> None:
+    t = ProvenanceTracker()
+    t.add('{"pin": 4711081599, "flag": true, "none": null}', Label("tool:crm", False, "confidential"))
+    assert t.check({"v": "4711081599"}).secret_args == {"v"}
+
+
+def test_a_redaction_placeholder_separates_the_values_around_it() -> None:
+    t = ProvenanceTracker()
+    t.add("account 4711[secret:api]0815 end", Label("tool:crm", False, "confidential"))
+    assert not t.check({"v": "47110815"}).secret_args  # the two halves were never one value
+    t.add("account 47110815 end", Label("tool:crm", False, "confidential"))
+    assert t.check({"v": "47110815"}).secret_args == {"v"}
+
+
 def test_a_confidential_address_in_free_text_is_tracked_and_user_typed_ones_are_not() -> None:
     t = ProvenanceTracker()
     t.add("write to ceo@corp.example", USER)
@@ -448,6 +491,20 @@ def test_a_confidential_address_in_free_text_is_tracked_and_user_typed_ones_are_
     t.add("passport X1234567 issued in 2019 by the city office", Label("tool:hr", False, "confidential"))
     assert t.check({"body": "X1234567"}).secret_sources == {"tool:hr"}  # a short token with digits, on its own
     assert t.check({"to": "ceo@corp.example"}).secret_args == frozenset()
+    t.add("ask bob@corp.co today", Label("tool:crm", False, "confidential"))  # 9 characters: found only as a word
+    assert t.check({"to": "bob@corp.co"}).secret_args == {"to"}
+    t.add("see the quarterly numbers", Label("tool:crm", False, "confidential"))
+    assert not t.check({"v": "quarterly"}).secret_args  # a plain word is not a value of its own (no digit, no @)
+
+
+def test_arguments_as_bytes_and_long_look_alikes() -> None:
+    t = tracker(("tool:web", "visit 55 Example Street, Springfield today"))
+    assert t.check({"b": b"Example Street, Springfield"}).args == {"b"}
+    assert not t.check({"b": b"\xff\xfe junk"}).any  # invalid UTF-8 is replaced, not an error
+    address = "a" * 70 + "@corp.example"
+    spoof = address.replace("corp.example", "corp.\u0435xample")
+    long = tracker(("tool:web", "a page"), trusted=f"pay {address}").check({"body": f"mail {spoof} now"})
+    assert only(long).value == address[:80] and only(long).sources == ("lookalike",)
 
 
 def test_snapshot_keeps_trusted_confidential_content_and_restores_it() -> None:
