@@ -124,7 +124,7 @@ def test_validation_problems_are_ordered_by_policy_and_the_rest_counted(monkeypa
 
 
 def test_validation_problems_without_a_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_validation(monkeypatch, [("policy1", "e1"), (None, "general"), ("policy9", "unknown")])
+    fake_validation(monkeypatch, [("policy1", "e1"), (None, "general"), ("policy2", "unknown")])
     error = refusal([info(0), info(1)])
     assert str(error) == ("/p/f.cedar:11: does not validate against the schema: policy id1: e1 "
                           "(and 2 more: general; unknown)")
