@@ -12,6 +12,7 @@ import pytest
 import stitchwork.audit.batch as batch_module
 import stitchwork.audit.canonical as canonical_module
 from stitchwork.audit.batch import AuditBatch, _Item, _prepare_event, _prepare_events, _prepare_plain_batch
+from stitchwork.audit.canonical import _MAX_DEPTH
 from stitchwork.audit.log import AuditLog
 from stitchwork.data._base import open_store
 from stitchwork.errors import AuditError
@@ -89,6 +90,8 @@ def test_events_from_a_generator_or_mappings_that_are_not_dicts() -> None:
     ({"x": 0.00001}, False),
     ({"x": 0.5, "i": 3, "b": True, "n": None}, True),
     ({"x": [1, {"y": 2}]}, True),  # nested but plain
+    ({"x": [1, {"y": "long " * 40}]}, True),  # the length of the text is not its depth
+    ({f"k{i}": [] for i in range(_MAX_DEPTH - 1)}, True),  # exactly _MAX_DEPTH containers: cannot be too deep
     ({"x": {1, 2}}, False),
 ])
 def test_which_batches_take_the_plain_path(data: dict[str, Any], fast: bool) -> None:
@@ -108,6 +111,7 @@ def test_the_flat_check_does_not_replace_the_plain_check(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(batch_module, "_is_plain", is_plain)
     assert _prepare_plain_batch([{"kind": "tool", "data": {"a": 1}}, {"kind": "tool", "data": {"b": "x"}}])
+    assert _prepare_plain_batch([{"kind": "tool", "data": {"s": "x", "i": 1, "b": True, "n": None}}])
     assert seen == []  # flat data of plain scalars: one type check over the whole batch
     assert _prepare_plain_batch([{"kind": "tool", "data": {"a": [1]}}]) is not None
     assert seen == [{"a": [1]}]  # a list inside: checked event by event
