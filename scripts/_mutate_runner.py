@@ -280,27 +280,44 @@ class Runner:
         return swapped
 
     def _reexec(self, compiled: types.CodeType) -> None:
-        """Run the mutated module in its own namespace and rebind every name other modules took from the old one."""
+        """Run the mutated module in its own namespace and rebind every name other modules took from the old one.
+
+        Only a binding under the same name that holds the very same object is one taken by ``from module import
+        name`` (matching by identity alone would also rebind every other ``3`` or ``True`` in the process: small
+        ints and singletons are shared). Modules outside this repository (the standard library, site-packages)
+        never import ours and are left alone.
+        """
         namespace = self.module.__dict__
         old = dict(namespace)
         for name in old:
             if not (name.startswith("__") and name.endswith("__")):
                 del namespace[name]  # a deleted assignment must leave its name undefined
         exec(compiled, namespace)
-        changed = {id(value): (value, namespace[name]) for name, value in old.items()
+        changed = {name: (value, namespace[name]) for name, value in old.items()
                    if name in namespace and namespace[name] is not value and not name.startswith("__")}
         gone = {name: value for name, value in old.items() if name not in namespace}
         for other in list(sys.modules.values()):
             names = getattr(other, "__dict__", None)
-            if other is self.module or not isinstance(names, dict):
+            if other is self.module or not isinstance(names, dict) or not _ours(other):
                 continue
-            for name, value in list(names.items()):
-                if name in gone and gone[name] is value:  # `from module import name` would fail
+            for name, value in gone.items():
+                if name in names and names[name] is value:  # `from module import name` would fail
                     raise ImportError(f"cannot import name {name!r} from {self.module.__name__} "
                                       f"(imported by {getattr(other, '__name__', '?')})")
-                pair = changed.get(id(value))
-                if pair is not None and pair[0] is value:
-                    names[name] = pair[1]
+            for name, (before, after) in changed.items():
+                if name in names and names[name] is before:
+                    names[name] = after
+
+
+def _ours(module: object) -> bool:
+    """A module of this repository (or one made at run time, without a file): one that may import ours."""
+    where = getattr(module, "__file__", None)
+    if not where:
+        return True
+    try:
+        return Path(where).resolve().is_relative_to(mutate.ROOT) and "site-packages" not in where
+    except (OSError, ValueError):
+        return False
 
 
 def _drain(fd: int) -> str:

@@ -265,6 +265,27 @@ def test_the_runner_reexecutes_a_module_level_mutant_and_rebinds_imported_names(
         runner.Runner._reexec(type("R", (), {"module": module3})(), _compiled(module3, 1, "statement deleted (assign)"))
 
 
+def test_a_module_level_mutant_rebinds_only_the_names_taken_from_the_module(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small ints are shared objects: another module's `RM_TYPE = 3` (sqlalchemy's cursor has one) or a library's own
+    # `LIMIT = 3` is not a name taken from the mutated module and must keep its value (rebinding every 3 in the
+    # process broke SQLAlchemy in the test process and would count unrelated breakage as kills).
+    runner = _runner()
+    module, holder = _live(tmp_path, monkeypatch)
+    bystander = ModuleType("mutate_live_bystander")
+    bystander.RM_TYPE = 3  # type: ignore[attr-defined]
+    library = ModuleType("mutate_live_library")
+    library.LIMIT, library.__file__ = 3, "/usr/lib/python3/dist-packages/mutate_live_library.py"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mutate_live_bystander", bystander)
+    monkeypatch.setitem(sys.modules, "mutate_live_library", library)
+    runner.Runner._reexec(type("R", (), {"module": module})(), _compiled(module, 1, "constant 3 -> 4"))
+    assert holder.LIMIT == 4  # taken by name from the module: rebound
+    assert bystander.RM_TYPE == 3 and library.LIMIT == 3  # the same object under another name, or not ours: kept
+    module2, _ = _live(tmp_path, monkeypatch)
+    runner.Runner._reexec(type("R", (), {"module": module2})(), _compiled(module2, 2, "statement deleted (assign)"))
+    assert bystander.RM_TYPE == 3  # DROPPED = 1 gone: nobody holding a 1 under another name is an importer
+
+
 def test_the_runner_runs_only_the_tests_that_reach_the_mutated_statement() -> None:
     runner = _runner()
     tree = ast.parse(SOURCE)
