@@ -117,3 +117,18 @@ def test_the_flat_check_does_not_replace_the_plain_check(monkeypatch: pytest.Mon
     assert seen == [{"a": [1]}]  # a list inside: checked event by event
     seen.clear()
     assert _prepare_plain_batch([{"kind": "tool", "data": {"a": 2**70}}]) is None
+
+
+@pytest.mark.parametrize("data", [{"x": 1}, {"s": {1}}], ids=["plain", "per-event"])
+def test_fields_left_out_are_empty_strings(data: dict[str, Any]) -> None:
+    batch = _prepare_events([{"kind": "tool", "data": data}])
+    assert (batch.agents, batch.run_ids, batch.tools, batch.decisions) == ([""], [""], [""], [""])
+    assert batch.pres[0].startswith('{"agent":"","data":') and batch.mids == [',"tool":"","ts":']
+
+
+def test_an_unknown_field_is_named_with_the_expected_ones() -> None:
+    expected = "['agent', 'data', 'decision', 'kind', 'run_id', 'tool']"
+    with pytest.raises(AuditError) as caught:
+        _prepare_events([{"kind": "tool", "colour": "red", "size": 2}])
+    assert str(caught.value) == (f"audit batch event 0: unknown field(s) ['colour', 'size']; expected {expected}; "
+                                 "nothing of the batch was recorded")
