@@ -375,7 +375,7 @@ def test_secrets_resolve_everywhere_in_the_arguments_and_fill_the_environment() 
 
 async def test_secrets_refuse_a_secret_the_manifest_does_not_grant_and_audit_it() -> None:
     ctx = Ctx()
-    for tool, listed in ((manifest(secrets=("db.pass",)), "db.pass"), (manifest(), "none")):
+    for tool, listed in ((manifest(secrets=("db.pass", "other")), "db.pass, other"), (manifest(), "none")):
         ctx.audit.events.clear()
         outcome = await Secrets(ctx.gw)(checked(ctx, tool, {"a": "secret://crm_key"}))
         message = f"tool 'send' is not granted secret 'crm_key' (its manifest lists: {listed})"

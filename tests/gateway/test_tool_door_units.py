@@ -77,6 +77,7 @@ async def test_a_tool_that_ran_reports_what_ran_and_where(tmp_path: Path) -> Non
     (SandboxResult(1, stderr=b"x" * 2500 + b"boom " + KEY.encode()), {
         "error": "tool_error", "message": ("x" * 2500 + "boom [secret:crm_key]")[-(2000 - len(KEY) + 16):]}),
     (SandboxResult(3), {"error": "tool_error", "message": "exit code 3"}),
+    (SandboxResult(1, stderr=b"bad \xff\xfe bytes"), {"error": "tool_error", "message": "bad \ufffd\ufffd bytes"}),
 ])
 async def test_a_tool_that_failed_says_why_without_secrets(tmp_path: Path, result: SandboxResult,
                                                            error: dict[str, str]) -> None:

@@ -400,6 +400,19 @@ def test_addresses_inside_longer_values_keep_their_source() -> None:
     assert unknown.embedded == (("body", "unattributed"),)
 
 
+def test_an_address_value_holding_another_address_is_reported_once() -> None:
+    # the whole value ("mailto:..." without spaces) is address-shaped too: the address found inside it is the
+    # finding, and the whole value is not reported a second time as unattributed
+    t = tracker(("tool:a", "the weather is nice today"), trusted="Send the report to bob@company.com")
+    unknown = t.check({"to": "mailto:x,nobody@nowhere.example"})
+    assert only(unknown) == Finding("to", "unattributed", ("unattributed",), "nobody@nowhere.example")
+    assert unknown.embedded == (("to", "unattributed"),) and unknown.levels == (("to", "unattributed"),)
+    lookalike = t.check({"to": "mailto:x,bob@c\u043empany.com"})  # a Cyrillic o: a look-alike of the user's
+    note = taint_module.LOOKALIKE_NOTE  # the value shown is the folded one
+    assert only(lookalike) == Finding("to", "prose", ("lookalike",), "bob@company.com", note=note)
+    assert lookalike.embedded == (("to", "prose"),) and lookalike.lookalike == frozenset({"to"})
+
+
 def test_user_named_addresses_inside_a_value_are_not_reported() -> None:
     t = tracker(("tool:a", "contact alice@corp.example or bob@evil.example"), trusted="write to alice@corp.example")
     taint = t.check({"body": "Hello alice@corp.example, and bob@evil.example too"})
