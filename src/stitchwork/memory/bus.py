@@ -23,12 +23,11 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from stitchwork.errors import StoreError
 from stitchwork.memory.store import (
-    _MAX_TERMS_PER_QUERY,
     K1,
     AgentMemory,
     B,
@@ -39,7 +38,6 @@ from stitchwork.memory.store import (
     _row,
     _value_json,
     _words,
-    terms,
 )
 from stitchwork.messaging.bridge import SyncBus
 from stitchwork.security.taint import Label
@@ -218,26 +216,13 @@ class BusMemory(AgentMemory):
         """Nothing to rebuild: each item carries its own terms. Returns the number of items."""
         return len(self._docs(f"{self.prefix}mem.*.*"))
 
-    def search(
-        self, agent: str, query: str, *, owners: Iterable[str] = (), namespace: str | None = None, limit: int = 10,
-        own: bool = True,
+    def _search_owner(
+        self, agent: str, owner: str, wanted: list[str], namespace: str | None, limit: int
     ) -> list[MemoryHit]:
-        wanted = list(dict.fromkeys(terms(query)))[:_MAX_TERMS_PER_QUERY]
-        scopes = list(dict.fromkeys([agent, *owners] if own else owners))
-        for owner in scopes:
-            if namespace is not None:
-                self._require(agent, owner, namespace, "read")
-            else:
-                self._require_any(agent, owner)
-        if not wanted:
-            return []
-        hits: list[MemoryHit] = []
-        for owner in scopes:
-            spaces = [namespace] if namespace is not None else self._namespaces(agent, owner)
-            rows = [r for r in self._owner_rows(owner) if spaces is None or r["namespace"] in spaces]
-            hits.extend(_bm25(rows, wanted)[:limit])
-        hits.sort(key=lambda h: (-h.score, h.item.agent, h.item.namespace, h.item.key))
-        return hits[:limit]
+        """BM25 over ``owner``'s items in this process (:meth:`AgentMemory.search` checks access and merges owners)."""
+        spaces = [namespace] if namespace is not None else self._namespaces(agent, owner)
+        rows = [r for r in self._owner_rows(owner) if spaces is None or r["namespace"] in spaces]
+        return _bm25(rows, wanted)[:limit]
 
 
 def _bm25(rows: list[dict[str, Any]], wanted: list[str]) -> list[MemoryHit]:
