@@ -5,43 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import pytest
 
 from stitchwork.errors import BusError, BusFull
 from stitchwork.messaging._base import Bus, StreamLimits, parse_ttl, ttl_header
 from stitchwork.messaging.memory import MemoryBus
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def _gone(bus: Bus, subject: str, *, advance_s: float) -> bool:
-    """True once ``subject`` has no message: the memory bus's clock is moved, a real server is polled."""
-    if isinstance(bus, MemoryBus):
-        clock = bus.clock
-        assert isinstance(clock, _Clock)
-        clock.now += advance_s
-        return await bus.last(subject) is None
-    deadline = time.monotonic() + advance_s + 5.0
-    while time.monotonic() < deadline:
-        if await bus.last(subject) is None:
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
-@pytest.fixture
-def clocked(bus: Bus) -> Bus:
-    if isinstance(bus, MemoryBus):
-        bus.clock = _Clock()
-    return bus
+from tests.plugins.buses import ManualClock, expired
 
 
 async def _present(bus: Bus, subjects: list[str]) -> list[str]:
@@ -131,13 +101,13 @@ async def test_a_ttl_removes_a_finished_record_and_leaves_the_unfinished_one(clo
     await bus.limit(f"{root}.x", StreamLimits(discard_new=True))
     await bus.publish(f"{root}.done", b"finished", headers=ttl_header(1))
     await bus.publish(f"{root}.open", b"pending")
-    assert await _gone(bus, f"{root}.done", advance_s=1.5)
+    assert await expired(bus, f"{root}.done", advance_s=1.5)
     assert await bus.last(f"{root}.open") is not None
 
 
 async def test_max_age_on_the_memory_bus_follows_its_clock() -> None:
     bus = MemoryBus()
-    bus.clock = clock = _Clock()
+    bus.clock = clock = ManualClock()
     await bus.limit("s.x", StreamLimits(max_age_s=60))
     await bus.publish("s.old", b"1")
     clock.now += 30

@@ -26,36 +26,8 @@ from stitchwork.platform import open_worker
 from stitchwork.workers.meters import BusMeters
 from stitchwork.workers.runstore import BusRunStore
 from stitchwork.workers.subjects import Subjects
+from tests.plugins.buses import ManualClock, expired
 from tests.workers.durable_fixtures import build
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clocked(bus: Bus) -> Bus:
-    if isinstance(bus, MemoryBus):
-        bus.clock = _Clock()
-    return bus
-
-
-async def _later(bus: Bus, subject: str, *, advance_s: float) -> bool:
-    """True once ``subject`` has no message: the memory bus's clock is moved, a real server is polled."""
-    if isinstance(bus, MemoryBus):
-        assert isinstance(bus.clock, _Clock)
-        bus.clock.now += advance_s
-        return await bus.last(subject) is None
-    deadline = time.monotonic() + advance_s + 5.0
-    while time.monotonic() < deadline:
-        if await bus.last(subject) is None:
-            return True
-        await asyncio.sleep(0.1)
-    return False
 
 
 def _store(bus: Bus, bus_uri: str, subjects: Subjects, ttl_s: float) -> BusRunStore:
@@ -83,7 +55,7 @@ async def test_a_finished_runs_checkpoints_age_out_and_unfinished_runs_stay(cloc
         unfinished = await bus.last(subjects.state("running"))
         assert unfinished is not None and MESSAGE_TTL not in unfinished.headers
         # Gone, and not replaced by an older running checkpoint (they were removed when the run finished).
-        assert await _later(bus, subjects.state("done"), advance_s=1.5)
+        assert await expired(bus, subjects.state("done"), advance_s=1.5)
         assert await store.afetch("done") is None
         for run_id, status in (("running", RunStatus.RUNNING), ("waiting", RunStatus.WAITING_APPROVAL)):
             kept = await store.afetch(run_id)
@@ -101,7 +73,7 @@ async def test_zero_keeps_finished_runs(clocked: Bus, bus_uri: str) -> None:
         final = await bus.last(subjects.state("r1"))
         assert final is not None and MESSAGE_TTL not in final.headers
         if isinstance(bus, MemoryBus):
-            assert isinstance(bus.clock, _Clock)
+            assert isinstance(bus.clock, ManualClock)
             bus.clock.now += 10 * 365 * 86400
             assert (await store.afetch("r1")).status is RunStatus.FAILED  # type: ignore[union-attr]
     finally:
@@ -122,7 +94,7 @@ async def test_sealing_removes_what_a_worker_left_when_it_died_after_the_last_ch
         finished = replace(_record("r1"), status=RunStatus.COMPLETED)
         await store.aseal(finished)
         await store.aseal(_record("r2"))  # not finished: nothing removed
-        assert await _later(bus, subjects.state("r1"), advance_s=1.5)
+        assert await expired(bus, subjects.state("r1"), advance_s=1.5)
         deadline = time.monotonic() + 5.0
         while (found := await bus.last(subjects.state("r2"))) is not None and found.data.startswith(b'{"not"'):
             assert time.monotonic() < deadline  # a real server removes it within about a second
@@ -144,7 +116,7 @@ async def test_meters_carry_the_ttl_their_budgets_allow(clocked: Bus) -> None:
     assert short is not None and short.headers.get(MESSAGE_TTL) == "1s"
     assert forever is not None and MESSAGE_TTL not in forever.headers
     assert (await meters.read("agent:short", now)).tokens_minute == 10
-    assert await _later(bus, subjects.meter("agent:short"), advance_s=1.5)
+    assert await expired(bus, subjects.meter("agent:short"), advance_s=1.5)
     assert (await meters.read("agent:forever", now)).tokens_total == 10
 
 
@@ -180,7 +152,7 @@ async def test_a_redelivered_job_of_a_finished_run_removes_what_its_dead_worker_
     config = replace(config, messaging=replace(config.messaging, limits=limits))
     client = await open_bus(uri)
     assert isinstance(client, MemoryBus)
-    client.clock = clock = _Clock()
+    client.clock = clock = ManualClock()
     subjects = Subjects(config.messaging.subject_prefix)
     worker = await open_worker(config, bus_uri=uri, name="w1", subjects=subjects)
     stop = asyncio.Event()

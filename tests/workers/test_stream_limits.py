@@ -19,21 +19,14 @@ from stitchwork.workers.approvals import BusApprovalStore
 from stitchwork.workers.ledger import BusLedger
 from stitchwork.workers.limits import apply_stream_limits
 from stitchwork.workers.subjects import Subjects
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.plugins.buses import ManualClock
 
 
 @pytest.fixture
-def memory() -> Iterator[tuple[MemoryBus, SyncBus, Clock]]:
+def memory() -> Iterator[tuple[MemoryBus, SyncBus, ManualClock]]:
     bus = run_now(open_bus("memory://"))
     assert isinstance(bus, MemoryBus)
-    bus.clock = clock = Clock()
+    bus.clock = clock = ManualClock()
     sync = SyncBus("memory://", bus=bus)
     yield bus, sync, clock
     sync.close()
