@@ -124,6 +124,7 @@ async def test_more_than_max_batch_waiting_calls_run_in_batches_of_max_batch(loo
     total = 1 + 2 * MAX_BATCH + 1
     results = await loop.settle(*(batcher.submit(i) for i in range(total)))
     assert results == [2 * i for i in range(total)]
+    assert MAX_BATCH == 256  # the documented cap
     assert [len(b) for b in run.batches] == [1, MAX_BATCH, MAX_BATCH, 1]
     assert [i for b in run.batches for i in b] == list(range(total))  # in arrival order
 

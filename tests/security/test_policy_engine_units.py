@@ -159,3 +159,32 @@ async def test_a_loaded_engine_decides_on_the_event_loop_unless_offloaded(tmp_pa
         assert threads[1] is not threading.current_thread() and threads[1].name.startswith("stitchwork-cedar")
     finally:
         offloaded.close()
+
+
+def test_an_agent_another_thread_added_meanwhile_is_not_added_twice(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, 'permit(principal, action, resource) when { principal.name == "late" };')
+    engine.decide(Request("ann", "look", "", ctx()))  # ann is added and her decision cached
+    assert engine._dynamic_agents == 1 and len(engine._cache) == 1
+    real_lock = engine._lock
+
+    class Racing:
+        """The engine's lock, taken just after another thread added the agent (between the two checks)."""
+
+        def __enter__(self) -> None:
+            real_lock.acquire()
+            if "late" not in engine._known_agents:
+                engine._entities = engine._entities.with_added_json_str(
+                    '[{"uid": {"type": "Stitchwork::Agent", "id": "late"}, "attrs": {"name": "late"}, '
+                    '"parents": []}]', engine._schema)
+                engine._known_agents.add("late")
+
+        def __exit__(self, *_: object) -> None:
+            real_lock.release()
+
+    engine._lock = Racing()  # type: ignore[assignment]
+    shared = engine._entities
+    assert engine.decide(Request("late", "look", "", ctx())) == Decision(
+        Effect.ALLOW, ("p.cedar:1",), ("permit p.cedar:1",))
+    assert engine._entities is not shared  # the other thread's set, used as is
+    assert engine._dynamic_agents == 1  # not counted again by this thread
+    assert len(engine._cache) == 2  # the cache was not cleared: the set this thread saw did not grow under it

@@ -54,15 +54,6 @@ _CacheKey = tuple[str, str, str, bool, str]
 """Tool, agent, target, approved, and the projected context as JSON (only-compared attributes as outcomes)."""
 
 
-def _encodable(text: str) -> bool:
-    """Whether ``text`` is valid UTF-8 once encoded (no lone surrogates)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class Effect(StrEnum):
     """What the gateway does with a call."""
 
@@ -341,7 +332,10 @@ class PolicyEngine:
             return Decision(
                 Effect.DENY, reasons=(_INVALID,), errors=("request agent and target must be strings",)
             )
-        if not (_encodable(request.agent) and _encodable(request.target)):  # Cedar takes UTF-8 only
+        try:  # Cedar takes UTF-8 only: a lone surrogate has no UTF-8 form
+            request.agent.encode()
+            request.target.encode()
+        except UnicodeEncodeError:
             return Decision(
                 Effect.DENY, reasons=(_INVALID,), errors=("request agent and target must be valid Unicode text",)
             )
