@@ -224,11 +224,45 @@ async def test_a_cancelled_caller_does_not_cancel_a_running_tool(tmp_path: Path)
     task = asyncio.ensure_future(ToolDoor(ctx.gw).call("good", "send", {"to": "a"}, idempotency_key="k"))
     for _ in range(50):
         await asyncio.sleep(0)
+    assert sandbox.specs == [] and ledger.kept[("r1", "k")]["status"] == STARTED  # the tool is running
     task.cancel()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not task.done()  # the cancelled caller waits for the tool it started, so its outcome is recorded
     gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert ledger.kept[("r1", "k")]["status"] == "ok" and ctx.audit.events[-1].kind == "tool"
+
+
+async def test_a_cancelled_caller_whose_tool_then_fails_is_still_cancelled(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+
+    class Failing(ScriptedSandbox):
+        async def run(self, spec: SandboxSpec) -> SandboxResult:
+            await gate.wait()
+            raise RuntimeError("the sandbox broke")
+
+    ctx = door_ctx(tmp_path, Failing(), ALLOW)
+    task = asyncio.ensure_future(ToolDoor(ctx.gw).call("good", "send", {"to": "a"}))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    task.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):  # the caller's cancellation, not the tool's error, ends the call
+        await task
+
+
+async def test_a_sandbox_that_could_not_run_an_idempotent_call_records_that_outcome(tmp_path: Path) -> None:
+    ledger = FakeLedger()
+    sandbox = ScriptedSandbox(SandboxError("no bwrap here"))
+    ctx = door_ctx(tmp_path, sandbox, ALLOW, ledger=ledger)
+    door = ToolDoor(ctx.gw)
+    failed = await door.call("good", "send", {"to": "a"}, idempotency_key="k")
+    assert (failed.status, failed.error) == ("error", {"error": "sandbox_error", "message": "no bwrap here"})
+    assert ledger.kept[("r1", "k")] == asdict(failed)  # settled: not left "started" (which a retry must escalate)
+    again = await door.call("good", "send", {"to": "a"}, idempotency_key="k")
+    assert again == failed and len(sandbox.specs) == 1 and ctx.approvals.requests == []
 
 
 async def test_a_host_tool_takes_the_host_execute_stage(tmp_path: Path) -> None:
