@@ -416,7 +416,9 @@ def test_a_failed_store_commit_fails_that_batch_only(store: SpyStore, opened: li
     assert (again.seq, again.prev_hash) == (2, first.hash) and log.health() == ""
 
 
-def test_a_failing_signer_fails_the_batch_and_the_writer_carries_on(store: SpyStore, opened: list[AuditLog]) -> None:
+def test_a_failing_signer_fails_the_batch_and_the_writer_carries_on(
+    store: SpyStore, opened: list[AuditLog], caplog: pytest.LogCaptureFixture
+) -> None:
     class Broken(Ed25519Signer):
         fail = True
 
@@ -427,9 +429,10 @@ def test_a_failing_signer_fails_the_batch_and_the_writer_carries_on(store: SpySt
 
     signer = Broken("unit-key")
     log = open_log(store, None, opened, signer=signer)
-    with pytest.raises(AuditError) as caught:
+    with caplog.at_level(logging.ERROR, logger="stitchwork.audit.log"), pytest.raises(AuditError) as caught:
         log.append("tool")
     assert str(caught.value) == "audit events could not be recorded: ValueError('no key')"
+    assert [r.getMessage() for r in caplog.records] == ["audit writer: batch failed"]
     signer.fail = False
     assert log.append("tool").seq == 1 and log.health() == ""
 
@@ -582,6 +585,7 @@ def test_tail_joins_stored_and_journaled_events(store: SpyStore, jpath: Path, op
     assert [e.seq for e in log.tail(2)] == [6, 7]
     assert [e.seq for e in log.tail(3)] == [5, 6, 7]
     assert [e.seq for e in log.tail(5)] == [3, 4, 5, 6, 7]
+    assert [e.seq for e in log.tail(4)] == [4, 5, 6, 7]  # one event from the store
     assert [e.seq for e in log.tail(100)] == list(range(1, 8))
     assert log.tail(1)[0].data == {"i": 7} and log.tail(7)[0].data == {"i": 1}
     assert log.tail(0) == []
@@ -1242,3 +1246,50 @@ def test_the_flusher_waking_with_nothing_to_copy_does_nothing(
         log.flush()
     assert outcomes[0] is False and caplog.records == []
     assert [r["hash"] for r in stored(store)] == [event.hash] and log._active == 1
+
+
+def test_an_empty_store_starts_the_clock_at_zero(
+    store: SpyStore, opened: list[AuditLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = open_log(store, None, opened)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: 0.5 if threading.current_thread() is log._writer else real())
+    assert log.append("tool").ts == 0.5
+
+
+def test_copy_failures_are_logged_at_most_once_every_ten_seconds(
+    store: SpyStore, jpath: Path, opened: list[AuditLog], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = open_log(store, jpath, opened)
+    log.append("tool")
+    clock = [0.0]
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0] if threading.current_thread() is log._flusher else real())
+    entered, release = threading.Semaphore(0), threading.Semaphore(0)
+    failing = [True]
+    inner = store.append_columns
+
+    def insert(table: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        if not failing[0]:
+            inner(table, columns)
+            return
+        entered.release()
+        release.acquire()
+        raise StoreError(f"failure at {clock[0]}")
+
+    store.append_columns = insert  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="stitchwork.audit.log"):
+        for now in (1000.0, 1005.0, 1010.0, 1010.5, 1015.0):
+            log._flush_now.set()
+            assert entered.acquire(timeout=60)  # the flusher is in the store: the previous attempt has ended
+            clock[0] = now
+            release.release()
+        log._flush_now.set()
+        assert entered.acquire(timeout=60)  # ... and so has the last one
+        failing[0] = False
+        release.release()
+    assert [r.getMessage() for r in caplog.records] == [
+        "audit: copying journaled events into the store failed (will retry): failure at 1000.0",
+        "audit: copying journaled events into the store failed (will retry): failure at 1010.5",
+    ]
