@@ -566,7 +566,8 @@ def test_reads_name_a_stored_event_that_cannot_be_decoded(store: SpyStore, opene
     with pytest.raises(AuditError, match=r"^an audit event after 1 cannot be decoded \(data is not valid JSON: .*\); "
                                          r"run verify$"):
         log.after(1)
-    with pytest.raises(AuditError, match=r"^an audit event of run r cannot be decoded \(data is not valid JSON"):
+    with pytest.raises(AuditError, match=r"^an audit event of run r cannot be decoded \(data is not valid JSON.*"
+                                         r"\); run verify$"):
         log.for_run("r")
     with pytest.raises(AuditError, match=r"^audit event 2 in the store cannot be decoded \(data is not valid JSON.*"
                                          r"\); run verify$"):
@@ -714,14 +715,16 @@ def test_a_full_backlog_wakes_the_copy(
 
     original, log._flush_now = log._flush_now, Recorder()  # the flusher sleeps on the original (flush_ms=1e9)
     monkeypatch.setattr(log_module, "FLUSH_THRESHOLD", 3)
-    log.append_many([{"kind": "tool"}, {"kind": "tool"}])
-    assert Recorder.calls == 0
-    log.append("tool")
-    assert Recorder.calls == 1
-    log.append("tool")
-    assert Recorder.calls == 2
-    assert log.lag() == 4 and store.events() == []
-    log._flush_now = original
+    try:
+        log.append_many([{"kind": "tool"}, {"kind": "tool"}])
+        assert Recorder.calls == 0
+        log.append("tool")
+        assert Recorder.calls == 1
+        log.append("tool")
+        assert Recorder.calls == 2
+        assert log.lag() == 4 and store.events() == []
+    finally:
+        log._flush_now = original  # close wakes the flusher through it
 
 
 def test_the_default_thresholds() -> None:
@@ -1293,3 +1296,23 @@ def test_copy_failures_are_logged_at_most_once_every_ten_seconds(
         "audit: copying journaled events into the store failed (will retry): failure at 1000.0",
         "audit: copying journaled events into the store failed (will retry): failure at 1010.5",
     ]
+
+
+def test_a_read_ends_the_linger_of_a_queued_event_the_writer_already_holds(
+    store: SpyStore, opened: list[AuditLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lingering = threading.Event()
+
+    class Watched(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            if timeout is not None and threading.current_thread().name == "audit-writer":
+                lingering.set()  # the writer holds a queued event for NOWAIT_LINGER_S
+            return super().wait(timeout)
+
+    monkeypatch.setattr(log_module, "NOWAIT_LINGER_S", 3600.0)
+    monkeypatch.setattr(threading, "Condition", Watched)
+    log = open_log(store, None, opened)
+    monkeypatch.setattr(threading, "Condition", Watched.__mro__[1])
+    log.append_nowait("queued")
+    assert lingering.wait(60)
+    assert [e.seq for e in log.tail(1)] == [1]  # the read wakes the writer: it does not wait out the hour
