@@ -105,9 +105,7 @@ def strip_address(form: str) -> str:
 
 
 def _canon_token(token: str) -> str:
-    token = token.strip(".:!?*")
-    if not token:
-        return ""
+    token = token.strip(".:!?*")  # only punctuation: "", which matches no pattern below and is dropped
     if token.lower().startswith("mailto:"):
         token = token[7:]
     email = _EMAIL.match(token)
