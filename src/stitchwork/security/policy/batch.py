@@ -64,7 +64,7 @@ class Batcher(Generic[In, Out]):
         if not pending.busy and not self._offload:
             pending.busy = True  # until the flush below runs: later calls of this iteration queue for it
             loop.call_soon(self._flush, pending, loop)
-            return self._run_batch([item])[0]
+            return self._run([item])[0]
         future: asyncio.Future[Out] = loop.create_future()
         pending.items.append((item, future))
         if not pending.busy:
@@ -79,6 +79,12 @@ class Batcher(Generic[In, Out]):
         if executor is not None:
             executor.shutdown(wait=True)
 
+    def _run(self, items: list[In]) -> list[Out]:
+        results = self._run_batch(items)
+        if len(results) != len(items):  # a bug in the batch function: fail its callers rather than hang some
+            raise RuntimeError(f"the batch function returned {len(results)} results for {len(items)} items")
+        return results
+
     def _flush(self, pending: _Pending[In, Out], loop: asyncio.AbstractEventLoop) -> None:
         batch = pending.items[:MAX_BATCH]
         del pending.items[:MAX_BATCH]
@@ -92,11 +98,11 @@ class Batcher(Generic[In, Out]):
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._thread_name)
                 executor = self._executor
-            job = loop.run_in_executor(executor, self._run_batch, items)
+            job = loop.run_in_executor(executor, self._run, items)
             job.add_done_callback(lambda done: self._settle(pending, loop, live, done))
             return
         try:
-            results = self._run_batch(items)
+            results = self._run(items)
         except Exception as exc:  # a bug: fail every waiter rather than hang them
             for _, future in live:
                 if not future.done():

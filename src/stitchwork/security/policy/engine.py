@@ -332,6 +332,13 @@ class PolicyEngine:
             return Decision(
                 Effect.DENY, reasons=(_INVALID,), errors=("request agent and target must be strings",)
             )
+        try:  # Cedar takes UTF-8 only: a lone surrogate has no UTF-8 form
+            request.agent.encode()
+            request.target.encode()
+        except UnicodeEncodeError:
+            return Decision(
+                Effect.DENY, reasons=(_INVALID,), errors=("request agent and target must be valid Unicode text",)
+            )
         try:
             context = cedar_context(tool, request.context)
             projection = self._projections.get(tool.name)

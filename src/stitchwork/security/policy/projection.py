@@ -28,8 +28,6 @@ def may_apply(action_scope: Any, tool: CedarTool) -> bool:
     """
     try:
         op = action_scope["op"]
-        if op == "All":
-            return True
         if op in ("==", "in"):
             entities = action_scope["entities"] if "entities" in action_scope else [action_scope["entity"]]
             names = {tool.name} if op == "==" else {tool.name, tool.side_effect}
