@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -75,3 +76,26 @@ async def test_auto_mode_sends_a_blocking_function_back_to_the_workers(make_tool
 
     assert blocking.value == main  # it was already running in the loop
     assert following.value != main  # 50 ms of waiting in the loop: back to a worker thread
+
+
+def test_a_forked_child_starts_its_own_worker() -> None:
+    """Threads do not survive ``fork``: a child must not hand a call to a parent's idle worker (it would wait)."""
+    idle = threading.Event()
+    inline._POOL.submit(lambda: idle.set)  # delivered once its worker counts as idle
+    assert idle.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        ok = False
+        try:
+            again = threading.Event()
+
+            def child_job() -> Callable[[], None]:
+                again.set()
+                return lambda: None
+
+            inline._POOL.submit(child_job)
+            ok = again.wait(10)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

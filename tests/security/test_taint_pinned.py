@@ -41,8 +41,19 @@ def test_strongest_orders_prose_over_unattributed_over_record() -> None:
     assert strongest(["record", "unattributed"]) == "unattributed"
     assert strongest(["unattributed", "prose", "record"]) == "prose"
     assert strongest(["record", "something-new"]) == "something-new"  # an unknown level counts as the strongest
+    assert strongest(["unattributed", "something-new"]) == "something-new"
+    assert strongest(["prose", "something-new"]) == "prose"  # as strong as prose: the first of equals is kept
     assert taint_module.LEVELS == ("prose", "unattributed", "record")
     assert [strongest(taint_module.LEVELS[i:]) for i in range(3)] == list(taint_module.LEVELS)
+
+
+def test_a_lookalike_of_the_first_trusted_token_is_one_and_a_tail_of_a_token_is_none() -> None:
+    t = ProvenanceTracker()
+    t.add("bob@example.com is where replies go", USER)
+    assert t.check({"to": "b\u043eb@example.com"}).lookalike == frozenset({"to"})  # Cyrillic o
+    assert not t.check({"to": "ob@example.com"}).any  # the tail of a token resembles nothing
+    assert not t.check({"to": "bob@example.co"}).any  # nor its head
+    assert not t.check({"to": "bob@example.com"}).any
 
 
 def test_label_text_and_secrecy() -> None:

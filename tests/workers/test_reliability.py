@@ -107,7 +107,7 @@ async def test_a_worker_killed_mid_run_is_replaced_and_no_side_effect_repeats(na
 async def test_restarting_the_nats_server_mid_run_loses_nothing(tmp_path: Path) -> None:
     from stitchwork.messaging.server import NatsServer
 
-    server = NatsServer(tmp_path / "nats").start()
+    server = NatsServer(tmp_path / "nats", die_with_parent=True).start()
     turns = [{"tool_calls": [call("c1", "b1")]}, {"tool_calls": [call("c2", "b2", delay=0.5)]},
              {"tool_calls": [call("c3", "b3")]}, {"content": "done"}]
     build(tmp_path, turns, bus=server.url)
@@ -245,7 +245,7 @@ async def test_pending_approvals_survive_worker_and_nats_restarts_and_are_decide
     from stitchwork.platform import Platform
     from stitchwork.service import Service
 
-    server = NatsServer(tmp_path / "nats").start()
+    server = NatsServer(tmp_path / "nats", die_with_parent=True).start()
     turns = [{"tool_calls": [call("c1", "p1", tool="pay")]}, {"content": "over"}]
     config = build(tmp_path, turns, bus=server.url)  # approvals wait an hour...
     # ...except those this worker asks for: its run's approval expires (a timer on the bus) after the restarts.

@@ -270,8 +270,16 @@ class _WorkerPool:
                 self._idle += 1
             deliver()
 
+    def after_fork(self) -> None:
+        """In a forked child: the parent's workers are not there (only the forking thread survives ``fork``), so
+        none is idle; without this, a call would wait for a worker counted idle that does not exist."""
+        self._lock = threading.Lock()
+        self._jobs = queue.SimpleQueue()
+        self._idle = 0
+
 
 _POOL = _WorkerPool()
+os.register_at_fork(after_in_child=_POOL.after_fork)
 
 
 def _in_worker_thread(function: Callable[[], Any]) -> asyncio.Future[tuple[Any, BaseException | None]]:

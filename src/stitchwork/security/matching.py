@@ -16,10 +16,12 @@ Two kinds of comparison, kept apart on purpose:
   of a user-named one; it never makes a value trusted.
 
 Encodings and transforms recognised when looking for untrusted or confidential content in a value
-(:func:`decodings`, :func:`transforms`, :func:`embedded`): percent-encoding, base64 (standard and URL-safe), hex,
-JSON ``\\uXXXX`` and ``\\xNN`` escapes, HTML numeric entities, ROT13 and reversal (for values of ``MIN_COMPACT``
-characters or more), the concatenation of a value's quoted string literals (a command or program assembled from
-pieces), and base64/hex runs embedded in a longer value.
+(:func:`decodings`, :func:`transforms`, :func:`embedded`): percent-encoding, base64 (standard and URL-safe, padded
+or not, of 8 characters or more; a value of letters only counts when it decodes to ASCII text, digits only never),
+hex (16 digits or more; a hex value is also tried as base64), JSON ``\\uXXXX`` and ``\\xNN`` escapes, HTML entities
+(numeric and named), ROT13 and reversal (for values of ``MIN_COMPACT`` characters or more), the concatenation of a
+value's quoted string literals (a command or program assembled from pieces), and base64 (16 characters or more)
+and hex runs embedded in a longer value. A decoding counts only when it is UTF-8 text at least 90% printable.
 
 Secrecy (:class:`SecretIndex`) compares *alphanumeric skeletons*: the folded text with everything but letters and
 digits removed, so spacing, separators, case and look-alikes do not hide a confidential value; each confidential
@@ -64,8 +66,8 @@ _CONFUSABLES = str.maketrans({
     "α": "a", "ο": "o", "ρ": "p", "ν": "v", "τ": "t", "ι": "i", "κ": "k", "χ": "x", "υ": "u", "ε": "e",
     "Α": "a", "Β": "b", "Ε": "e", "Η": "h", "Ι": "i", "Κ": "k", "Μ": "m", "Ν": "n", "Ο": "o", "Ρ": "p",
     "Τ": "t", "Υ": "y", "Χ": "x", "Ζ": "z",
-    # Latin look-alikes NFKC keeps
-    "ı": "i", "ȷ": "j", "ℓ": "l",
+    # Latin look-alikes NFKC keeps (it folds others, such as "ℓ", itself)
+    "ı": "i", "ȷ": "j",
 })
 _TOKEN_SPLIT = re.compile(r"[\s,;<>\"'`()\[\]{}|]+|:(?!//|\d)|(?<=[a-z0-9])\.(?=[A-Z][a-z]+\b)")
 """Token boundaries: spaces, brackets, quotes, separators, a colon that starts no URL or time, and a full stop
@@ -103,9 +105,7 @@ def strip_address(form: str) -> str:
 
 
 def _canon_token(token: str) -> str:
-    token = token.strip(".:!?*")
-    if not token:
-        return ""
+    token = token.strip(".:!?*")  # only punctuation: "", which matches no pattern below and is dropped
     if token.lower().startswith("mailto:"):
         token = token[7:]
     email = _EMAIL.match(token)
@@ -177,17 +177,25 @@ def decodings(value: str) -> list[str]:
         out.append(unquote(value))
     if "\\" in value:
         out.append(_unescape(value))
-    if "&#" in value or ("&" in value and ";" in value):
+    if "&" in value:  # numeric and named entities, also the legacy ones that need no ";"
         out.append(html.unescape(value))
     compact = value.strip()
-    raw: bytes | None = None
     if _HEX.match(compact):
-        raw = bytes.fromhex(compact)
-    elif _B64.match(compact) and not compact.isalpha() and not compact.isdigit():
-        raw = _b64(compact)
-    if raw is not None and (text := _printable(raw)):
-        out.append(text)
+        out.append(_printable(bytes.fromhex(compact)))
+    # both: a value of hex digits may as well be base64 (of text whose hex decoding is not text)
+    if _B64.match(compact) and not compact.isdigit():
+        out.append(_b64_text(compact))
     return [t for t in out if t and t != value]
+
+
+def _b64_text(run: str) -> str:
+    """The text a base64 run decodes to, or ``""``. A run of letters only may be an ordinary word: it counts only
+    when it decodes to ASCII text (encoded ASCII text is often letters only; an English word rarely decodes to
+    ASCII)."""
+    raw = _b64(run)
+    if raw is None or (run.isalpha() and not raw.isascii()):
+        return ""
+    return _printable(raw)
 
 
 def _b64(text: str) -> bytes | None:
@@ -210,7 +218,7 @@ def embedded(value: str) -> list[str]:
     or program assembled from pieces) and reversed, and each long literal reversed and ROT13-decoded; raw."""
     out: list[str] = []
     for run in _B64_RUN.findall(value):
-        if not run.isalpha() and (raw := _b64(run)) is not None and (text := _printable(raw)):
+        if text := _b64_text(run):
             out.append(text)
     for run in _HEX_RUN.findall(value):
         if text := _printable(bytes.fromhex(run)):
