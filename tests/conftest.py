@@ -60,7 +60,8 @@ def nats_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         pytest.skip(why)
     from stitchwork.messaging.server import NatsServer
 
-    server = NatsServer(tmp_path_factory.mktemp("nats"), die_with_parent=True).start()  # gone with its pytest process, even a killed one
+    # die_with_parent: gone with its pytest process, even a killed one (or a mutation run's child)
+    server = NatsServer(tmp_path_factory.mktemp("nats"), die_with_parent=True).start()
     try:
         yield server.url
     finally:
