@@ -281,13 +281,36 @@ async def test_an_undo_is_recorded_only_for_a_success_whose_undo_arguments_exist
     executions = [e.data for e in ctx.audit.events if e.kind == "tool"]
     assert ["undo_call" in data for data in executions] == [False, False, True]
     assert executions[2]["undo_call"] == {"tool": "unsend", "args": {"ref": 7, "fixed": 1}}
+    # only a success whose undo arguments are missing says why: a failure has nothing to undo
+    assert [data.get("undo_error") for data in executions] == [
+        None, "undo.args.ref = 'result.id': the call's result has no value there", None]
+
+
+async def test_a_tool_without_an_undo_records_neither_an_undo_nor_an_undo_error(tmp_path: Path) -> None:
+    results = (SandboxResult(0, value={"id": 7}), SandboxResult(1, value={"id": 8}, error="E: x"))
+    ctx = door_ctx(tmp_path, ScriptedSandbox(*results), ALLOW, ALLOW)
+    door = ToolDoor(ctx.gw)
+    for _ in results:
+        await door.call("good", "send", {"to": "a"})
+    executions = [e.data for e in ctx.audit.events if e.kind == "tool"]
+    assert [("undo_call" in data, "undo_error" in data) for data in executions] == [(False, False), (False, False)]
+
+
+async def test_a_tool_name_that_is_not_text_is_named_by_a_question_mark(tmp_path: Path) -> None:
+    ctx = door_ctx(tmp_path, ScriptedSandbox())
+    door = ToolDoor(ctx.gw)
+    before = METRICS.tool_calls.value("?", "invalid")
+    refused = await door.call("bad", 5, {})  # type: ignore[arg-type]
+    assert refused.status == "unauthenticated" and ctx.audit.events[-1].tool == "?"  # the audit names no number
+    invalid = await door.call("good", 5, {})  # type: ignore[arg-type]
+    assert invalid.status == "invalid" and METRICS.tool_calls.value("?", "invalid") - before == 1
 
 
 async def test_each_outcome_is_counted_under_its_tool_status_policy_and_sandbox(tmp_path: Path) -> None:
     results = (SandboxResult(0, value=1), SandboxResult(137, killed="timeout", error="timed out"))
     deny, ask = Decision(Effect.DENY, ("p-no",), ("no",)), Decision(Effect.ASK, ("p-ask",))
     ctx = door_ctx(tmp_path, ScriptedSandbox(*results), Decision(Effect.ALLOW, ("p-yes", "p-two")), ALLOW, deny, ask,
-                   sandbox="scripted://?pool=2")
+                   ask, sandbox="scripted://?pool=2")
     counters: dict[str, Any] = {
         "ok": (METRICS.tool_calls, "send", "ok"), "error": (METRICS.tool_calls, "send", "error"),
         "unauth": (METRICS.tool_calls, "?", "unauthenticated"), "denied": (METRICS.tool_calls, "send", "denied"),
@@ -306,9 +329,10 @@ async def test_each_outcome_is_counted_under_its_tool_status_policy_and_sandbox(
     await door.call("bad", "send", {"to": "c"})
     await door.call("good", "send", {"to": "d"})
     await door.call("good", "send", {"to": "e"})
+    await door.call("good", "send", {"to": "f"})  # asked again: approvals are counted per request, denials never
     delta = {k: counter.value(*labels) - before[k] for k, (counter, *labels) in counters.items()}
-    assert delta == {"ok": 2, "error": 1, "unauth": 1, "denied": 1, "asked": 1, "replayed": 1, "p-yes": 1, "p-two": 1,
-                     "p-no": 1, "approvals": 1, "kills": 1}
+    assert delta == {"ok": 2, "error": 1, "unauth": 1, "denied": 1, "asked": 2, "replayed": 1, "p-yes": 1, "p-two": 1,
+                     "p-no": 1, "approvals": 2, "kills": 1}
     assert METRICS.sandbox_seconds.count("scripted://") - runs_before == 2
 
 
