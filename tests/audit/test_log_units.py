@@ -187,6 +187,20 @@ def crash(log: AuditLog) -> None:
     log._close_fds()
 
 
+def hold_inserts(store: SpyStore) -> tuple[threading.Event, threading.Event]:
+    """Makes the store's inserts wait until ``gate`` (second) is set; ``entered`` (first) is set when one waits."""
+    entered, gate = threading.Event(), threading.Event()
+    real = store.append_columns
+
+    def held(table: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        entered.set()
+        gate.wait()
+        real(table, columns)
+
+    store.append_columns = held  # type: ignore[method-assign]
+    return entered, gate
+
+
 def as_dict(event: AuditEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in FIELDS}
 
@@ -490,14 +504,7 @@ async def test_an_awaited_append_gets_the_error_of_its_batch(store: SpyStore, op
 
 def test_a_writer_on_a_closed_event_loop_carries_on(store: SpyStore, opened: list[AuditLog]) -> None:
     log = open_log(store, None, opened)
-    gate = threading.Event()
-    real = store.append_columns
-
-    def held(table: str, columns: Mapping[str, Sequence[Any]]) -> None:
-        gate.wait()
-        real(table, columns)
-
-    store.append_columns = held  # type: ignore[method-assign]
+    _, gate = hold_inserts(store)
     loop = asyncio.new_event_loop()
     future = loop.create_future()
     log._enqueue(_prepare_event("tool", "", "", "", "", None), (loop, future))
@@ -1121,15 +1128,8 @@ def test_events_queued_while_the_writer_is_busy_are_committed_after_their_linger
     store: SpyStore, opened: list[AuditLog]
 ) -> None:
     log = open_log(store, None, opened)
-    entered, gate, durable = threading.Event(), threading.Event(), threading.Event()
-    real = store.append_columns
-
-    def held(table: str, columns: Mapping[str, Sequence[Any]]) -> None:
-        entered.set()
-        gate.wait()
-        real(table, columns)
-
-    store.append_columns = held  # type: ignore[method-assign]
+    entered, gate = hold_inserts(store)
+    durable = threading.Event()
     log.listen(lambda events: durable.set() if events[-1].seq == 2 else None)
     log.append_nowait("tool")
     assert entered.wait(60)  # the writer holds event 1 at the store
@@ -1186,15 +1186,7 @@ def test_an_awaited_append_is_committed_at_once_and_takes_the_queued_events_alon
 
 def test_close_drains_events_queued_while_the_writer_was_busy(store: SpyStore, opened: list[AuditLog]) -> None:
     log = open_log(store, None, opened)
-    entered, gate = threading.Event(), threading.Event()
-    real = store.append_columns
-
-    def held(table: str, columns: Mapping[str, Sequence[Any]]) -> None:
-        entered.set()
-        gate.wait()
-        real(table, columns)
-
-    store.append_columns = held  # type: ignore[method-assign]
+    entered, gate = hold_inserts(store)
     log.append_nowait("tool")
     assert entered.wait(60)
     log.append_nowait("tool")

@@ -7,20 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.security.test_taint_pinned import USER, tracker
 
 from stitchwork.security import taint as taint_module
 from stitchwork.security.taint import Label, ProvenanceTracker
 
-USER = Label("user", True)
 WEB = Label("tool:fetch_url", False)
-
-
-def tracker(*items: tuple[str, str], trusted: str = "Summarise my inbox") -> ProvenanceTracker:
-    t = ProvenanceTracker()
-    t.add(trusted, USER)
-    for source, text in items:
-        t.add(text, Label(source, False))
-    return t
 
 
 def test_a_json_scalar_is_prose_not_a_record() -> None:
